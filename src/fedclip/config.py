@@ -1,0 +1,124 @@
+"""The run configuration: the only place where defaults live.
+
+A :class:`RunConfig` is frozen and validated. Presets are small TOML files that hold only
+what differs from these defaults; command-line flags override presets. Unknown keys and
+wrongly typed values are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedclip.errors import ConfigError
+
+
+class RunConfig(BaseModel):
+    """Everything that decides the numbers of a run.
+
+    The defaults reproduce the FedCLIP reference code (microsoft/PersonalizedFL, ``fedclip/``)
+    except where noted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- data ---------------------------------------------------------------------------
+    data_root: str | None = Field(
+        None, description="Folder <domain>/<class>/<image>; None uses the embedded PACS sample."
+    )
+    dataset: str = Field("auto", description="Dataset spec to validate against (pacs, vlcs, "
+                         "office-home, domainnet), 'auto' to detect, 'custom' for none.")
+    heldout: str = Field("all", description="Domain left out of training, or 'all' for each.")
+    prompt_template: str = "a picture of a {}"
+    train_fraction: float = Field(0.6, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    clients_per_domain: int = Field(1, ge=1)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+
+    # --- model --------------------------------------------------------------------------
+    backbone: str = Field("open_clip:ViT-B-32@openai", description="Backbone spec string.")
+    algorithm: str = "fedclip"
+
+    # --- federated training (reference recipe) ------------------------------------------
+    rounds: int = Field(200, ge=0)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.2, ge=0, description="L2 in the gradient (Adam, not AdamW).")
+    optimizer_state: Literal["reset", "keep"] = Field(
+        "reset", description="'reset' re-creates Adam every round (reference); 'keep' per client."
+    )
+    loss: Literal["clip", "ce"] = "clip"
+    aggregation: Literal["weighted", "uniform"] = Field(
+        "weighted", description="'weighted' by train samples; 'uniform' as in the reference."
+    )
+    prox_mu: float = Field(0.01, ge=0, description="Proximal weight (fedprox only).")
+
+    # --- bookkeeping --------------------------------------------------------------------
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    cache_dir: str | None = Field(None, description="Feature cache; default ~/.cache/fedclip.")
+    device: str = "auto"
+    extract_batch_size: int | None = Field(None, ge=1, description="None: backbone default.")
+    extract_workers: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> RunConfig:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"train+val+test fractions add up to {total:.3f} > 1")
+        if "{}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{}' where the class name goes")
+        return self
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, preset: str | Path | None = None, **overrides: Any) -> RunConfig:
+        """Defaults, then a TOML preset, then explicit overrides (``None`` values are skipped)."""
+        values: dict[str, Any] = {}
+        if preset is not None:
+            values.update(load_preset(preset))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.validated(values)
+
+    @classmethod
+    def validated(cls, values: dict[str, Any]) -> RunConfig:
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(
+                f"invalid configuration ({problems}). Known keys: {', '.join(cls.model_fields)}"
+            ) from None
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return self.validated({**self.model_dump(), **changes})
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that decide training numbers (a resumed run must match them)."""
+        skip = {"eval_every", "checkpoint_every", "cache_dir", "device", "extract_batch_size",
+                "extract_workers", "heldout", "rounds"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"preset {path} does not exist; pass a TOML file (see configs/)")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None

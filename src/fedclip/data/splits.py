@@ -1,0 +1,77 @@
+"""Train/val/test splits and client partitions, every one from an explicit seed.
+
+The default split reproduces the FedCLIP reference code exactly: the domain's files in
+ImageFolder order, ``np.random.seed(seed); np.random.shuffle(np.arange(n))``, then the first
+``int(0.6 n)`` train, the next ``int(0.2 n)`` val and the next ``int(0.2 n)`` test.
+``RandomState(seed).shuffle`` draws the same permutation without touching numpy's global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedclip.data.folder import DomainDataset
+from fedclip.errors import DataError
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """One client's indices into its domain's files (and features)."""
+
+    name: str
+    domain: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def reference_split(n: int, seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    index = np.arange(n)
+    np.random.RandomState(seed).shuffle(index)
+    n_train, n_val, n_test = (int(n * f) for f in fractions)
+    return (index[:n_train], index[n_train:n_train + n_val],
+            index[n_train + n_val:n_train + n_val + n_test])
+
+
+def partition(labels: np.ndarray, parts: int, mode: str, alpha: float, seed: int | list[int]
+              ) -> list[np.ndarray]:
+    """Split indices ``0..len(labels)-1`` into ``parts`` groups, IID or Dirichlet over labels."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if parts == 1:
+        return [np.arange(n)]
+    if mode == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), parts)]
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * parts)) * len(idx)).astype(int)[:-1]
+        for g, chunk in zip(groups, np.split(idx, cuts), strict=True):
+            g.extend(chunk.tolist())
+    return [np.sort(np.asarray(g, dtype=np.int64)) for g in groups]
+
+
+def make_clients(dataset: DomainDataset, heldout: str | None, *, seed: int,
+                 fractions: tuple[float, float, float], clients_per_domain: int = 1,
+                 mode: str = "iid", alpha: float = 0.5) -> list[ClientSplit]:
+    """The training clients: every domain but ``heldout``, split into ``clients_per_domain``
+    parts, each part split train/val/test. With one client per domain this is the reference."""
+    if heldout is not None and heldout not in dataset.domains:
+        raise DataError(f"unknown held-out domain {heldout!r}; this dataset has "
+                        f"{', '.join(dataset.domains)} (or pass 'all')")
+    clients = []
+    for d_index, (name, domain) in enumerate(dataset.domains.items()):
+        if name == heldout:
+            continue
+        parts = partition(domain.labels, clients_per_domain, mode, alpha, [seed, d_index])
+        for p_index, members in enumerate(parts):
+            train, val, test = reference_split(len(members), seed, fractions)
+            client = name if clients_per_domain == 1 else f"{name}#{p_index}"
+            clients.append(ClientSplit(client, name, members[train], members[val], members[test]))
+    if not clients:
+        raise DataError(f"no training domains left after holding out {heldout!r}; "
+                        f"a dataset needs at least two domains")
+    return clients

@@ -1,0 +1,107 @@
+"""Results as files: results.json, a markdown table and plots in the run folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fedclip.config import RunConfig
+from fedclip.io import atomic_write, atomic_write_json, atomic_write_text
+
+STANDIN_NOTE = ("Backbone: the offline stand-in (EfficientNet-Lite0 + MiniLM aligned through "
+                "ImageNet), NOT CLIP; numbers are not comparable with the paper's.")
+
+COLUMNS = ("held out", "best rnd", "gen", "gen 0-shot", "pers", "pers 0-shot", "params",
+           "MB/round", "s/round")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
+    """One row per held-out domain, then the mean."""
+    rows = []
+    for r in results:
+        rows.append((r["heldout"], f"{r['best_round']}/{r['rounds']}",
+                     _pct(r["generalization"]), _pct(r["zeroshot"]["generalization"]),
+                     _pct(r["personalization"]["mean"]),
+                     _pct(r["zeroshot"]["personalization"]["mean"]),
+                     f"{r['trainable_params']:,}", f"{r['bytes_per_round'] / 1e6:.2f}",
+                     f"{r['seconds_per_round']:.3f}"))
+    if len(results) > 1:
+        def mean(get) -> float | None:  # noqa: ANN001
+            vals = [get(r) for r in results if get(r) is not None]
+            return sum(vals) / len(vals) if vals else None
+        rows.append(("mean", "", _pct(mean(lambda r: r["generalization"])),
+                     _pct(mean(lambda r: r["zeroshot"]["generalization"])),
+                     _pct(mean(lambda r: r["personalization"]["mean"])),
+                     _pct(mean(lambda r: r["zeroshot"]["personalization"]["mean"])), "", "", ""))
+    return rows
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    return "\n".join(lines)
+
+
+def markdown_report(cfg: RunConfig, results: list[dict]) -> str:
+    parts = [f"# fedclip run: {cfg.algorithm} on {results[0]['dataset'] if results else '?'}", ""]
+    if cfg.backbone == "standin":
+        parts += [f"> {STANDIN_NOTE}", ""]
+    parts += [f"Backbone `{cfg.backbone}`, loss `{cfg.loss}`, aggregation `{cfg.aggregation}`, "
+              f"seed {cfg.seed}. Accuracies in %: generalization on the held-out domain, "
+              f"personalization as the mean over clients' own test splits, both at the round "
+              f"with the best mean validation accuracy.", "", markdown_table(results), ""]
+    for r in results:
+        clients = ", ".join(f"{k} {_pct(v)}" for k, v in r["personalization"]["per_client"]
+                            .items())
+        parts.append(f"- held-out **{r['heldout']}**: per client {clients}; at the last round "
+                     f"gen. {_pct(r['last']['generalization'])}, pers. "
+                     f"{_pct(r['last']['personalization']['mean'])}"
+                     + (f"; skipped images: {sum(map(len, r['skipped_images'].values()))}"
+                        if r["skipped_images"] else ""))
+    return "\n".join(parts) + "\n"
+
+
+def plot_history(result: dict, path: Path) -> None:
+    """Accuracy per round (each client's test split, the held-out domain) and training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in result["history"] if "mean_val_accuracy" in r]
+    rounds = [r["round"] for r in evaluated]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for client in result["personalization"]["per_client"]:
+        ax_acc.plot(rounds, [100 * (r["test_accuracy"][client] or 0) for r in evaluated],
+                    label=f"{client} (test)")
+    ax_acc.plot(rounds, [100 * (r["heldout_accuracy"] or 0) for r in evaluated], "k-", lw=2,
+                label=f"{result['heldout']} (held out)")
+    ax_acc.axvline(result["best_round"], color="grey", ls=":", label="selected round")
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result['heldout']}")
+    ax_acc.legend(fontsize=8)
+    trained = [r for r in result["history"] if r["round"] > 0]
+    for client in result["personalization"]["per_client"]:
+        ax_loss.plot([r["round"] for r in trained],
+                     [r["train_loss"].get(client) for r in trained], label=client)
+    ax_loss.set(xlabel="round", ylabel=f"train loss ({result['loss']})", title="training loss")
+    if trained:
+        ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_run(out: Path, cfg: RunConfig, results: list[dict], prep=None) -> None:  # noqa: ANN001
+    from fedclip.experiment import _safe, json_safe
+
+    atomic_write_json(out / "results.json", json_safe({
+        "schema": "fedclip-results/1", "config": cfg.model_dump(),
+        "backbone_note": STANDIN_NOTE if cfg.backbone == "standin" else None,
+        "runs": results}))
+    atomic_write_text(out / "results.md", markdown_report(cfg, results))
+    for r in results:
+        plot_history(r, out / _safe(r["heldout"]) / "history.png")

