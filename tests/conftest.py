@@ -20,7 +20,8 @@ TINY_ARCH = "fedclip-tiny-test"
 TINY_SPEC = f"open_clip:{TINY_ARCH}@none"
 TINY_CONFIG = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16},
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                   "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
                  "layers": 1},
 }

@@ -26,7 +26,7 @@ def test_reference_split_reproduces_global_numpy_shuffle():
 
 def test_split_is_deterministic_and_seed_dependent():
     a, b, c = reference_split(50, 1), reference_split(50, 1), reference_split(50, 2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])
 
 
@@ -37,7 +37,7 @@ def test_partition_covers_every_index_once(mode):
     joined = np.concatenate(parts)
     assert sorted(joined.tolist()) == list(range(200))
     again = partition(labels, 4, mode, 0.3, seed=[3, 1])
-    assert all(np.array_equal(x, y) for x, y in zip(parts, again))
+    assert all(np.array_equal(x, y) for x, y in zip(parts, again, strict=True))
 
 
 def test_scan_orders_files_like_imagefolder_and_labels_by_class(toy_root):
@@ -115,8 +115,8 @@ def test_embedded_sample_is_found_without_import():
 def test_hub_rows_are_written_as_a_folder(tmp_path):
     from PIL import Image
 
-    rows = [{"image": Image.new("RGB", (8, 8), c), "label": l, "domain": d}
-            for c, l, d in [("red", 0, "photo"), ("blue", 1, "photo"), ("red", 0, "sketch")]]
+    rows = [{"image": Image.new("RGB", (8, 8), c), "label": y, "domain": d}
+            for c, y, d in [("red", 0, "photo"), ("blue", 1, "photo"), ("red", 0, "sketch")]]
     root = write_image_folder(rows, ["dog", "horse"], tmp_path / "hub")
     ds = scan_dataset(root)
     assert ds.name == "pacs" and len(ds.domains["photo"]) == 2

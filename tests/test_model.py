@@ -30,7 +30,8 @@ def test_adapter_init_is_seeded_and_leaves_global_rng_alone():
     a, b, c = build_adapter(8, seed=1), build_adapter(8, seed=1), build_adapter(8, seed=2)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    assert not torch.equal(a.state_dict()["attention.0.weight"], c.state_dict()["attention.0.weight"])
+    key = "attention.0.weight"
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
 
 
 def test_clip_loss_matches_hand_computation():

@@ -27,7 +27,7 @@ class AttentionAdapter(nn.Module):
 
 
 def build_adapter(dim: int, seed: int) -> AttentionAdapter:
-    """A freshly initialised adapter; the same seed gives the same weights (global RNG untouched)."""
+    """A fresh adapter; the same seed gives the same weights (the global RNG is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AttentionAdapter(dim)

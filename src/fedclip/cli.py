@@ -5,16 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
+import tomllib
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from fedclip.config import RunConfig
@@ -72,25 +78,25 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 @app.command("run")
 def run_command(
-    data_root: Optional[str] = typer.Option(  # noqa: UP007 - typer needs Optional
+    data_root: str | None = typer.Option(  # noqa: UP007 - typer needs Optional
         None, help="Folder <domain>/<class>/<image>, or hf:<dataset> (online). "
                    "Default: the embedded PACS sample."),
-    backbone: Optional[str] = typer.Option(None, help="open_clip:ARCH@TAG or standin."),  # noqa: UP007
-    heldout: Optional[str] = typer.Option(None, help="Held-out domain, or 'all'."),  # noqa: UP007
-    rounds: Optional[int] = typer.Option(None, help="Communication rounds."),  # noqa: UP007
-    loss: Optional[str] = typer.Option(None, help="clip (contrastive) or ce."),  # noqa: UP007
-    algorithm: Optional[str] = typer.Option(None, help="fedclip, fedprox, zeroshot."),  # noqa: UP007
-    seed: Optional[int] = typer.Option(None, help="Seed for splits, init and batches."),  # noqa: UP007
-    dataset: Optional[str] = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),  # noqa: UP007
+    backbone: str | None = typer.Option(None, help="open_clip:ARCH@TAG or standin."),  # noqa: UP007
+    heldout: str | None = typer.Option(None, help="Held-out domain, or 'all'."),  # noqa: UP007
+    rounds: int | None = typer.Option(None, help="Communication rounds."),  # noqa: UP007
+    loss: str | None = typer.Option(None, help="clip (contrastive) or ce."),  # noqa: UP007
+    algorithm: str | None = typer.Option(None, help="fedclip, fedprox, zeroshot."),  # noqa: UP007
+    seed: int | None = typer.Option(None, help="Seed for splits, init and batches."),  # noqa: UP007
+    dataset: str | None = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),  # noqa: UP007
     out: Path = typer.Option(Path("runs/latest"), help="Run folder for all outputs."),
     resume: bool = typer.Option(False, help="Continue the run in --out where it stopped."),
-    config: Optional[Path] = typer.Option(None, help="TOML preset (see configs/)."),  # noqa: UP007
+    config: Path | None = typer.Option(None, help="TOML preset (see configs/)."),  # noqa: UP007
     set_: list[str] = typer.Option([], "--set", help="Any config key: --set lr=1e-4"),  # noqa: B006
-    cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder."),  # noqa: UP007
+    cache_dir: str | None = typer.Option(None, help="Feature cache folder."),  # noqa: UP007
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.experiment import run
-    from fedclip.report import STANDIN_NOTE, table_rows, COLUMNS
+    from fedclip.report import COLUMNS, STANDIN_NOTE, table_rows
 
     cfg = RunConfig.build(config, **_parse_set(set_), data_root=data_root, backbone=backbone,
                           heldout=heldout, rounds=rounds, loss=loss, algorithm=algorithm,

@@ -29,8 +29,13 @@ from fedclip.data.sources import resolve_data_root
 from fedclip.data.specs import class_to_text
 from fedclip.data.splits import make_clients
 from fedclip.errors import ResumeError
-from fedclip.features import (ImageFeatures, TextFeatures, default_cache_dir, image_features,
-                              text_features)
+from fedclip.features import (
+    ImageFeatures,
+    TextFeatures,
+    default_cache_dir,
+    image_features,
+    text_features,
+)
 from fedclip.io import atomic_save_tensors, atomic_write_json
 from fedclip.runtime.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from fedclip.runtime.client import ClientData, Split
@@ -112,8 +117,8 @@ def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation
     for c in clients:
         domain = prep.dataset.domains[c.domain]
         labels, feats = torch.as_tensor(domain.labels), prep.features[c.domain]
-        data.append(ClientData(c.name, _split(feats, labels, c.train), _split(feats, labels, c.val),
-                               _split(feats, labels, c.test), _class_mask(n_classes, domain.present)))
+        train, val, test = (_split(feats, labels, idx) for idx in (c.train, c.val, c.test))
+        data.append(ClientData(c.name, train, val, test, _class_mask(n_classes, domain.present)))
     held = prep.dataset.domains[heldout]
     held_split = _split(prep.features[heldout], torch.as_tensor(held.labels), range(len(held)))
     return Federation(get_algorithm(cfg), data, prep.text.features, prep.text.logit_scale,

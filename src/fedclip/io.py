@@ -36,5 +36,5 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # unshared
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -31,10 +31,9 @@ class OpenClipBackbone:
                     arch, pretrained=pretrained, device=device
                 )
         except (OSError, RuntimeError, ValueError) as exc:
-            raise BackboneError(
-                f"could not load {self.spec}: {exc}. Offline? Download the weights once and "
-                f"pass the file: open_clip:{arch}@/path/to/checkpoint.pt"
-            ) from None
+            hint = (f". Offline? Download the weights once and pass the file: "
+                    f"open_clip:{arch}@/path/to/checkpoint.pt" if pretrained else "")
+            raise BackboneError(f"could not build {self.spec}: {exc}{hint}") from None
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)

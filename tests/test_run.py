@@ -1,0 +1,107 @@
+"""End to end: the CLI and the API on a tiny random open_clip over generated images."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedclip.cli import main
+from fedclip.config import RunConfig
+from fedclip.errors import ResumeError
+from fedclip.experiment import prepare, run, run_heldout
+
+RESULT_KEYS = {"heldout", "algorithm", "generalization", "personalization", "zeroshot",
+               "best_round", "trainable_params", "bytes_per_round", "seconds_per_round",
+               "history", "last"}
+
+
+def test_cli_end_to_end(tiny_arch, toy_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout", "all",
+                 "--rounds", "3", "--seed", "1", "--out", str(out), "--set", "lr=1e-3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "held out" in printed and "mean" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["heldout"] for r in results["runs"]] == ["alpha", "beta", "gamma"]
+    for r in results["runs"]:
+        assert set(r) >= RESULT_KEYS
+        assert 0 <= r["generalization"] <= 1 and 1 <= r["best_round"] <= 3
+        clients = {"alpha", "beta", "gamma"} - {r["heldout"]}
+        assert set(r["personalization"]["per_client"]) == clients
+        assert r["trainable_params"] == 2 * (32 * 32 + 32)
+        assert r["bytes_per_round"] == 2 * 2 * r["trainable_params"] * 4
+        assert [h["round"] for h in r["history"]] == [0, 1, 2, 3]
+        run_dir = out / r["heldout"]
+        assert {"adapter.safetensors", "adapter-last.safetensors", "history.png",
+                "checkpoint.safetensors", "result.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "| mean |" in (out / "results.md").read_text()
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+
+
+def test_training_changes_the_adapter_and_the_same_seed_repeats(tiny_arch, toy_root, tmp_path):
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma", rounds=3,
+                          lr=1e-3)
+    a = run(cfg, tmp_path / "a")[0]
+    b = run(cfg, tmp_path / "b")[0]
+    run(cfg.replace(seed=5), tmp_path / "c")
+    assert a["history"][1:] and [h["val_accuracy"] for h in a["history"]] == [
+        h["val_accuracy"] for h in b["history"]]
+    wa, wb = (load_file(tmp_path / x / "gamma" / "adapter-last.safetensors") for x in "ab")
+    wc = load_file(tmp_path / "c" / "gamma" / "adapter-last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    init = run(cfg.replace(rounds=0), tmp_path / "d")[0]
+    assert init["rounds"] == 0 and init["best_round"] == 0
+
+
+@pytest.mark.parametrize("optimizer_state", ["reset", "keep"])
+def test_resume_after_interruption_equals_uninterrupted(tiny_arch, toy_root, tmp_path,
+                                                        optimizer_state):
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta", rounds=4,
+                          lr=1e-3, checkpoint_every=1, optimizer_state=optimizer_state)
+    prep = prepare(cfg)
+    full = run_heldout(cfg, prep, "beta", tmp_path / "full")
+
+    def crash(state, record):
+        if state.round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_heldout(cfg, prep, "beta", tmp_path / "cut", on_round=crash)
+    with pytest.raises(ResumeError, match="--resume"):
+        run_heldout(cfg, prep, "beta", tmp_path / "cut")
+    with pytest.raises(ResumeError, match="different configuration"):
+        run_heldout(cfg.replace(lr=5e-4), prep, "beta", tmp_path / "cut", resume=True)
+    resumed = run_heldout(cfg, prep, "beta", tmp_path / "cut", resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(full["history"])
+    wf = load_file(tmp_path / "full" / "adapter-last.safetensors")
+    wr = load_file(tmp_path / "cut" / "adapter-last.safetensors")
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def test_zeroshot_trains_nothing(tiny_arch, toy_root, tmp_path):
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="alpha",
+                          algorithm="zeroshot", rounds=5)
+    r = run(cfg, tmp_path / "z")[0]
+    assert r["trainable_params"] == 0 and r["bytes_per_round"] == 0 and r["rounds"] == 0
+    assert r["generalization"] == r["zeroshot"]["generalization"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data-root", "/nonexistent/x"], "does not exist"),
+    (["--backbone", "clip"], "unknown backbone spec"),
+    (["--heldout", "omega"], "unknown held-out domain 'omega'"),
+    (["--loss", "mse"], "loss"),
+    (["--set", "bogus_key=1"], "bogus_key"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tiny_arch, toy_root, tmp_path, capsys, argv,
+                                             message):
+    base = ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--rounds", "1",
+            "--out", str(tmp_path / "o")]
+    code = main(base + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.replace("\n", " ")
+    assert "Traceback" not in err
