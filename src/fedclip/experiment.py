@@ -27,7 +27,7 @@ from fedclip.config import RunConfig
 from fedclip.data.folder import DomainDataset, scan_dataset
 from fedclip.data.sources import resolve_data_root
 from fedclip.data.specs import class_to_text
-from fedclip.data.splits import make_clients
+from fedclip.data.splits import ClientSplit, make_clients
 from fedclip.errors import ResumeError
 from fedclip.features import (
     ImageFeatures,
@@ -72,7 +72,9 @@ class Prepared:
     extraction_seconds: float
 
 
-def prepare(cfg: RunConfig, reporter: Reporter | None = None) -> Prepared:
+def prepare(cfg: RunConfig, reporter: Reporter | None = None,
+            domains: list[str] | None = None) -> Prepared:
+    """Scan and validate the data, then features of ``domains`` (default: all) and prompts."""
     reporter = reporter or SilentReporter()
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     dataset = scan_dataset(resolve_data_root(cfg.data_root, cache_dir), cfg.dataset)
@@ -83,6 +85,9 @@ def prepare(cfg: RunConfig, reporter: Reporter | None = None) -> Prepared:
     start = time.perf_counter()
     feats = {}
     for name, domain in dataset.domains.items():
+        if domains is not None and name not in domains:
+            continue
+
         def progress(done: int, total: int, name: str = name) -> None:
             reporter.extraction(name, done, total)
         feats[name] = image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
@@ -107,22 +112,34 @@ def _class_mask(n_classes: int, present: tuple[int, ...]) -> torch.Tensor:
     return mask
 
 
+def client_splits(cfg: RunConfig, dataset: DomainDataset, heldout: str) -> list[ClientSplit]:
+    """The training clients: every domain but ``heldout`` (each split per the config)."""
+    return make_clients(dataset, heldout, seed=cfg.seed, fractions=_fractions(cfg),
+                        clients_per_domain=cfg.clients_per_domain, mode=cfg.partition,
+                        alpha=cfg.dirichlet_alpha)
+
+
+def client_data(prep: Prepared, split: ClientSplit) -> ClientData:
+    domain = prep.dataset.domains[split.domain]
+    labels, feats = torch.as_tensor(domain.labels), prep.features[split.domain]
+    train, val, test = (_split(feats, labels, idx) for idx in (split.train, split.val, split.test))
+    return ClientData(split.name, train, val, test,
+                      _class_mask(len(prep.dataset.classes), domain.present))
+
+
+def heldout_data(prep: Prepared, heldout: str) -> tuple[Split, torch.Tensor]:
+    """The whole held-out domain as a test split, and the classes it has."""
+    held = prep.dataset.domains[heldout]
+    split = _split(prep.features[heldout], torch.as_tensor(held.labels), range(len(held)))
+    return split, _class_mask(len(prep.dataset.classes), held.present)
+
+
 def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation:
     """The clients (every domain but ``heldout``) and the held-out test set, as tensors."""
-    clients = make_clients(prep.dataset, heldout, seed=cfg.seed, fractions=_fractions(cfg),
-                           clients_per_domain=cfg.clients_per_domain, mode=cfg.partition,
-                           alpha=cfg.dirichlet_alpha)
-    n_classes = len(prep.dataset.classes)
-    data = []
-    for c in clients:
-        domain = prep.dataset.domains[c.domain]
-        labels, feats = torch.as_tensor(domain.labels), prep.features[c.domain]
-        train, val, test = (_split(feats, labels, idx) for idx in (c.train, c.val, c.test))
-        data.append(ClientData(c.name, train, val, test, _class_mask(n_classes, domain.present)))
-    held = prep.dataset.domains[heldout]
-    held_split = _split(prep.features[heldout], torch.as_tensor(held.labels), range(len(held)))
-    return Federation(get_algorithm(cfg), data, prep.text.features, prep.text.logit_scale,
-                      held_split, _class_mask(n_classes, held.present))
+    clients = [client_data(prep, s) for s in client_splits(cfg, prep.dataset, heldout)]
+    held_split, held_mask = heldout_data(prep, heldout)
+    return Federation(get_algorithm(cfg), clients, prep.text.features, prep.text.logit_scale,
+                      held_split, held_mask)
 
 
 def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
@@ -153,21 +170,32 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     state = fed.run(state, callbacks=[checkpoint])
     if state.round == 0:
         save_checkpoint(ckpt, state, fingerprint)
-    result = summarize(cfg, prep, fed, state, heldout, time.perf_counter() - start)
+    zero = fed.evaluate(None)
+    result = summarize(
+        cfg, state.history, state.best_round, state.round, zero, heldout=heldout,
+        dataset=prep.dataset.name, trainable_params=fed.trainable_parameters(),
+        bytes_per_round=fed.bytes_per_round(), seconds=time.perf_counter() - start,
+        clients=[{"name": c.name, "train": len(c.train), "val": len(c.val), "test": len(c.test)}
+                 for c in fed.clients],
+        heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
+        skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped})
     for name, params, rnd in (("adapter", state.best_params, state.best_round),
                               ("adapter-last", state.global_params, state.round)):
         if params is not None:
-            save_adapter(run_dir / f"{name}.safetensors", params, cfg, prep, rnd)
+            save_adapter(run_dir / f"{name}.safetensors", params, cfg, prep.dataset.classes,
+                         prep.text.logit_scale, rnd)
     atomic_write_json(run_dir / "result.json", json_safe(result))
     return result
 
 
-def summarize(cfg: RunConfig, prep: Prepared, fed: Federation, state: FederationState,
-              heldout: str, seconds: float) -> dict:
-    by_round = {r["round"]: r for r in state.history}
-    best, last = by_round[state.best_round], by_round[state.round]
-    zero = fed.evaluate(None)
-    trained = [r for r in state.history if r["round"] > 0]
+def summarize(cfg: RunConfig, history: list[dict], best_round: int, last_round: int,
+              zero: dict, *, heldout: str, dataset: str, trainable_params: int,
+              bytes_per_round: int, seconds: float, clients: list[dict], heldout_images: int,
+              skipped: dict[str, list[str]], **extra: object) -> dict:
+    """One held-out run as a results.json entry (the schema the README documents)."""
+    by_round = {r["round"]: r for r in history}
+    best, last = by_round[best_round], by_round[last_round]
+    trained = [r for r in history if r["round"] > 0]
 
     def scores(r: dict) -> dict:
         return {"generalization": r["heldout_accuracy"],
@@ -175,30 +203,26 @@ def summarize(cfg: RunConfig, prep: Prepared, fed: Federation, state: Federation
                                     "per_client": r["test_accuracy"]}}
 
     return {
-        "heldout": heldout, "algorithm": cfg.algorithm, "dataset": prep.dataset.name,
+        "heldout": heldout, "algorithm": cfg.algorithm, "dataset": dataset,
         "backbone": cfg.backbone, "backbone_is_clip": cfg.backbone.startswith("open_clip:"),
-        "loss": cfg.loss, "seed": cfg.seed, "rounds": state.round,
-        **scores(best), "best_round": state.best_round, "last": scores(last),
-        "zeroshot": scores({**zero, "round": 0}),
-        "trainable_params": fed.trainable_parameters(),
-        "bytes_per_round": fed.bytes_per_round(),
+        "loss": cfg.loss, "seed": cfg.seed, "rounds": last_round,
+        **scores(best), "best_round": best_round, "last": scores(last),
+        "zeroshot": scores(zero), "trainable_params": trainable_params,
+        "bytes_per_round": bytes_per_round,
         "seconds_per_round": (sum(r["seconds"] for r in trained) / len(trained)
                               if trained else 0.0),
-        "train_seconds": seconds,
-        "clients": [{"name": c.name, "train": len(c.train), "val": len(c.val),
-                     "test": len(c.test)} for c in fed.clients],
-        "heldout_images": len(fed.heldout) if fed.heldout is not None else 0,
-        "skipped_images": {d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
-        "history": state.history,
+        "train_seconds": seconds, "clients": clients, "heldout_images": heldout_images,
+        "skipped_images": skipped, **extra, "history": history,
     }
 
 
-def save_adapter(path: Path, params: Params, cfg: RunConfig, prep: Prepared, rnd: int) -> None:
+def save_adapter(path: Path, params: Params, cfg: RunConfig, classes: tuple[str, ...],
+                 logit_scale: float, rnd: int) -> None:
     """An adapter file that carries what is needed to use it: backbone, classes, prompts."""
+    dim = next(iter(params.values())).shape[-1]
     meta = {"format": "fedclip-adapter/1", "backbone": cfg.backbone,
-            "classes": json.dumps(list(prep.dataset.classes)),
-            "prompt_template": cfg.prompt_template, "dim": str(prep.text.features.shape[1]),
-            "logit_scale": repr(prep.text.logit_scale), "round": str(rnd),
+            "classes": json.dumps(list(classes)), "prompt_template": cfg.prompt_template,
+            "dim": str(dim), "logit_scale": repr(logit_scale), "round": str(rnd),
             "algorithm": cfg.algorithm}
     atomic_save_tensors(path, params, meta)
 

@@ -1,0 +1,102 @@
+"""Flower apps: parity with the in-process runner, robustness of the strategy."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message
+from safetensors.torch import load_file
+
+from fedclip.config import RunConfig
+from fedclip.experiment import run
+from fedclip.flower.client_app import build_client_app
+from fedclip.flower.server_app import main as server_main
+from tests.flower_grid import LocalGrid
+
+
+def _federation(toy_root, tiny_arch, tmp_path, **extra):
+    run_config = {"backbone": tiny_arch, "data-root": str(toy_root), "heldout": "gamma",
+                  "rounds": 3, "lr": 1e-3, "out": str(tmp_path / "flower"), **extra}
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    return run_config, nodes
+
+
+def test_flower_matches_in_process_runner(tiny_arch, toy_root, tmp_path):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path)
+    grid = LocalGrid(build_client_app(), nodes, run_config)
+    flower = server_main(grid, run_config)
+    cfg = RunConfig.build(backbone=tiny_arch, data_root=str(toy_root), heldout="gamma",
+                          rounds=3, lr=1e-3)
+    local = run(cfg, tmp_path / "local")[0]
+    wf = load_file(tmp_path / "flower" / "gamma" / "adapter-last.safetensors")
+    wl = load_file(tmp_path / "local" / "gamma" / "adapter-last.safetensors")
+    assert max((wf[k] - wl[k]).abs().max().item() for k in wl) < 1e-5
+    for key in ("val_accuracy", "test_accuracy", "heldout_accuracy"):
+        assert [r[key] for r in flower["history"]] == [r[key] for r in local["history"]]
+    assert flower["zeroshot"] == local["zeroshot"]
+    assert flower["best_round"] == local["best_round"]
+    # only the adapter crosses the wire: 2 training nodes, down and up, fp32
+    assert flower["bytes_per_round"] == local["bytes_per_round"] == 2 * 2 * 2112 * 4
+    # the held-out node never receives a train message
+    heldout_node = 1002
+    assert not [m for m in grid.sent if m.metadata.message_type == "train"
+                and m.metadata.dst_node_id == heldout_node]
+
+
+def test_fp16_transfer_halves_the_bytes(tiny_arch, toy_root, tmp_path):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, transfer="fp16")
+    half = server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)
+    assert half["bytes_per_round"] == 2 * 2 * 2112 * 2
+    assert 0 <= half["generalization"] <= 1
+
+
+def _poison(kind):
+    def tamper(node, reply):
+        if node != 1000 or reply.metadata.message_type != "train":
+            return reply
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        key = next(iter(arrays))
+        if kind == "nan":
+            arrays[key] = arrays[key].clone().fill_(float("nan"))
+        else:
+            arrays[key] = torch.zeros(3, 3)
+        reply.content["arrays"] = ArrayRecord(arrays)
+        return reply
+    return tamper
+
+
+@pytest.mark.parametrize("kind,reason", [("nan", "NaN or inf"), ("shape", "shape")])
+def test_malformed_update_is_rejected_and_the_round_aggregates_the_rest(
+        tiny_arch, toy_root, tmp_path, caplog, kind, reason):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=2)
+    result = server_main(LocalGrid(build_client_app(), nodes, run_config, tamper=_poison(kind)),
+                         run_config)
+    rounds = [r for r in result["history"] if r["round"] > 0]
+    assert all(reason in r["rejected"]["alpha"] for r in rounds)
+    assert all(list(r["train_loss"]) == ["beta"] for r in rounds)
+    assert "rejected the update of alpha" in caplog.text
+    final = load_file(tmp_path / "flower" / "gamma" / "adapter-last.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_a_missing_client_is_recorded_and_the_run_completes(tiny_arch, toy_root, tmp_path):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path)
+    grid = LocalGrid(build_client_app(), nodes, run_config, drop={1001: {2, 3}})
+    result = server_main(grid, run_config)
+    assert result["rounds"] == 3 and result["missing_clients"] == ["beta"]
+    assert [r["missing"] for r in result["history"][1:]] == [[], ["beta"], ["beta"]]
+
+
+def test_simulation_needs_one_node_per_client_plus_heldout(tiny_arch, toy_root, tmp_path):
+    run_config, _ = _federation(toy_root, tiny_arch, tmp_path)
+    nodes = [{"partition-id": i, "num-partitions": 4} for i in range(4)]
+    with pytest.raises(Exception, match="needs 3 SuperNodes"):
+        server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)
+
+
+def test_messages_are_well_formed_flower_messages(tiny_arch, toy_root, tmp_path):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=1)
+    grid = LocalGrid(build_client_app(), nodes, run_config)
+    server_main(grid, run_config)
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count("query") == 3 and kinds.count("train") == 2
+    assert kinds.count("evaluate") == 6  # round 0 and round 1, all three nodes
+    assert all(isinstance(m, Message) for m in grid.sent)
