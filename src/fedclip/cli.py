@@ -78,21 +78,21 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 @app.command("run")
 def run_command(
-    data_root: str | None = typer.Option(  # noqa: UP007 - typer needs Optional
+    data_root: str | None = typer.Option(
         None, help="Folder <domain>/<class>/<image>, or hf:<dataset> (online). "
                    "Default: the embedded PACS sample."),
-    backbone: str | None = typer.Option(None, help="open_clip:ARCH@TAG or standin."),  # noqa: UP007
-    heldout: str | None = typer.Option(None, help="Held-out domain, or 'all'."),  # noqa: UP007
-    rounds: int | None = typer.Option(None, help="Communication rounds."),  # noqa: UP007
-    loss: str | None = typer.Option(None, help="clip (contrastive) or ce."),  # noqa: UP007
-    algorithm: str | None = typer.Option(None, help="fedclip, fedprox, zeroshot."),  # noqa: UP007
-    seed: int | None = typer.Option(None, help="Seed for splits, init and batches."),  # noqa: UP007
-    dataset: str | None = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),  # noqa: UP007
+    backbone: str | None = typer.Option(None, help="open_clip:ARCH@TAG or standin."),
+    heldout: str | None = typer.Option(None, help="Held-out domain, or 'all'."),
+    rounds: int | None = typer.Option(None, help="Communication rounds."),
+    loss: str | None = typer.Option(None, help="clip (contrastive) or ce."),
+    algorithm: str | None = typer.Option(None, help="fedclip, fedprox, zeroshot."),
+    seed: int | None = typer.Option(None, help="Seed for splits, init and batches."),
+    dataset: str | None = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder for all outputs."),
     resume: bool = typer.Option(False, help="Continue the run in --out where it stopped."),
-    config: Path | None = typer.Option(None, help="TOML preset (see configs/)."),  # noqa: UP007
+    config: Path | None = typer.Option(None, help="TOML preset (see configs/)."),
     set_: list[str] = typer.Option([], "--set", help="Any config key: --set lr=1e-4"),  # noqa: B006
-    cache_dir: str | None = typer.Option(None, help="Feature cache folder."),  # noqa: UP007
+    cache_dir: str | None = typer.Option(None, help="Feature cache folder."),
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.experiment import run
@@ -115,6 +115,21 @@ def run_command(
         table.add_row(*row)
     out_console.print(table)
     out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/")
+
+
+@app.command("flower-run")
+def flower_run_command(
+    superlink: str | None = typer.Argument(
+        None, help="SuperLink connection name in $FLWR_HOME/config.toml (default: its default)."),
+    app_dir: Path = typer.Option(Path("."), "--app", help="The Flower app (this project)."),
+    run_config: list[str] = typer.Option(  # noqa: B006
+        [], "--run-config", "-c", help="Run config overrides, as for flwr run."),
+) -> None:
+    """`flwr run --stream`, but exits non-zero when the run did not complete."""
+    from fedclip.flower.launch import flower_run
+
+    run_id, status = flower_run(app_dir, superlink, run_config, echo=out_console.out)
+    out_console.print(f"run {run_id}: {status}")
 
 
 @app.command("backbones")

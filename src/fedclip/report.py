@@ -75,18 +75,20 @@ def plot_history(result: dict, path: Path) -> None:
     evaluated = [r for r in result["history"] if "mean_val_accuracy" in r]
     rounds = [r["round"] for r in evaluated]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for client in result["personalization"]["per_client"]:
-        ax_acc.plot(rounds, [100 * (r["test_accuracy"][client] or 0) for r in evaluated],
+    clients = sorted({c for r in evaluated for c in r["test_accuracy"]})
+    nan = float("nan")
+    for client in clients:  # a client missing from a round (it left) leaves a gap
+        ax_acc.plot(rounds, [100 * (r["test_accuracy"].get(client) or nan) for r in evaluated],
                     label=f"{client} (test)")
-    ax_acc.plot(rounds, [100 * (r["heldout_accuracy"] or 0) for r in evaluated], "k-", lw=2,
+    ax_acc.plot(rounds, [100 * (r["heldout_accuracy"] or nan) for r in evaluated], "k-", lw=2,
                 label=f"{result['heldout']} (held out)")
     ax_acc.axvline(result["best_round"], color="grey", ls=":", label="selected round")
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result['heldout']}")
     ax_acc.legend(fontsize=8)
     trained = [r for r in result["history"] if r["round"] > 0]
-    for client in result["personalization"]["per_client"]:
+    for client in clients:
         ax_loss.plot([r["round"] for r in trained],
-                     [r["train_loss"].get(client) for r in trained], label=client)
+                     [r["train_loss"].get(client, nan) for r in trained], label=client)
     ax_loss.set(xlabel="round", ylabel=f"train loss ({result['loss']})", title="training loss")
     if trained:
         ax_loss.legend(fontsize=8)

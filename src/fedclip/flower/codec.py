@@ -16,7 +16,8 @@ TRANSFER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 FLOWER_KEYS: dict[str, Any] = {
     "transfer": "fp32",  # adapter weights on the wire: fp32 or fp16 (half the bytes)
     "round-timeout": 600.0,  # seconds to wait for replies before aggregating what came
-    "min-nodes": 0,  # nodes to wait for before round 1 (0: as many as the plan has)
+    "min-nodes": 0,  # nodes to wait for before round 1 (0: those connected, at least 2)
+    "discover-timeout": 900.0,  # seconds for nodes to answer who they are (first extraction)
     "out": "runs/flower",  # run folder on the SuperLink / simulation host
     "data-root": "",  # "" = the embedded sample; a node's own node-config overrides it
     "cache-dir": "",

@@ -6,12 +6,13 @@ and the results are written in the same format as the in-process runner's.
 
 from __future__ import annotations
 
-import logging
 import time
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
@@ -21,11 +22,12 @@ from fedclip.flower.codec import encode, run_config_to_cfg
 from fedclip.flower.strategy import FedClipStrategy
 from fedclip.io import atomic_write_json
 
-log = logging.getLogger(__name__)
-
 
 def discover(grid: Grid, min_nodes: int, timeout: float) -> dict[int, dict]:
-    """Ask every connected node who it is (waits for ``min_nodes`` to connect)."""
+    """Ask every connected node who it is (waits for ``min_nodes`` to connect).
+
+    A node answers once it has its features, so the first run on a node includes its
+    feature extraction: ``timeout`` must allow for that."""
     deadline = time.monotonic() + timeout
     while len(ids := list(grid.get_node_ids())) < max(min_nodes, 2):
         if time.monotonic() > deadline:
@@ -37,8 +39,9 @@ def discover(grid: Grid, min_nodes: int, timeout: float) -> dict[int, dict]:
     nodes = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            raise ConfigError(f"node {reply.metadata.src_node_id} failed to load its data: "
-                              f"{reply.error.reason}")
+            log(WARNING, "node %d cannot take part: %s", reply.metadata.src_node_id,
+                        reply.error.reason)
+            continue
         info, metrics = reply.content["node"], reply.content["metrics"]
         nodes[reply.metadata.src_node_id] = {
             "client": str(info["client"]), "role": str(info["role"]),
@@ -47,8 +50,10 @@ def discover(grid: Grid, min_nodes: int, timeout: float) -> dict[int, dict]:
             "logit-scale": float(metrics["logit-scale"])}
     heldout = [n for n in nodes.values() if n["role"] == "heldout"]
     if not heldout or len(heldout) == len(nodes):
-        raise ConfigError("a run needs training nodes and one held-out node; check each "
-                          "SuperNode's node-config domain")
+        answered = sorted(n["client"] for n in nodes.values())
+        raise ConfigError(f"a run needs training nodes and one held-out node; {len(nodes)} of "
+                          f"{len(ids)} nodes answered ({answered}); check each SuperNode's "
+                          f"node-config domain and its log")
     return nodes
 
 
@@ -68,7 +73,7 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     if cfg.optimizer_state != "reset":
         raise ConfigError("on Flower, optimizer_state must be 'reset' (the reference); "
                           "'keep' runs in-process")
-    nodes = discover(grid, int(flower["min-nodes"]), float(flower["round-timeout"]))
+    nodes = discover(grid, int(flower["min-nodes"]), float(flower["discover-timeout"]))
     first = next(iter(nodes.values()))
     algorithm = get_algorithm(cfg)
     init = algorithm.init_global(first["dim"])
@@ -76,7 +81,7 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
         raise ConfigError(f"algorithm {cfg.algorithm!r} trains nothing; run it in-process")
 
     def progress(record: dict) -> None:
-        log.info("round %d: mean val %.4f, held-out %.4f", record["round"],
+        log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],
                  record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
 
     strategy = FedClipStrategy(algorithm, nodes, flower["transfer"], on_round=progress)

@@ -11,20 +11,19 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedclip.adapters import Params
 from fedclip.algorithms.base import Algorithm
 from fedclip.flower.codec import check_update, decode, encode
-
-log = logging.getLogger(__name__)
 
 
 def payload_bytes(record: ArrayRecord) -> int:
@@ -76,9 +75,19 @@ class FedClipStrategy(FedAvg):
         self._current = decode(arrays)
         config["server-round"] = server_round
         payload = encode(self._current, self.transfer)
-        self._pending = {"bytes_sent": payload_bytes(payload) * len(self.train_ids)}
+        targets = self._online(self.train_ids, grid)
+        self._pending = {"bytes_sent": payload_bytes(payload) * len(targets)}
         record = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
-        return self._construct_messages(record, self.train_ids, MessageType.TRAIN)
+        return self._construct_messages(record, targets, MessageType.TRAIN)
+
+    def _online(self, node_ids: list[int], grid: Grid) -> list[int]:
+        """The nodes still connected (a node that left is not waited for; it is recorded as
+        missing)."""
+        online = set(grid.get_node_ids())
+        gone = [self.nodes[n]["client"] for n in node_ids if n not in online]
+        if gone:
+            log(WARNING, "nodes no longer connected: %s", ", ".join(gone))
+        return [n for n in node_ids if n in online]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -99,7 +108,7 @@ class FedClipStrategy(FedAvg):
             except (KeyError, ValueError, TypeError, RuntimeError) as exc:
                 reason = f"malformed reply ({type(exc).__name__}: {exc})"
             if reason is not None:
-                log.warning("round %d: rejected the update of %s: %s", server_round, name, reason)
+                log(WARNING, "round %d: rejected the update of %s: %s", server_round, name, reason)
                 rejected[name] = reason
                 continue
             updates.append((params, count))
@@ -107,13 +116,13 @@ class FedClipStrategy(FedAvg):
         expected = {self.nodes[n]["client"] for n in self.train_ids}
         missing = sorted(expected - set(losses) - set(rejected))
         if missing:
-            log.warning("round %d: no update from %s", server_round, ", ".join(missing))
+            log(WARNING, "round %d: no update from %s", server_round, ", ".join(missing))
         self._pending |= {"round": server_round, "train_loss": losses,
                           "mean_train_loss": _mean(losses.values()), "missing": missing,
                           "rejected": rejected, "bytes_received": received}
         self._pending["bytes"] = self._pending["bytes_sent"] + received
         if not updates:
-            log.warning("round %d: no valid update; the global adapter is unchanged",
+            log(WARNING, "round %d: no valid update; the global adapter is unchanged",
                         server_round)
             return None, None
         aggregated = self.algorithm.aggregate(updates)
@@ -128,8 +137,9 @@ class FedClipStrategy(FedAvg):
         payload = encode(self._current, self.transfer) if self._current else ArrayRecord()
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
-        self._pending["bytes_eval_sent"] = payload_bytes(payload) * len(self.nodes)
-        return self._construct_messages(record, sorted(self.nodes), MessageType.EVALUATE)
+        targets = self._online(sorted(self.nodes), grid)
+        self._pending["bytes_eval_sent"] = payload_bytes(payload) * len(targets)
+        return self._construct_messages(record, targets, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

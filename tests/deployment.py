@@ -1,0 +1,130 @@
+"""A SuperLink and SuperNodes as real processes on localhost, always stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedclip.flower.launch import QUIET_FLOWER, flower_run
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class LocalDeployment:
+    """``with LocalDeployment(tmp, node_configs) as dep: dep.run([...])``."""
+
+    def __init__(self, workdir: Path, node_configs: list[str], tls: dict | None = None,
+                 superlink_args: tuple[str, ...] = ()) -> None:
+        self.workdir, self.node_configs, self.tls = workdir, node_configs, tls
+        self.superlink_args = superlink_args
+        self.home = workdir / "flwr-home"
+        self.port = free_port()
+        self.env = {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(self.home)}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log: list[str] = []
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        out = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.workdir, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def security(self, node: bool) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]
+        if node:
+            return ["--root-certificates", str(self.tls["ca"])]
+        return ["--ssl-certfile", str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"]),
+                "--ssl-ca-certfile", str(self.tls["ca"])]
+
+    def __enter__(self) -> LocalDeployment:
+        self.home.mkdir(parents=True, exist_ok=True)
+        conn = (f'root-certificates = "{self.tls["ca"]}"' if self.tls else "insecure = true")
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+            f'address = "127.0.0.1:{self.port}"\n{conn}\n')
+        try:
+            self._start("superlink", [str(BIN / "flower-superlink"), *self.security(False),
+                                      "--port", str(self.port), "--database", ":flwr-in-memory:",
+                                      *self.superlink_args])
+            wait_for_port(self.port)
+            for i, node_config in enumerate(self.node_configs):
+                self.start_node(f"node{i}", node_config)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_node(self, name: str, node_config: str, *extra: str) -> subprocess.Popen:
+        return self._start(name, [
+            str(BIN / "flower-supernode"), *self.security(True), "--superlink",
+            f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", node_config,
+            *extra])
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)  # the node and the processes it started
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(self, run_config: list[str], on_line=None) -> tuple[str, str]:  # noqa: ANN001
+        run_log = open(self.workdir / "run.log", "a")  # noqa: SIM115
+
+        def echo(line: str) -> None:
+            self.log.append(line)
+            run_log.write(line + "\n")
+            run_log.flush()
+            if on_line:
+                on_line(line)
+
+        old = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.home)
+        try:
+            return flower_run(PROJECT, "deploy", run_config, echo=echo)
+        finally:
+            run_log.close()
+            if old is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = old
+
+    def node_log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")

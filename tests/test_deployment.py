@@ -1,0 +1,73 @@
+"""Flower deployment on localhost: a SuperLink and SuperNodes as separate processes.
+
+Slow (each message starts a fresh ClientApp process): run by `make test-slow` and CI.
+"""
+
+import json
+import threading
+
+import pytest
+
+from fedclip.errors import FedclipError
+from tests.conftest import has_standin
+from tests.deployment import LocalDeployment
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not has_standin(), reason="stand-in packages not installed")]
+
+DOMAINS = ("art_painting", "cartoon", "photo", "sketch")  # the embedded PACS sample
+ADAPTER = 2 * (384 * 384 + 384)  # stand-in adapter parameters
+
+
+def nodes():
+    return [f"domain='{d}'" for d in DOMAINS]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One feature cache for the module: the first run extracts, the others reuse it."""
+    return tmp_path_factory.mktemp("deploy-cache")
+
+
+def run_config(out, cache, rounds=3, **extra):
+    items = [f"rounds={rounds}", f"out='{out}'", "heldout='sketch'", "round-timeout=30.0",
+             "min-nodes=4", f"cache-dir='{cache}'"]
+    return items + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in extra.items()]
+
+
+def test_deployment_on_localhost(tmp_path, cache):
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path, nodes()) as dep:
+        _, status = dep.run(run_config(out, cache))
+    assert status == "finished:completed"
+    (r,) = json.loads((out / "results.json").read_text())["runs"]
+    assert [h["round"] for h in r["history"]] == [0, 1, 2, 3]
+    assert r["runtime"] == "flower" and set(r["personalization"]["per_client"]) == set(
+        DOMAINS[:3])
+    # the adapter (fp32), down to and up from each of the 3 training nodes
+    assert r["bytes_per_round"] == 2 * 3 * ADAPTER * 4
+    assert all(h["bytes"] == 2 * 3 * ADAPTER * 4 for h in r["history"][1:])
+    assert (out / "sketch" / "adapter.safetensors").exists()
+
+
+def test_a_supernode_killed_in_round_2_is_recorded_and_the_run_completes(tmp_path, cache):
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path, nodes()) as dep:
+        killed = threading.Event()
+
+        def on_line(line):
+            if "[ROUND 2/" in line and not killed.is_set():
+                killed.set()
+                dep.kill("node1")  # cartoon
+
+        _, status = dep.run(run_config(out, cache), on_line=on_line)
+    assert killed.is_set() and status == "finished:completed"
+    (r,) = json.loads((out / "results.json").read_text())["runs"]
+    assert r["missing_clients"] == ["cartoon"]
+    assert r["history"][1]["missing"] == [] and "cartoon" in r["history"][2]["missing"]
+    assert set(r["history"][3]["train_loss"]) == {"art_painting", "photo"}
+
+
+def test_failed_run_makes_the_command_fail(tmp_path, cache):
+    with LocalDeployment(tmp_path, nodes()) as dep, pytest.raises(FedclipError, match="ended as"):
+        dep.run(run_config(tmp_path / "out", cache, algorithm="no-such-algorithm"))
