@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -12,9 +13,11 @@ from flwr.serverapp import Grid
 class LocalGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: list[dict], run_config: dict,
                  drop: dict[int, set[int]] | None = None, tamper=None) -> None:  # noqa: ANN001
+        from flwr.supercore.run import Run
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as a SuperLink
+        self._run = Run.create_empty(run_id=1)
         self.client_app = client_app
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, node_config=nc, state=RecordDict(),
@@ -52,6 +55,7 @@ class LocalGrid(Grid):
                 "config" in msg.content else 0
             if msg.metadata.message_type == "train" and server_round in self.drop.get(node, ()):
                 continue
-            reply = self.client_app(msg, self.contexts[node])
+            # each node gets its own copy, as over the wire (mods may mutate what they read)
+            reply = self.client_app(copy.deepcopy(msg), self.contexts[node])
             replies.append(self.tamper(node, reply) if self.tamper else reply)
         return replies

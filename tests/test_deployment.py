@@ -4,13 +4,15 @@ Slow (each message starts a fresh ClientApp process): run by `make test-slow` an
 """
 
 import json
+import subprocess
 import threading
+import time
 
 import pytest
 
 from fedclip.errors import FedclipError
 from tests.conftest import has_standin
-from tests.deployment import LocalDeployment
+from tests.deployment import BIN, LocalDeployment, make_node_key, make_tls
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not has_standin(), reason="stand-in packages not installed")]
@@ -71,3 +73,30 @@ def test_a_supernode_killed_in_round_2_is_recorded_and_the_run_completes(tmp_pat
 def test_failed_run_makes_the_command_fail(tmp_path, cache):
     with LocalDeployment(tmp_path, nodes()) as dep, pytest.raises(FedclipError, match="ended as"):
         dep.run(run_config(tmp_path / "out", cache, algorithm="no-such-algorithm"))
+
+
+def test_tls_with_supernode_authentication(tmp_path, cache):
+    """TLS certificates made by the test; only registered SuperNode keys may join."""
+    tls = make_tls(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / f"node{i}") for i in range(5)]
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path, [], tls=tls,
+                         superlink_args=("--enable-supernode-auth",)) as dep:
+        for _, public in keys[:4]:
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), "deploy"],
+                           env=dep.env, check=True, capture_output=True)
+        for i, config in enumerate(nodes()):
+            dep.start_node(f"node{i}", config, "--auth-supernode-private-key", str(keys[i][0]))
+        unknown = dep.start_node("unknown-key", "domain='photo'", "--auth-supernode-private-key",
+                                 str(keys[4][0]))
+        no_key = dep.start_node("no-key", "domain='photo'")
+        _, status = dep.run(run_config(out, cache, rounds=1))
+        deadline = time.monotonic() + 60
+        while (unknown.poll() is None or no_key.poll() is None) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert unknown.poll() not in (None, 0) and no_key.poll() not in (None, 0)
+        assert "Failed to activate SuperNode" in dep.node_log("unknown-key")
+        assert "must be registered" in dep.node_log("no-key")
+    assert status == "finished:completed"
+    (r,) = json.loads((out / "results.json").read_text())["runs"]
+    assert set(r["personalization"]["per_client"]) == set(DOMAINS[:3])

@@ -64,6 +64,17 @@ def handle_evaluate(node: Node, content: RecordDict) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(values), "node": _identity(node)})
 
 
+def dp_clipping_mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN201
+    """Flower's ``fixedclipping_mod`` when the server asks for clipping (DP runs), else a
+    pass-through, so one ClientApp serves runs with and without DP."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` sit under the run config (``run_simulation`` passes none)."""
     app = ClientApp()
@@ -77,7 +88,7 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
         node, _ = resolve(context)
         return Message(handle_query(node), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         node, flower = resolve(context)
         return Message(handle_train(node, msg.content, flower["transfer"]), reply_to=msg)

@@ -21,6 +21,10 @@ FLOWER_KEYS: dict[str, Any] = {
     "out": "runs/flower",  # run folder on the SuperLink / simulation host
     "data-root": "",  # "" = the embedded sample; a node's own node-config overrides it
     "cache-dir": "",
+    # central DP with client-side fixed clipping (Flower's wrapper + fixedclipping_mod):
+    # off while dp-clipping-norm is 0
+    "dp-clipping-norm": 0.0,
+    "dp-noise-multiplier": 0.0,
 }
 
 

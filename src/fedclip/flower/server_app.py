@@ -85,13 +85,26 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
                  record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
 
     strategy = FedClipStrategy(algorithm, nodes, flower["transfer"], on_round=progress)
+    runner = with_privacy(strategy, flower)
     start = time.perf_counter()
     zero = strategy.evaluate_initial(grid, encode(init), float(flower["round-timeout"]))
-    result = strategy.start(grid, encode(init), num_rounds=cfg.rounds,
-                            timeout=float(flower["round-timeout"]))
+    result = runner.start(grid, encode(init), num_rounds=cfg.rounds,
+                          timeout=float(flower["round-timeout"]))
     seconds = time.perf_counter() - start
     final = {k: v.float() for k, v in result.arrays.to_torch_state_dict().items()}
     return write_results(cfg, flower, strategy, nodes, zero, final, seconds)
+
+
+def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: ANN201
+    """Flower's central-DP wrapper (client-side fixed clipping) when dp-clipping-norm > 0."""
+    clip = float(flower["dp-clipping-norm"])
+    if clip <= 0:
+        return strategy
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, noise_multiplier=float(flower["dp-noise-multiplier"]), clipping_norm=clip,
+        num_sampled_clients=len(strategy.train_ids))
 
 
 def write_results(cfg, flower, strategy, nodes, zero, final, seconds) -> dict:  # noqa: ANN001
