@@ -1,6 +1,6 @@
 """Full PACS, every held-out domain, stand-in backbone: zero-shot against FedCLIP (both losses).
 
-    python benchmarks/pacs_full.py [--data-root ../shared/data/PACS] [--rounds 200] [--out runs/bench]
+    python benchmarks/pacs_full.py [--data-root ../shared/data/PACS] [--rounds 200]
 
 Writes benchmarks/results/pacs_full.md (generalization and personalization per held-out domain,
 wall time). The first run extracts the features (about 10k images); later runs hit the cache.
@@ -59,7 +59,8 @@ def main() -> None:
         "# Full PACS, stand-in backbone (NOT CLIP), leave-one-domain-out", "",
         f"Command: `python benchmarks/pacs_full.py --rounds {args.rounds}` · machine: "
         f"{platform.processor() or platform.machine()}, 2 cores, CPU only · feature extraction "
-        f"(or cache check) {extraction:.0f} s for {sum(len(d) for d in prep.dataset.domains.values())} images.",
+        f"(or cache check) {extraction:.0f} s for "
+        f"{sum(len(d) for d in prep.dataset.domains.values())} images.",
         "",
         "Accuracy %. gen = selected global adapter on the whole held-out domain; pers = mean over "
         "the training clients' own test splits (selection: best mean validation accuracy).", "",

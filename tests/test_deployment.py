@@ -100,3 +100,26 @@ def test_tls_with_supernode_authentication(tmp_path, cache):
     assert status == "finished:completed"
     (r,) = json.loads((out / "results.json").read_text())["runs"]
     assert set(r["personalization"]["per_client"]) == set(DOMAINS[:3])
+
+
+def test_simulation_with_ray_matches_the_in_process_runner(tmp_path, cache):
+    from flwr.simulation import run_simulation
+    from safetensors.torch import load_file
+
+    from fedclip.config import RunConfig
+    from fedclip.experiment import run
+    from fedclip.flower.client_app import build_client_app
+    from fedclip.flower.server_app import build_server_app
+
+    defaults = {"backbone": "standin", "heldout": "sketch", "rounds": 2,
+                "out": str(tmp_path / "sim"), "cache-dir": str(cache)}
+    run_simulation(build_server_app(defaults), build_client_app(defaults), num_supernodes=4,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    (sim,) = json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]
+    local = run(RunConfig.build(backbone="standin", heldout="sketch", rounds=2,
+                                cache_dir=str(cache)), tmp_path / "local")[0]
+    ws = load_file(tmp_path / "sim" / "sketch" / "adapter-last.safetensors")
+    wl = load_file(tmp_path / "local" / "sketch" / "adapter-last.safetensors")
+    assert max((ws[k] - wl[k]).abs().max().item() for k in wl) < 1e-5
+    assert [r["heldout_accuracy"] for r in sim["history"]] == [
+        r["heldout_accuracy"] for r in local["history"]]

@@ -142,3 +142,22 @@ def test_secagg_plus_aggregate_equals_plain_fedavg(tiny_arch, toy_root, tmp_path
     print(f"secagg+ vs fedavg max abs diff {diff:.2e}")
     assert diff < 1e-3, diff  # quantization (2^22 levels over [-8, 8]) and weight rounding
     assert any(m.metadata.message_type == "train" for m in grid.sent)
+
+
+def test_app_config_in_pyproject_agrees_with_the_defaults():
+    """pyproject lists some defaults so that `flwr run -c` may override them: no drift."""
+    from pathlib import Path
+
+    import tomllib
+
+    from fedclip.flower.codec import FLOWER_KEYS
+
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    config = app["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig()
+    differs = {"backbone", "heldout", "rounds"}  # the app's demo choices
+    for key, value in config.items():
+        if key in FLOWER_KEYS:
+            assert value == FLOWER_KEYS[key], key
+        elif key not in differs:
+            assert getattr(defaults, key.replace("-", "_")) == value, key

@@ -147,6 +147,8 @@ class FedClipStrategy(FedAvg):
                                                      validate=False)
         record = {"round": server_round, "train_loss": {}, "seconds": 0.0, "bytes": 0,
                   **self._pending, **evaluation_record(valid)}
+        if server_round > 0:  # train + evaluate, messages included
+            record["round_seconds"] = time.perf_counter() - self._started
         self._pending = {}
         record["eval_missing"] = sorted(
             {i["client"] for i in self.nodes.values()}

@@ -114,6 +114,7 @@ class Federation:
             if state.best_round == 0 or record["mean_val_accuracy"] > state.best_val:
                 state.best_round, state.best_val = server_round, record["mean_val_accuracy"]
                 state.best_params = state.global_params
+        record["round_seconds"] = time.perf_counter() - start  # train, aggregate, evaluate
         state.history.append(record)
         return record
 
