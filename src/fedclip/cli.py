@@ -132,6 +132,41 @@ def flower_run_command(
     out_console.print(f"run {run_id}: {status}")
 
 
+@app.command("predict")
+def predict_command(
+    adapter: Path = typer.Argument(..., help="An adapter file from a run folder."),
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
+    backbone: str | None = typer.Option(None, help="Must match the adapter's (checked)."),
+    top: int = typer.Option(1, help="Classes to list per image."),
+    out: Path | None = typer.Option(None, help="Write the predictions as CSV."),
+    cache_dir: str | None = typer.Option(None, help="Feature cache folder."),
+) -> None:
+    """Classify images with a trained adapter."""
+    import csv
+
+    from fedclip.io import atomic_write
+    from fedclip.predict import predict
+
+    rows = predict(adapter, inputs, backbone=backbone, cache_dir=cache_dir, top=top)
+    table = Table(title=f"predictions ({adapter})")
+    for col in ("file", "class", "probability", "top"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["file"], r.get("class", r.get("error", "")),
+                      f"{r['probability']:.3f}" if "probability" in r else "",
+                      ", ".join(f"{c} {p:.2f}" for c, p in r.get("top", [])))
+    out_console.print(table)
+    if out is not None:
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["file", "class", "probability"])
+                for r in rows:
+                    writer.writerow([r["file"], r.get("class", ""), r.get("probability", "")])
+        atomic_write(out, write)
+        out_console.print(f"wrote {out}")
+
+
 @app.command("backbones")
 def backbones_command() -> None:
     """List the backbone spec forms."""

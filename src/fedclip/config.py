@@ -61,6 +61,9 @@ class RunConfig(BaseModel):
         "weighted", description="'weighted' by train samples; 'uniform' as in the reference."
     )
     prox_mu: float = Field(0.01, ge=0, description="Proximal weight (fedprox only).")
+    personalize_epochs: int = Field(
+        5, ge=0, description="After training, each client fine-tunes its own copy of the "
+        "selected global adapter for up to this many epochs (chosen on its val split).")
 
     # --- bookkeeping --------------------------------------------------------------------
     seed: int = Field(0, ge=0)
@@ -109,7 +112,7 @@ class RunConfig(BaseModel):
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that decide training numbers (a resumed run must match them)."""
         skip = {"eval_every", "checkpoint_every", "cache_dir", "device", "extract_batch_size",
-                "extract_workers", "heldout", "rounds"}
+                "extract_workers", "heldout", "rounds", "personalize_epochs"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 

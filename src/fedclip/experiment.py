@@ -171,6 +171,8 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     if state.round == 0:
         save_checkpoint(ckpt, state, fingerprint)
     zero = fed.evaluate(None)
+    personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
+                    if state.best_params is not None and cfg.personalize_epochs > 0 else None)
     result = summarize(
         cfg, state.history, state.best_round, state.round, zero, heldout=heldout,
         dataset=prep.dataset.name, trainable_params=fed.trainable_parameters(),
@@ -178,7 +180,8 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
         clients=[{"name": c.name, "train": len(c.train), "val": len(c.val), "test": len(c.test)}
                  for c in fed.clients],
         heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
-        skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped})
+        skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
+        personalized=personalized)
     for name, params, rnd in (("adapter", state.best_params, state.best_round),
                               ("adapter-last", state.global_params, state.round)):
         if params is not None:

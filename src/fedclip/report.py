@@ -11,8 +11,8 @@ from fedclip.io import atomic_write, atomic_write_json, atomic_write_text
 STANDIN_NOTE = ("Backbone: the offline stand-in (EfficientNet-Lite0 + MiniLM aligned through "
                 "ImageNet), NOT CLIP; numbers are not comparable with the paper's.")
 
-COLUMNS = ("held out", "best rnd", "gen", "gen 0-shot", "pers", "pers 0-shot", "params",
-           "MB/round", "s/round")
+COLUMNS = ("held out", "best rnd", "gen", "gen 0-shot", "pers", "pers 0-shot",
+           "pers (own)", "params", "MB/round", "s/round")
 
 
 def _pct(x: float | None) -> str:
@@ -27,6 +27,7 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
                      _pct(r["generalization"]), _pct(r["zeroshot"]["generalization"]),
                      _pct(r["personalization"]["mean"]),
                      _pct(r["zeroshot"]["personalization"]["mean"]),
+                     _pct((r.get("personalized") or {}).get("mean")),
                      f"{r['trainable_params']:,}", f"{r['bytes_per_round'] / 1e6:.2f}",
                      f"{r['seconds_per_round']:.3f}"))
     if len(results) > 1:
@@ -36,7 +37,9 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
         rows.append(("mean", "", _pct(mean(lambda r: r["generalization"])),
                      _pct(mean(lambda r: r["zeroshot"]["generalization"])),
                      _pct(mean(lambda r: r["personalization"]["mean"])),
-                     _pct(mean(lambda r: r["zeroshot"]["personalization"]["mean"])), "", "", ""))
+                     _pct(mean(lambda r: r["zeroshot"]["personalization"]["mean"])),
+                     _pct(mean(lambda r: (r.get("personalized") or {}).get("mean"))),
+                     "", "", ""))
     return rows
 
 
@@ -53,7 +56,9 @@ def markdown_report(cfg: RunConfig, results: list[dict]) -> str:
     parts += [f"Backbone `{cfg.backbone}`, loss `{cfg.loss}`, aggregation `{cfg.aggregation}`, "
               f"seed {cfg.seed}. Accuracies in %: generalization on the held-out domain, "
               f"personalization as the mean over clients' own test splits, both at the round "
-              f"with the best mean validation accuracy.", "", markdown_table(results), ""]
+              f"with the best mean validation accuracy; pers (own): each client's copy of the "
+              f"selected adapter fine-tuned locally for up to {cfg.personalize_epochs} epochs "
+              f"(chosen on its val split).", "", markdown_table(results), ""]
     for r in results:
         clients = ", ".join(f"{k} {_pct(v)}" for k, v in r["personalization"]["per_client"]
                             .items())

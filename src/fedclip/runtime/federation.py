@@ -21,6 +21,7 @@ from fedclip.algorithms.base import Algorithm
 from fedclip.runtime.client import ClientData, Split, evaluate, round_seed, train_local
 
 BYTES_PER_VALUE = 4  # fp32 on the wire
+PERSONAL_ROUNDS = 10**6  # seeds of personalization epochs never collide with rounds
 
 
 @dataclass
@@ -83,6 +84,29 @@ class Federation:
             "mean_test_accuracy": _mean([v.accuracy for v in test.values()]),
             "heldout_accuracy": heldout,
         }
+
+    def personalize(self, params: Params, epochs: int) -> dict:
+        """Each client fine-tunes its own copy of ``params`` on its train split, keeps the
+        epoch (0 = the global adapter itself) with the best val accuracy, and is scored on its
+        test split. ``params`` is never modified."""
+        per_client, chosen = {}, {}
+        for client in self.clients:
+            args = (self.class_text, self.logit_scale)
+            own = {k: v.clone() for k, v in params.items()}
+            best_val = evaluate(self.algorithm, own, client.val, *args, client.class_mask)
+            best, best_epoch = own, 0
+            for epoch in range(1, epochs + 1):
+                own = train_local(self.algorithm, own, client.train, *args,
+                                  seed=round_seed(self.cfg.seed, PERSONAL_ROUNDS + epoch,
+                                                  client.name)).params
+                val = evaluate(self.algorithm, own, client.val, *args, client.class_mask)
+                if val.accuracy > best_val.accuracy:
+                    best, best_val, best_epoch = own, val, epoch
+            per_client[client.name] = evaluate(self.algorithm, best, client.test, *args,
+                                               client.class_mask).accuracy
+            chosen[client.name] = best_epoch
+        return {"mean": _mean(list(per_client.values())), "per_client": per_client,
+                "epochs": chosen}
 
     # --- rounds ---------------------------------------------------------------------------
     def initial_state(self) -> FederationState:

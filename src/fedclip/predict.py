@@ -1,0 +1,105 @@
+"""Use a trained adapter: classify image files with the backbone it was trained on.
+
+An adapter file (``adapter.safetensors`` in a run folder) carries its backbone spec, class
+names, prompt template, dimension and logit scale, so nothing else is needed to use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fedclip.adapters import class_logits, embed
+from fedclip.algorithms.base import Algorithm
+from fedclip.backbones import LazyBackbone, resolve_device
+from fedclip.config import RunConfig
+from fedclip.data.folder import IMG_EXTENSIONS, Domain
+from fedclip.data.specs import class_to_text
+from fedclip.errors import BackboneError, FedclipError
+from fedclip.features import image_features, text_features
+
+
+@dataclass(frozen=True)
+class Adapter:
+    params: dict[str, torch.Tensor]
+    backbone: str
+    classes: tuple[str, ...]
+    prompt_template: str
+    dim: int
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FedclipError(f"adapter file {path} does not exist; pass a run folder's "
+                           f"<heldout>/adapter.safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            params = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise FedclipError(f"{path} is not a readable safetensors file ({exc})") from None
+    if meta.get("format") != "fedclip-adapter/1":
+        raise FedclipError(f"{path} is not a fedclip adapter (no fedclip-adapter/1 metadata)")
+    return Adapter(params, meta["backbone"], tuple(json.loads(meta["classes"])),
+                   meta["prompt_template"], int(meta["dim"]))
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FedclipError(f"{item} does not exist; pass image files or folders")
+    if not files:
+        raise FedclipError(f"no images found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | None = None,
+            cache_dir: str | None = None, top: int = 1) -> list[dict]:
+    """Predictions for every image: file, top classes with probabilities (unreadable: error)."""
+    adapter = load_adapter(adapter_path)
+    if backbone is not None and backbone != adapter.backbone:
+        raise BackboneError(f"the adapter was trained on {adapter.backbone!r}, not {backbone!r};"
+                            f" use --backbone {adapter.backbone} (or leave it out)")
+    lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
+    files = [f.resolve() for f in list_images(inputs)]
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    domain = Domain("predict", root, tuple(files),
+                    torch.zeros(len(files), dtype=torch.long).numpy(), ())
+    feats = image_features(lazy, domain, cache_dir)
+    prompts = [adapter.prompt_template.format(class_to_text(c)) for c in adapter.classes]
+    text = text_features(lazy, prompts, cache_dir)
+    if text.features.shape[1] != adapter.dim:
+        raise BackboneError(f"backbone {adapter.backbone} gives {text.features.shape[1]}-d "
+                            f"features but the adapter expects {adapter.dim}")
+    algorithm = Algorithm(RunConfig())
+    module = algorithm.build_module(adapter.dim)
+    module.load_state_dict(adapter.params)
+    module.eval()
+    with torch.no_grad():
+        logits = class_logits(embed(module, feats.features), F.normalize(text.features, dim=-1),
+                              text.logit_scale)
+    probs = logits.softmax(dim=-1)
+    rows = []
+    for i, f in enumerate(files):
+        if not feats.valid[i]:
+            rows.append({"file": str(f), "error": "unreadable image"})
+            continue
+        p, idx = probs[i].topk(min(top, len(adapter.classes)))
+        rows.append({"file": str(f), "class": adapter.classes[int(idx[0])],
+                     "probability": float(p[0]),
+                     "top": [(adapter.classes[int(j)], float(q)) for q, j in zip(p, idx,
+                                                                             strict=True)]})
+    return rows
