@@ -149,3 +149,24 @@ def test_personalization_fine_tunes_copies_and_never_touches_the_global(tiny_arc
     for name, epoch in pers["epochs"].items():
         if epoch == 0:
             assert pers["per_client"][name] == result["personalization"]["per_client"][name]
+
+
+def test_local_clients_train_alone_and_send_nothing(tiny_arch, toy_root, tmp_path):
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta", rounds=3,
+                          lr=1e-3, algorithm="local", checkpoint_every=1)
+    r = run(cfg, tmp_path / "l")[0]
+    assert r["bytes_per_round"] == 0 and r["personalized"] is None
+    a = load_file(tmp_path / "l" / "beta" / "adapter-alpha.safetensors")
+    g = load_file(tmp_path / "l" / "beta" / "adapter-gamma.safetensors")
+    assert any(not torch.equal(a[k], g[k]) for k in a)  # never averaged
+    # alpha's adapter equals a one-client federation of alpha alone (nothing from gamma)
+    from fedclip.experiment import build_federation
+    from fedclip.runtime.federation import Federation
+
+    fed = build_federation(cfg.replace(algorithm="fedclip"), prepare(cfg), "beta")
+    alone = Federation(fed.algorithm, [fed.clients[0]], fed.class_text, fed.logit_scale)
+    state = alone.run()
+    assert state.round == 3
+    last = load_file(tmp_path / "l" / "beta" / "checkpoint.safetensors")
+    for k, v in state.global_params.items():
+        torch.testing.assert_close(last[f"client/alpha/{k}"], v)

@@ -172,7 +172,8 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
         save_checkpoint(ckpt, state, fingerprint)
     zero = fed.evaluate(None)
     personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
-                    if state.best_params is not None and cfg.personalize_epochs > 0 else None)
+                    if state.best_params is not None and cfg.personalize_epochs > 0
+                    and fed.algorithm.communicates else None)
     result = summarize(
         cfg, state.history, state.best_round, state.round, zero, heldout=heldout,
         dataset=prep.dataset.name, trainable_params=fed.trainable_parameters(),
@@ -182,8 +183,12 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
         heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
         skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
         personalized=personalized)
-    for name, params, rnd in (("adapter", state.best_params, state.best_round),
-                              ("adapter-last", state.global_params, state.round)):
+    adapters = [("adapter", state.best_params, state.best_round),
+                ("adapter-last", state.global_params, state.round)]
+    if not fed.algorithm.communicates:  # no global adapter: each client's own
+        adapters = [(f"adapter-{_safe(c)}", p, state.best_round)
+                    for c, p in state.best_client_params.items()]
+    for name, params, rnd in adapters:
         if params is not None:
             save_adapter(run_dir / f"{name}.safetensors", params, cfg, prep.dataset.classes,
                          prep.text.logit_scale, rnd)

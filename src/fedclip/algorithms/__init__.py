@@ -25,4 +25,4 @@ def get_algorithm(cfg: RunConfig) -> Algorithm:
     return ALGORITHMS[cfg.algorithm](cfg)
 
 
-from fedclip.algorithms import fedclip, fedprox, zeroshot  # noqa: E402, F401  (registration)
+from fedclip.algorithms import fedclip, fedprox, local, zeroshot  # noqa: E402, F401  (registration)

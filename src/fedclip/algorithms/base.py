@@ -21,6 +21,7 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot)
+    communicates: ClassVar[bool] = True  # False: each client keeps its own adapter (local)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -32,6 +33,10 @@ class Algorithm:
 
     def build_module(self, dim: int) -> nn.Module:
         return AttentionAdapter(dim)
+
+    def start_params(self, global_params: Params, own: Params | None) -> Params:
+        """Where a client starts its round: the global adapter (local: its own)."""
+        return global_params
 
     # --- local training -------------------------------------------------------------------
     def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,

@@ -77,8 +77,9 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     first = next(iter(nodes.values()))
     algorithm = get_algorithm(cfg)
     init = algorithm.init_global(first["dim"])
-    if init is None:
-        raise ConfigError(f"algorithm {cfg.algorithm!r} trains nothing; run it in-process")
+    if init is None or not algorithm.communicates:
+        raise ConfigError(f"algorithm {cfg.algorithm!r} sends nothing to a server; run it "
+                          f"in-process (fedclip run)")
 
     def progress(record: dict) -> None:
         log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],

@@ -48,6 +48,11 @@ def save_checkpoint(path: Path, state: FederationState, fingerprint: str) -> Non
     for prefix, params in (("global", state.global_params), ("best", state.best_params)):
         for k, v in (params or {}).items():
             tensors[f"{prefix}/{k}"] = v
+    for prefix, per_client in (("client", state.client_params),
+                               ("bestclient", state.best_client_params)):
+        for client, params in per_client.items():
+            for k, v in params.items():
+                tensors[f"{prefix}/{client}/{k}"] = v
     opt_tensors, groups = _flatten_optimizer(state.optimizer_states)
     tensors.update(opt_tensors)
     meta = {"fingerprint": fingerprint, "round": str(state.round),
@@ -74,10 +79,19 @@ def load_checkpoint(path: Path, fingerprint: str) -> FederationState:
         found = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
         return found or None
 
+    def per_client(prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix + "/"):
+                _, client, name = key.split("/", 2)
+                out.setdefault(client, {})[name] = value
+        return out
+
     return FederationState(
         round=int(meta["round"]), global_params=params("global"),
         best_round=int(meta["best_round"]), best_val=float(meta["best_val"]),
         best_params=params("best"),
         optimizer_states=_unflatten_optimizer(tensors, json.loads(meta["param_groups"])),
         history=json.loads(meta["history"]),
+        client_params=per_client("client"), best_client_params=per_client("bestclient"),
     )

@@ -35,6 +35,8 @@ class FederationState:
     best_params: Params | None = None
     optimizer_states: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    client_params: dict[str, Params] = field(default_factory=dict)  # algorithms that keep them
+    best_client_params: dict[str, Params] = field(default_factory=dict)
 
 
 RoundCallback = Callable[[FederationState, dict], None]
@@ -64,19 +66,27 @@ class Federation:
 
     def bytes_per_round(self) -> int:
         """Down (global to each client) plus up (each client's update), fp32."""
-        if not self.algorithm.trains:
+        if not self.algorithm.trains or not self.algorithm.communicates:
             return 0
         return 2 * len(self.clients) * self.trainable_parameters() * BYTES_PER_VALUE
 
     # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, params: Params | None) -> dict:
-        ev = self.algorithm, params
-        val = {c.name: evaluate(*ev, c.val, self.class_text, self.logit_scale, c.class_mask)
+    def evaluate(self, params: Params | None, own: dict[str, Params] | None = None) -> dict:
+        """Accuracies of ``params`` (or of each client's ``own`` adapter, when given; the
+        held-out accuracy is then the mean over the clients' adapters)."""
+        def of(c: ClientData) -> Params | None:
+            return own.get(c.name, params) if own else params
+
+        args = (self.class_text, self.logit_scale)
+        val = {c.name: evaluate(self.algorithm, of(c), c.val, *args, c.class_mask)
                for c in self.clients}
-        test = {c.name: evaluate(*ev, c.test, self.class_text, self.logit_scale, c.class_mask)
+        test = {c.name: evaluate(self.algorithm, of(c), c.test, *args, c.class_mask)
                 for c in self.clients}
-        heldout = (evaluate(*ev, self.heldout, self.class_text, self.logit_scale,
-                            self.heldout_mask).accuracy if self.heldout is not None else None)
+        heldout = None
+        if self.heldout is not None:
+            adapters = [of(c) for c in self.clients] if own else [params]
+            heldout = _mean([evaluate(self.algorithm, p, self.heldout, *args,
+                                      self.heldout_mask).accuracy for p in adapters])
         return {
             "val_accuracy": {k: v.accuracy for k, v in val.items()},
             "test_accuracy": {k: v.accuracy for k, v in test.items()},
@@ -120,24 +130,30 @@ class Federation:
         start = time.perf_counter()
         updates, losses = [], {}
         for client in self.clients:
+            start_params = self.algorithm.start_params(state.global_params,
+                                                       state.client_params.get(client.name))
             result = train_local(
-                self.algorithm, state.global_params, client.train, self.class_text,
+                self.algorithm, start_params, client.train, self.class_text,
                 self.logit_scale, seed=round_seed(self.cfg.seed, server_round, client.name),
                 optimizer_state=state.optimizer_states.get(client.name))
             updates.append((result.params, result.num_examples))
             losses[client.name] = result.loss
             if result.optimizer_state is not None:
                 state.optimizer_states[client.name] = result.optimizer_state
-        state.global_params = self.algorithm.aggregate(updates)
+            if not self.algorithm.communicates:
+                state.client_params[client.name] = result.params
+        if self.algorithm.communicates:
+            state.global_params = self.algorithm.aggregate(updates)
         state.round = server_round
         record = {"round": server_round, "train_loss": losses,
                   "mean_train_loss": _mean(list(losses.values())),
                   "seconds": time.perf_counter() - start, "bytes": self.bytes_per_round()}
         if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
-            record.update(self.evaluate(state.global_params))
+            record.update(self.evaluate(state.global_params, state.client_params))
             if state.best_round == 0 or record["mean_val_accuracy"] > state.best_val:
                 state.best_round, state.best_val = server_round, record["mean_val_accuracy"]
                 state.best_params = state.global_params
+                state.best_client_params = dict(state.client_params)
         record["round_seconds"] = time.perf_counter() - start  # train, aggregate, evaluate
         state.history.append(record)
         return record
