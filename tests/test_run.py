@@ -170,3 +170,22 @@ def test_local_clients_train_alone_and_send_nothing(tiny_arch, toy_root, tmp_pat
     last = load_file(tmp_path / "l" / "beta" / "checkpoint.safetensors")
     for k, v in state.global_params.items():
         torch.testing.assert_close(last[f"client/alpha/{k}"], v)
+
+
+def test_compare_writes_the_paper_tables(tiny_arch, toy_root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--algorithms", "zeroshot,fedclip,local,fedprox", "--seeds", "0,1",
+                 "--data-root", str(toy_root), "--backbone", tiny_arch, "--rounds", "2",
+                 "--out", str(out), "--set", "lr=1e-3"])
+    assert code == 0
+    summary = json.loads((out / "compare.json").read_text())
+    gen = summary["tables"]["generalization"]
+    assert gen["header"] == ["held out", "zeroshot", "fedclip", "local", "fedprox"]
+    assert [r[0] for r in gen["rows"]] == ["alpha", "beta", "gamma", "average"]
+    resources = {r[0]: r for r in summary["tables"]["resources"]["rows"]}
+    assert resources["zeroshot"][1] == "0" and resources["local"][2] == "0"
+    assert resources["fedclip"][1] == f"{2 * (32 * 32 + 32):,}"
+    assert summary["backbone_params"] > 2 * (32 * 32 + 32)
+    assert (out / "compare.png").exists() and (out / "fedclip-seed1" / "results.json").exists()
+    assert "±" in (out / "compare.md").read_text()  # two seeds: a spread
+    assert main(["compare", "--seeds", "x", "--out", str(tmp_path / "bad")]) == 2

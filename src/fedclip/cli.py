@@ -117,6 +117,47 @@ def run_command(
     out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/")
 
 
+@app.command("compare")
+def compare_command(
+    algorithms: str = typer.Option("zeroshot,fedclip,local,fedprox",
+                                   help="Comma-separated algorithms."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds (mean ± std over them)."),
+    data_root: str | None = typer.Option(None, help="As for run."),
+    backbone: str | None = typer.Option(None, help="As for run."),
+    heldout: str | None = typer.Option(None, help="As for run (default all)."),
+    rounds: int | None = typer.Option(None, help="Communication rounds."),
+    out: Path = typer.Option(Path("runs/compare"), help="Folder for all runs and tables."),
+    resume: bool = typer.Option(False, help="Continue where a comparison stopped."),
+    config: Path | None = typer.Option(None, help="TOML preset."),
+    set_: list[str] = typer.Option([], "--set", help="Any config key: --set lr=1e-4"),  # noqa: B006
+) -> None:
+    """Every algorithm on the same splits and seeds: the paper's comparison tables."""
+    from fedclip.compare import compare, markdown
+
+    cfg = RunConfig.build(config, **_parse_set(set_), data_root=data_root, backbone=backbone,
+                          heldout=heldout, rounds=rounds)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes integers separated by commas (got {seeds!r})") from None
+
+    def count_backbone() -> int | None:
+        from fedclip.backbones import load_backbone
+
+        return load_backbone(cfg.backbone).num_parameters()
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        summary = compare(cfg, [a.strip() for a in algorithms.split(",") if a.strip()],
+                          seed_list, out, resume=resume, reporter=RichReporter(progress),
+                          backbone_params=count_backbone)
+    for name, table in summary["tables"].items():
+        out_console.print(f"\n[bold]{name}[/]")
+        out_console.print(markdown(table["header"], table["rows"]))
+    out_console.print(f"\ntables: {out / 'compare.md'}, plots: {out / 'compare.png'}")
+
+
 @app.command("flower-run")
 def flower_run_command(
     superlink: str | None = typer.Argument(
