@@ -189,3 +189,37 @@ def test_compare_writes_the_paper_tables(tiny_arch, toy_root, tmp_path, capsys):
     assert (out / "compare.png").exists() and (out / "fedclip-seed1" / "results.json").exists()
     assert "±" in (out / "compare.md").read_text()  # two seeds: a spread
     assert main(["compare", "--seeds", "x", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_backbone_fedavg_trains_the_backbone_and_fedclip_never_does(tiny_arch, toy_root,
+                                                                     tmp_path):
+    from fedclip.backbones import load_backbone
+
+    frozen = {k: v.clone() for k, v in load_backbone(tiny_arch).model.state_dict().items()}
+    base = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta",
+                           rounds=2, lr=1e-3)
+    full = run(base.replace(algorithm="fedavg-full"), tmp_path / "full")[0]
+    model = load_file(tmp_path / "full" / "beta" / "adapter-last.safetensors")
+    assert full["trainable_params"] == sum(v.numel() for v in frozen.values()
+                                           if v.is_floating_point()) == sum(
+        v.numel() for v in model.values())
+    assert full["bytes_per_round"] == 2 * 2 * full["trainable_params"] * 4
+    changed = [k for k in model if not torch.equal(model[k], frozen[k])]
+    assert any(k.startswith("visual.") for k in changed)  # image encoder trained
+    assert any(k.startswith("transformer.") for k in changed)  # text encoder trained
+    run(base, tmp_path / "adapter")  # fedclip: the backbone is never touched
+    again = load_backbone(tiny_arch).model.state_dict()
+    assert all(torch.equal(again[k], frozen[k]) for k in frozen)
+    # several steps per round, so that the proximal pull (zero at the first step) acts
+    small = base.replace(batch_size=6, rounds=1)
+    run(small.replace(algorithm="fedavg-full"), tmp_path / "avg1")
+    run(small.replace(algorithm="fedprox-full", prox_mu=50.0), tmp_path / "prox1")
+    avg1, prox1 = (load_file(tmp_path / d / "beta" / "adapter-last.safetensors")
+                   for d in ("avg1", "prox1"))
+
+    def drift(w):
+        return sum(((w[k] - frozen[k]) ** 2).sum().item() for k in w)
+
+    assert drift(prox1) < drift(avg1)  # the proximal term keeps clients near the global
+    with pytest.raises(Exception, match="open_clip"):
+        run(base.replace(algorithm="fedavg-full", backbone="standin"), tmp_path / "bad")

@@ -72,7 +72,7 @@ class RunConfig(BaseModel):
     cache_dir: str | None = Field(None, description="Feature cache; default ~/.cache/fedclip.")
     device: str = "auto"
     extract_batch_size: int | None = Field(None, ge=1, description="None: backbone default.")
-    extract_workers: int = Field(1, ge=0)
+    extract_workers: int = Field(2, ge=0, description="Image-decoding loader processes.")
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> RunConfig:

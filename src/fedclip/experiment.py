@@ -34,6 +34,7 @@ from fedclip.features import (
     TextFeatures,
     default_cache_dir,
     image_features,
+    image_pixels,
     text_features,
 )
 from fedclip.io import atomic_save_tensors, atomic_write_json
@@ -83,6 +84,7 @@ def prepare(cfg: RunConfig, reporter: Reporter | None = None,
     backbone = LazyBackbone(cfg.backbone, resolve_device(cfg.device))
     prompts = tuple(cfg.prompt_template.format(class_to_text(c)) for c in dataset.classes)
     start = time.perf_counter()
+    extract = image_pixels if get_algorithm(cfg).inputs == "pixels" else image_features
     feats = {}
     for name, domain in dataset.domains.items():
         if domains is not None and name not in domains:
@@ -90,8 +92,12 @@ def prepare(cfg: RunConfig, reporter: Reporter | None = None,
 
         def progress(done: int, total: int, name: str = name) -> None:
             reporter.extraction(name, done, total)
-        feats[name] = image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
-                                     cfg.extract_workers, progress)
+        if extract is image_pixels:
+            feats[name] = image_pixels(backbone, domain, cfg.extract_batch_size,
+                                       cfg.extract_workers, progress)
+        else:
+            feats[name] = image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
+                                         cfg.extract_workers, progress)
     text = text_features(backbone, list(prompts), cache_dir)
     return Prepared(dataset, feats, text, prompts, time.perf_counter() - start)
 
@@ -138,7 +144,9 @@ def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation
     """The clients (every domain but ``heldout``) and the held-out test set, as tensors."""
     clients = [client_data(prep, s) for s in client_splits(cfg, prep.dataset, heldout)]
     held_split, held_mask = heldout_data(prep, heldout)
-    return Federation(get_algorithm(cfg), clients, prep.text.features, prep.text.logit_scale,
+    algorithm = get_algorithm(cfg)
+    algorithm.setup(prep.prompts)
+    return Federation(algorithm, clients, prep.text.features, prep.text.logit_scale,
                       held_split, held_mask)
 
 
@@ -173,7 +181,8 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     zero = fed.evaluate(None)
     personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
                     if state.best_params is not None and cfg.personalize_epochs > 0
-                    and fed.algorithm.communicates else None)
+                    and fed.algorithm.communicates and fed.algorithm.inputs == "features"
+                    else None)
     result = summarize(
         cfg, state.history, state.best_round, state.round, zero, heldout=heldout,
         dataset=prep.dataset.name, trainable_params=fed.trainable_parameters(),

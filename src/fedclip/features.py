@@ -168,6 +168,33 @@ def image_features(
     return ImageFeatures(feats, valid, tuple(skipped), from_cache=False, images_per_second=rate)
 
 
+def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None = None,
+                 workers: int = 1, progress: Progress | None = None) -> ImageFeatures:
+    """Preprocessed pixels of every image, in memory (for algorithms that train the backbone
+    and so cannot use cached features). ``features`` holds the pixels: [N, 3, H, W]."""
+    model = backbone.get()
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(domain.files, model.preprocess), batch_size=batch_size or
+        model.default_batch_size, num_workers=workers, collate_fn=_collate)
+    pixels: torch.Tensor | None = None
+    valid = torch.zeros(len(domain), dtype=torch.bool)
+    skipped: list[str] = []
+    done = 0
+    for idx, batch, bad in loader:
+        if batch is not None:
+            if pixels is None:
+                pixels = torch.zeros(len(domain), *batch.shape[1:])
+            pixels[idx] = batch
+            valid[idx] = True
+        skipped += [str(domain.files[i].relative_to(domain.root)) for i in bad]
+        done += len(idx) + len(bad)
+        if progress:
+            progress(done, len(domain))
+    if pixels is None:
+        pixels = torch.zeros(len(domain), 3, 1, 1)
+    return ImageFeatures(pixels, valid, tuple(skipped))
+
+
 # --- class prompts ------------------------------------------------------------------------
 def text_features(backbone: LazyBackbone, prompts: list[str],
                   cache_dir: str | Path | None = None) -> TextFeatures:

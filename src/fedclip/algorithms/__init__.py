@@ -25,4 +25,10 @@ def get_algorithm(cfg: RunConfig) -> Algorithm:
     return ALGORITHMS[cfg.algorithm](cfg)
 
 
-from fedclip.algorithms import fedclip, fedprox, local, zeroshot  # noqa: E402, F401  (registration)
+from fedclip.algorithms import (  # noqa: E402, F401  (registration)
+    fedclip,
+    fedprox,
+    full,
+    local,
+    zeroshot,
+)

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fedclip.adapters import AttentionAdapter, Params, build_adapter, get_params
+from fedclip.adapters import AttentionAdapter, Params, build_adapter, embed, get_params
 from fedclip.config import RunConfig
 from fedclip.losses import class_ce_loss, clip_loss
 
@@ -22,11 +22,16 @@ class Algorithm:
     name: ClassVar[str] = ""
     trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot)
     communicates: ClassVar[bool] = True  # False: each client keeps its own adapter (local)
+    inputs: ClassVar[str] = "features"  # "pixels": trains through the backbone (no cache)
+    eval_batch: ClassVar[int] = 4096  # inputs per forward when evaluating
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
     # --- model ----------------------------------------------------------------------------
+    def setup(self, prompts: tuple[str, ...]) -> None:
+        """Called once with the class prompts before any training (backbone algorithms)."""
+
     def init_global(self, dim: int) -> Params | None:
         """The global trainable state before round 1 (None: nothing to train)."""
         return get_params(build_adapter(dim, self.cfg.seed))
@@ -39,6 +44,14 @@ class Algorithm:
         return global_params
 
     # --- local training -------------------------------------------------------------------
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings of a batch of inputs (features: through the adapter)."""
+        return embed(module, x)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        """Normalised class-prompt embeddings (fixed, unless the text encoder trains)."""
+        return class_text
+
     def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
                   logit_scale: float) -> torch.Tensor:
         """``emb`` normalised image embeddings, ``class_text`` normalised class prompts."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedclip.adapters import Params, class_logits, embed, get_params
+from fedclip.adapters import Params, class_logits, get_params
 from fedclip.algorithms.base import Algorithm
 
 
@@ -92,8 +92,9 @@ def train_local(
         for batch in order.split(cfg.batch_size):
             if len(batch) < 2 and cfg.loss == "clip":
                 continue
-            emb = embed(module, train.x[batch])
-            loss = algorithm.task_loss(emb, train.y[batch], class_text, logit_scale)
+            emb = algorithm.embed(module, train.x[batch])
+            text = algorithm.class_text(module, class_text)
+            loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
             objective = algorithm.local_loss(loss, module, frozen_global)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -121,7 +122,10 @@ def evaluate(
         module = algorithm.build_module(split.x.shape[1])
         module.load_state_dict(params)
         module.eval()
-    logits = class_logits(embed(module, split.x), class_text, logit_scale, class_mask)
+    chunks = split.x.split(algorithm.eval_batch)
+    emb = torch.cat([algorithm.embed(module, chunk) for chunk in chunks])
+    text = algorithm.class_text(module, class_text)
+    logits = class_logits(emb, text, logit_scale, class_mask)
     accuracy = float((logits.argmax(dim=1) == split.y).float().mean())
     loss = float(F.cross_entropy(logits.masked_fill(torch.isinf(logits), -1e4), split.y))
     return EvalResult(accuracy, loss, len(split))

@@ -56,13 +56,16 @@ class Federation:
         self.logit_scale = logit_scale
         self.heldout, self.heldout_mask = heldout, heldout_mask
         self.cfg = algorithm.cfg
+        self._trainable: int | None = None
 
     @property
     def dim(self) -> int:
         return self.class_text.shape[1]
 
     def trainable_parameters(self) -> int:
-        return count_parameters(self.algorithm.init_global(self.dim))
+        if self._trainable is None:
+            self._trainable = count_parameters(self.algorithm.init_global(self.dim))
+        return self._trainable
 
     def bytes_per_round(self) -> int:
         """Down (global to each client) plus up (each client's update), fp32."""
