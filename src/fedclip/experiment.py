@@ -269,7 +269,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
     for heldout in heldouts:
         run_dir = out / _safe(heldout)
         results.append(run_heldout(cfg, prep, heldout, run_dir, resume=resume, reporter=reporter))
-        report.write_run(out, cfg, results, prep)
+        report.write_run(out, cfg, results)
     return results
 
 

@@ -102,7 +102,7 @@ def plot_history(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_run(out: Path, cfg: RunConfig, results: list[dict], prep=None) -> None:  # noqa: ANN001
+def write_run(out: Path, cfg: RunConfig, results: list[dict]) -> None:
     from fedclip.experiment import _safe, json_safe
 
     atomic_write_json(out / "results.json", json_safe({

@@ -24,15 +24,11 @@ from flwr.serverapp.strategy import FedAvg
 from fedclip.adapters import Params
 from fedclip.algorithms.base import Algorithm
 from fedclip.flower.codec import check_update, decode, encode
+from fedclip.runtime.federation import nanmean
 
 
 def payload_bytes(record: ArrayRecord) -> int:
     return sum(int(a.numpy().nbytes) for a in record.values())
-
-
-def _mean(values: Iterable[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def evaluation_record(replies: list[Message], prefix: str = "") -> dict:
@@ -47,7 +43,8 @@ def evaluation_record(replies: list[Message], prefix: str = "") -> dict:
             test[name] = float(metrics[f"{prefix}test-accuracy"])
     val, test = dict(sorted(val.items())), dict(sorted(test.items()))
     return {"val_accuracy": val, "test_accuracy": test,
-            "mean_val_accuracy": _mean(val.values()), "mean_test_accuracy": _mean(test.values()),
+            "mean_val_accuracy": nanmean(val.values()),
+            "mean_test_accuracy": nanmean(test.values()),
             "heldout_accuracy": heldout}
 
 
@@ -118,7 +115,7 @@ class FedClipStrategy(FedAvg):
         if missing:
             log(WARNING, "round %d: no update from %s", server_round, ", ".join(missing))
         self._pending |= {"round": server_round, "train_loss": losses,
-                          "mean_train_loss": _mean(losses.values()), "missing": missing,
+                          "mean_train_loss": nanmean(losses.values()), "missing": missing,
                           "rejected": rejected, "bytes_received": received}
         self._pending["bytes"] = self._pending["bytes_sent"] + received
         if not updates:
@@ -127,7 +124,7 @@ class FedClipStrategy(FedAvg):
             return None, None
         aggregated = self.algorithm.aggregate(updates)
         self._pending["seconds"] = time.perf_counter() - self._started
-        return ArrayRecord(aggregated), MetricRecord({"train-loss": _mean(losses.values()),
+        return ArrayRecord(aggregated), MetricRecord({"train-loss": nanmean(losses.values()),
                                                       "num-updates": len(updates)})
 
     # --- evaluation -----------------------------------------------------------------------

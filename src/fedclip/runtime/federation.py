@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +42,8 @@ class FederationState:
 RoundCallback = Callable[[FederationState, dict], None]
 
 
-def _mean(values: Sequence[float]) -> float:
+def nanmean(values: Iterable[float]) -> float:
+    """Mean ignoring NaN (an empty split); NaN when nothing is left."""
     vals = [v for v in values if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else float("nan")
 
@@ -88,13 +89,13 @@ class Federation:
         heldout = None
         if self.heldout is not None:
             adapters = [of(c) for c in self.clients] if own else [params]
-            heldout = _mean([evaluate(self.algorithm, p, self.heldout, *args,
+            heldout = nanmean([evaluate(self.algorithm, p, self.heldout, *args,
                                       self.heldout_mask).accuracy for p in adapters])
         return {
             "val_accuracy": {k: v.accuracy for k, v in val.items()},
             "test_accuracy": {k: v.accuracy for k, v in test.items()},
-            "mean_val_accuracy": _mean([v.accuracy for v in val.values()]),
-            "mean_test_accuracy": _mean([v.accuracy for v in test.values()]),
+            "mean_val_accuracy": nanmean([v.accuracy for v in val.values()]),
+            "mean_test_accuracy": nanmean([v.accuracy for v in test.values()]),
             "heldout_accuracy": heldout,
         }
 
@@ -118,7 +119,7 @@ class Federation:
             per_client[client.name] = evaluate(self.algorithm, best, client.test, *args,
                                                client.class_mask).accuracy
             chosen[client.name] = best_epoch
-        return {"mean": _mean(list(per_client.values())), "per_client": per_client,
+        return {"mean": nanmean(list(per_client.values())), "per_client": per_client,
                 "epochs": chosen}
 
     # --- rounds ---------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class Federation:
             state.global_params = self.algorithm.aggregate(updates)
         state.round = server_round
         record = {"round": server_round, "train_loss": losses,
-                  "mean_train_loss": _mean(list(losses.values())),
+                  "mean_train_loss": nanmean(list(losses.values())),
                   "seconds": time.perf_counter() - start, "bytes": self.bytes_per_round()}
         if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
             record.update(self.evaluate(state.global_params, state.client_params))
