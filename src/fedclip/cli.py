@@ -33,11 +33,17 @@ out_console = Console(width=max(Console().width, 110))
 
 
 class RichReporter:
-    """Progress bars for extraction (images/s) and rounds (accuracy so far)."""
+    """Progress bars for extraction (images/s) and rounds (accuracy so far); where the output
+    is not a terminal (logs, CI), a plain line every tenth of the work instead."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, Any] = {}
+        self.plain = not progress.console.is_terminal
+
+    def _log(self, done: int, total: int, text: str) -> None:
+        if self.plain and (done == total or done % max(1, total // 10) == 0):
+            self.progress.console.print(text, highlight=False)
 
     def _task(self, key: str, label: str, total: int) -> Any:
         if key not in self.tasks:
@@ -49,6 +55,7 @@ class RichReporter:
         elapsed = self.progress.tasks[task].elapsed or 0.0
         rate = f"{done / elapsed:.0f} img/s" if elapsed > 0.5 else ""
         self.progress.update(task, completed=done, info=rate)
+        self._log(done, total, f"features {domain}: {done}/{total} {rate}")
 
     def round_end(self, heldout: str, record: dict, total_rounds: int) -> None:
         task = self._task(f"r:{heldout}", f"rounds (held out: {heldout})", total_rounds)
@@ -58,6 +65,8 @@ class RichReporter:
             info = (f"val {100 * record['mean_val_accuracy']:.1f}  "
                     f"gen {100 * gen:.1f}" if gen is not None else "")
         self.progress.update(task, completed=record["round"], info=info)
+        self._log(record["round"], total_rounds,
+                  f"held out {heldout}: round {record['round']}/{total_rounds} {info}")
 
     def info(self, message: str) -> None:
         self.progress.console.print(message)
