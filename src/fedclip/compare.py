@@ -94,8 +94,10 @@ def resource_table(runs: Runs, backbone_params: int | None) -> tuple[list[str], 
         first = results[0]
         clients = max(len(first["clients"]), 1)
         params = first["trainable_params"]
-        ratio = (f"{backbone_params / params:,.0f}x fewer" if backbone_params and params
-                 else "-")
+        ratio = "-"
+        if backbone_params and params:
+            ratio = (f"{backbone_params / params:,.0f}x fewer"
+                     if backbone_params / params > 1.5 else "1x")
         rows.append([a, f"{params:,}", f"{first['bytes_per_round'] // clients:,}",
                      f"{statistics.fmean(r['seconds_per_round'] for r in results):.3f}",
                      f"{sum(r['train_seconds'] for r in results):.0f}", ratio])
