@@ -137,3 +137,29 @@ def test_hub_offline_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError, match="hf:flwrlabs/pacs.*--data-root"):
         hub_dataset_folder("flwrlabs/pacs", tmp_path)
+
+
+def test_domainnet_spec_checks_domains_and_class_count(tmp_path):
+    root = make_image_folder(tmp_path / "dn", {"clipart": {"apple": 1, "zebra": 1},
+                                               "sketch": {"apple": 1, "zebra": 1}})
+    with pytest.raises(DataError, match="2 classes but domainnet has 345"):
+        scan_dataset(root, "domainnet")
+    assert scan_dataset(root).name == "domainnet"  # detected; a subset of classes is fine
+
+
+def test_hub_download_failure_is_a_clear_message(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from fedclip.data.sources import hub_dataset_folder
+
+    fake = types.ModuleType("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+    fake.load_dataset = offline
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError, match=r"could not fetch hf:flwrlabs/office-home.*"
+                                        r"\(ConnectionError\).*--data-root"):
+        hub_dataset_folder("flwrlabs/office-home", tmp_path)

@@ -84,7 +84,10 @@ def scan_dataset(root: str | Path, dataset: str = "auto") -> DomainDataset:
     spec = _choose_spec(dataset, domain_names, root)
 
     class_dirs = {d: _subdirs(root / d) for d in domain_names}
-    classes = spec.classes if spec else _union_classes(class_dirs, root)
+    classes = spec.classes if spec and spec.classes else _union_classes(class_dirs, root)
+    if spec and spec.num_classes and dataset == spec.name and len(classes) != spec.num_classes:
+        raise DataError(f"{root} has {len(classes)} classes but {spec.name} has "
+                        f"{spec.num_classes}; fix the folder or pass --dataset custom")
     index = {c: i for i, c in enumerate(classes)}
     warnings: list[str] = []
     domains: dict[str, Domain] = {}

@@ -17,6 +17,7 @@ class DatasetSpec:
     classes: tuple[str, ...]
     sizes: dict[str, int] = field(default_factory=dict)  # images per domain, full release
     hub_id: str | None = None  # Hugging Face dataset with a "domain" column, if any
+    num_classes: int | None = None  # checked when ``classes`` is not listed
 
 
 PACS = DatasetSpec(
@@ -52,7 +53,16 @@ OFFICE_HOME = DatasetSpec(
     hub_id="flwrlabs/office-home",
 )
 
-SPECS: dict[str, DatasetSpec] = {s.name: s for s in (PACS, VLCS, OFFICE_HOME)}
+# DomainNet's 345 class names are not shipped here: its spec checks the domains and the
+# number of classes (the class folders themselves name the classes).
+DOMAINNET = DatasetSpec(
+    name="domainnet",
+    domains=("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+    classes=(),
+    num_classes=345,
+)
+
+SPECS: dict[str, DatasetSpec] = {s.name: s for s in (PACS, VLCS, OFFICE_HOME, DOMAINNET)}
 
 
 def detect_spec(domains: list[str]) -> DatasetSpec | None:
