@@ -5,6 +5,8 @@ STAMP  := $(VENV)/.installed-fedclip
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# Flower's SuperLink and SuperNodes start their helpers (flower-superexec, flwr-*) by name
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install run test test-slow bench lint
 

@@ -41,7 +41,9 @@ class LocalDeployment:
         self.superlink_args = superlink_args
         self.home = workdir / "flwr-home"
         self.port = free_port()
-        self.env = {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(self.home)}
+        # the SuperLink and SuperNodes start flower-superexec and flwr-* by name
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(self.home), "PATH": path}
         self.procs: dict[str, subprocess.Popen] = {}
         self.log: list[str] = []
 

@@ -47,6 +47,7 @@ def flower_run(app_dir: str | Path = ".", superlink: str | None = None,
 
     Raises :class:`FedclipError` when the run did not complete."""
     env = {**os.environ, **QUIET_FLOWER}
+    env["PATH"] = f"{Path(_flwr()).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [_flwr(), "run", str(app_dir), *([superlink] if superlink else []), "--stream"]
     for item in run_config or []:
         cmd += ["--run-config", item]
