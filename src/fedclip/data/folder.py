@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LAYOUT = "<domain>/<class>/<image>"
+_WARNED: set[tuple[Path, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ def scan_dataset(root: str | Path, dataset: str = "auto") -> DomainDataset:
                             f"over the {len(present)} classes it has")
         domains[d] = Domain(d, root / d, tuple(files), np.asarray(labels, dtype=np.int64), present)
     for w in warnings:
-        log.warning(w)
+        if (root, w) not in _WARNED:  # once per process: Flower nodes rescan per message
+            _WARNED.add((root, w))
+            log.warning(w)
     return DomainDataset(root, spec, tuple(classes), domains, tuple(warnings))
 
 
