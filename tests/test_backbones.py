@@ -41,3 +41,22 @@ def test_standin_embeds_images_and_texts_in_one_space():
     assert b.encode_texts(["a picture of a dog"]).shape == (1, 384)
     with pytest.raises(BackboneError, match="takes no options"):
         load_backbone("standin:big")
+
+
+def test_open_clip_local_checkpoint_file(tiny_arch, tmp_path):
+    import os
+
+    reference = load_backbone(tiny_arch)
+    with torch.no_grad():
+        for p in reference.model.parameters():
+            p.add_(0.01)  # weights that differ from the seeded random ones
+    path = tmp_path / "tiny.pt"
+    torch.save(reference.model.state_dict(), path)
+    spec = tiny_arch.replace("@none", f"@{path}")
+    loaded = load_backbone(spec)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_images(x), reference.encode_images(x))
+    before = backbone_fingerprint(spec)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert backbone_fingerprint(spec) != before  # a replaced checkpoint invalidates the cache
