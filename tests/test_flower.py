@@ -19,12 +19,14 @@ def _federation(toy_root, tiny_arch, tmp_path, **extra):
     return run_config, nodes
 
 
-def test_flower_matches_in_process_runner(tiny_arch, toy_root, tmp_path):
-    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path)
+@pytest.mark.parametrize("optimizer_state", ["reset", "keep"])
+def test_flower_matches_in_process_runner(tiny_arch, toy_root, tmp_path, optimizer_state):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path,
+                                    **{"optimizer-state": optimizer_state})
     grid = LocalGrid(build_client_app(), nodes, run_config)
     flower = server_main(grid, run_config)
     cfg = RunConfig.build(backbone=tiny_arch, data_root=str(toy_root), heldout="gamma",
-                          rounds=3, lr=1e-3)
+                          rounds=3, lr=1e-3, optimizer_state=optimizer_state)
     local = run(cfg, tmp_path / "local")[0]
     wf = load_file(tmp_path / "flower" / "gamma" / "adapter-last.safetensors")
     wl = load_file(tmp_path / "local" / "gamma" / "adapter-last.safetensors")

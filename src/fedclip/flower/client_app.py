@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -9,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from fedclip.flower.codec import decode, encode, run_config_to_cfg
 from fedclip.flower.node import Node, node_for
+from fedclip.runtime.checkpoint import flatten_optimizer, unflatten_optimizer
 from fedclip.runtime.client import evaluate as evaluate_split
 from fedclip.runtime.client import round_seed, train_local
 
@@ -27,13 +29,35 @@ def handle_query(node: Node) -> RecordDict:
     return RecordDict({"node": info, "metrics": metrics})
 
 
-def handle_train(node: Node, content: RecordDict, transfer: str) -> RecordDict:
+def _load_optimizer(state: RecordDict) -> dict | None:
+    """This node's Adam state from earlier rounds (``optimizer_state = "keep"``)."""
+    if "optimizer" not in state.array_records:
+        return None
+    groups = json.loads(str(state.config_records["optimizer-groups"]["json"]))
+    tensors = state.array_records["optimizer"].to_torch_state_dict()
+    return unflatten_optimizer(dict(tensors), {"self": groups})["self"]
+
+
+def _save_optimizer(state: RecordDict, optimizer_state: dict) -> None:
+    tensors, groups = flatten_optimizer({"self": optimizer_state})
+    state.array_records["optimizer"] = ArrayRecord(tensors)
+    state.config_records["optimizer-groups"] = ConfigRecord({"json": json.dumps(groups["self"])})
+
+
+def handle_train(node: Node, content: RecordDict, transfer: str,
+                 state: RecordDict | None = None) -> RecordDict:
+    """One round of local training; with ``optimizer_state = "keep"`` the node's Adam state
+    lives in ``state`` (Flower's ``context.state``) between rounds."""
     if node.data is None:
         raise RuntimeError(f"node {node.name!r} holds the held-out domain and never trains")
     server_round = int(content["config"]["server-round"])
+    keep = node.algorithm.cfg.optimizer_state == "keep" and state is not None
     result = train_local(
         node.algorithm, decode(content["arrays"]), node.data.train, node.class_text,
-        node.logit_scale, seed=round_seed(node.algorithm.cfg.seed, server_round, node.name))
+        node.logit_scale, seed=round_seed(node.algorithm.cfg.seed, server_round, node.name),
+        optimizer_state=_load_optimizer(state) if keep else None)
+    if keep and result.optimizer_state is not None:
+        _save_optimizer(state, result.optimizer_state)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                             "train-seconds": result.seconds})
     return RecordDict({"arrays": encode(result.params, transfer), "metrics": metrics,
@@ -91,7 +115,8 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         node, flower = resolve(context)
-        return Message(handle_train(node, msg.content, flower["transfer"]), reply_to=msg)
+        return Message(handle_train(node, msg.content, flower["transfer"], context.state),
+                       reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -70,9 +70,6 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
 
 def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     cfg, flower = run_config_to_cfg(run_config)
-    if cfg.optimizer_state != "reset":
-        raise ConfigError("on Flower, optimizer_state must be 'reset' (the reference); "
-                          "'keep' runs in-process")
     nodes = discover(grid, int(flower["min-nodes"]), float(flower["discover-timeout"]))
     first = next(iter(nodes.values()))
     algorithm = get_algorithm(cfg)

@@ -24,7 +24,7 @@ def config_fingerprint(cfg: RunConfig, heldout: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _flatten_optimizer(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, groups = {}, {}
     for client, sd in states.items():
         groups[client] = sd["param_groups"]
@@ -34,7 +34,7 @@ def _flatten_optimizer(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor]
     return tensors, groups
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict[str, dict]:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict[str, dict]:
     states: dict[str, dict] = {c: {"state": {}, "param_groups": g} for c, g in groups.items()}
     for key, value in tensors.items():
         if key.startswith("opt/"):
@@ -53,7 +53,7 @@ def save_checkpoint(path: Path, state: FederationState, fingerprint: str) -> Non
         for client, params in per_client.items():
             for k, v in params.items():
                 tensors[f"{prefix}/{client}/{k}"] = v
-    opt_tensors, groups = _flatten_optimizer(state.optimizer_states)
+    opt_tensors, groups = flatten_optimizer(state.optimizer_states)
     tensors.update(opt_tensors)
     meta = {"fingerprint": fingerprint, "round": str(state.round),
             "best_round": str(state.best_round), "best_val": repr(state.best_val),
@@ -91,7 +91,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> FederationState:
         round=int(meta["round"]), global_params=params("global"),
         best_round=int(meta["best_round"]), best_val=float(meta["best_val"]),
         best_params=params("best"),
-        optimizer_states=_unflatten_optimizer(tensors, json.loads(meta["param_groups"])),
+        optimizer_states=unflatten_optimizer(tensors, json.loads(meta["param_groups"])),
         history=json.loads(meta["history"]),
         client_params=per_client("client"), best_client_params=per_client("bestclient"),
     )
