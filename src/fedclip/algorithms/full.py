@@ -21,7 +21,7 @@ from torch import nn
 from fedclip.adapters import Params, get_params
 from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm
-from fedclip.algorithms.fedprox import proximal_term
+from fedclip.algorithms.fedprox import FedProx
 from fedclip.errors import ConfigError
 
 
@@ -69,7 +69,4 @@ class FedAvgFull(FullFineTuning):
 @register
 class FedProxFull(FullFineTuning):
     name = "fedprox-full"
-
-    def local_loss(self, loss: torch.Tensor, module: nn.Module, global_params: Params
-                   ) -> torch.Tensor:
-        return loss + proximal_term(module, global_params, self.cfg.prox_mu)
+    local_loss = FedProx.local_loss  # the same proximal objective, on the whole model
