@@ -74,11 +74,14 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, reporter: Reporter | None = None,
-            domains: list[str] | None = None) -> Prepared:
-    """Scan and validate the data, then features of ``domains`` (default: all) and prompts."""
+            domains: list[str] | None = None, dataset: DomainDataset | None = None
+            ) -> Prepared:
+    """Scan and validate the data (unless ``dataset`` is given), then features of
+    ``domains`` (default: all) and the class prompts."""
     reporter = reporter or SilentReporter()
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    dataset = scan_dataset(resolve_data_root(cfg.data_root, cache_dir), cfg.dataset)
+    if dataset is None:
+        dataset = scan_dataset(resolve_data_root(cfg.data_root, cache_dir), cfg.dataset)
     if cfg.heldout != "all":
         make_clients(dataset, cfg.heldout, seed=cfg.seed, fractions=_fractions(cfg))  # validates
     backbone = LazyBackbone(cfg.backbone, resolve_device(cfg.device))

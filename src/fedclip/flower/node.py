@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
 from fedclip.config import RunConfig
-from fedclip.data.folder import scan_dataset
+from fedclip.data.folder import DomainDataset, scan_dataset
 from fedclip.data.sources import resolve_data_root
 from fedclip.errors import ConfigError
 from fedclip.experiment import Prepared, client_data, client_splits, heldout_data, prepare
@@ -45,9 +45,8 @@ class Node:
 _NODES: dict[str, Node] = {}
 
 
-def plan(cfg: RunConfig) -> list[tuple[str, str, str]]:
+def plan(cfg: RunConfig, dataset: DomainDataset) -> list[tuple[str, str, str]]:
     """(role, client name, domain) for every node a run needs, in partition-id order."""
-    dataset = scan_dataset(_root(cfg), cfg.dataset)
     entries = [("train", s.name, s.domain) for s in client_splits(cfg, dataset, cfg.heldout)]
     return entries + [("heldout", cfg.heldout, cfg.heldout)]
 
@@ -73,7 +72,8 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> Node:
 
 
 def _build(cfg: RunConfig, node_config: dict[str, Any]) -> Node:
-    entries = plan(cfg)
+    dataset = scan_dataset(_root(cfg), cfg.dataset)
+    entries = plan(cfg, dataset)
     if "domain" in node_config:
         domain, index = str(node_config["domain"]), int(node_config.get("client-index", 0))
         matches = [e for e in entries if e[2] == domain]
@@ -88,7 +88,7 @@ def _build(cfg: RunConfig, node_config: dict[str, Any]) -> Node:
                               f"training clients + the held-out domain); got {total}. Set "
                               f"options.num-supernodes = {len(entries)}")
         role, name, domain = entries[pid]
-    prep: Prepared = prepare(cfg, domains=[domain])
+    prep: Prepared = prepare(cfg, domains=[domain], dataset=dataset)
     common = dict(algorithm=get_algorithm(cfg), classes=prep.dataset.classes,
                   class_text=F.normalize(prep.text.features, dim=-1),
                   logit_scale=prep.text.logit_scale)

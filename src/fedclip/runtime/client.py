@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedclip.adapters import Params, class_logits, get_params
 from fedclip.algorithms.base import Algorithm
@@ -105,7 +106,15 @@ def train_local(
                        float("nan"), time.perf_counter() - start, kept)
 
 
-@torch.no_grad()
+def load_module(algorithm: Algorithm, params: Params | None, dim: int) -> nn.Module | None:
+    """The algorithm's module holding ``params``, in eval mode (None: no adapter)."""
+    if params is None:
+        return None
+    module = algorithm.build_module(dim)
+    module.load_state_dict(params)
+    return module.eval()
+
+
 def evaluate(
     algorithm: Algorithm,
     params: Params | None,
@@ -115,13 +124,22 @@ def evaluate(
     class_mask: torch.Tensor | None = None,
 ) -> EvalResult:
     """Accuracy (over the classes in ``class_mask``) and class cross-entropy of ``params``."""
+    module = load_module(algorithm, params, split.x.shape[1]) if len(split) else None
+    return evaluate_module(algorithm, module, split, class_text, logit_scale, class_mask)
+
+
+@torch.no_grad()
+def evaluate_module(
+    algorithm: Algorithm,
+    module: nn.Module | None,
+    split: Split,
+    class_text: torch.Tensor,
+    logit_scale: float,
+    class_mask: torch.Tensor | None = None,
+) -> EvalResult:
+    """As :func:`evaluate`, with the module already built (one build for many splits)."""
     if len(split) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
-    module = None
-    if params is not None:
-        module = algorithm.build_module(split.x.shape[1])
-        module.load_state_dict(params)
-        module.eval()
     chunks = split.x.split(algorithm.eval_batch)
     emb = torch.cat([algorithm.embed(module, chunk) for chunk in chunks])
     text = algorithm.class_text(module, class_text)

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from fedclip.adapters import Params, count_parameters
 from fedclip.algorithms.base import Algorithm
-from fedclip.runtime.client import ClientData, Split, evaluate, round_seed, train_local
+from fedclip.runtime.client import (
+    ClientData,
+    Split,
+    evaluate,
+    evaluate_module,
+    load_module,
+    round_seed,
+    train_local,
+)
 
 BYTES_PER_VALUE = 4  # fp32 on the wire
 PERSONAL_ROUNDS = 10**6  # seeds of personalization epochs never collide with rounds
@@ -78,19 +86,20 @@ class Federation:
     def evaluate(self, params: Params | None, own: dict[str, Params] | None = None) -> dict:
         """Accuracies of ``params`` (or of each client's ``own`` adapter, when given; the
         held-out accuracy is then the mean over the clients' adapters)."""
-        def of(c: ClientData) -> Params | None:
-            return own.get(c.name, params) if own else params
-
+        shared = load_module(self.algorithm, params, self.dim)  # built once, used for all
+        modules = {c.name: load_module(self.algorithm, own[c.name], self.dim)
+                   if own and c.name in own else shared for c in self.clients}
         args = (self.class_text, self.logit_scale)
-        val = {c.name: evaluate(self.algorithm, of(c), c.val, *args, c.class_mask)
+        ev = self.algorithm
+        val = {c.name: evaluate_module(ev, modules[c.name], c.val, *args, c.class_mask)
                for c in self.clients}
-        test = {c.name: evaluate(self.algorithm, of(c), c.test, *args, c.class_mask)
+        test = {c.name: evaluate_module(ev, modules[c.name], c.test, *args, c.class_mask)
                 for c in self.clients}
         heldout = None
         if self.heldout is not None:
-            adapters = [of(c) for c in self.clients] if own else [params]
-            heldout = nanmean([evaluate(self.algorithm, p, self.heldout, *args,
-                                      self.heldout_mask).accuracy for p in adapters])
+            adapters = list(modules.values()) if own else [shared]
+            heldout = nanmean([evaluate_module(ev, m, self.heldout, *args,
+                                               self.heldout_mask).accuracy for m in adapters])
         return {
             "val_accuracy": {k: v.accuracy for k, v in val.items()},
             "test_accuracy": {k: v.accuracy for k, v in test.items()},
