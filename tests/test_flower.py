@@ -14,7 +14,8 @@ from tests.flower_grid import LocalGrid
 
 def _federation(toy_root, tiny_arch, tmp_path, **extra):
     run_config = {"backbone": tiny_arch, "data-root": str(toy_root), "heldout": "gamma",
-                  "rounds": 3, "lr": 1e-3, "out": str(tmp_path / "flower"), **extra}
+                  "rounds": 3, "lr": 1e-3, "out": str(tmp_path / "flower"),
+                  "classes": "cat,dog,red_car", **extra}
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     return run_config, nodes
 
@@ -100,7 +101,8 @@ def test_messages_are_well_formed_flower_messages(tiny_arch, toy_root, tmp_path)
     server_main(grid, run_config)
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("query") == 3 and kinds.count("train") == 2
-    assert kinds.count("evaluate") == 6  # round 0 and round 1, all three nodes
+    # round 0 and round 1 on all three nodes, then personalization on the two training nodes
+    assert kinds.count("evaluate") == 6 + 2
     assert all(isinstance(m, Message) for m in grid.sent)
 
 
@@ -147,19 +149,35 @@ def test_secagg_plus_aggregate_equals_plain_fedavg(tiny_arch, toy_root, tmp_path
 
 
 def test_app_config_in_pyproject_agrees_with_the_defaults():
-    """pyproject lists some defaults so that `flwr run -c` may override them: no drift."""
+    """pyproject lists the defaults so that `flwr run -c` may override them: no drift, and
+    every RunConfig field a user may set is settable on Flower."""
     from pathlib import Path
 
     import tomllib
 
-    from fedclip.flower.codec import FLOWER_KEYS
+    from fedclip.flower.codec import FLOWER_KEYS, run_config_to_cfg
 
     app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     config = app["tool"]["flwr"]["app"]["config"]
+    options = {k: v for k, v in config.items() if isinstance(v, dict)}
+    flat = {k: v for k, v in config.items() if not isinstance(v, dict)}
     defaults = RunConfig()
     differs = {"backbone", "heldout", "rounds"}  # the app's demo choices
-    for key, value in config.items():
+    for key, value in flat.items():
         if key in FLOWER_KEYS:
             assert value == FLOWER_KEYS[key], key
+        elif key == "classes":
+            assert value == "" and defaults.classes is None
         elif key not in differs:
             assert getattr(defaults, key.replace("-", "_")) == value, key
+    assert set(FLOWER_KEYS) <= set(flat)
+    settable = {k.replace("_", "-") for k in RunConfig.model_fields} - {
+        "data-root", "cache-dir", "extract-batch-size", "options"}
+    assert settable <= set(flat), settable - set(flat)
+    # algorithm options as Flower flattens them (NAME.KEY) reach the algorithm
+    flower_flat = {f"{a}.{k}": v for a, table in options.items() for k, v in table.items()}
+    cfg, _ = run_config_to_cfg({**flat, **flower_flat, "fedprox.mu": 0.5})
+    assert cfg.options["fedprox"]["mu"] == 0.5
+    from fedclip.algorithms import algorithm_class
+
+    assert options["fedprox"]["mu"] == algorithm_class("fedprox").Options().mu

@@ -55,12 +55,39 @@ def test_class_ce_loss_matches_cross_entropy_over_all_prompts():
     torch.testing.assert_close(class_ce_loss(img, txt, y, 100.0), expected)
 
 
-@pytest.mark.parametrize("mode,expected", [("weighted", 0.25 * 1 + 0.75 * 5), ("uniform", 3.0)])
+@pytest.mark.parametrize("mode,expected", [("weighted", 0.25 * 1 + 0.75 * 5), ("uniform", 3.0),
+                                           ("median", 3.0), ("trimmed-mean", 3.0)])
 def test_aggregation_against_hand_computation(mode, expected):
+    from fedclip.algorithms.base import ClientUpdate
+
     algo = get_algorithm(RunConfig.build(aggregation=mode))
-    updates = [({"w": torch.full((2,), 1.0)}, 10), ({"w": torch.full((2,), 5.0)}, 30)]
-    out = algo.aggregate(updates)
+    updates = [ClientUpdate({"w": torch.full((2,), v)}, {}, n, 0.0, weight=float(n))
+               for v, n in ((1.0, 10), (5.0, 30))]
+    out, state = algo.aggregate({"w": torch.zeros(2)}, updates, {})
     torch.testing.assert_close(out["w"], torch.full((2,), expected))
+    assert state == {}
+
+
+def test_robust_aggregation_bounds_one_scaled_up_client():
+    """One client of five sends its adapter x1e6: the mean follows it, the median and the
+    trimmed mean stay within the honest clients' range (the stated bound)."""
+    from fedclip.aggregation import combine
+
+    gen = torch.Generator().manual_seed(0)
+    honest = [{"w": torch.randn(50, generator=gen)} for _ in range(4)]
+    attacker = {"w": honest[0]["w"] * 1e6}
+    low = torch.stack([h["w"] for h in honest]).min(0).values
+    high = torch.stack([h["w"] for h in honest]).max(0).values
+    weights = [1.0] * 5
+    mean = combine([*honest, attacker], weights, "uniform")["w"]
+    assert (mean - honest[0]["w"]).abs().max() > 1e4
+    for mode in ("median", "trimmed-mean"):
+        robust = combine([*honest, attacker], weights, mode, trim=0.2)["w"]
+        assert ((robust >= low - 1e-6) & (robust <= high + 1e-6)).all(), mode
+    with pytest.raises(ValueError, match="weights"):
+        combine(honest[:2], [float("inf"), 1.0], "weighted")
+    with pytest.raises(ValueError, match="weights"):
+        combine(honest[:2], [-5.0, 1.0], "weighted")
 
 
 def test_proximal_term_against_hand_computation():

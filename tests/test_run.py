@@ -27,7 +27,7 @@ def test_cli_end_to_end(tiny_arch, toy_root, tmp_path, capsys):
     assert [r["heldout"] for r in results["runs"]] == ["alpha", "beta", "gamma"]
     for r in results["runs"]:
         assert set(r) >= RESULT_KEYS
-        assert 0 <= r["generalization"] <= 1 and 1 <= r["best_round"] <= 3
+        assert 0 <= r["generalization"] <= 1 and 0 <= r["best_round"] <= 3
         clients = {"alpha", "beta", "gamma"} - {r["heldout"]}
         assert set(r["personalization"]["per_client"]) == clients
         assert r["trainable_params"] == 2 * (32 * 32 + 32)
@@ -156,9 +156,12 @@ def test_local_clients_train_alone_and_send_nothing(tiny_arch, toy_root, tmp_pat
                           lr=1e-3, algorithm="local", checkpoint_every=1)
     r = run(cfg, tmp_path / "l")[0]
     assert r["bytes_per_round"] == 0 and r["personalized"] is None
-    a = load_file(tmp_path / "l" / "beta" / "adapter-alpha.safetensors")
-    g = load_file(tmp_path / "l" / "beta" / "adapter-gamma.safetensors")
-    assert any(not torch.equal(a[k], g[k]) for k in a)  # never averaged
+    assert (tmp_path / "l" / "beta" / "adapter-alpha.safetensors").exists()
+    assert (tmp_path / "l" / "beta" / "adapter-gamma.safetensors").exists()
+    last = load_file(tmp_path / "l" / "beta" / "checkpoint.safetensors")
+    assert any(not torch.equal(last[f"client/alpha/personal/{k}"],
+                               last[f"client/gamma/personal/{k}"])
+               for k in ("attention.0.weight", "attention.2.weight"))  # never averaged
     # alpha's adapter equals a one-client federation of alpha alone (nothing from gamma)
     from fedclip.experiment import build_federation
     from fedclip.runtime.federation import Federation
@@ -167,9 +170,8 @@ def test_local_clients_train_alone_and_send_nothing(tiny_arch, toy_root, tmp_pat
     alone = Federation(fed.algorithm, [fed.clients[0]], fed.class_text, fed.logit_scale)
     state = alone.run()
     assert state.round == 3
-    last = load_file(tmp_path / "l" / "beta" / "checkpoint.safetensors")
     for k, v in state.global_params.items():
-        torch.testing.assert_close(last[f"client/alpha/{k}"], v)
+        torch.testing.assert_close(last[f"client/alpha/personal/{k}"], v)
 
 
 def test_compare_writes_the_paper_tables(tiny_arch, toy_root, tmp_path, capsys):
@@ -213,7 +215,8 @@ def test_backbone_fedavg_trains_the_backbone_and_fedclip_never_does(tiny_arch, t
     # several steps per round, so that the proximal pull (zero at the first step) acts
     small = base.replace(batch_size=6, rounds=1)
     run(small.replace(algorithm="fedavg-full"), tmp_path / "avg1")
-    run(small.replace(algorithm="fedprox-full", prox_mu=50.0), tmp_path / "prox1")
+    run(small.replace(algorithm="fedprox-full", options={"fedprox-full": {"mu": 50.0}}),
+        tmp_path / "prox1")
     avg1, prox1 = (load_file(tmp_path / d / "beta" / "adapter-last.safetensors")
                    for d in ("avg1", "prox1"))
 

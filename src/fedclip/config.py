@@ -32,6 +32,9 @@ class RunConfig(BaseModel):
     dataset: str = Field("auto", description="Dataset spec to validate against (pacs, vlcs, "
                          "office-home, domainnet), 'auto' to detect, 'custom' for none.")
     heldout: str = Field("all", description="Domain left out of training, or 'all' for each.")
+    classes: tuple[str, ...] | None = Field(
+        None, description="Class names in label order; None: the dataset spec's, or (in-process "
+        "only) the union of the class folders. A Flower run needs a spec or this list.")
     prompt_template: str = "a picture of a {}"
     train_fraction: float = Field(0.6, gt=0, lt=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
@@ -57,10 +60,17 @@ class RunConfig(BaseModel):
         "reset", description="'reset' re-creates Adam every round (reference); 'keep' per client."
     )
     loss: Literal["clip", "ce"] = "clip"
-    aggregation: Literal["weighted", "uniform"] = Field(
-        "weighted", description="'weighted' by train samples; 'uniform' as in the reference."
-    )
-    prox_mu: float = Field(0.01, ge=0, description="Proximal weight (fedprox only).")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="Server-side schedule: round r "
+                            "trains with lr * lr_decay**(r-1) (sent to clients each round).")
+    aggregation: Literal["weighted", "uniform", "median", "trimmed-mean"] = Field(
+        "weighted", description="'weighted' by train samples (declared at discovery); "
+        "'uniform' as in the reference; 'median' / 'trimmed-mean' (coordinate-wise, robust "
+        "to a few bad clients).")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: fraction of "
+                                 "clients cut at each end, per coordinate.")
+    options: dict[str, dict[str, bool | int | float | str]] = Field(
+        default_factory=dict, description="Per-algorithm hyperparameters, e.g. "
+        "{'fedprox': {'mu': 0.01}} (--set fedprox.mu=0.01); checked against the algorithm.")
     personalize_epochs: int = Field(
         5, ge=0, description="After training, each client fine-tunes its own copy of the "
         "selected global adapter for up to this many epochs (chosen on its val split).")
@@ -81,6 +91,11 @@ class RunConfig(BaseModel):
             raise ValueError(f"train+val+test fractions add up to {total:.3f} > 1")
         if "{}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{}' where the class name goes")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        from fedclip.algorithms import check_options
+
+        check_options(self.options)
         return self
 
     # ------------------------------------------------------------------------------------
@@ -96,7 +111,7 @@ class RunConfig(BaseModel):
     @classmethod
     def validated(cls, values: dict[str, Any]) -> RunConfig:
         try:
-            return cls(**values)
+            return cls(**nest_options(values))
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
@@ -114,6 +129,29 @@ class RunConfig(BaseModel):
         skip = {"eval_every", "checkpoint_every", "cache_dir", "device", "extract_batch_size",
                 "extract_workers", "heldout", "rounds", "personalize_epochs"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
+def nest_options(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"fedprox.mu": 0.1}`` (a --set or Flower run-config key) -> ``options.fedprox.mu``."""
+    out: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in
+                                          values.get("options", {}).items()}
+    for key, value in values.items():
+        if key == "options":
+            continue
+        if isinstance(value, dict) and "." not in key:  # a TOML table [fedprox] in a preset
+            if key in RunConfig.model_fields:
+                out[key] = value
+            else:
+                options.setdefault(key, {}).update(value)
+        elif "." in key:
+            algo, _, name = key.partition(".")
+            options.setdefault(algo, {})[name.replace("-", "_")] = value
+        else:
+            out[key] = value
+    if options:
+        out["options"] = options
+    return out
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:

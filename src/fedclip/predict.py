@@ -6,50 +6,21 @@ names, prompt template, dimension and logit scale, so nothing else is needed to 
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fedclip.adapters import class_logits, embed
-from fedclip.algorithms.base import Algorithm
+from fedclip.adapters import class_logits
+from fedclip.algorithms import get_algorithm
 from fedclip.backbones import LazyBackbone, resolve_device
 from fedclip.config import RunConfig
 from fedclip.data.folder import IMG_EXTENSIONS, Domain
 from fedclip.data.specs import class_to_text
 from fedclip.errors import BackboneError, FedclipError
 from fedclip.features import image_features, text_features
-
-
-@dataclass(frozen=True)
-class Adapter:
-    params: dict[str, torch.Tensor]
-    backbone: str
-    classes: tuple[str, ...]
-    prompt_template: str
-    dim: int
-
-
-def load_adapter(path: str | Path) -> Adapter:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FedclipError(f"adapter file {path} does not exist; pass a run folder's "
-                           f"<heldout>/adapter.safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            params = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise FedclipError(f"{path} is not a readable safetensors file ({exc})") from None
-    if meta.get("format") != "fedclip-adapter/1":
-        raise FedclipError(f"{path} is not a fedclip adapter (no fedclip-adapter/1 metadata)")
-    return Adapter(params, meta["backbone"], tuple(json.loads(meta["classes"])),
-                   meta["prompt_template"], int(meta["dim"]))
+from fedclip.results import load_adapter
 
 
 def list_images(inputs: list[str | Path]) -> list[Path]:
@@ -84,13 +55,20 @@ def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | 
     if text.features.shape[1] != adapter.dim:
         raise BackboneError(f"backbone {adapter.backbone} gives {text.features.shape[1]}-d "
                             f"features but the adapter expects {adapter.dim}")
-    algorithm = Algorithm(RunConfig())
+    class_text = F.normalize(text.features, dim=-1)
+    algorithm = get_algorithm(RunConfig(algorithm=adapter.algorithm,
+                                        options={adapter.algorithm: adapter.options}))
+    algorithm.setup(tuple(prompts), class_text)
     module = algorithm.build_module(adapter.dim)
-    module.load_state_dict(adapter.params)
+    try:
+        module.load_state_dict(adapter.params)
+    except RuntimeError as exc:
+        raise FedclipError(f"{adapter_path} does not hold a {adapter.algorithm} module of "
+                           f"dimension {adapter.dim} ({str(exc).splitlines()[0]})") from None
     module.eval()
     with torch.no_grad():
-        logits = class_logits(embed(module, feats.features), F.normalize(text.features, dim=-1),
-                              text.logit_scale)
+        emb = algorithm.embed(module, feats.features)
+        logits = class_logits(emb, algorithm.class_text(module, class_text), text.logit_scale)
     probs = logits.softmax(dim=-1)
     rows = []
     for i, f in enumerate(files):

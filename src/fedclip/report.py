@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from fedclip.config import RunConfig
 from fedclip.io import atomic_write, atomic_write_json, atomic_write_text
+from fedclip.results import SCHEMA, json_safe, safe_name
 
 STANDIN_NOTE = ("Backbone: the offline stand-in (EfficientNet-Lite0 + MiniLM aligned through "
                 "ImageNet), NOT CLIP; numbers are not comparable with the paper's.")
@@ -102,13 +104,30 @@ def plot_history(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_run(out: Path, cfg: RunConfig, results: list[dict]) -> None:
-    from fedclip.experiment import _safe, json_safe
+def merged_runs(out: Path, cfg: RunConfig, results: list[dict]) -> list[dict]:
+    """``results`` plus the runs of other held-out domains already in ``out/results.json``
+    from the same configuration (so held-out runs written one at a time, e.g. one Flower run
+    per held-out domain, add up instead of replacing each other)."""
+    path = out / "results.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    same = {k: v for k, v in old.get("config", {}).items() if k != "heldout"} == {
+        k: v for k, v in json_safe(cfg.model_dump()).items() if k != "heldout"}
+    if not same:
+        return results
+    new = {r["heldout"] for r in results}
+    return [r for r in old.get("runs", []) if r.get("heldout") not in new] + results
 
+
+def write_run(out: Path, cfg: RunConfig, results: list[dict], plots: bool = True) -> None:
+    runs = merged_runs(out, cfg, results)
     atomic_write_json(out / "results.json", json_safe({
-        "schema": "fedclip-results/1", "config": cfg.model_dump(),
+        "schema": SCHEMA, "config": cfg.model_dump(),
         "backbone_note": STANDIN_NOTE if cfg.backbone == "standin" else None,
-        "runs": results}))
-    atomic_write_text(out / "results.md", markdown_report(cfg, results))
-    for r in results:
-        plot_history(r, out / _safe(r["heldout"]) / "history.png")
+        "runs": runs}))
+    atomic_write_text(out / "results.md", markdown_report(cfg, runs))
+    if plots:
+        for r in results:
+            plot_history(r, out / safe_name(r["heldout"]) / "history.png")

@@ -1,36 +1,151 @@
-"""The algorithm interface: a few hooks that the shared round loop calls.
+"""The algorithm contract: a few hooks that both runtimes call, and named state.
 
 An algorithm declares how it differs from FedCLIP by overriding a hook; it never copies the
-round loop. The in-process runner and the Flower apps call the same hooks.
+round loop. The in-process runner (``fedclip.runtime.federation``) and the Flower apps
+(``fedclip.flower``) call the same hooks with the same values, so they give the same numbers.
+
+What an algorithm may keep and send:
+
+* **global parameters** (``init_global``): what the server averages and sends down, except
+  the names matching ``personal`` (fnmatch patterns), which never leave a client;
+* **server state** (``init_server_state``): tensors the server keeps between rounds
+  (SCAFFOLD's global control variate, FedAdam's moments), checkpointed generically;
+* **client state** (``ClientJob.state``): tensors a client keeps between rounds (its personal
+  parameters, its optimizer state, SCAFFOLD's own control variate, Ditto's personal model).
+  In-process it lives in ``FederationState.client_states``; on Flower in ``context.state``;
+* **extras**: tensors that travel with a round, down (``client_extras``) and up
+  (``ClientUpdate.extras``, declared by ``reply_extras`` so that the server can check them);
+* **options**: the algorithm's hyperparameters, a small pydantic model (``Options``), set as
+  ``--set NAME.KEY=VALUE`` (Flower: run-config key ``NAME.KEY``); their values reach clients
+  each round in the ``RoundConfig`` the server sends, so a server-side schedule is possible.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from fedclip.adapters import AttentionAdapter, Params, build_adapter, embed, get_params
+from fedclip.aggregation import combine
 from fedclip.config import RunConfig
+from fedclip.errors import ConfigError
 from fedclip.losses import class_ce_loss, clip_loss
+
+State = dict[str, torch.Tensor]
+PERSONAL = "personal/"  # client-state prefix of personal parameters
+OPTIMIZER = "optimizer/"  # client-state prefix of the optimizer's tensors (optimizer_state=keep)
+
+
+class NoOptions(BaseModel):
+    """An algorithm without hyperparameters of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the server tells every client about a round: the round and its hyperparameters.
+
+    Clients train with these values, never with their own configuration, so a server-side
+    schedule (``lr_decay``) reaches every client in both runtimes."""
+
+    server_round: int
+    lr: float
+    local_epochs: int
+    values: dict[str, bool | int | float | str] = field(default_factory=dict)  # the options
+
+    def record(self) -> dict[str, Any]:
+        return {"server-round": self.server_round, "lr": self.lr,
+                "local-epochs": self.local_epochs,
+                **{f"option.{k}": v for k, v in self.values.items()}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RoundConfig:
+        values = {k.removeprefix("option."): v for k, v in record.items()
+                  if k.startswith("option.")}
+        return cls(int(record["server-round"]), float(record["lr"]),
+                   int(record["local-epochs"]), values)
+
+
+@dataclass
+class ClientJob:
+    """One client's round: where it starts, what came with the round, what it keeps."""
+
+    name: str
+    train: Any  # fedclip.runtime.client.Split
+    params: Params  # the global parameters, with this client's personal ones in place
+    global_params: Params  # the global parameters as the server sent them (+ personal)
+    extras: dict[str, torch.Tensor]
+    config: RoundConfig
+    state: State  # this client's own state; hooks update it in place
+    class_text: torch.Tensor  # normalised class prompts
+    logit_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: its shared parameters, extras and a few numbers."""
+
+    params: Params
+    extras: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float
+    seconds: float = 0.0
+    steps: int = 0
+    weight: float = 1.0  # set by the server (declared train size, or 1): never by a client
 
 
 class Algorithm:
     """FedCLIP's behaviour; subclasses override what differs."""
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for help texts and tables
     trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot)
-    communicates: ClassVar[bool] = True  # False: each client keeps its own adapter (local)
     inputs: ClassVar[str] = "features"  # "pixels": trains through the backbone (no cache)
     eval_batch: ClassVar[int] = 4096  # inputs per forward when evaluating
+    personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
+    Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.options = self.parse_options(cfg.options.get(self.name, {}))
+        self.num_clients = 0  # set by the runtime: the planned training clients
+        self.prompts: tuple[str, ...] = ()
+        self.text: torch.Tensor | None = None
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any]) -> BaseModel:
+        try:
+            return cls.Options(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                 for e in exc.errors())
+            known = ", ".join(f"{cls.name}.{k}" for k in cls.Options.model_fields) or "none"
+            raise ConfigError(f"invalid options for algorithm {cls.name!r} ({problems}); "
+                              f"its options: {known}") from None
+
+    # --- where it runs --------------------------------------------------------------------
+    @property
+    def communicates(self) -> bool:
+        """Whether anything is averaged by a server (False: every parameter is personal)."""
+        return self.trains and "*" not in self.personal
+
+    @property
+    def runs_on_flower(self) -> bool:
+        return self.communicates and self.inputs == "features"
 
     # --- model ----------------------------------------------------------------------------
-    def setup(self, prompts: tuple[str, ...]) -> None:
-        """Called once with the class prompts before any training (backbone algorithms)."""
+    def setup(self, prompts: tuple[str, ...], class_text: torch.Tensor | None = None) -> None:
+        """Called once before any training with the class prompts and their normalised
+        text features (algorithms that start from them, or train the text side)."""
+        self.prompts, self.text = prompts, class_text
 
     def init_global(self, dim: int) -> Params | None:
         """The global trainable state before round 1 (None: nothing to train)."""
@@ -39,17 +154,52 @@ class Algorithm:
     def build_module(self, dim: int) -> nn.Module:
         return AttentionAdapter(dim)
 
-    def start_params(self, global_params: Params, own: Params | None) -> Params:
-        """Where a client starts its round: the global adapter (local: its own)."""
-        return global_params
+    def is_personal(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in self.personal)
 
-    # --- local training -------------------------------------------------------------------
+    def shared(self, params: Params) -> Params:
+        """The parameters that travel (everything but the personal ones)."""
+        return {k: v for k, v in params.items() if not self.is_personal(k)}
+
+    def with_personal(self, params: Params, state: State) -> Params:
+        """``params`` with this client's personal parameters (if it has any yet) in place."""
+        own = {k.removeprefix(PERSONAL): v for k, v in state.items()
+               if k.startswith(PERSONAL) and k.removeprefix(PERSONAL) in params}
+        return {**params, **own} if own else params
+
+    # --- server ---------------------------------------------------------------------------
+    def init_server_state(self, global_params: Params) -> State:
+        return {}
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        """The hyperparameters of one round, sent to every client (``lr_decay`` schedule)."""
+        values = {k: v for k, v in self.options.model_dump().items()
+                  if isinstance(v, bool | int | float | str)}
+        return RoundConfig(server_round, self.cfg.lr * self.cfg.lr_decay ** (server_round - 1),
+                           self.cfg.local_epochs, values)
+
+    def client_extras(self, server_state: State, client: str) -> dict[str, torch.Tensor]:
+        """Tensors sent down to ``client`` with the round, beside the global parameters."""
+        return {}
+
+    def reply_extras(self, global_params: Params) -> dict[str, torch.Size]:
+        """Names and shapes of the extras a client must send back (checked by the server)."""
+        return {}
+
+    def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
+                  ) -> tuple[Params, State]:
+        """The next global parameters (and server state) from this round's updates."""
+        params = combine([u.params for u in updates], [u.weight for u in updates],
+                         self.cfg.aggregation, self.cfg.trim_fraction)
+        return {**current, **params}, server_state
+
+    # --- client ---------------------------------------------------------------------------
     def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings of a batch of inputs (features: through the adapter)."""
         return embed(module, x)
 
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        """Normalised class-prompt embeddings (fixed, unless the text encoder trains)."""
+        """Normalised class-prompt embeddings (fixed, unless the module changes them)."""
         return class_text
 
     def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
@@ -59,18 +209,36 @@ class Algorithm:
             return class_ce_loss(emb, class_text, labels, logit_scale)
         return clip_loss(emb, class_text[labels], logit_scale)
 
-    def local_loss(self, loss: torch.Tensor, module: nn.Module, global_params: Params
-                   ) -> torch.Tensor:
+    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
         """The objective a client minimises, given the task loss (FedProx adds a term)."""
         return loss
 
-    # --- server ---------------------------------------------------------------------------
-    def aggregate(self, updates: list[tuple[Params, int]]) -> Params:
-        """Average client parameters, weighted by train samples or uniformly."""
-        weights = [float(n) if self.cfg.aggregation == "weighted" else 1.0 for _, n in updates]
-        total = sum(weights)
-        if total <= 0:
-            raise ValueError("cannot aggregate: all client weights are zero")
-        keys = updates[0][0].keys()
-        return {k: sum(p[k] * (w / total) for (p, _), w in zip(updates, weights, strict=True))
-                for k in keys}
+    def train_client(self, job: ClientJob) -> ClientUpdate:
+        """One round on one client: local epochs from ``job.params``; personal parameters and
+        (``optimizer_state=keep``) the optimizer's state stay in ``job.state``."""
+        from fedclip.runtime.client import train_local
+
+        keep = self.cfg.optimizer_state == "keep"
+        result = train_local(self, job.params, job.train, job.class_text, job.logit_scale,
+                             config=job.config, seed=job.seed,
+                             objective=lambda loss, module: self.local_loss(loss, module, job),
+                             optimizer_state=_prefixed(job.state, OPTIMIZER) if keep else None)
+        if keep:
+            job.state.update({OPTIMIZER + k: v for k, v in result.optimizer_state.items()})
+        job.state.update({PERSONAL + k: v for k, v in result.params.items()
+                          if self.is_personal(k)})
+        return ClientUpdate(self.shared(result.params), {}, result.num_examples, result.loss,
+                            result.seconds, result.steps)
+
+    def eval_params(self, global_params: Params | None, state: State) -> Params | None:
+        """What a client is scored with on its own splits (personalization)."""
+        if global_params is None:
+            return None
+        return self.with_personal(global_params, state)
+
+
+def _prefixed(state: State, prefix: str) -> State:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+Objective = Callable[[torch.Tensor, nn.Module], torch.Tensor]

@@ -7,3 +7,4 @@ from fedclip.algorithms.base import Algorithm
 @register
 class FedCLIP(Algorithm):
     name = "fedclip"
+    summary = "the attention adapter; the server averages"

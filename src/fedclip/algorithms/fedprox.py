@@ -1,23 +1,32 @@
-"""FedProx on the adapter: FedCLIP plus ``mu/2 * ||w - w_global||^2`` in the local objective."""
+"""FedProx on the adapter: FedCLIP plus ``mu/2 * ||w - w_global||^2`` in the local objective.
+
+``mu`` reaches clients in each round's configuration (``--set fedprox.mu=0.01``)."""
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedclip.adapters import Params
 from fedclip.algorithms import register
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, ClientJob
 
 
-def proximal_term(module: nn.Module, global_params: Params, mu: float) -> torch.Tensor:
+def proximal_term(module: nn.Module, reference: Params, mu: float) -> torch.Tensor:
     named = dict(module.named_parameters())
-    return 0.5 * mu * sum(((named[k] - g) ** 2).sum() for k, g in global_params.items()
+    return 0.5 * mu * sum(((named[k] - g) ** 2).sum() for k, g in reference.items()
                           if k in named)
+
+
+class ProxOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="Proximal weight.")
 
 
 @register
 class FedProx(Algorithm):
     name = "fedprox"
+    summary = "the adapter, with mu/2 ||w - w_global||^2 in the local loss"
+    Options = ProxOptions
 
-    def local_loss(self, loss: torch.Tensor, module: nn.Module, global_params: Params
-                   ) -> torch.Tensor:
-        return loss + proximal_term(module, global_params, self.cfg.prox_mu)
+    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
+        return loss + proximal_term(module, job.global_params, float(job.config.values["mu"]))

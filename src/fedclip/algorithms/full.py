@@ -29,9 +29,6 @@ class FullFineTuning(Algorithm):
     inputs = "pixels"
     eval_batch = 32
 
-    def setup(self, prompts: tuple[str, ...]) -> None:
-        self.prompts = list(prompts)
-
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.openclip.OpenClipBackbone
         if getattr(self, "_backbone", None) is None:
@@ -57,16 +54,19 @@ class FullFineTuning(Algorithm):
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         if module is None:  # the frozen backbone: its cached prompt features
             return class_text
-        tokens = self.backbone.tokenizer(self.prompts)
+        tokens = self.backbone.tokenizer(list(self.prompts))
         return F.normalize(module.encode_text(tokens).float(), dim=-1)
 
 
 @register
 class FedAvgFull(FullFineTuning):
     name = "fedavg-full"
+    summary = "both open_clip encoders fine-tuned (the paper's FedAvg baseline)"
 
 
 @register
 class FedProxFull(FullFineTuning):
     name = "fedprox-full"
+    summary = "the same, plus the proximal term"
+    Options = FedProx.Options
     local_loss = FedProx.local_loss  # the same proximal objective, on the whole model

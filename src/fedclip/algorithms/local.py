@@ -1,6 +1,8 @@
-"""Local: each client trains its own adapter alone; nothing is sent (the lower bound)."""
+"""Local: each client trains its own adapter alone; nothing is sent (the lower bound).
 
-from fedclip.adapters import Params
+Every parameter is personal, so the runtime keeps each client's adapter in its state and
+sends nothing: no special case in the round loop."""
+
 from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm
 
@@ -8,7 +10,5 @@ from fedclip.algorithms.base import Algorithm
 @register
 class Local(Algorithm):
     name = "local"
-    communicates = False
-
-    def start_params(self, global_params: Params, own: Params | None) -> Params:
-        return own if own is not None else global_params
+    summary = "each client its own adapter, alone (the lower bound for collaboration)"
+    personal = ("*",)

@@ -8,6 +8,7 @@ from fedclip.algorithms.base import Algorithm
 @register
 class ZeroShot(Algorithm):
     name = "zeroshot"
+    summary = "nothing: the backbone's class-prompt classifier"
     trains = False
 
     def init_global(self, dim: int) -> Params | None:

@@ -6,6 +6,7 @@ each class folder), so that seeded splits assign exactly the images the referenc
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -68,7 +69,8 @@ def _canonical(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name.lower())
 
 
-def scan_dataset(root: str | Path, dataset: str = "auto") -> DomainDataset:
+def scan_dataset(root: str | Path, dataset: str = "auto",
+                 classes: tuple[str, ...] | None = None) -> DomainDataset:
     """List and validate every domain under ``root``.
 
     Raises :class:`DataError` with a one-line fix for a missing root, no domains, an empty
@@ -85,41 +87,83 @@ def scan_dataset(root: str | Path, dataset: str = "auto") -> DomainDataset:
     spec = _choose_spec(dataset, domain_names, root)
 
     class_dirs = {d: _subdirs(root / d) for d in domain_names}
-    classes = spec.classes if spec and spec.classes else _union_classes(class_dirs, root)
+    if classes is None:
+        classes = spec.classes if spec and spec.classes else _union_classes(class_dirs, root)
     if spec and spec.num_classes and dataset == spec.name and len(classes) != spec.num_classes:
         raise DataError(f"{root} has {len(classes)} classes but {spec.name} has "
                         f"{spec.num_classes}; fix the folder or pass --dataset custom")
-    index = {c: i for i, c in enumerate(classes)}
-    warnings: list[str] = []
     domains: dict[str, Domain] = {}
+    warnings: list[str] = []
     for d in domain_names:
-        unknown = [c for c in class_dirs[d] if c not in index]
+        unknown = [c for c in class_dirs[d] if c not in classes]
         if unknown:
             raise DataError(
                 f"domain {d!r} has class folder(s) {unknown} that {spec.name if spec else 'the'} "
                 f"dataset does not have (expected {list(classes)}); rename them, or pass "
                 f"--dataset custom to use the folder names as they are")
-        files: list[Path] = []
-        labels: list[int] = []
-        for c in class_dirs[d]:
-            found = _image_files(root / d / c)
-            files += found
-            labels += [index[c]] * len(found)
-        if not files:
-            raise DataError(f"domain {d!r} has no images under {root / d}; expected "
-                            f"{d}/<class>/<image> with one of {', '.join(IMG_EXTENSIONS)}; "
-                            f"add images or remove the folder")
-        present = tuple(sorted(set(labels)))
-        missing = [classes[i] for i in range(len(classes)) if i not in present]
-        if missing:
-            warnings.append(f"domain {d!r} has no images of {missing}: its accuracy is computed "
-                            f"over the {len(present)} classes it has")
-        domains[d] = Domain(d, root / d, tuple(files), np.asarray(labels, dtype=np.int64), present)
+        domains[d], warning = _read_domain(root / d, d, tuple(classes), class_dirs[d])
+        warnings += [warning] if warning else []
+    _warn_once(root, warnings)
+    return DomainDataset(root, spec, tuple(classes), domains, tuple(warnings))
+
+
+def _warn_once(root: Path, warnings: list[str]) -> None:
     for w in warnings:
         if (root, w) not in _WARNED:  # once per process: Flower nodes rescan per message
             _WARNED.add((root, w))
             log.warning(w)
-    return DomainDataset(root, spec, tuple(classes), domains, tuple(warnings))
+
+
+def _read_domain(droot: Path, name: str, classes: tuple[str, ...], class_dirs: list[str]
+                 ) -> tuple[Domain, str | None]:
+    """One domain's files in ImageFolder order; a warning when it lacks some classes."""
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[Path] = []
+    labels: list[int] = []
+    for c in class_dirs:
+        found = _image_files(droot / c)
+        files += found
+        labels += [index[c]] * len(found)
+    if not files:
+        raise DataError(f"domain {name!r} has no images under {droot}; expected "
+                        f"<class>/<image> with one of {', '.join(IMG_EXTENSIONS)}; "
+                        f"add images or remove the folder")
+    present = tuple(sorted(set(labels)))
+    missing = [classes[i] for i in range(len(classes)) if i not in present]
+    warning = (f"domain {name!r} has no images of {missing}: its accuracy is computed "
+               f"over the {len(present)} classes it has") if missing else None
+    return Domain(name, droot, tuple(files), np.asarray(labels, dtype=np.int64),
+                  present), warning
+
+
+def scan_domain(root: str | Path, domain: str, classes: tuple[str, ...]) -> Domain:
+    """One site's own domain, checked against the run's classes; nothing else need exist.
+
+    ``root`` is either that domain's folder (``<class>/<image>``) or a folder holding it
+    (``<domain>/<class>/<image>``; other domains there are ignored). A class folder the run
+    does not have (extra or misspelled) is an error that names it; a class the run has but
+    the site lacks is a warning, and the site is scored over the classes it has.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder; point the "
+                        f"node's data-root at its own images ({domain}/<class>/<image> or "
+                        f"<class>/<image>)")
+    droot = root / domain if (root / domain).is_dir() else root
+    class_dirs = _subdirs(droot)
+    if droot == root and not set(class_dirs) & set(classes):
+        raise DataError(f"{root} holds neither a folder {domain!r} nor class folders of this "
+                        f"run ({', '.join(classes)}); point data-root at the domain's images")
+    unknown = [c for c in class_dirs if c not in classes]
+    if unknown:
+        hints = [f"{c!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+            c, classes, n=1)) else repr(c) for c in unknown]
+        raise DataError(f"{droot} has class folder(s) this run does not have: "
+                        f"{', '.join(hints)}; the run's classes are {list(classes)}; rename "
+                        f"or remove them")
+    found, warning = _read_domain(droot, domain, classes, class_dirs)
+    _warn_once(droot, [warning] if warning else [])
+    return found
 
 
 def _choose_spec(dataset: str, domain_names: list[str], root: Path) -> DatasetSpec | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedclip.data.folder import DomainDataset
+from fedclip.data.folder import Domain, DomainDataset
 from fedclip.errors import DataError
 
 
@@ -54,23 +54,43 @@ def partition(labels: np.ndarray, parts: int, mode: str, alpha: float, seed: int
     return [np.sort(np.asarray(g, dtype=np.int64)) for g in groups]
 
 
+def domain_seed(seed: int, domain: str) -> list[int]:
+    """The partition seed of a domain: from its name, never from its position among the
+    folders a machine happens to see, so every site computes the same partition."""
+    return [seed, *domain.encode()]
+
+
+def domain_clients(domain: Domain, *, seed: int, fractions: tuple[float, float, float],
+                   clients_per_domain: int = 1, mode: str = "iid", alpha: float = 0.5
+                   ) -> list[ClientSplit]:
+    """One domain's clients: ``clients_per_domain`` parts, each split train/val/test. They
+    depend only on (seed, domain name, client index, the domain's own files)."""
+    if clients_per_domain > 1 and clients_per_domain > len(domain):
+        raise DataError(f"domain {domain.name!r} has {len(domain)} images, too few for "
+                        f"{clients_per_domain} clients; lower clients_per_domain")
+    parts = partition(domain.labels, clients_per_domain, mode, alpha,
+                      domain_seed(seed, domain.name))
+    clients = []
+    for p_index, members in enumerate(parts):
+        train, val, test = reference_split(len(members), seed, fractions)
+        name = domain.name if clients_per_domain == 1 else f"{domain.name}#{p_index}"
+        clients.append(ClientSplit(name, domain.name, members[train], members[val],
+                                   members[test]))
+    return clients
+
+
 def make_clients(dataset: DomainDataset, heldout: str | None, *, seed: int,
                  fractions: tuple[float, float, float], clients_per_domain: int = 1,
                  mode: str = "iid", alpha: float = 0.5) -> list[ClientSplit]:
-    """The training clients: every domain but ``heldout``, split into ``clients_per_domain``
-    parts, each part split train/val/test. With one client per domain this is the reference."""
+    """The training clients: every domain but ``heldout`` (see :func:`domain_clients`).
+    With one client per domain this is the reference split."""
     if heldout is not None and heldout not in dataset.domains:
         raise DataError(f"unknown held-out domain {heldout!r}; this dataset has "
                         f"{', '.join(dataset.domains)} (or pass 'all')")
-    clients = []
-    for d_index, (name, domain) in enumerate(dataset.domains.items()):
-        if name == heldout:
-            continue
-        parts = partition(domain.labels, clients_per_domain, mode, alpha, [seed, d_index])
-        for p_index, members in enumerate(parts):
-            train, val, test = reference_split(len(members), seed, fractions)
-            client = name if clients_per_domain == 1 else f"{name}#{p_index}"
-            clients.append(ClientSplit(client, name, members[train], members[val], members[test]))
+    clients = [c for name, domain in dataset.domains.items() if name != heldout
+               for c in domain_clients(domain, seed=seed, fractions=fractions,
+                                       clients_per_domain=clients_per_domain, mode=mode,
+                                       alpha=alpha)]
     if not clients:
         raise DataError(f"no training domains left after holding out {heldout!r}; "
                         f"a dataset needs at least two domains")

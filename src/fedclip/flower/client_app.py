@@ -1,91 +1,114 @@
-"""The ClientApp: decode, call the core client functions, encode the reply."""
+"""The ClientApp: decode, call the same client functions as the in-process runner, encode.
+
+Only the algorithm's shared parameters, its declared extras and metrics leave a node. What
+the algorithm keeps on the client (personal parameters, optimizer state, control variates)
+lives in Flower's ``context.state``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedclip.algorithms.base import Algorithm, ClientJob, RoundConfig, State
 from fedclip.flower.codec import decode, encode, run_config_to_cfg
-from fedclip.flower.node import Node, node_for
-from fedclip.runtime.checkpoint import flatten_optimizer, unflatten_optimizer
+from fedclip.flower.node import node_for
 from fedclip.runtime.client import evaluate as evaluate_split
-from fedclip.runtime.client import round_seed, train_local
+from fedclip.runtime.client import personalize, round_seed
+from fedclip.task import Site
+
+STATE_KEY = "fedclip.client-state"
 
 
-def _identity(node: Node) -> ConfigRecord:
-    return ConfigRecord({"client": node.name, "role": node.role, "domain": node.domain})
+def task_fingerprint(site: Site) -> str:
+    """What a node believes the task is (classes, in order): the server checks that every
+    node agrees."""
+    return hashlib.sha256(json.dumps(list(site.classes)).encode()).hexdigest()[:16]
 
 
-def handle_query(node: Node) -> RecordDict:
-    """Who this node is, so the server can plan rounds without seeing any data."""
-    info = ConfigRecord({"client": node.name, "role": node.role, "domain": node.domain,
-                         "classes": list(node.classes)})
-    metrics = MetricRecord({"num-examples": len(node.data.train) if node.data else 0,
-                            "dim": int(node.class_text.shape[1]),
-                            "logit-scale": float(node.logit_scale)})
+def handle_query(site: Site) -> RecordDict:
+    """Who this node is, so the server can plan and check the run without seeing data."""
+    sizes = site.sizes()
+    info = ConfigRecord({"client": site.name, "role": site.role, "domain": site.domain,
+                         "task": task_fingerprint(site), "skipped": json.dumps(site.skipped)})
+    metrics = MetricRecord({"client-index": site.index, "num-train": sizes["train"],
+                            "num-val": sizes["val"], "num-test": sizes["test"],
+                            "images": site.images, "dim": int(site.class_text.shape[1]),
+                            "logit-scale": float(site.logit_scale)})
     return RecordDict({"node": info, "metrics": metrics})
 
 
-def _load_optimizer(state: RecordDict) -> dict | None:
-    """This node's Adam state from earlier rounds (``optimizer_state = "keep"``)."""
-    if "optimizer" not in state.array_records:
-        return None
-    groups = json.loads(str(state.config_records["optimizer-groups"]["json"]))
-    tensors = state.array_records["optimizer"].to_torch_state_dict()
-    return unflatten_optimizer(dict(tensors), {"self": groups})["self"]
+def load_state(context_state: RecordDict | None) -> State:
+    if context_state is None or STATE_KEY not in context_state.array_records:
+        return {}
+    return {k: v.clone() for k, v in
+            context_state.array_records[STATE_KEY].to_torch_state_dict().items()}
 
 
-def _save_optimizer(state: RecordDict, optimizer_state: dict) -> None:
-    tensors, groups = flatten_optimizer({"self": optimizer_state})
-    state.array_records["optimizer"] = ArrayRecord(tensors)
-    state.config_records["optimizer-groups"] = ConfigRecord({"json": json.dumps(groups["self"])})
+def save_state(context_state: RecordDict | None, state: State) -> None:
+    if context_state is not None and state:
+        context_state.array_records[STATE_KEY] = ArrayRecord(
+            {k: v.detach().contiguous() for k, v in state.items()})
 
 
-def handle_train(node: Node, content: RecordDict, transfer: str,
-                 state: RecordDict | None = None) -> RecordDict:
-    """One round of local training; with ``optimizer_state = "keep"`` the node's Adam state
-    lives in ``state`` (Flower's ``context.state``) between rounds."""
-    if node.data is None:
-        raise RuntimeError(f"node {node.name!r} holds the held-out domain and never trains")
-    server_round = int(content["config"]["server-round"])
-    keep = node.algorithm.cfg.optimizer_state == "keep" and state is not None
-    result = train_local(
-        node.algorithm, decode(content["arrays"]), node.data.train, node.class_text,
-        node.logit_scale, seed=round_seed(node.algorithm.cfg.seed, server_round, node.name),
-        optimizer_state=_load_optimizer(state) if keep else None)
-    if keep and result.optimizer_state is not None:
-        _save_optimizer(state, result.optimizer_state)
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
-                            "train-seconds": result.seconds})
-    return RecordDict({"arrays": encode(result.params, transfer), "metrics": metrics,
-                       "node": _identity(node)})
+def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer: str,
+                 context_state: RecordDict | None = None) -> RecordDict:
+    """One round of local training (``Algorithm.train_client``, as in-process)."""
+    if site.data is None:
+        raise RuntimeError(f"node {site.name!r} holds the held-out domain and never trains")
+    config = RoundConfig.from_record(dict(content["config"]))
+    state = load_state(context_state)
+    start = algorithm.with_personal(decode(content["arrays"]), state)
+    extras = decode(content["extras"]) if "extras" in content.array_records else {}
+    job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
+                    site.class_text, site.logit_scale,
+                    round_seed(algorithm.cfg.seed, config.server_round, site.name))
+    update = algorithm.train_client(job)
+    save_state(context_state, state)
+    metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss,
+                            "train-seconds": update.seconds, "steps": update.steps})
+    reply = RecordDict({"arrays": encode(update.params, transfer), "metrics": metrics})
+    if update.extras:  # only algorithms that declare extras (DP's clipping mod wants one record)
+        reply["extras"] = encode(update.extras, transfer)
+    return reply
 
 
-def handle_evaluate(node: Node, content: RecordDict) -> RecordDict:
-    """Training nodes: val and test split; the held-out node: its whole domain. With
-    ``zeroshot`` in the config, the same without the adapter too."""
+def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
+                    context_state: RecordDict | None = None) -> RecordDict:
+    """Training nodes: val and test split (with their own state, as in-process); the
+    held-out node: its whole domain. ``zeroshot`` in the config: the same without the
+    adapter too; ``personalize-epochs``: fine-tune a copy and report its test accuracy."""
     arrays: ArrayRecord = content["arrays"]
-    variants = [("", decode(arrays) if len(arrays) else None)]
-    if content["config"].get("zeroshot", False):
+    config = dict(content["config"])
+    params = decode(arrays) if len(arrays) else None
+    args = (site.class_text, site.logit_scale)
+    epochs = int(config.get("personalize-epochs", 0))
+    if epochs > 0:
+        if site.data is None or params is None:
+            return RecordDict({"metrics": MetricRecord({})})
+        accuracy, epoch = personalize(algorithm, params, site.data, *args, epochs)
+        return RecordDict({"metrics": MetricRecord({"personalized-accuracy": accuracy,
+                                                    "personalized-epoch": epoch})})
+    variants: list[tuple[str, Any]] = [("", params)]
+    if config.get("zeroshot", False):
         variants.append(("zeroshot-", None))
-    args = (node.class_text, node.logit_scale)
     values: dict[str, float] = {}
-    for prefix, params in variants:
-        if node.data is not None:
-            mask = node.data.class_mask
-            val = evaluate_split(node.algorithm, params, node.data.val, *args, mask)
-            test = evaluate_split(node.algorithm, params, node.data.test, *args, mask)
-            values |= {f"{prefix}val-accuracy": val.accuracy, f"{prefix}val-loss": val.loss,
-                       f"{prefix}test-accuracy": test.accuracy,
-                       "num-examples": val.num_examples}
+    for prefix, p in variants:
+        if site.data is not None:
+            own = algorithm.eval_params(p, load_state(context_state)) if p is not None else None
+            mask = site.data.class_mask
+            val = evaluate_split(algorithm, own, site.data.val, *args, mask)
+            test = evaluate_split(algorithm, own, site.data.test, *args, mask)
+            values |= {f"{prefix}val-accuracy": val.accuracy,
+                       f"{prefix}test-accuracy": test.accuracy}
         else:
-            held = evaluate_split(node.algorithm, params, node.heldout, *args, node.heldout_mask)
-            values |= {f"{prefix}heldout-accuracy": held.accuracy,
-                       "num-examples": held.num_examples}
-    return RecordDict({"metrics": MetricRecord(values), "node": _identity(node)})
+            held = evaluate_split(algorithm, p, site.heldout, *args, site.heldout_mask)
+            values |= {f"{prefix}heldout-accuracy": held.accuracy}
+    return RecordDict({"metrics": MetricRecord(values)})
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN201
@@ -103,25 +126,27 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` sit under the run config (``run_simulation`` passes none)."""
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[Node, dict]:
+    def resolve(context: Context) -> tuple[Site, Algorithm, dict]:
         cfg, flower = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
-        return node_for(cfg, dict(context.node_config)), flower
+        site, algorithm = node_for(cfg, dict(context.node_config))
+        return site, algorithm, flower
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        node, _ = resolve(context)
-        return Message(handle_query(node), reply_to=msg)
+        site, _, _ = resolve(context)
+        return Message(handle_query(site), reply_to=msg)
 
     @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
-        node, flower = resolve(context)
-        return Message(handle_train(node, msg.content, flower["transfer"], context.state),
-                       reply_to=msg)
+        site, algorithm, flower = resolve(context)
+        return Message(handle_train(site, algorithm, msg.content, flower["transfer"],
+                                    context.state), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        node, _ = resolve(context)
-        return Message(handle_evaluate(node, msg.content), reply_to=msg)
+        site, algorithm, _ = resolve(context)
+        return Message(handle_evaluate(site, algorithm, msg.content, context.state),
+                       reply_to=msg)
 
     return app
 

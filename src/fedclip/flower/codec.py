@@ -1,26 +1,30 @@
-"""Adapter parameters <-> Flower records, and checks on what clients send back."""
+"""Parameters <-> Flower records, run config <-> RunConfig, and checks on what comes back."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
 from fedclip.adapters import Params
 from fedclip.config import RunConfig
+from fedclip.errors import ConfigError
 
 TRANSFER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 # run-config keys that belong to the Flower layer, not to RunConfig (with their defaults)
 FLOWER_KEYS: dict[str, Any] = {
-    "transfer": "fp32",  # adapter weights on the wire: fp32 or fp16 (half the bytes)
+    "transfer": "fp32",  # weights on the wire: fp32 or fp16 (half the bytes)
     "round-timeout": 600.0,  # seconds to wait for replies before aggregating what came
     "min-nodes": 0,  # nodes to wait for before round 1 (0: those connected, at least 2)
     "discover-timeout": 900.0,  # seconds for nodes to answer who they are (first extraction)
     "out": "runs/flower",  # run folder on the SuperLink / simulation host
     "data-root": "",  # "" = the embedded sample; a node's own node-config overrides it
     "cache-dir": "",
+    "resume": False,  # continue from out/<heldout>/checkpoint.safetensors
+    "norm-factor": 10.0,  # reject an update farther from the global than this x the median
     # central DP with client-side fixed clipping (Flower's wrapper + fixedclipping_mod):
     # off while dp-clipping-norm is 0
     "dp-clipping-norm": 0.0,
@@ -37,38 +41,63 @@ def decode(record: ArrayRecord) -> Params:
     return {k: v.float() for k, v in record.to_torch_state_dict().items()}
 
 
-def check_update(update: Params, reference: Params) -> str | None:
-    """Why a client's update must be rejected, or None when it is well-formed."""
-    if set(update) != set(reference):
-        return f"keys {sorted(set(update) ^ set(reference))} differ from the global adapter's"
-    for key, value in update.items():
-        if value.shape != reference[key].shape:
-            return f"{key} has shape {tuple(value.shape)}, expected {tuple(reference[key].shape)}"
+def payload_bytes(record: ArrayRecord) -> int:
+    return sum(int(a.numpy().nbytes) for a in record.values())
+
+
+def check_arrays(record: ArrayRecord, expected: dict[str, torch.Size], transfer: str,
+                 what: str = "update") -> tuple[Params | None, str | None]:
+    """Decode ``record`` if it holds exactly ``expected`` (names, shapes, the run's transfer
+    dtype, finite values); else return why not."""
+    try:
+        arrays = record.to_torch_state_dict()
+    except Exception as exc:  # a malformed record: never let it reach the aggregate
+        return None, f"{what} is not decodable ({type(exc).__name__})"
+    if set(arrays) != set(expected):
+        return None, f"{what} keys {sorted(set(arrays) ^ set(expected))} differ from the expected"
+    dtype = TRANSFER_DTYPES[transfer]
+    for key, value in arrays.items():
+        if tuple(value.shape) != tuple(expected[key]):
+            return None, (f"{what} {key} has shape {tuple(value.shape)}, expected "
+                          f"{tuple(expected[key])}")
+        if value.dtype != dtype:
+            return None, f"{what} {key} is {value.dtype}, this run transfers {transfer}"
         if not torch.isfinite(value).all():
-            return f"{key} contains NaN or inf"
-    return None
+            return None, f"{what} {key} contains NaN or inf"
+    return {k: v.float() for k, v in arrays.items()}, None
+
+
+def finite_number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:
+    """``value`` as a float when it is a real, finite number in [low, high]; else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and low <= value <= high else None
 
 
 def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any) -> tuple[RunConfig, dict]:
-    """Split Flower's run config into a validated RunConfig and the Flower-only options."""
+    """Split Flower's run config into a validated RunConfig and the Flower-only options.
+
+    ``NAME.KEY`` keys (Flower flattens a ``[tool.flwr.app.config.NAME]`` table to them) are
+    algorithm options, as ``--set NAME.KEY=VALUE`` is on the command line."""
     flower = dict(FLOWER_KEYS)
     values: dict[str, Any] = {}
     for key, value in run_config.items():
         if key in FLOWER_KEYS:
             flower[key] = value
+        elif "." in key:
+            algo, _, name = key.partition(".")
+            values[f"{algo}.{name.replace('-', '_')}"] = value
         else:
             values[key.replace("-", "_")] = value
     if flower["data-root"]:
         values["data_root"] = flower["data-root"]
     if flower["cache-dir"]:
         values["cache_dir"] = flower["cache-dir"]
+    if isinstance(values.get("classes"), str):  # a run-config value is a string
+        values["classes"] = tuple(c.strip() for c in values["classes"].split(",")
+                                  if c.strip()) or None
     values.update(overrides)
     if flower["transfer"] not in TRANSFER_DTYPES:
-        from fedclip.errors import ConfigError
-
         raise ConfigError(f"transfer must be fp32 or fp16 (got {flower['transfer']!r})")
     return RunConfig.validated(values), flower
-
-
-def config_record(**values: Any) -> ConfigRecord:
-    return ConfigRecord(values)

@@ -1,99 +1,83 @@
-"""Which client a SuperNode is, and its features (loaded once per process).
+"""Which client a SuperNode is, and its data (loaded once per process).
 
-A node finds its data through its node config:
+A node holds **only its own data** and finds it through its node config:
 
-* deployment: ``--node-config "data-root='/data/PACS' domain='photo'"`` (and ``client-index=1``
-  when a domain is split into several clients); the node whose domain is the run's held-out
-  domain only evaluates;
-* simulation: ``partition-id`` indexes the plan: the training clients in order, then the
-  held-out domain, so a simulation needs ``len(plan)`` SuperNodes.
+* deployment: ``--node-config "data-root='/data/photo' domain='photo'"`` (and
+  ``client-index=1`` when the run splits a domain into several clients). ``data-root`` is the
+  domain's own folder (``<class>/<image>``) or a folder that holds it; nothing else need exist
+  on that machine. The node whose domain is the run's held-out domain only evaluates;
+* simulation (one machine, one shared folder): ``partition-id`` indexes the plan, the
+  training clients in order, then the held-out domain, so a simulation needs ``len(plan)``
+  SuperNodes.
+
+The task (classes, prompts, splits) comes from the run config, the same for every node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-import torch
-import torch.nn.functional as F
 
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
 from fedclip.config import RunConfig
-from fedclip.data.folder import DomainDataset, scan_dataset
+from fedclip.data.folder import _subdirs
 from fedclip.data.sources import resolve_data_root
 from fedclip.errors import ConfigError
-from fedclip.experiment import Prepared, client_data, client_splits, heldout_data, prepare
-from fedclip.features import default_cache_dir
-from fedclip.runtime.client import ClientData, Split
+from fedclip.task import Site, cache_dir, load_site, prompts, run_classes
+
+_SITES: dict[str, tuple[Site, Algorithm]] = {}
 
 
-@dataclass(frozen=True)
-class Node:
-    role: str  # "train" or "heldout"
-    name: str
-    domain: str
-    algorithm: Algorithm
-    class_text: torch.Tensor  # normalised
-    logit_scale: float
-    classes: tuple[str, ...]
-    data: ClientData | None = None  # training nodes
-    heldout: Split | None = None  # the held-out node
-    heldout_mask: torch.Tensor | None = None
+def plan(cfg: RunConfig, domains: list[str]) -> list[tuple[str, int]]:
+    """(domain, client index) for every node of a simulation, in partition-id order."""
+    entries = [(d, i) for d in domains if d != cfg.heldout for i in range(cfg.clients_per_domain)]
+    return entries + [(cfg.heldout, 0)]
 
 
-_NODES: dict[str, Node] = {}
+def _root(cfg: RunConfig) -> Path:
+    return resolve_data_root(cfg.data_root, cache_dir(cfg))
 
 
-def plan(cfg: RunConfig, dataset: DomainDataset) -> list[tuple[str, str, str]]:
-    """(role, client name, domain) for every node a run needs, in partition-id order."""
-    entries = [("train", s.name, s.domain) for s in client_splits(cfg, dataset, cfg.heldout)]
-    return entries + [("heldout", cfg.heldout, cfg.heldout)]
+def identify(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[str, int]:
+    """The (domain, client index) a node's config names."""
+    if "domain" in node_config:
+        try:
+            index = int(node_config.get("client-index", 0))
+        except (TypeError, ValueError):
+            raise ConfigError(f"node-config client-index must be an integer (got "
+                              f"{node_config.get('client-index')!r})") from None
+        return str(node_config["domain"]), index
+    if "partition-id" not in node_config:
+        raise ConfigError("this SuperNode has no domain in its node config; start it with "
+                          "--node-config \"data-root='/path' domain='NAME'\"")
+    root = _root(cfg)
+    domains = _subdirs(root) if root.is_dir() else []
+    entries = plan(cfg, domains)
+    pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if cfg.heldout not in domains:
+        raise ConfigError(f"held-out domain {cfg.heldout!r} is not a folder of {root}")
+    if total != len(entries):
+        raise ConfigError(f"this run needs {len(entries)} SuperNodes ({len(entries) - 1} "
+                          f"training clients + the held-out domain); got {total}. Set "
+                          f"options.num-supernodes = {len(entries)}")
+    return entries[pid]
 
 
-def _root(cfg: RunConfig):  # noqa: ANN202
-    cache = default_cache_dir() if cfg.cache_dir is None else cfg.cache_dir
-    from pathlib import Path
-
-    return resolve_data_root(cfg.data_root, Path(cache))
-
-
-def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> Node:
-    """The node this process serves, built once and kept for later messages."""
+def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorithm]:
+    """The site this process serves and its algorithm, built once and kept for later
+    messages (a deployed node starts a fresh process per message: its feature cache makes
+    the rebuild cheap)."""
     if cfg.heldout == "all":
         raise ConfigError("on Flower, heldout must name one domain (one run per held-out "
                           "domain); set heldout in the run config")
     if node_config.get("data-root"):
         cfg = cfg.replace(data_root=str(node_config["data-root"]))
     key = f"{cfg.model_dump_json()}|{sorted(node_config.items())}"
-    if key not in _NODES:
-        _NODES[key] = _build(cfg, node_config)
-    return _NODES[key]
-
-
-def _build(cfg: RunConfig, node_config: dict[str, Any]) -> Node:
-    dataset = scan_dataset(_root(cfg), cfg.dataset)
-    entries = plan(cfg, dataset)
-    if "domain" in node_config:
-        domain, index = str(node_config["domain"]), int(node_config.get("client-index", 0))
-        matches = [e for e in entries if e[2] == domain]
-        if not matches:
-            raise ConfigError(f"node-config domain {domain!r} is not in the dataset; use one of "
-                              f"{sorted({e[2] for e in entries})}")
-        role, name, domain = matches[min(index, len(matches) - 1)]
-    else:
-        pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        if total != len(entries):
-            raise ConfigError(f"this run needs {len(entries)} SuperNodes ({len(entries) - 1} "
-                              f"training clients + the held-out domain); got {total}. Set "
-                              f"options.num-supernodes = {len(entries)}")
-        role, name, domain = entries[pid]
-    prep: Prepared = prepare(cfg, domains=[domain], dataset=dataset)
-    common = dict(algorithm=get_algorithm(cfg), classes=prep.dataset.classes,
-                  class_text=F.normalize(prep.text.features, dim=-1),
-                  logit_scale=prep.text.logit_scale)
-    if role == "heldout":
-        split, mask = heldout_data(prep, domain)
-        return Node(role, name, domain, heldout=split, heldout_mask=mask, **common)
-    (split,) = [s for s in client_splits(cfg, prep.dataset, cfg.heldout) if s.name == name]
-    return Node(role, name, domain, data=client_data(prep, split), **common)
+    if key not in _SITES:
+        domain, index = identify(cfg, node_config)
+        site = load_site(cfg, _root(cfg), domain, index)
+        algorithm = get_algorithm(cfg)
+        algorithm.setup(prompts(cfg, run_classes(cfg)), site.class_text)
+        _SITES[key] = (site, algorithm)
+    return _SITES[key]

@@ -1,13 +1,19 @@
-"""The ServerApp: discover the nodes, run the strategy, write the run folder.
+"""The ServerApp: discover and check the nodes, run the strategy, write the run folder.
 
-The server never sees data or the backbone: nodes report who they are (a ``query`` message),
-and the results are written in the same format as the in-process runner's.
+The server never sees data or the backbone. It defines the task from the run config (the
+same on every node), asks every node who it is (a ``query`` message), refuses a federation
+that cannot be right (two nodes claiming one client, a planned client absent, a role that
+contradicts the held-out domain, nodes that disagree on the task or the feature size), then
+trains, checkpoints every ``checkpoint_every`` rounds (``resume=true`` continues), runs the
+personalization step and writes the same results.json, tables, plots and adapter files as
+the in-process runner.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -16,45 +22,114 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
-from fedclip.errors import ConfigError
-from fedclip.experiment import json_safe, save_adapter, summarize
-from fedclip.flower.codec import encode, run_config_to_cfg
-from fedclip.flower.strategy import FedClipStrategy
+from fedclip.config import RunConfig
+from fedclip.data.specs import SPECS, detect_spec
+from fedclip.errors import ConfigError, ResumeError
+from fedclip.flower.codec import encode, finite_number, run_config_to_cfg
+from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.io import atomic_write_json
+from fedclip.results import json_safe, safe_name, save_adapter, summarize
+from fedclip.runtime.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
+from fedclip.runtime.state import FederationState
+from fedclip.task import prompts, run_classes
 
 
-def discover(grid: Grid, min_nodes: int, timeout: float) -> dict[int, dict]:
-    """Ask every connected node who it is (waits for ``min_nodes`` to connect).
+def planned_domains(cfg: RunConfig) -> list[str] | None:
+    """The training domains a run expects, when its dataset spec names them."""
+    spec = SPECS.get(cfg.dataset) if cfg.dataset not in ("auto", "custom") else (
+        detect_spec([cfg.heldout]) if cfg.dataset == "auto" and cfg.classes is None else None)
+    return [d for d in spec.domains if d != cfg.heldout] if spec else None
+
+
+def _node_info(node_id: int, content: RecordDict) -> NodeInfo:
+    info, metrics = content["node"], content["metrics"]
+    numbers = {k: finite_number(metrics.get(k), 0) for k in
+               ("client-index", "num-train", "num-val", "num-test", "images", "dim")}
+    scale = finite_number(metrics.get("logit-scale"), 1e-6)
+    bad = [k for k, v in numbers.items() if v is None or v != int(v)]
+    if bad or scale is None:
+        raise ValueError(f"invalid {', '.join(bad) or 'logit-scale'}")
+    return NodeInfo(node_id, str(info["client"]), str(info["role"]), str(info["domain"]),
+                    int(numbers["client-index"]), int(numbers["num-train"]),
+                    int(numbers["num-val"]), int(numbers["num-test"]), int(numbers["images"]),
+                    int(numbers["dim"]), float(scale),
+                    tuple(json.loads(str(info.get("skipped", "[]")))))
+
+
+def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
+             planned: list[str] | None = None) -> dict[int, NodeInfo]:
+    """Ask every connected node who it is, then check the federation as a whole.
 
     A node answers once it has its features, so the first run on a node includes its
     feature extraction: ``timeout`` must allow for that."""
     deadline = time.monotonic() + timeout
-    while len(ids := list(grid.get_node_ids())) < max(min_nodes, 2):
+    needed = max(min_nodes, 2)
+    if planned is not None:
+        needed = max(needed, len(planned) * cfg.clients_per_domain + 1)
+    while len(ids := list(grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:
             raise ConfigError(f"only {len(ids)} SuperNodes connected after {timeout:.0f} s; "
-                              f"this run needs {max(min_nodes, 2)}")
+                              f"this run needs {needed}")
         time.sleep(1)
     messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in ids]
-    nodes = {}
+    nodes: dict[int, NodeInfo] = {}
+    problems: list[str] = []
+    tasks: dict[str, list[str]] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
+        node_id = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "node %d cannot take part: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
+            problems.append(f"node {node_id} failed: {reply.error.reason.strip()[-300:]}")
             continue
-        info, metrics = reply.content["node"], reply.content["metrics"]
-        nodes[reply.metadata.src_node_id] = {
-            "client": str(info["client"]), "role": str(info["role"]),
-            "domain": str(info["domain"]), "classes": tuple(info["classes"]),
-            "num-train": int(metrics["num-examples"]), "dim": int(metrics["dim"]),
-            "logit-scale": float(metrics["logit-scale"])}
-    heldout = [n for n in nodes.values() if n["role"] == "heldout"]
-    if not heldout or len(heldout) == len(nodes):
-        answered = sorted(n["client"] for n in nodes.values())
-        raise ConfigError(f"a run needs training nodes and one held-out node; {len(nodes)} of "
-                          f"{len(ids)} nodes answered ({answered}); check each SuperNode's "
-                          f"node-config domain and its log")
+        try:
+            info = _node_info(node_id, reply.content)
+        except (KeyError, ValueError, TypeError) as exc:
+            problems.append(f"node {node_id} sent a malformed identity ({exc})")
+            continue
+        nodes[node_id] = info
+        tasks.setdefault(str(reply.content["node"]["task"]), []).append(info.client)
+    problems += check_federation(cfg, nodes, planned, len(tasks))
+    if problems:
+        raise ConfigError("the federation cannot run: " + "; ".join(problems))
     return nodes
+
+
+def check_federation(cfg: RunConfig, nodes: dict[int, NodeInfo], planned: list[str] | None,
+                     n_tasks: int = 1) -> list[str]:
+    """Everything wrong with the discovered nodes as a federation for this run."""
+    problems = []
+    by_client: dict[str, list[int]] = {}
+    for n, info in nodes.items():
+        by_client.setdefault(info.client, []).append(n)
+        expected_role = "heldout" if info.domain == cfg.heldout else "train"
+        if info.role != expected_role:
+            problems.append(f"node {n} ({info.client}) says role {info.role!r} but this run "
+                            f"holds out {cfg.heldout!r}")
+        if info.role == "train" and not 0 <= info.index < cfg.clients_per_domain:
+            problems.append(f"node {n} claims client-index {info.index}, out of range "
+                            f"0..{cfg.clients_per_domain - 1}")
+    for client, ids in sorted(by_client.items()):
+        if len(ids) > 1:
+            problems.append(f"nodes {sorted(ids)} all claim client {client!r}")
+    heldout = [i for i in nodes.values() if i.role == "heldout"]
+    if not heldout:
+        problems.append(f"no node holds the held-out domain {cfg.heldout!r}")
+    if not any(i.role == "train" for i in nodes.values()):
+        problems.append("no training node answered")
+    if planned is not None:
+        expected = {d if cfg.clients_per_domain == 1 else f"{d}#{k}" for d in planned
+                    for k in range(cfg.clients_per_domain)}
+        absent = sorted(expected - set(by_client))
+        if absent:
+            problems.append(f"planned training client(s) {absent} did not answer")
+    if len({i.dim for i in nodes.values()}) > 1 or len(
+            {round(i.logit_scale, 4) for i in nodes.values()}) > 1:
+        dims = sorted({(i.client, i.dim) for i in nodes.values()})
+        problems.append(f"nodes disagree on the backbone (feature size, logit scale): {dims}")
+    if n_tasks > 1:
+        problems.append("nodes disagree on the task (class list); give every node the same "
+                        "run config")
+    return problems
 
 
 def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
@@ -70,27 +145,58 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
 
 def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     cfg, flower = run_config_to_cfg(run_config)
-    nodes = discover(grid, int(flower["min-nodes"]), float(flower["discover-timeout"]))
-    first = next(iter(nodes.values()))
     algorithm = get_algorithm(cfg)
-    init = algorithm.init_global(first["dim"])
-    if init is None or not algorithm.communicates:
-        raise ConfigError(f"algorithm {cfg.algorithm!r} sends nothing to a server; run it "
-                          f"in-process (fedclip run)")
+    if not algorithm.runs_on_flower:
+        why = ("sends nothing to a server" if not algorithm.communicates
+               else "trains the backbone on pixels")
+        raise ConfigError(f"algorithm {cfg.algorithm!r} does not run on Flower (it {why}); "
+                          f"run it in-process: fedclip run --algorithm {cfg.algorithm}")
+    classes = run_classes(cfg)  # the task is the run's: fail before asking any node
+    timeout = float(flower["round-timeout"])
+    nodes = discover(grid, cfg, int(flower["min-nodes"]), float(flower["discover-timeout"]),
+                     planned_domains(cfg))
+    first = next(iter(nodes.values()))
+    algorithm.setup(prompts(cfg, classes))
+    algorithm.num_clients = sum(i.role == "train" for i in nodes.values())
+    run_dir = Path(flower["out"]) / safe_name(cfg.heldout)
+    ckpt, fingerprint = run_dir / "checkpoint.safetensors", config_fingerprint(cfg, cfg.heldout)
+    state = _start_state(algorithm, first.dim, ckpt, fingerprint, bool(flower["resume"]))
 
-    def progress(record: dict) -> None:
-        log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],
-                 record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
+    def on_round(st: FederationState, record: dict) -> None:
+        if "mean_val_accuracy" in record:
+            log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],
+                record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
+        if st.round > 0 and (st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds):
+            save_checkpoint(ckpt, st, fingerprint)
 
-    strategy = FedClipStrategy(algorithm, nodes, flower["transfer"], on_round=progress)
+    strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower["transfer"],
+                               total_rounds=cfg.rounds, norm_factor=float(flower["norm-factor"]),
+                               on_round=on_round)
     runner = with_privacy(strategy, flower)
     start = time.perf_counter()
-    zero = strategy.evaluate_initial(grid, encode(init), float(flower["round-timeout"]))
-    result = runner.start(grid, encode(init), num_rounds=cfg.rounds,
-                          timeout=float(flower["round-timeout"]))
-    seconds = time.perf_counter() - start
-    final = {k: v.float() for k, v in result.arrays.to_torch_state_dict().items()}
-    return write_results(cfg, flower, strategy, nodes, zero, final, seconds)
+    zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)
+    if state.round == 0:
+        save_checkpoint(ckpt, state, fingerprint)
+    remaining = cfg.rounds - state.round
+    if remaining > 0:
+        runner.start(grid, encode(algorithm.shared(state.global_params)), num_rounds=remaining,
+                     timeout=timeout)
+    personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
+    return write_results(cfg, flower, strategy, zero, personalized, classes,
+                         time.perf_counter() - start)
+
+
+def _start_state(algorithm, dim: int, ckpt: Path, fingerprint: str,  # noqa: ANN001
+                 resume: bool) -> FederationState:
+    if ckpt.exists():
+        if not resume:
+            raise ResumeError(f"{ckpt.parent} already holds a run; set resume=true to continue "
+                              f"it, or another out")
+        state = load_checkpoint(ckpt, fingerprint)
+        log(INFO, "resuming after round %d", state.round)
+        return state
+    init = algorithm.init_global(dim)
+    return FederationState(0, init, server_state=algorithm.init_server_state(init))
 
 
 def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: ANN201
@@ -98,6 +204,9 @@ def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: AN
     clip = float(flower["dp-clipping-norm"])
     if clip <= 0:
         return strategy
+    if strategy.algorithm.reply_extras(strategy.state.global_params):
+        raise ConfigError(f"central DP clips one array record per reply; algorithm "
+                          f"{strategy.algorithm.name!r} sends extras too: run it without DP")
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
     return DifferentialPrivacyClientSideFixedClipping(
@@ -105,34 +214,66 @@ def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: AN
         num_sampled_clients=len(strategy.train_ids))
 
 
-def write_results(cfg, flower, strategy, nodes, zero, final, seconds) -> dict:  # noqa: ANN001
+def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero: dict,
+                  personalized: dict | None, classes: tuple[str, ...], seconds: float) -> dict:
     from fedclip import report
 
     out = Path(flower["out"])
-    run_dir = out / cfg.heldout
+    run_dir = out / safe_name(cfg.heldout)
+    state, nodes = strategy.state, strategy.nodes
     train_nodes = [nodes[n] for n in strategy.train_ids]
-    heldout_node = next(n for n in nodes.values() if n["role"] == "heldout")
-    missing = sorted({c for r in strategy.history for c in r.get("missing", [])})
-    trained = [r for r in strategy.history if r["round"] > 0]
+    heldout_node = next(n for n in nodes.values() if n.role == "heldout")
+    history = state.history
+    missing = sorted({c for r in history for c in r.get("missing", [])})
+    spec = SPECS.get(cfg.dataset) or detect_spec([cfg.heldout])
     result = summarize(
-        cfg, strategy.history, strategy.best_round, strategy.history[-1]["round"],
-        zero, heldout=cfg.heldout, dataset="flower", trainable_params=sum(
-            v.numel() for v in final.values()),
-        bytes_per_round=(sum(r.get("bytes", 0) for r in trained) // len(trained)
-                         if trained else 0),
-        seconds=seconds, clients=[{"name": n["client"], "train": n["num-train"]}
-                                  for n in train_nodes],
-        heldout_images=0, skipped={}, runtime="flower", transfer=flower["transfer"],
+        cfg, history, state.best_round, zero, heldout=cfg.heldout,
+        dataset=spec.name if spec and cfg.classes is None else "custom",
+        trainable_params=sum(v.numel() for v in state.global_params.values()),
+        seconds=seconds,
+        clients=[{"name": n.client, "train": n.num_train, "val": n.num_val, "test": n.num_test}
+                 for n in train_nodes],
+        heldout_images=heldout_node.num_test,
+        skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
+        personalized=personalized, runtime="flower", transfer=flower["transfer"],
         missing_clients=missing)
-    classes, scale = heldout_node["classes"], heldout_node["logit-scale"]
-    save_adapter(run_dir / "adapter-last.safetensors", final, cfg, classes, scale,
-                 result["rounds"])
-    if strategy.best_params is not None:
-        save_adapter(run_dir / "adapter.safetensors", strategy.best_params, cfg, classes, scale,
-                     strategy.best_round)
+    dim, scale = heldout_node.dim, heldout_node.logit_scale
+    save_adapter(run_dir / "adapter-last.safetensors", state.global_params, cfg, classes, scale,
+                 state.round, dim)
+    if state.best_params is not None:
+        save_adapter(run_dir / "adapter.safetensors", state.best_params, cfg, classes, scale,
+                     state.best_round, dim)
     atomic_write_json(run_dir / "result.json", json_safe(result))
     report.write_run(out, cfg, [result])
     return result
 
 
 app = build_server_app()
+
+
+def write_legacy_results(cfg: RunConfig, flower: dict, strategy, zero: dict,  # noqa: ANN001
+                         personalized: dict | None, classes: tuple[str, ...], final: dict,
+                         best: dict | None, seconds: float) -> dict:
+    """The SecAgg+ path's run folder, in the same schema (its nodes answer no query: sizes
+    are unknown to the server, and only the sum of the adapters is)."""
+    from fedclip import report
+
+    out = Path(flower["out"])
+    run_dir = out / safe_name(cfg.heldout)
+    spec = SPECS.get(cfg.dataset) or detect_spec([cfg.heldout])
+    clients = sorted(name for name, role in strategy.names.values() if role == "train")
+    result = summarize(
+        cfg, strategy.history, strategy.best_round, zero, heldout=cfg.heldout,
+        dataset=spec.name if spec and cfg.classes is None else "custom",
+        trainable_params=sum(v.numel() for v in final.values()), seconds=seconds,
+        clients=[{"name": c} for c in clients], heldout_images=0, skipped={},
+        personalized=personalized, runtime="flower-secagg+", transfer="fp32")
+    dim = next(iter(final.values())).shape[-1]
+    save_adapter(run_dir / "adapter-last.safetensors", final, cfg, classes,
+                 strategy.logit_scale, result["rounds"], dim)
+    if best is not None:
+        save_adapter(run_dir / "adapter.safetensors", best, cfg, classes, strategy.logit_scale,
+                     strategy.best_round, dim)
+    atomic_write_json(run_dir / "result.json", json_safe(result))
+    report.write_run(out, cfg, [result])
+    return result

@@ -1,170 +1,298 @@
 """Flower's FedAvg, extended through its hooks only (no copied round loop).
 
-* ``configure_train`` sends the global adapter to the training nodes only (the held-out node
-  never trains); ``configure_evaluate`` to every node.
-* ``aggregate_train`` rejects malformed updates (wrong keys or shapes, NaN or inf; logged and
-  recorded), then averages the rest with the algorithm's own ``aggregate`` (the in-process
-  runner's code, so both runtimes agree).
-* ``aggregate_evaluate`` records the round in the in-process runner's history format and
-  tracks the best round by mean validation accuracy.
+The server trusts no client:
+
+* every node's identity (client name, role, train size) is fixed at discovery and bound to
+  the node id Flower authenticated; nothing a reply says can change it;
+* ``configure_train`` sends the algorithm's shared parameters, its extras and the round's
+  hyperparameters (``Algorithm.round_config``) to the training nodes only;
+* ``aggregate_train`` validates each reply as a whole (a training node, the expected arrays
+  with the run's dtype, finite values, the algorithm's declared extras, ``num-examples``
+  equal to the train size declared at discovery, a finite loss) and rejects an update whose
+  distance from the global parameters is more than ``norm_factor`` times the median distance
+  of the round's updates (with at least three updates). Rejected replies are logged and
+  recorded, never raised. The rest are weighted by their **declared** train size and
+  combined by the algorithm's own ``aggregate`` (the in-process runner's code);
+* ``aggregate_evaluate`` accepts val/test accuracies only from training nodes and the
+  held-out accuracy only from the held-out node, each a number in [0, 1]; it builds the
+  round in the in-process history format and applies the one best-round rule.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from logging import WARNING
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedclip.adapters import Params
-from fedclip.algorithms.base import Algorithm
-from fedclip.flower.codec import check_update, decode, encode
-from fedclip.runtime.federation import nanmean
+from fedclip.algorithms.base import Algorithm, ClientUpdate
+from fedclip.flower.codec import check_arrays, decode, encode, finite_number, payload_bytes
+from fedclip.results import evaluation, round_record
+from fedclip.runtime.state import FederationState
 
 
-def payload_bytes(record: ArrayRecord) -> int:
-    return sum(int(a.numpy().nbytes) for a in record.values())
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as discovered: who it said it was, bound to its Flower node id."""
 
-
-def evaluation_record(replies: list[Message], prefix: str = "") -> dict:
-    """Per-client val/test accuracy and held-out accuracy, as the in-process runner records."""
-    val, test, heldout = {}, {}, None
-    for msg in replies:
-        name, metrics = msg.content["node"]["client"], msg.content["metrics"]
-        if f"{prefix}heldout-accuracy" in metrics:
-            heldout = float(metrics[f"{prefix}heldout-accuracy"])
-        elif f"{prefix}val-accuracy" in metrics:
-            val[name] = float(metrics[f"{prefix}val-accuracy"])
-            test[name] = float(metrics[f"{prefix}test-accuracy"])
-    val, test = dict(sorted(val.items())), dict(sorted(test.items()))
-    return {"val_accuracy": val, "test_accuracy": test,
-            "mean_val_accuracy": nanmean(val.values()),
-            "mean_test_accuracy": nanmean(test.values()),
-            "heldout_accuracy": heldout}
+    node_id: int
+    client: str
+    role: str  # "train" or "heldout"
+    domain: str
+    index: int
+    num_train: int
+    num_val: int
+    num_test: int
+    images: int
+    dim: int
+    logit_scale: float
+    skipped: tuple[str, ...] = ()
 
 
 class FedClipStrategy(FedAvg):
-    def __init__(self, algorithm: Algorithm, nodes: dict[int, dict], transfer: str = "fp32",
-                 on_round: Callable[[dict], None] | None = None) -> None:
-        self.train_ids = sorted((n for n, i in nodes.items() if i["role"] == "train"),
-                                key=lambda n: nodes[n]["client"])
+    def __init__(self, algorithm: Algorithm, nodes: dict[int, NodeInfo], state: FederationState,
+                 *, transfer: str = "fp32", total_rounds: int = 0, norm_factor: float = 10.0,
+                 on_round: Callable[[FederationState, dict], None] | None = None) -> None:
+        self.train_ids = sorted((n for n, i in nodes.items() if i.role == "train"),
+                                key=lambda n: nodes[n].client)
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0,
                          min_train_nodes=len(self.train_ids), min_evaluate_nodes=len(nodes),
                          min_available_nodes=len(nodes))
         self.algorithm, self.nodes, self.transfer = algorithm, nodes, transfer
+        self.state = state  # global parameters, server state, history, best round
+        self.offset = state.round  # rounds done before this start (resume)
+        self.total_rounds, self.norm_factor = total_rounds, norm_factor
         self.on_round = on_round
-        self.history: list[dict] = []
-        self.best_round, self.best_val = 0, -math.inf
-        self.best_params: Params | None = None
-        self._current: Params | None = None
         self._pending: dict = {}
         self._started = 0.0
 
-    # --- training -------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self._started = time.perf_counter()
-        self._current = decode(arrays)
-        config["server-round"] = server_round
-        payload = encode(self._current, self.transfer)
-        targets = self._online(self.train_ids, grid)
-        self._pending = {"bytes_sent": payload_bytes(payload) * len(targets)}
-        record = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
-        return self._construct_messages(record, targets, MessageType.TRAIN)
+    def server_round(self, flower_round: int) -> int:
+        return flower_round + self.offset
 
     def _online(self, node_ids: list[int], grid: Grid) -> list[int]:
         """The nodes still connected (a node that left is not waited for; it is recorded as
         missing)."""
         online = set(grid.get_node_ids())
-        gone = [self.nodes[n]["client"] for n in node_ids if n not in online]
+        gone = [self.nodes[n].client for n in node_ids if n not in online]
         if gone:
             log(WARNING, "nodes no longer connected: %s", ", ".join(gone))
         return [n for n in node_ids if n in online]
 
+    # --- training -------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._started = time.perf_counter()
+        rnd = self.server_round(server_round)
+        self.state.global_params = {**(self.state.global_params or {}), **decode(arrays)}
+        shared = self.algorithm.shared(self.state.global_params)
+        payload = encode(shared, self.transfer)
+        round_config = {**dict(config), **self.algorithm.round_config(rnd).record()}
+        messages, sent = [], 0
+        for node in self._online(self.train_ids, grid):
+            content = RecordDict({"arrays": payload, "config": ConfigRecord(round_config)})
+            extras = self.algorithm.client_extras(self.state.server_state,
+                                                  self.nodes[node].client)
+            if extras:
+                content["extras"] = encode(extras, self.transfer)
+            sent += sum(payload_bytes(r) for r in content.array_records.values())
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._pending = {"round": rnd, "sent": sent}
+        return messages
+
+    def _check(self, msg: Message) -> tuple[str, ClientUpdate | None, str | None, int]:
+        """(client, update or None, why rejected, bytes received) for one train reply."""
+        info = self.nodes.get(msg.metadata.src_node_id)
+        if info is None or info.role != "train":
+            who = info.client if info else f"unknown node {msg.metadata.src_node_id}"
+            return who, None, "not a training node of this run", 0
+        if msg.has_error():
+            return info.client, None, f"error reply: {msg.error.reason}", 0
+        content = msg.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return info.client, None, "malformed reply (no arrays or no metrics)", 0
+        received = sum(payload_bytes(r) for r in content.array_records.values())
+        shapes = {k: v.shape for k, v in self.algorithm.shared(self.state.global_params).items()}
+        params, why = check_arrays(content["arrays"], shapes, self.transfer)
+        if why:
+            return info.client, None, why, received
+        declared = self.algorithm.reply_extras(self.state.global_params)
+        extras: dict[str, torch.Tensor] = {}
+        if declared or "extras" in content.array_records:
+            got = content.array_records.get("extras", ArrayRecord())
+            extras, why = check_arrays(got, declared, self.transfer, "extras")
+            if why:
+                return info.client, None, why, received
+        metrics = content["metrics"]
+        count = finite_number(metrics.get("num-examples"))
+        if count is None or count != info.num_train:
+            return info.client, None, (f"num-examples {metrics.get('num-examples')!r} differs "
+                                       f"from the train size {info.num_train} declared at "
+                                       f"discovery"), received
+        loss = finite_number(metrics.get("train-loss"))
+        if loss is None:
+            return info.client, None, "train-loss missing or not a finite number", received
+        steps = finite_number(metrics.get("steps"), 0) or 0
+        return info.client, ClientUpdate(params, extras or {}, info.num_train, loss,
+                                         steps=int(steps)), None, received
+
+    def _outliers(self, updates: dict[str, ClientUpdate]) -> dict[str, str]:
+        """Updates farther from the global parameters than ``norm_factor`` x the median."""
+        if len(updates) < 3 or self.norm_factor <= 0:
+            return {}
+        current = self.state.global_params
+        dist = {c: torch.sqrt(sum(((u.params[k] - current[k]) ** 2).sum() for k in u.params))
+                .item() for c, u in updates.items()}
+        median = float(torch.tensor(list(dist.values())).median())
+        limit = self.norm_factor * max(median, 1e-12)
+        return {c: f"update norm {d:.3g} is over {self.norm_factor:g} x the round's median "
+                   f"{median:.3g}" for c, d in dist.items() if d > limit}
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _errors = self._check_and_log_replies(list(replies), is_train=True,
-                                                     validate=False)
-        updates: list[tuple[Params, int]] = []
-        losses: dict[str, float] = {}
+        updates: dict[str, ClientUpdate] = {}
         rejected: dict[str, str] = {}
         received = 0
-        for msg in sorted(valid, key=lambda m: str(m.content["node"]["client"])):
-            name = str(msg.content["node"]["client"])
-            try:
-                record = msg.content[self.arrayrecord_key]
-                received += payload_bytes(record)
-                params = decode(record)
-                count = int(msg.content["metrics"]["num-examples"])
-                reason = check_update(params, self._current)
-            except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-                reason = f"malformed reply ({type(exc).__name__}: {exc})"
-            if reason is not None:
-                log(WARNING, "round %d: rejected the update of %s: %s", server_round, name, reason)
-                rejected[name] = reason
-                continue
-            updates.append((params, count))
-            losses[name] = float(msg.content["metrics"]["train-loss"])
-        expected = {self.nodes[n]["client"] for n in self.train_ids}
-        missing = sorted(expected - set(losses) - set(rejected))
+        for msg in replies:
+            client, update, why, size = self._check(msg)
+            received += size
+            if update is not None and client in updates:
+                why, update = "a second reply in one round", None
+            if update is None:
+                rejected[client] = why or "rejected"
+            else:
+                updates[client] = update
+        for client, why in self._outliers(updates).items():
+            rejected[client] = why
+            del updates[client]
+        for client, why in rejected.items():
+            log(WARNING, "round %d: rejected the update of %s: %s", self._pending["round"],
+                client, why)
+        expected = {self.nodes[n].client for n in self.train_ids}
+        missing = sorted(expected - set(updates) - set(rejected))
         if missing:
-            log(WARNING, "round %d: no update from %s", server_round, ", ".join(missing))
-        self._pending |= {"round": server_round, "train_loss": losses,
-                          "mean_train_loss": nanmean(losses.values()), "missing": missing,
-                          "rejected": rejected, "bytes_received": received}
-        self._pending["bytes"] = self._pending["bytes_sent"] + received
+            log(WARNING, "round %d: no update from %s", self._pending["round"],
+                ", ".join(missing))
+        self._pending["train"] = round_record(
+            self._pending["round"], {c: u.loss for c, u in updates.items()}, 0.0,
+            self._pending["sent"], received, missing=missing, rejected=rejected)
         if not updates:
-            log(WARNING, "round %d: no valid update; the global adapter is unchanged",
-                        server_round)
+            log(WARNING, "round %d: no valid update; the global parameters are unchanged",
+                self._pending["round"])
             return None, None
-        aggregated = self.algorithm.aggregate(updates)
-        self._pending["seconds"] = time.perf_counter() - self._started
-        return ArrayRecord(aggregated), MetricRecord({"train-loss": nanmean(losses.values()),
-                                                      "num-updates": len(updates)})
+        weighted = self.algorithm.cfg.aggregation == "weighted"
+        ordered = [replace(u, weight=float(u.num_examples) if weighted else 1.0)
+                   for _, u in sorted(updates.items())]
+        self.state.global_params, self.state.server_state = self.algorithm.aggregate(
+            self.state.global_params, ordered, self.state.server_state)
+        self._pending["train"]["seconds"] = time.perf_counter() - self._started
+        shared = self.algorithm.shared(self.state.global_params)
+        return ArrayRecord({k: v.contiguous() for k, v in shared.items()}), MetricRecord(
+            {"train-loss": self._pending["train"]["mean_train_loss"],
+             "num-updates": len(updates)})
 
     # --- evaluation -----------------------------------------------------------------------
+    def evaluates(self, rnd: int) -> bool:
+        return rnd % self.algorithm.cfg.eval_every == 0 or rnd == self.total_rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        self._current = decode(arrays) if len(arrays) else None
-        payload = encode(self._current, self.transfer) if self._current else ArrayRecord()
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: payload, self.configrecord_key: config})
+        rnd = self.server_round(server_round) if server_round > 0 else 0
+        if server_round > 0 and not self.evaluates(rnd):
+            return []
+        if server_round > 0:
+            self.state.global_params = {**(self.state.global_params or {}), **decode(arrays)}
+        payload = encode(self.algorithm.shared(self.state.global_params), self.transfer) \
+            if self.state.global_params else ArrayRecord()
+        config["server-round"] = rnd
         targets = self._online(sorted(self.nodes), grid)
-        self._pending["bytes_eval_sent"] = payload_bytes(payload) * len(targets)
-        return self._construct_messages(record, targets, MessageType.EVALUATE)
+        return [Message(RecordDict({"arrays": payload, "config": ConfigRecord(dict(config))}),
+                        dst_node_id=n, message_type=MessageType.EVALUATE) for n in targets]
+
+    def metrics_of(self, replies: Iterable[Message], prefix: str = "") -> dict:
+        """Accuracies by role: val/test only from training nodes, held-out only from the
+        held-out node; anything else, or a value outside [0, 1], is ignored and logged."""
+        val, test, heldout = {}, {}, None
+        for msg in replies:
+            info = self.nodes.get(msg.metadata.src_node_id)
+            if info is None or msg.has_error() or "metrics" not in msg.content.metric_records:
+                continue
+            metrics = msg.content["metrics"]
+            keys = ((f"{prefix}val-accuracy", f"{prefix}test-accuracy") if info.role == "train"
+                    else (f"{prefix}heldout-accuracy",))
+            values = [finite_number(metrics.get(k), 0.0, 1.0) for k in keys]
+            if any(v is None for v in values):
+                log(WARNING, "ignored the evaluation of %s: %s must be numbers in [0, 1]",
+                    info.client, ", ".join(keys))
+                continue
+            if info.role == "train":
+                val[info.client], test[info.client] = values
+            else:
+                heldout = values[0]
+        return evaluation(val, test, heldout)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        valid, _errors = self._check_and_log_replies(list(replies), is_train=False,
-                                                     validate=False)
-        record = {"round": server_round, "train_loss": {}, "seconds": 0.0, "bytes": 0,
-                  **self._pending, **evaluation_record(valid)}
-        if server_round > 0:  # train + evaluate, messages included
-            record["round_seconds"] = time.perf_counter() - self._started
+        rnd = self.server_round(server_round) if server_round > 0 else 0
+        replies = list(replies)
+        record = self._pending.pop("train", None) or round_record(rnd, {}, 0.0, 0, 0)
         self._pending = {}
-        record["eval_missing"] = sorted(
-            {i["client"] for i in self.nodes.values()}
-            - {str(m.content["node"]["client"]) for m in valid})
-        self.history.append(record)
-        if server_round == 0 or self.best_round == 0 or (
-                record["mean_val_accuracy"] > self.best_val):
-            self.best_round, self.best_val = server_round, record["mean_val_accuracy"]
-            self.best_params = self._current
+        if server_round == 0 or self.evaluates(rnd):
+            record.update(self.metrics_of(replies))
+            answered = {self.nodes[m.metadata.src_node_id].client for m in replies
+                        if m.metadata.src_node_id in self.nodes and not m.has_error()}
+            record["eval_missing"] = sorted({i.client for i in self.nodes.values()} - answered)
+        if server_round > 0:
+            record["round_seconds"] = time.perf_counter() - self._started
+            self.state.round = rnd
+        self.state.history.append(record)
+        if "mean_val_accuracy" in record:
+            self.state.select(record)
         if self.on_round is not None:
-            self.on_round(record)
+            self.on_round(self.state, record)
+        if "mean_val_accuracy" not in record:
+            return None
         return MetricRecord({"mean-val-accuracy": record["mean_val_accuracy"],
                              "mean-test-accuracy": record["mean_test_accuracy"],
                              "heldout-accuracy": record["heldout_accuracy"] or 0.0})
 
-    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> dict:
-        """Round 0: the initial adapter and zero-shot, on every node. Returns zero-shot."""
-        messages = self.configure_evaluate(0, arrays, ConfigRecord({"zeroshot": True}), grid)
-        replies = [m for m in grid.send_and_receive(messages, timeout=timeout)
-                   if not m.has_error()]
-        self.aggregate_evaluate(0, replies)
-        return evaluation_record(replies, prefix="zeroshot-")
+    def evaluate_initial(self, grid: Grid, timeout: float, record: bool = True) -> dict:
+        """Round 0: the initial parameters and zero-shot, on every node. Returns zero-shot
+        (and records round 0 unless ``record`` is False: a resumed run has it)."""
+        messages = self.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zeroshot": True}),
+                                           grid)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        if record:
+            self.aggregate_evaluate(0, replies)
+        return self.metrics_of(replies, prefix="zeroshot-")
+
+    def personalize(self, grid: Grid, epochs: int, timeout: float) -> dict | None:
+        """Each training node fine-tunes its own copy of the selected parameters (as
+        in-process); the global parameters are untouched."""
+        if epochs <= 0 or self.state.best_params is None:
+            return None
+        payload = encode(self.algorithm.shared(self.state.best_params), self.transfer)
+        config = ConfigRecord({"personalize-epochs": epochs})
+        messages = [Message(RecordDict({"arrays": payload, "config": config}), dst_node_id=n,
+                            message_type=MessageType.EVALUATE)
+                    for n in self._online(self.train_ids, grid)]
+        per_client, chosen = {}, {}
+        for msg in grid.send_and_receive(messages, timeout=timeout):
+            info = self.nodes.get(msg.metadata.src_node_id)
+            if info is None or info.role != "train" or msg.has_error():
+                continue
+            metrics = msg.content["metrics"]
+            acc = finite_number(metrics.get("personalized-accuracy"), 0.0, 1.0)
+            epoch = finite_number(metrics.get("personalized-epoch"), 0, epochs)
+            if acc is not None and epoch is not None:
+                per_client[info.client], chosen[info.client] = acc, int(epoch)
+        per_client, chosen = dict(sorted(per_client.items())), dict(sorted(chosen.items()))
+        from fedclip.results import nanmean
+
+        return {"mean": nanmean(per_client.values()), "per_client": per_client,
+                "epochs": chosen}

@@ -1,8 +1,10 @@
 """Checkpoints: one safetensors file per run, written atomically.
 
-Tensors hold the global, best and optimizer states; the metadata holds the round, the
-history and a fingerprint of the config, so that ``--resume`` refuses a checkpoint written
-by a different configuration instead of silently mixing two runs.
+Tensors hold the global and best parameters, the server state and every client's state
+(whatever the algorithm keeps: personal parameters, optimizer moments, control variates),
+under generic prefixes, so a new algorithm needs no change here. The metadata holds the
+round, the history and a fingerprint of the config, so that ``--resume`` refuses a
+checkpoint written by a different configuration instead of silently mixing two runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import torch
 from fedclip.config import RunConfig
 from fedclip.errors import ResumeError
 from fedclip.io import atomic_save_tensors
-from fedclip.runtime.federation import FederationState
+from fedclip.runtime.state import FederationState
+
+FLAT = ("global", "best", "server")  # prefix/<name>
+PER_CLIENT = ("client", "bestclient")  # prefix/<client>/<name>
 
 
 def config_fingerprint(cfg: RunConfig, heldout: str) -> str:
@@ -24,41 +29,24 @@ def config_fingerprint(cfg: RunConfig, heldout: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def flatten_optimizer(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, groups = {}, {}
-    for client, sd in states.items():
-        groups[client] = sd["param_groups"]
-        for pid, slot in sd["state"].items():
-            for name, value in slot.items():
-                tensors[f"opt/{client}/{pid}/{name}"] = torch.as_tensor(value)
-    return tensors, groups
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict[str, dict]:
-    states: dict[str, dict] = {c: {"state": {}, "param_groups": g} for c, g in groups.items()}
-    for key, value in tensors.items():
-        if key.startswith("opt/"):
-            _, client, pid, name = key.split("/", 3)
-            states[client]["state"].setdefault(int(pid), {})[name] = value
-    return states
+def state_tensors(state: FederationState) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, flat in zip(FLAT, (state.global_params, state.best_params, state.server_state),
+                            strict=True):
+        tensors.update({f"{prefix}/{k}": v for k, v in (flat or {}).items()})
+    for prefix, per_client in zip(PER_CLIENT, (state.client_states, state.best_client_states),
+                                  strict=True):
+        for client, values in per_client.items():
+            tensors.update({f"{prefix}/{client}/{k}": v for k, v in values.items()})
+    return tensors
 
 
 def save_checkpoint(path: Path, state: FederationState, fingerprint: str) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, params in (("global", state.global_params), ("best", state.best_params)):
-        for k, v in (params or {}).items():
-            tensors[f"{prefix}/{k}"] = v
-    for prefix, per_client in (("client", state.client_params),
-                               ("bestclient", state.best_client_params)):
-        for client, params in per_client.items():
-            for k, v in params.items():
-                tensors[f"{prefix}/{client}/{k}"] = v
-    opt_tensors, groups = flatten_optimizer(state.optimizer_states)
-    tensors.update(opt_tensors)
     meta = {"fingerprint": fingerprint, "round": str(state.round),
             "best_round": str(state.best_round), "best_val": repr(state.best_val),
-            "history": json.dumps(state.history), "param_groups": json.dumps(groups)}
-    atomic_save_tensors(path, tensors, meta)
+            "history": json.dumps(state.history),
+            "clients": json.dumps(sorted(state.client_states))}
+    atomic_save_tensors(path, state_tensors(state), meta)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> FederationState:
@@ -75,12 +63,12 @@ def load_checkpoint(path: Path, fingerprint: str) -> FederationState:
         raise ResumeError(f"checkpoint {path} was written by a different configuration; "
                           f"resume with the same settings, or use another --out")
 
-    def params(prefix: str) -> dict[str, torch.Tensor] | None:
-        found = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
-        return found or None
+    def flat(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
     def per_client(prefix: str) -> dict[str, dict[str, torch.Tensor]]:
-        out: dict[str, dict[str, torch.Tensor]] = {}
+        out: dict[str, dict[str, torch.Tensor]] = {c: {} for c in
+                                                   json.loads(meta.get("clients", "[]"))}
         for key, value in tensors.items():
             if key.startswith(prefix + "/"):
                 _, client, name = key.split("/", 2)
@@ -88,10 +76,8 @@ def load_checkpoint(path: Path, fingerprint: str) -> FederationState:
         return out
 
     return FederationState(
-        round=int(meta["round"]), global_params=params("global"),
+        round=int(meta["round"]), global_params=flat("global") or None,
         best_round=int(meta["best_round"]), best_val=float(meta["best_val"]),
-        best_params=params("best"),
-        optimizer_states=unflatten_optimizer(tensors, json.loads(meta["param_groups"])),
-        history=json.loads(meta["history"]),
-        client_params=per_client("client"), best_client_params=per_client("bestclient"),
-    )
+        best_params=flat("best") or None, server_state=flat("server"),
+        client_states=per_client("client"), best_client_states=per_client("bestclient"),
+        history=json.loads(meta["history"]))

@@ -6,6 +6,7 @@ Both the in-process runner and Flower's ClientApp call these, so the two agree b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedclip.adapters import Params, class_logits, get_params
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, RoundConfig
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class TrainResult:
     num_examples: int
     loss: float
     seconds: float
-    optimizer_state: dict | None
+    optimizer_state: dict[str, torch.Tensor]  # flat tensors (see flatten_optimizer)
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -59,36 +61,53 @@ def round_seed(seed: int, server_round: int, client_key: str) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def flatten_optimizer(state_dict: dict) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter tensors as ``{"<param id>/<name>": tensor}``."""
+    return {f"{pid}/{name}": torch.as_tensor(value)
+            for pid, slot in state_dict["state"].items() for name, value in slot.items()}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], fresh: dict) -> dict:
+    """Back into a state dict, with the param groups (lr, betas) of the ``fresh`` optimizer:
+    the round's hyperparameters win over the ones the state was saved with."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": fresh["param_groups"]}
+
+
 def train_local(
     algorithm: Algorithm,
-    global_params: Params,
+    start_params: Params,
     train: Split,
     class_text: torch.Tensor,
     logit_scale: float,
     *,
+    config: RoundConfig,
     seed: int,
-    optimizer_state: dict | None = None,
+    objective: Callable[[torch.Tensor, nn.Module], torch.Tensor] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Local epochs of Adam on the adapter, starting from ``global_params``.
+    """``config.local_epochs`` epochs of Adam (lr ``config.lr``) from ``start_params``.
 
-    ``class_text`` are the normalised class-prompt features. Batches come from a generator
-    seeded with ``seed`` (see :func:`round_seed`). With the contrastive loss, a batch of one
-    sample is skipped, as in the reference code.
+    ``class_text`` are the normalised class-prompt features. ``objective(task_loss, module)``
+    is what is minimised (default: the task loss). Batches come from a generator seeded with
+    ``seed`` (see :func:`round_seed`). With the contrastive loss, a batch of one sample is
+    skipped, as in the reference code.
     """
     cfg = algorithm.cfg
     start = time.perf_counter()
-    dim = train.x.shape[1]
-    module = algorithm.build_module(dim)
-    module.load_state_dict(global_params)
+    module = algorithm.build_module(train.x.shape[1])
+    module.load_state_dict(start_params)
     module.train()
-    frozen_global = {k: v.detach().clone() for k, v in global_params.items()}
-    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, betas=(cfg.beta1, cfg.beta2),
                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if optimizer_state:
+        optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    for _ in range(cfg.local_epochs):
+    for _ in range(config.local_epochs):
         order = torch.randperm(len(train), generator=generator)
         for batch in order.split(cfg.batch_size):
             if len(batch) < 2 and cfg.loss == "clip":
@@ -96,14 +115,14 @@ def train_local(
             emb = algorithm.embed(module, train.x[batch])
             text = algorithm.class_text(module, class_text)
             loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
-            objective = algorithm.local_loss(loss, module, frozen_global)
+            total = objective(loss, module) if objective is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+            total.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-    kept = optimizer.state_dict() if cfg.optimizer_state == "keep" else None
     return TrainResult(get_params(module), len(train), float(np.mean(losses)) if losses else
-                       float("nan"), time.perf_counter() - start, kept)
+                       float("nan"), time.perf_counter() - start,
+                       flatten_optimizer(optimizer.state_dict()), len(losses))
 
 
 def load_module(algorithm: Algorithm, params: Params | None, dim: int) -> nn.Module | None:
@@ -147,3 +166,27 @@ def evaluate_module(
     accuracy = float((logits.argmax(dim=1) == split.y).float().mean())
     loss = float(F.cross_entropy(logits.masked_fill(torch.isinf(logits), -1e4), split.y))
     return EvalResult(accuracy, loss, len(split))
+
+
+PERSONAL_ROUNDS = 10**6  # seeds of personalization epochs never collide with rounds
+
+
+def personalize(algorithm: Algorithm, params: Params, data: ClientData, class_text: torch.Tensor,
+                logit_scale: float, epochs: int) -> tuple[float, int]:
+    """Fine-tune a copy of ``params`` on the client's train split for up to ``epochs`` epochs,
+    keep the epoch (0 = ``params`` itself) with the best val accuracy; return its test
+    accuracy and the epoch. ``params`` is never modified. Both runtimes call this."""
+    args = (class_text, logit_scale)
+    own = {k: v.clone() for k, v in params.items()}
+    best_val = evaluate(algorithm, own, data.val, *args, data.class_mask)
+    best, best_epoch = own, 0
+    for epoch in range(1, epochs + 1):
+        config = algorithm.round_config(1)
+        config = RoundConfig(PERSONAL_ROUNDS + epoch, config.lr, 1, config.values)
+        own = train_local(algorithm, own, data.train, *args, config=config,
+                          seed=round_seed(algorithm.cfg.seed, PERSONAL_ROUNDS + epoch,
+                                          data.name)).params
+        val = evaluate(algorithm, own, data.val, *args, data.class_mask)
+        if val.accuracy > best_val.accuracy:
+            best, best_val, best_epoch = own, val, epoch
+    return evaluate(algorithm, best, data.test, *args, data.class_mask).accuracy, best_epoch

@@ -1,59 +1,43 @@
 """The in-process federation: one round loop for every algorithm, no Flower import.
 
-Each round every client trains from the global state (``Algorithm`` hooks decide the loss and
-the aggregation), the server aggregates, and the global state is evaluated on every client's
-val and test split and on the held-out domain. Callbacks observe each round (progress,
-checkpoints); the loop itself neither prints nor writes files.
+Each round the server asks the algorithm for the round's configuration and each client's
+extras, every client trains from the global parameters (``Algorithm.train_client``; its state
+kept in ``FederationState.client_states``), and the server aggregates
+(``Algorithm.aggregate``, weighted by each client's train size). Then the global state is
+evaluated on every client's val and test split and on the held-out domain. Callbacks observe
+each round (progress, checkpoints); the loop itself neither prints nor writes files.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from fedclip.adapters import Params, count_parameters
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, ClientJob, State
+from fedclip.results import evaluation, nanmean, round_record
 from fedclip.runtime.client import (
     ClientData,
     Split,
-    evaluate,
     evaluate_module,
     load_module,
+    personalize,
     round_seed,
-    train_local,
 )
+from fedclip.runtime.state import FederationState
 
 BYTES_PER_VALUE = 4  # fp32 on the wire
-PERSONAL_ROUNDS = 10**6  # seeds of personalization epochs never collide with rounds
 
 
-@dataclass
-class FederationState:
-    """Everything needed to continue a run exactly where it stopped."""
-
-    round: int
-    global_params: Params | None
-    best_round: int = 0
-    best_val: float = -math.inf
-    best_params: Params | None = None
-    optimizer_states: dict[str, dict] = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
-    client_params: dict[str, Params] = field(default_factory=dict)  # algorithms that keep them
-    best_client_params: dict[str, Params] = field(default_factory=dict)
+def tensor_bytes(tensors: dict[str, torch.Tensor], bytes_per_value: int = BYTES_PER_VALUE
+                 ) -> int:
+    return sum(t.numel() for t in tensors.values()) * bytes_per_value
 
 
 RoundCallback = Callable[[FederationState, dict], None]
-
-
-def nanmean(values: Iterable[float]) -> float:
-    """Mean ignoring NaN (an empty split); NaN when nothing is left."""
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 class Federation:
@@ -61,10 +45,11 @@ class Federation:
                  logit_scale: float, heldout: Split | None = None,
                  heldout_mask: torch.Tensor | None = None) -> None:
         self.algorithm, self.clients = algorithm, clients
-        self.class_text = F.normalize(class_text, dim=-1)
+        self.class_text = class_text  # normalised
         self.logit_scale = logit_scale
         self.heldout, self.heldout_mask = heldout, heldout_mask
         self.cfg = algorithm.cfg
+        algorithm.num_clients = len(clients)
         self._trainable: int | None = None
 
     @property
@@ -76,97 +61,79 @@ class Federation:
             self._trainable = count_parameters(self.algorithm.init_global(self.dim))
         return self._trainable
 
-    def bytes_per_round(self) -> int:
-        """Down (global to each client) plus up (each client's update), fp32."""
-        if not self.algorithm.trains or not self.algorithm.communicates:
-            return 0
-        return 2 * len(self.clients) * self.trainable_parameters() * BYTES_PER_VALUE
-
     # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, params: Params | None, own: dict[str, Params] | None = None) -> dict:
-        """Accuracies of ``params`` (or of each client's ``own`` adapter, when given; the
-        held-out accuracy is then the mean over the clients' adapters)."""
-        shared = load_module(self.algorithm, params, self.dim)  # built once, used for all
-        modules = {c.name: load_module(self.algorithm, own[c.name], self.dim)
-                   if own and c.name in own else shared for c in self.clients}
+    def evaluate(self, params: Params | None, states: dict[str, State] | None = None) -> dict:
+        """Accuracies of ``params`` on every client's val/test split (with each client's own
+        state: personal parameters, a personal model) and on the held-out domain (the global
+        parameters; the mean over the clients' models when every parameter is personal)."""
+        algo, states = self.algorithm, states or {}
+        shared = load_module(algo, params, self.dim)  # built once, used by every plain client
+        modules = {}
+        for c in self.clients:
+            own = algo.eval_params(params, states.get(c.name, {}))
+            modules[c.name] = shared if own is params else load_module(algo, own, self.dim)
         args = (self.class_text, self.logit_scale)
-        ev = self.algorithm
-        val = {c.name: evaluate_module(ev, modules[c.name], c.val, *args, c.class_mask)
+        val = {c.name: evaluate_module(algo, modules[c.name], c.val, *args, c.class_mask).accuracy
                for c in self.clients}
-        test = {c.name: evaluate_module(ev, modules[c.name], c.test, *args, c.class_mask)
-                for c in self.clients}
+        test = {c.name: evaluate_module(algo, modules[c.name], c.test, *args,
+                                        c.class_mask).accuracy for c in self.clients}
         heldout = None
         if self.heldout is not None:
-            adapters = list(modules.values()) if own else [shared]
-            heldout = nanmean([evaluate_module(ev, m, self.heldout, *args,
-                                               self.heldout_mask).accuracy for m in adapters])
-        return {
-            "val_accuracy": {k: v.accuracy for k, v in val.items()},
-            "test_accuracy": {k: v.accuracy for k, v in test.items()},
-            "mean_val_accuracy": nanmean([v.accuracy for v in val.values()]),
-            "mean_test_accuracy": nanmean([v.accuracy for v in test.values()]),
-            "heldout_accuracy": heldout,
-        }
+            models = [shared] if algo.communicates or params is None else list(modules.values())
+            heldout = nanmean(evaluate_module(algo, m, self.heldout, *args,
+                                              self.heldout_mask).accuracy for m in models)
+        return evaluation(val, test, heldout)
 
     def personalize(self, params: Params, epochs: int) -> dict:
-        """Each client fine-tunes its own copy of ``params`` on its train split, keeps the
-        epoch (0 = the global adapter itself) with the best val accuracy, and is scored on its
-        test split. ``params`` is never modified."""
+        """Each client fine-tunes its own copy of ``params`` (see
+        :func:`fedclip.runtime.client.personalize`); ``params`` is never modified."""
         per_client, chosen = {}, {}
-        for client in self.clients:
-            args = (self.class_text, self.logit_scale)
-            own = {k: v.clone() for k, v in params.items()}
-            best_val = evaluate(self.algorithm, own, client.val, *args, client.class_mask)
-            best, best_epoch = own, 0
-            for epoch in range(1, epochs + 1):
-                own = train_local(self.algorithm, own, client.train, *args,
-                                  seed=round_seed(self.cfg.seed, PERSONAL_ROUNDS + epoch,
-                                                  client.name)).params
-                val = evaluate(self.algorithm, own, client.val, *args, client.class_mask)
-                if val.accuracy > best_val.accuracy:
-                    best, best_val, best_epoch = own, val, epoch
-            per_client[client.name] = evaluate(self.algorithm, best, client.test, *args,
-                                               client.class_mask).accuracy
-            chosen[client.name] = best_epoch
-        return {"mean": nanmean(list(per_client.values())), "per_client": per_client,
+        for c in self.clients:
+            per_client[c.name], chosen[c.name] = personalize(
+                self.algorithm, params, c, self.class_text, self.logit_scale, epochs)
+        return {"mean": nanmean(per_client.values()), "per_client": per_client,
                 "epochs": chosen}
 
     # --- rounds ---------------------------------------------------------------------------
     def initial_state(self) -> FederationState:
         params = self.algorithm.init_global(self.dim)
-        record = {"round": 0, "train_loss": {}, "seconds": 0.0, "bytes": 0,
-                  **self.evaluate(params)}
-        return FederationState(0, params, 0, record["mean_val_accuracy"], params, {}, [record])
+        server_state = self.algorithm.init_server_state(params) if params is not None else {}
+        record = {**round_record(0, {}, 0.0, 0, 0), **self.evaluate(params)}
+        state = FederationState(0, params, server_state=server_state, history=[record])
+        state.select(record)
+        return state
+
+    def client_job(self, state: FederationState, client: ClientData, server_round: int
+                   ) -> ClientJob:
+        algo = self.algorithm
+        own = state.client_states.setdefault(client.name, {})
+        start = algo.with_personal(state.global_params, own)
+        return ClientJob(client.name, client.train, start, start,
+                         algo.client_extras(state.server_state, client.name),
+                         algo.round_config(server_round), own, self.class_text,
+                         self.logit_scale, round_seed(self.cfg.seed, server_round, client.name))
 
     def run_round(self, state: FederationState) -> dict:
-        server_round = state.round + 1
+        algo, server_round = self.algorithm, state.round + 1
         start = time.perf_counter()
-        updates, losses = [], {}
+        updates, losses, sent, received = [], {}, 0, 0
         for client in self.clients:
-            start_params = self.algorithm.start_params(state.global_params,
-                                                       state.client_params.get(client.name))
-            result = train_local(
-                self.algorithm, start_params, client.train, self.class_text,
-                self.logit_scale, seed=round_seed(self.cfg.seed, server_round, client.name),
-                optimizer_state=state.optimizer_states.get(client.name))
-            updates.append((result.params, result.num_examples))
-            losses[client.name] = result.loss
-            if result.optimizer_state is not None:
-                state.optimizer_states[client.name] = result.optimizer_state
-            if not self.algorithm.communicates:
-                state.client_params[client.name] = result.params
-        if self.algorithm.communicates:
-            state.global_params = self.algorithm.aggregate(updates)
+            job = self.client_job(state, client, server_round)
+            update = algo.train_client(job)
+            weight = float(len(client.train)) if self.cfg.aggregation == "weighted" else 1.0
+            updates.append(replace(update, weight=weight))
+            losses[client.name] = update.loss
+            if algo.communicates:
+                sent += tensor_bytes(algo.shared(state.global_params)) + tensor_bytes(job.extras)
+                received += tensor_bytes(update.params) + tensor_bytes(update.extras)
+        if algo.communicates:
+            state.global_params, state.server_state = algo.aggregate(
+                state.global_params, updates, state.server_state)
         state.round = server_round
-        record = {"round": server_round, "train_loss": losses,
-                  "mean_train_loss": nanmean(list(losses.values())),
-                  "seconds": time.perf_counter() - start, "bytes": self.bytes_per_round()}
+        record = round_record(server_round, losses, time.perf_counter() - start, sent, received)
         if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
-            record.update(self.evaluate(state.global_params, state.client_params))
-            if state.best_round == 0 or record["mean_val_accuracy"] > state.best_val:
-                state.best_round, state.best_val = server_round, record["mean_val_accuracy"]
-                state.best_params = state.global_params
-                state.best_client_params = dict(state.client_params)
+            record.update(self.evaluate(state.global_params, state.client_states))
+            state.select(record)
         record["round_seconds"] = time.perf_counter() - start  # train, aggregate, evaluate
         state.history.append(record)
         return record

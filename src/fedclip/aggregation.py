@@ -1,0 +1,58 @@
+"""How a server combines client parameters: weighted or uniform mean, or a robust statistic.
+
+The same functions serve the in-process runner and the Flower strategy, so both runtimes
+aggregate identically.
+
+* ``weighted``: the mean weighted by each client's train size, **as declared at discovery**
+  (the Flower server never takes a count from a round's reply);
+* ``uniform``: the plain mean (the FedCLIP reference code);
+* ``median``: the coordinate-wise median (Yin et al., 2018; Flower's ``FedMedian``). One
+  client, however far off, moves no coordinate beyond the range of the honest clients' values
+  when honest clients are a majority;
+* ``trimmed-mean``: per coordinate, drop the ``trim`` fraction of the values at each end and
+  average the rest (Flower's ``FedTrimmedAvg``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+Params = dict[str, torch.Tensor]
+MODES = ("weighted", "uniform", "median", "trimmed-mean")
+
+
+def combine(params: Sequence[Params], weights: Sequence[float], mode: str = "weighted",
+            trim: float = 0.2) -> Params:
+    if not params:
+        raise ValueError("cannot aggregate: no updates")
+    if mode not in MODES:
+        raise ValueError(f"unknown aggregation {mode!r}; use one of {', '.join(MODES)}")
+    keys = params[0].keys()
+    if mode in ("weighted", "uniform"):
+        w = [float(x) if mode == "weighted" else 1.0 for x in weights]
+        if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+            raise ValueError(f"cannot aggregate with weights {w}: they must be finite, "
+                             f"non-negative and not all zero")
+        total = sum(w)
+        return {k: sum(p[k] * (x / total) for p, x in zip(params, w, strict=True))
+                for k in keys}
+    out = {}
+    for k in keys:
+        stacked = torch.stack([p[k] for p in params])
+        if mode == "median":
+            out[k] = _median(stacked)
+        else:
+            cut = int(trim * len(params))
+            ordered = stacked.sort(dim=0).values
+            out[k] = ordered[cut:len(params) - cut].mean(dim=0)
+    return out
+
+
+def _median(stacked: torch.Tensor) -> torch.Tensor:
+    """The mean of the two middle values for an even count (numpy's median, Flower's)."""
+    ordered = stacked.sort(dim=0).values
+    n = len(ordered)
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2

@@ -1,0 +1,32 @@
+"""The state of a federation between rounds, shared by both runtimes' servers and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fedclip.adapters import Params
+from fedclip.algorithms.base import State
+from fedclip.results import is_better
+
+
+@dataclass
+class FederationState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    round: int
+    global_params: Params | None
+    best_round: int = 0
+    best_val: float = -math.inf
+    best_params: Params | None = None
+    server_state: State = field(default_factory=dict)
+    client_states: dict[str, State] = field(default_factory=dict)
+    best_client_states: dict[str, State] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def select(self, record: dict) -> None:
+        """Apply the one best-round rule to an evaluated round."""
+        if is_better(record, self.best_val):
+            self.best_round, self.best_val = record["round"], record["mean_val_accuracy"]
+            self.best_params = self.global_params
+            self.best_client_states = {c: dict(s) for c, s in self.client_states.items()}

@@ -1,0 +1,222 @@
+"""The task both runtimes stand on: data -> features -> client tensors, with no runtime in it.
+
+The in-process runner (``fedclip.experiment``) and the Flower apps (``fedclip.flower``) are
+peers on this layer; neither imports the other. The task is **defined by the run**: class
+names in order (``classes``, or the dataset spec's), prompt template, backbone, split
+fractions, seed, clients per domain and partition. A site (a Flower node) reads only its own
+domain's folder and checks it against that definition; its partitions and splits depend only
+on (seed, domain name, client index, its own files), so every site computes the same ones as
+the in-process runner does on the whole dataset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fedclip.algorithms import get_algorithm
+from fedclip.backbones import LazyBackbone, resolve_device
+from fedclip.config import RunConfig
+from fedclip.data.folder import Domain, DomainDataset, scan_dataset, scan_domain
+from fedclip.data.sources import resolve_data_root
+from fedclip.data.specs import SPECS, class_to_text, detect_spec
+from fedclip.data.splits import ClientSplit, domain_clients, make_clients
+from fedclip.errors import ConfigError
+from fedclip.features import (
+    ImageFeatures,
+    TextFeatures,
+    default_cache_dir,
+    image_features,
+    image_pixels,
+    text_features,
+)
+from fedclip.runtime.client import ClientData, Split
+
+Progress = Callable[[str, int, int], None]  # (domain, done, total)
+
+
+# --- the task definition ------------------------------------------------------------------
+def fractions(cfg: RunConfig) -> tuple[float, float, float]:
+    return cfg.train_fraction, cfg.val_fraction, cfg.test_fraction
+
+
+def task_classes(cfg: RunConfig, domain_names: list[str]) -> tuple[str, ...] | None:
+    """The run's classes: ``cfg.classes``, else the named (or detected) dataset spec's."""
+    if cfg.classes is not None:
+        return tuple(cfg.classes)
+    if cfg.dataset == "custom":
+        return None
+    spec = SPECS.get(cfg.dataset) if cfg.dataset != "auto" else detect_spec(domain_names)
+    return spec.classes if spec is not None and spec.classes else None
+
+
+def run_classes(cfg: RunConfig) -> tuple[str, ...]:
+    """The classes of a federated run, from its configuration alone (every node and the
+    server compute the same): ``classes``, the ``dataset`` spec, or the spec whose domains
+    include the held-out domain."""
+    classes = task_classes(cfg, [cfg.heldout])
+    if not classes:
+        raise ConfigError(f"a federated run defines its classes: set dataset (one of "
+                          f"{', '.join(s for s, v in SPECS.items() if v.classes)}) or classes "
+                          f"(the class names in label order); held-out domain {cfg.heldout!r} "
+                          f"names no known dataset")
+    return classes
+
+
+def prompts(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(cfg.prompt_template.format(class_to_text(c)) for c in classes)
+
+
+# --- features -----------------------------------------------------------------------------
+def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_dir: Path,
+                  progress: Progress | None = None) -> ImageFeatures:
+    """Cached features of a domain (or its pixels, for algorithms that train the backbone)."""
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(domain.name, done, total)
+
+    if get_algorithm(cfg).inputs == "pixels":
+        return image_pixels(backbone, domain, cfg.extract_batch_size, cfg.extract_workers, report)
+    return image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
+                          cfg.extract_workers, report)
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def backbone(cfg: RunConfig) -> LazyBackbone:
+    return LazyBackbone(cfg.backbone, resolve_device(cfg.device))
+
+
+# --- tensors ------------------------------------------------------------------------------
+def _split(feats: ImageFeatures, labels: torch.Tensor, index) -> Split:  # noqa: ANN001
+    index = torch.as_tensor(index, dtype=torch.long)
+    index = index[feats.valid[index]]  # unreadable images were skipped
+    return Split(feats.features[index], labels[index])
+
+
+def class_mask(n_classes: int, present: tuple[int, ...]) -> torch.Tensor:
+    mask = torch.zeros(n_classes, dtype=torch.bool)
+    mask[list(present)] = True
+    return mask
+
+
+def client_tensors(domain: Domain, feats: ImageFeatures, split: ClientSplit, n_classes: int
+                   ) -> ClientData:
+    labels = torch.as_tensor(domain.labels)
+    train, val, test = (_split(feats, labels, idx) for idx in (split.train, split.val, split.test))
+    return ClientData(split.name, train, val, test, class_mask(n_classes, domain.present))
+
+
+def heldout_tensors(domain: Domain, feats: ImageFeatures, n_classes: int
+                    ) -> tuple[Split, torch.Tensor]:
+    """The whole held-out domain as a test split, and the classes it has."""
+    split = _split(feats, torch.as_tensor(domain.labels), range(len(domain)))
+    return split, class_mask(n_classes, domain.present)
+
+
+def clients_of(cfg: RunConfig, domain: Domain) -> list[ClientSplit]:
+    return domain_clients(domain, seed=cfg.seed, fractions=fractions(cfg),
+                          clients_per_domain=cfg.clients_per_domain, mode=cfg.partition,
+                          alpha=cfg.dirichlet_alpha)
+
+
+# --- the whole dataset on one machine (in-process) ----------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the rounds need, computed once per process."""
+
+    dataset: DomainDataset
+    features: dict[str, ImageFeatures]
+    text: TextFeatures
+    prompts: tuple[str, ...]
+    extraction_seconds: float
+
+    @property
+    def class_text(self) -> torch.Tensor:
+        return F.normalize(self.text.features, dim=-1)
+
+
+def scan(cfg: RunConfig) -> DomainDataset:
+    root = resolve_data_root(cfg.data_root, cache_dir(cfg))
+    dataset = scan_dataset(root, cfg.dataset, cfg.classes)
+    if cfg.heldout != "all":
+        make_clients(dataset, cfg.heldout, seed=cfg.seed, fractions=fractions(cfg))  # validates
+    return dataset
+
+
+def prepare(cfg: RunConfig, progress: Progress | None = None) -> Prepared:
+    """Scan and validate the data, then features of every domain and the class prompts."""
+    dataset = scan(cfg)
+    lazy, cache = backbone(cfg), cache_dir(cfg)
+    start = time.perf_counter()
+    feats = {name: domain_inputs(cfg, lazy, domain, cache, progress)
+             for name, domain in dataset.domains.items()}
+    class_prompts = prompts(cfg, dataset.classes)
+    text = text_features(lazy, list(class_prompts), cache)
+    return Prepared(dataset, feats, text, class_prompts, time.perf_counter() - start)
+
+
+def training_clients(cfg: RunConfig, prep: Prepared, heldout: str) -> list[ClientData]:
+    """Every domain but ``heldout``, split into its clients, as tensors."""
+    n = len(prep.dataset.classes)
+    return [client_tensors(domain, prep.features[name], split, n)
+            for name, domain in prep.dataset.domains.items() if name != heldout
+            for split in clients_of(cfg, domain)]
+
+
+# --- one site's own data (a Flower node) --------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """What one node holds: its identity, its tensors and the class prompts' features."""
+
+    role: str  # "train" or "heldout"
+    name: str  # client name: the domain, or "<domain>#<index>"
+    domain: str
+    index: int
+    classes: tuple[str, ...]
+    class_text: torch.Tensor  # normalised
+    logit_scale: float
+    data: ClientData | None = None  # training sites
+    heldout: Split | None = None  # the held-out site
+    heldout_mask: torch.Tensor | None = None
+    images: int = 0
+    skipped: tuple[str, ...] = ()
+
+    def sizes(self) -> dict[str, int]:
+        if self.data is None:
+            return {"train": 0, "val": 0, "test": len(self.heldout or ())}
+        return {"train": len(self.data.train), "val": len(self.data.val),
+                "test": len(self.data.test)}
+
+
+def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
+    """A site's own domain under ``root``, as the run defines the task. Nothing but this
+    domain's folder has to exist on the machine."""
+    classes = run_classes(cfg)
+    role = "heldout" if domain == cfg.heldout else "train"
+    if role == "heldout" and index != 0:
+        raise ConfigError(f"the held-out domain {domain!r} is one evaluation-only node; "
+                          f"client-index {index} is not valid for it")
+    if role == "train" and not 0 <= index < cfg.clients_per_domain:
+        raise ConfigError(f"client-index {index} is out of range: this run splits each domain "
+                          f"into {cfg.clients_per_domain} client(s) (0..."
+                          f"{cfg.clients_per_domain - 1})")
+    found = scan_domain(root, domain, classes)
+    lazy, cache = backbone(cfg), cache_dir(cfg)
+    feats = domain_inputs(cfg, lazy, found, cache)
+    text = text_features(lazy, list(prompts(cfg, classes)), cache)
+    common = dict(classes=classes, class_text=F.normalize(text.features, dim=-1),
+                  logit_scale=text.logit_scale, images=len(found), skipped=feats.skipped)
+    if role == "heldout":
+        split, mask = heldout_tensors(found, feats, len(classes))
+        return Site(role, domain, domain, 0, heldout=split, heldout_mask=mask, **common)
+    split = clients_of(cfg, found)[index]
+    return Site(role, split.name, domain, index,
+                data=client_tensors(found, feats, split, len(classes)), **common)
