@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 
@@ -56,6 +57,14 @@ class LocalGrid(Grid):
             if msg.metadata.message_type == "train" and server_round in self.drop.get(node, ()):
                 continue
             # each node gets its own copy, as over the wire (mods may mutate what they read)
-            reply = self.client_app(copy.deepcopy(msg), self.contexts[node])
-            replies.append(self.tamper(node, reply) if self.tamper else reply)
+            wire = copy.deepcopy(msg)
+            try:
+                reply = self.client_app(wire, self.contexts[node])
+            except Exception as ex:  # as a SuperNode does: an error reply, never a raise
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=reason), reply_to=wire)
+            if self.tamper:
+                reply = self.tamper(node, reply)
+            replies.append(reply)
         return replies

@@ -37,11 +37,39 @@ def run_config(out, cache, rounds=3, **extra):
     return items + [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in extra.items()]
 
 
+def own_data_nodes(tmp_path):
+    """Each node's data-root holds only its own domain (the held-out node: only sketch)."""
+    import shutil
+
+    from fedclip.data.sources import embedded_sample_root
+
+    configs = []
+    for d in DOMAINS:
+        site = tmp_path / "sites" / d
+        shutil.copytree(embedded_sample_root() / d, site / d)
+        configs.append(f"data-root='{site}' domain='{d}'")
+    return configs
+
+
 def test_deployment_on_localhost(tmp_path, cache):
+    """Four SuperNodes that each hold only their own domain: the run completes and its final
+    adapter equals the in-process runner's on the same seed."""
+    from safetensors.torch import load_file
+
+    from fedclip.config import RunConfig
+    from fedclip.experiment import run
+
     out = tmp_path / "out"
-    with LocalDeployment(tmp_path, nodes()) as dep:
+    with LocalDeployment(tmp_path, own_data_nodes(tmp_path)) as dep:
         _, status = dep.run(run_config(out, cache))
     assert status == "finished:completed"
+    local = run(RunConfig.build(backbone="standin", heldout="sketch", rounds=3,
+                                cache_dir=str(cache)), tmp_path / "local")[0]
+    wd = load_file(out / "sketch" / "adapter-last.safetensors")
+    wl = load_file(tmp_path / "local" / "sketch" / "adapter-last.safetensors")
+    assert max((wd[k] - wl[k]).abs().max().item() for k in wl) < 1e-5
+    (r,) = json.loads((out / "results.json").read_text())["runs"]
+    assert r["personalized"]["per_client"] == pytest.approx(local["personalized"]["per_client"])
     (r,) = json.loads((out / "results.json").read_text())["runs"]
     assert [h["round"] for h in r["history"]] == [0, 1, 2, 3]
     assert r["runtime"] == "flower" and set(r["personalization"]["per_client"]) == set(

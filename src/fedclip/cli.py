@@ -78,10 +78,12 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value (got {item!r})")
+        algo, dot, name = key.strip().rpartition(".")
+        key = f"{algo}.{name.replace('-', '_')}" if dot else name.replace("-", "_")
         try:
-            values[key.strip().replace("-", "_")] = tomllib.loads(f"v = {raw}")["v"]
+            values[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            values[key.strip().replace("-", "_")] = raw
+            values[key] = raw
     return values
 
 
@@ -94,7 +96,9 @@ def run_command(
     heldout: str | None = typer.Option(None, help="Held-out domain, or 'all'."),
     rounds: int | None = typer.Option(None, help="Communication rounds."),
     loss: str | None = typer.Option(None, help="clip (contrastive) or ce."),
-    algorithm: str | None = typer.Option(None, help="fedclip, fedprox, zeroshot."),
+    algorithm: str | None = typer.Option(
+        None, help="Algorithm (default fedclip); `fedclip algorithms` lists them and their "
+                   "options (--set NAME.KEY=VALUE)."),
     seed: int | None = typer.Option(None, help="Seed for splits, init and batches."),
     dataset: str | None = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder for all outputs."),
@@ -165,6 +169,23 @@ def compare_command(
         out_console.print(f"\n[bold]{name}[/]")
         out_console.print(markdown(table["header"], table["rows"]))
     out_console.print(f"\ntables: {out / 'compare.md'}, plots: {out / 'compare.png'}")
+
+
+@app.command("algorithms")
+def algorithms_command() -> None:
+    """The registered algorithms, what each trains, where it runs, and its options."""
+    from fedclip.algorithms import algorithm_class, names
+
+    table = Table(title="algorithms (--algorithm NAME; options: --set NAME.KEY=VALUE)")
+    for col in ("name", "what trains", "Flower", "options (default)"):
+        table.add_column(col)
+    for name in names():
+        cls = algorithm_class(name)
+        algo = cls(RunConfig(algorithm=name))
+        options = ", ".join(f"{name}.{k}={v}" for k, v in algo.options.model_dump().items())
+        table.add_row(name, cls.summary, "yes" if algo.runs_on_flower else "in-process only",
+                      options or "-")
+    out_console.print(table)
 
 
 @app.command("flower-run")

@@ -99,12 +99,12 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
         personalized=personalized, runtime="in-process")
     adapters = [("adapter", state.best_params, state.best_round),
                 ("adapter-last", state.global_params, state.round)]
-    if algo.personal and algo.inputs == "features":  # each client's own model too
-        adapters += [(f"adapter-{safe_name(c.name)}",
-                      algo.eval_params(state.best_params, state.best_client_states.get(c.name, {})),
-                      state.best_round) for c in fed.clients]
-        if not algo.communicates:  # no global adapter at all
-            adapters = adapters[2:]
+    if algo.keeps_own_models and state.best_params is not None:  # each client's own model
+        adapters += [(f"adapter-{safe_name(c.name)}", algo.eval_params(
+            state.best_params, state.best_client_states.get(c.name, {})), state.best_round)
+            for c in fed.clients]
+    if not algo.communicates:  # no global adapter at all
+        adapters = adapters[2:]
     for name, params, rnd in adapters:
         if params is not None:
             save_adapter(run_dir / f"{name}.safetensors", params, cfg, prep.dataset.classes,

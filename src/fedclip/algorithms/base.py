@@ -111,6 +111,7 @@ class Algorithm:
     inputs: ClassVar[str] = "features"  # "pixels": trains through the backbone (no cache)
     eval_batch: ClassVar[int] = 4096  # inputs per forward when evaluating
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
+    init_needs_text: ClassVar[bool] = False  # init_global uses the class prompts' features
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -136,6 +137,12 @@ class Algorithm:
     def communicates(self) -> bool:
         """Whether anything is averaged by a server (False: every parameter is personal)."""
         return self.trains and "*" not in self.personal
+
+    @property
+    def keeps_own_models(self) -> bool:
+        """Whether a client is scored with a model of its own (personal parameters, or an
+        ``eval_params`` override such as Ditto's personal adapter)."""
+        return bool(self.personal) or type(self).eval_params is not Algorithm.eval_params
 
     @property
     def runs_on_flower(self) -> bool:

@@ -4,3 +4,11 @@
 functions the in-process runner uses (``fedclip.runtime.client``, ``Algorithm`` hooks), and
 encode the reply. Only adapter weights and metrics cross the wire.
 """
+
+try:
+    import flwr  # noqa: F401
+except ImportError:  # pragma: no cover - exercised by tests/test_packaging.py
+    from fedclip.errors import FedclipError
+
+    raise FedclipError("the Flower apps need Flower: pip install 'fedclip[flower]' "
+                       "(or 'fedclip[simulation]' for Ray simulation)") from None

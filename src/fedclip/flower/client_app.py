@@ -30,8 +30,11 @@ def task_fingerprint(site: Site) -> str:
     return hashlib.sha256(json.dumps(list(site.classes)).encode()).hexdigest()[:16]
 
 
-def handle_query(site: Site) -> RecordDict:
-    """Who this node is, so the server can plan and check the run without seeing data."""
+def handle_query(site: Site, algorithm: Algorithm | None = None,
+                 config: dict | None = None) -> RecordDict:
+    """Who this node is, so the server can plan and check the run without seeing data (and,
+    when asked, the algorithm's initial parameters: those that start from the class
+    prompts' features, which only nodes can compute)."""
     sizes = site.sizes()
     info = ConfigRecord({"client": site.name, "role": site.role, "domain": site.domain,
                          "task": task_fingerprint(site), "skipped": json.dumps(site.skipped)})
@@ -39,7 +42,10 @@ def handle_query(site: Site) -> RecordDict:
                             "num-val": sizes["val"], "num-test": sizes["test"],
                             "images": site.images, "dim": int(site.class_text.shape[1]),
                             "logit-scale": float(site.logit_scale)})
-    return RecordDict({"node": info, "metrics": metrics})
+    reply = RecordDict({"node": info, "metrics": metrics})
+    if algorithm is not None and (config or {}).get("send-init", False):
+        reply["init"] = encode(algorithm.init_global(int(site.class_text.shape[1])))
+    return reply
 
 
 def load_state(context_state: RecordDict | None) -> State:
@@ -133,8 +139,9 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        site, _, _ = resolve(context)
-        return Message(handle_query(site), reply_to=msg)
+        site, algorithm, _ = resolve(context)
+        return Message(handle_query(site, algorithm, dict(msg.content["config"])),
+                       reply_to=msg)
 
     @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:

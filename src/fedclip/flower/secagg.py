@@ -221,7 +221,7 @@ def run(grid: Grid, context: Context, run_config: dict[str, Any]) -> dict[str, t
                 for k, a in zip(keys, arrays, strict=True)}
 
     final = as_params(final_arrays)
-    zero = strategy.record(0, _evaluate_all(grid, initial, {"zeroshot": True}), "zeroshot-")
+    zero = strategy.record(0, _evaluate_all(grid, initial, {"zeroshot": True}))
     best = as_params(strategy.best_params) if strategy.best_params is not None else None
     personalized = None
     if best is not None and cfg.personalize_epochs > 0:

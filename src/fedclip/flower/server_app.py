@@ -17,6 +17,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -25,7 +26,7 @@ from fedclip.algorithms import get_algorithm
 from fedclip.config import RunConfig
 from fedclip.data.specs import SPECS, detect_spec
 from fedclip.errors import ConfigError, ResumeError
-from fedclip.flower.codec import encode, finite_number, run_config_to_cfg
+from fedclip.flower.codec import decode, encode, finite_number, run_config_to_cfg
 from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.io import atomic_write_json
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
@@ -57,7 +58,8 @@ def _node_info(node_id: int, content: RecordDict) -> NodeInfo:
 
 
 def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
-             planned: list[str] | None = None) -> dict[int, NodeInfo]:
+             planned: list[str] | None = None, inits: dict[int, dict] | None = None
+             ) -> dict[int, NodeInfo]:
     """Ask every connected node who it is, then check the federation as a whole.
 
     A node answers once it has its features, so the first run on a node includes its
@@ -71,7 +73,8 @@ def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
             raise ConfigError(f"only {len(ids)} SuperNodes connected after {timeout:.0f} s; "
                               f"this run needs {needed}")
         time.sleep(1)
-    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+    ask = ConfigRecord({"send-init": inits is not None})
+    messages = [Message(RecordDict({"config": ask}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in ids]
     nodes: dict[int, NodeInfo] = {}
     problems: list[str] = []
@@ -87,8 +90,17 @@ def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
             problems.append(f"node {node_id} sent a malformed identity ({exc})")
             continue
         nodes[node_id] = info
+        if inits is not None and "init" in reply.content.array_records:
+            inits[node_id] = decode(reply.content["init"])
         tasks.setdefault(str(reply.content["node"]["task"]), []).append(info.client)
     problems += check_federation(cfg, nodes, planned, len(tasks))
+    if inits is not None:
+        ref = next(iter(inits.values()), None)
+        if ref is None or len(inits) != len(nodes) or any(
+                set(p) != set(ref) or any(not torch.allclose(p[k], ref[k], atol=1e-5)
+                                          for k in ref) for p in inits.values()):
+            problems.append("nodes disagree on the initial parameters (computed from the class "
+                            "prompts' features): check that every node runs the same backbone")
     if problems:
         raise ConfigError("the federation cannot run: " + "; ".join(problems))
     return nodes
@@ -153,14 +165,19 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
                           f"run it in-process: fedclip run --algorithm {cfg.algorithm}")
     classes = run_classes(cfg)  # the task is the run's: fail before asking any node
     timeout = float(flower["round-timeout"])
+    began = time.perf_counter()
+    inits: dict[int, dict] | None = {} if algorithm.init_needs_text else None
     nodes = discover(grid, cfg, int(flower["min-nodes"]), float(flower["discover-timeout"]),
-                     planned_domains(cfg))
+                     planned_domains(cfg), inits)
+    discovery = time.perf_counter() - began
+    log(INFO, "discovered %d nodes in %.1f s", len(nodes), discovery)
     first = next(iter(nodes.values()))
     algorithm.setup(prompts(cfg, classes))
     algorithm.num_clients = sum(i.role == "train" for i in nodes.values())
     run_dir = Path(flower["out"]) / safe_name(cfg.heldout)
     ckpt, fingerprint = run_dir / "checkpoint.safetensors", config_fingerprint(cfg, cfg.heldout)
-    state = _start_state(algorithm, first.dim, ckpt, fingerprint, bool(flower["resume"]))
+    init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
+    state = _start_state(algorithm, init, ckpt, fingerprint, bool(flower["resume"]))
 
     def on_round(st: FederationState, record: dict) -> None:
         if "mean_val_accuracy" in record:
@@ -183,10 +200,10 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
                      timeout=timeout)
     personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
     return write_results(cfg, flower, strategy, zero, personalized, classes,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, discovery_seconds=discovery)
 
 
-def _start_state(algorithm, dim: int, ckpt: Path, fingerprint: str,  # noqa: ANN001
+def _start_state(algorithm, init: dict, ckpt: Path, fingerprint: str,  # noqa: ANN001
                  resume: bool) -> FederationState:
     if ckpt.exists():
         if not resume:
@@ -195,7 +212,6 @@ def _start_state(algorithm, dim: int, ckpt: Path, fingerprint: str,  # noqa: ANN
         state = load_checkpoint(ckpt, fingerprint)
         log(INFO, "resuming after round %d", state.round)
         return state
-    init = algorithm.init_global(dim)
     return FederationState(0, init, server_state=algorithm.init_server_state(init))
 
 
@@ -215,7 +231,8 @@ def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: AN
 
 
 def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero: dict,
-                  personalized: dict | None, classes: tuple[str, ...], seconds: float) -> dict:
+                  personalized: dict | None, classes: tuple[str, ...], seconds: float,
+                  **extra: object) -> dict:
     from fedclip import report
 
     out = Path(flower["out"])
@@ -236,7 +253,7 @@ def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero:
         heldout_images=heldout_node.num_test,
         skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
         personalized=personalized, runtime="flower", transfer=flower["transfer"],
-        missing_clients=missing)
+        missing_clients=missing, **extra)
     dim, scale = heldout_node.dim, heldout_node.logit_scale
     save_adapter(run_dir / "adapter-last.safetensors", state.global_params, cfg, classes, scale,
                  state.round, dim)

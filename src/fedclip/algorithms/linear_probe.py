@@ -1,0 +1,52 @@
+"""Linear probe: FedAvg of a linear classifier on the frozen image features, initialised from
+the class prompts' text features (zero-shot init: round 0 *is* the zero-shot classifier).
+
+``logits = s * normalise(I) @ normalise(W).T``: a cosine classifier whose class vectors start
+at the prompts' text features and train with the same loss options (contrastive against
+``W[label]``, or cross-entropy over all classes). C x d parameters (3,584 for PACS at d=512).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedclip.adapters import Params, get_params
+from fedclip.algorithms import register
+from fedclip.algorithms.base import Algorithm
+from fedclip.errors import ConfigError
+
+
+class ClassVectors(nn.Module):
+    def __init__(self, classes: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(classes, dim))
+
+
+@register
+class LinearProbe(Algorithm):
+    name = "linear-probe"
+    summary = "a linear (cosine) classifier on the features, zero-shot initialised"
+    init_needs_text = True
+
+    def _classes(self) -> int:
+        if self.text is None:
+            raise ConfigError("linear-probe starts from the class prompts' features; "
+                              "call setup(prompts, class_text) first")
+        return self.text.shape[0]
+
+    def init_global(self, dim: int) -> Params | None:
+        module = ClassVectors(self._classes(), dim)
+        with torch.no_grad():
+            module.weight.copy_(self.text)
+        return get_params(module)
+
+    def build_module(self, dim: int) -> nn.Module:
+        return ClassVectors(self._classes(), dim)
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        return class_text if module is None else F.normalize(module.weight, dim=-1)

@@ -1,0 +1,44 @@
+"""The core package works without its optional extras."""
+
+import subprocess
+import sys
+
+from tests.conftest import TINY_ARCH, TINY_CONFIG
+
+BLOCK_FLWR = """
+import importlib.abc, json, pathlib, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "flwr" or name.startswith("flwr."):
+            raise ImportError("blocked for the test: " + name)
+sys.meta_path.insert(0, Block())
+import open_clip
+config = pathlib.Path(sys.argv[1])
+config.write_text(json.dumps(%r))
+open_clip.add_model_config(config)
+from fedclip.cli import main
+code = main(sys.argv[2:])
+assert not any(m == "flwr" or m.startswith("flwr.") for m in sys.modules), "flwr imported"
+try:
+    import fedclip.flower.client_app
+except Exception as exc:
+    print("FLOWER:", exc)
+sys.exit(code)
+"""
+
+
+def test_run_and_predict_work_without_flower(toy_root, tmp_path):
+    script = BLOCK_FLWR % (TINY_CONFIG,)
+    config = tmp_path / f"{TINY_ARCH}.json"
+    out = tmp_path / "run"
+    spec = f"open_clip:{TINY_ARCH}@none"
+    done = subprocess.run([sys.executable, "-c", script, str(config), "run", "--data-root",
+                           str(toy_root), "--backbone", spec, "--heldout", "gamma", "--rounds",
+                           "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pip install 'fedclip[flower]'" in done.stdout
+    image = next((toy_root / "gamma" / "cat").iterdir())
+    done = subprocess.run([sys.executable, "-c", script, str(config), "predict",
+                           str(out / "gamma" / "adapter.safetensors"), str(image)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
