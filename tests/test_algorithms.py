@@ -12,7 +12,7 @@ from fedclip.flower.server_app import main as server_main
 from tests.flower_grid import LocalGrid
 
 FLOWER_ALGORITHMS = ["scaffold", "ditto", "fedadam", "fedyogi", "fedavgm", "linear-probe",
-                     "clip-adapter"]
+                     "clip-adapter", "promptfl"]
 
 
 def config(root, arch, **extra):
@@ -167,3 +167,38 @@ def test_algorithm_options_are_validated_and_reach_clients(tiny_arch, skewed, tm
     from fedclip.algorithms import get_algorithm
 
     assert get_algorithm(cfg).round_config(3).values == {"mu": 0.5}
+
+
+def test_promptfl_starts_at_zero_shot_sends_only_the_context_and_trains(tiny_arch, skewed,
+                                                                        tmp_path):
+    r = run(config(skewed, tiny_arch, algorithm="promptfl"), tmp_path / "p")[0]
+    assert r["history"][0]["heldout_accuracy"] == r["zeroshot"]["generalization"]
+    assert r["trainable_params"] == 4 * 32  # "a picture of a": 4 tokens x text width 32
+    assert r["bytes_per_round"] == 2 * 2 * 4 * 32 * 4
+    init = initial(config(skewed, tiny_arch, algorithm="promptfl"))
+    assert diff(last(tmp_path / "p"), init) > 1e-6
+    with pytest.raises(Exception, match="CLIP text tower"):
+        from fedclip.algorithms import get_algorithm
+
+        get_algorithm(RunConfig.build(algorithm="promptfl", backbone="standin")).backbone
+
+
+@pytest.mark.slow  # AlexNet: 57M parameters trained on the CPU (about 45 s)
+def test_torchvision_classifier_baselines_train_on_pixels(tiny_arch, skewed, tmp_path):
+    """The paper's AlexNet baselines (random init offline), with FedProx's pull."""
+    extra = {"fedavg-cnn.image_size": 64, "batch_size": 6, "rounds": 1, "personalize_epochs": 0}
+    r = run(config(skewed, tiny_arch, algorithm="fedavg-cnn", **extra), tmp_path / "avg")[0]
+    init = initial(config(skewed, tiny_arch, algorithm="fedavg-cnn", **extra))
+    assert r["trainable_params"] == sum(v.numel() for v in init.values()) > 50_000_000
+    assert r["bytes_per_round"] == 2 * 2 * r["trainable_params"] * 4
+    assert init["classifier.6.weight"].shape == (3, 4096)  # a 3-way head
+    avg = last(tmp_path / "avg")
+    assert diff(avg, init) > 0
+    prox = {"fedprox-cnn.image_size": 64, "fedprox-cnn.mu": 1e4, **{
+        k: v for k, v in extra.items() if "." not in k}}
+    run(config(skewed, tiny_arch, algorithm="fedprox-cnn", **prox), tmp_path / "prox")
+
+    def drift(w):
+        return sum(((w[k] - init[k]) ** 2).sum().item() for k in init)
+
+    assert drift(last(tmp_path / "prox")) < drift(avg)

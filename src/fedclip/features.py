@@ -169,13 +169,19 @@ def image_features(
 
 
 def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None = None,
-                 workers: int = 1, progress: Progress | None = None) -> ImageFeatures:
-    """Preprocessed pixels of every image, in memory (for algorithms that train the backbone
-    and so cannot use cached features). ``features`` holds the pixels: [N, 3, H, W]."""
-    model = backbone.get()
+                 workers: int = 1, progress: Progress | None = None,
+                 preprocess: Callable | None = None) -> ImageFeatures:
+    """Preprocessed pixels of every image, in memory (for algorithms that train a network on
+    pixels and so cannot use cached features). ``features`` holds the pixels: [N, 3, H, W].
+    ``preprocess``: the algorithm's own (default: the backbone's)."""
+    if preprocess is None:
+        model = backbone.get()
+        preprocess, default_batch = model.preprocess, model.default_batch_size
+    else:
+        default_batch = 64
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(domain.files, model.preprocess), batch_size=batch_size or
-        model.default_batch_size, num_workers=workers, collate_fn=_collate)
+        _ImageFiles(domain.files, preprocess), batch_size=batch_size or default_batch,
+        num_workers=workers, collate_fn=_collate)
     pixels: torch.Tensor | None = None
     valid = torch.zeros(len(domain), dtype=torch.bool)
     skipped: list[str] = []

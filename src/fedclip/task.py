@@ -80,8 +80,10 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
         if progress is not None:
             progress(domain.name, done, total)
 
-    if get_algorithm(cfg).inputs == "pixels":
-        return image_pixels(backbone, domain, cfg.extract_batch_size, cfg.extract_workers, report)
+    algorithm = get_algorithm(cfg)
+    if algorithm.inputs == "pixels":
+        return image_pixels(backbone, domain, cfg.extract_batch_size, cfg.extract_workers, report,
+                            preprocess=algorithm.preprocess())
     return image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
                           cfg.extract_workers, report)
 

@@ -112,6 +112,7 @@ class Algorithm:
     eval_batch: ClassVar[int] = 4096  # inputs per forward when evaluating
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
     init_needs_text: ClassVar[bool] = False  # init_global uses the class prompts' features
+    has_zero_shot: ClassVar[bool] = True  # False: its inputs never meet the class prompts
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -153,6 +154,11 @@ class Algorithm:
         """Called once before any training with the class prompts and their normalised
         text features (algorithms that start from them, or train the text side)."""
         self.prompts, self.text = prompts, class_text
+
+    def preprocess(self) -> Callable | None:
+        """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
+        backbone's)."""
+        return None
 
     def init_global(self, dim: int) -> Params | None:
         """The global trainable state before round 1 (None: nothing to train)."""

@@ -67,6 +67,11 @@ class Federation:
         state: personal parameters, a personal model) and on the held-out domain (the global
         parameters; the mean over the clients' models when every parameter is personal)."""
         algo, states = self.algorithm, states or {}
+        if params is None and not algo.has_zero_shot:  # nothing to score: NaN, not a guess
+            nan = float("nan")
+            return evaluation({c.name: nan for c in self.clients},
+                              {c.name: nan for c in self.clients},
+                              nan if self.heldout is not None else None)
         shared = load_module(algo, params, self.dim)  # built once, used by every plain client
         modules = {}
         for c in self.clients:
