@@ -180,7 +180,7 @@ def test_promptfl_starts_at_zero_shot_sends_only_the_context_and_trains(tiny_arc
     with pytest.raises(Exception, match="CLIP text tower"):
         from fedclip.algorithms import get_algorithm
 
-        get_algorithm(RunConfig.build(algorithm="promptfl", backbone="standin")).backbone
+        _ = get_algorithm(RunConfig.build(algorithm="promptfl", backbone="standin")).backbone
 
 
 @pytest.mark.slow  # AlexNet: 57M parameters trained on the CPU (about 45 s)
