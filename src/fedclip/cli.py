@@ -13,6 +13,7 @@ import tomllib
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,11 +44,11 @@ class RichReporter:
 
     def _log(self, done: int, total: int, text: str) -> None:
         if self.plain and (done == total or done % max(1, total // 10) == 0):
-            self.progress.console.print(text, highlight=False)
+            self.progress.console.print(text, highlight=False, markup=False)
 
     def _task(self, key: str, label: str, total: int) -> Any:
         if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(label, total=total, info="")
+            self.tasks[key] = self.progress.add_task(escape(label), total=total, info="")
         return self.tasks[key]
 
     def extraction(self, domain: str, done: int, total: int) -> None:
@@ -69,7 +70,21 @@ class RichReporter:
                   f"held out {heldout}: round {record['round']}/{total_rounds} {info}")
 
     def info(self, message: str) -> None:
-        self.progress.console.print(message)
+        self.progress.console.print(message, markup=False, highlight=False)
+
+
+def _settings(preset: Path | None, items: list[str], **flags: Any) -> RunConfig:
+    """Defaults, then the preset, then ``--set``, then flags; one key set two ways to two
+    values is an error that names it."""
+    values = _parse_set(items)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in values and values[key] != value:
+            raise ConfigError(f"{key} is set twice (--set {key}={values[key]!r} and "
+                              f"--{key.replace('_', '-')} {value!r}); keep one")
+        values[key] = value
+    return RunConfig.build(preset, **values)
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -111,7 +126,7 @@ def run_command(
     from fedclip.experiment import run
     from fedclip.report import COLUMNS, STANDIN_NOTE, table_rows
 
-    cfg = RunConfig.build(config, **_parse_set(set_), data_root=data_root, backbone=backbone,
+    cfg = _settings(config, set_, data_root=data_root, backbone=backbone,
                           heldout=heldout, rounds=rounds, loss=loss, algorithm=algorithm,
                           seed=seed, dataset=dataset, cache_dir=cache_dir)
     if cfg.backbone == "standin":
@@ -125,9 +140,10 @@ def run_command(
     for col in COLUMNS:
         table.add_column(col, justify="right")
     for row in table_rows(results):
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     out_console.print(table)
-    out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/")
+    out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/",
+                      markup=False)
 
 
 @app.command("compare")
@@ -147,7 +163,7 @@ def compare_command(
     """Every algorithm on the same splits and seeds: the paper's comparison tables."""
     from fedclip.compare import compare, markdown
 
-    cfg = RunConfig.build(config, **_parse_set(set_), data_root=data_root, backbone=backbone,
+    cfg = _settings(config, set_, data_root=data_root, backbone=backbone,
                           heldout=heldout, rounds=rounds)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -208,7 +224,10 @@ def predict_command(
     adapter: Path = typer.Argument(..., help="An adapter file from a run folder."),
     inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
     backbone: str | None = typer.Option(None, help="Must match the adapter's (checked)."),
-    top: int = typer.Option(1, help="Classes to list per image."),
+    top: int = typer.Option(1, min=1, help="Classes to list per image."),
+    allow_download: bool = typer.Option(
+        False, help="Let the adapter file's backbone spec download weights (otherwise a "
+                    "spec that would download must be confirmed with --backbone)."),
     out: Path | None = typer.Option(None, help="Write the predictions as CSV."),
     cache_dir: str | None = typer.Option(None, help="Feature cache folder."),
 ) -> None:
@@ -218,22 +237,26 @@ def predict_command(
     from fedclip.io import atomic_write
     from fedclip.predict import predict
 
-    rows = predict(adapter, inputs, backbone=backbone, cache_dir=cache_dir, top=top)
+    rows = predict(adapter, inputs, backbone=backbone, cache_dir=cache_dir, top=top,
+                   allow_download=allow_download)
     table = Table(title=f"predictions ({adapter})")
     for col in ("file", "class", "probability", "top"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["file"], r.get("class", r.get("error", "")),
+        table.add_row(escape(r["file"]), escape(r.get("class", r.get("error", ""))),
                       f"{r['probability']:.3f}" if "probability" in r else "",
-                      ", ".join(f"{c} {p:.2f}" for c, p in r.get("top", [])))
+                      escape(", ".join(f"{c} {p:.2f}" for c, p in r.get("top", []))))
     out_console.print(table)
     if out is not None:
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["file", "class", "probability"])
+                writer.writerow(["file", "rank", "class", "probability", "error"])
                 for r in rows:
-                    writer.writerow([r["file"], r.get("class", ""), r.get("probability", "")])
+                    for rank, (c, p) in enumerate(r.get("top", []), start=1):
+                        writer.writerow([r["file"], rank, c, f"{p:.6f}", ""])
+                    if "error" in r:
+                        writer.writerow([r["file"], "", "", "", r["error"]])
         atomic_write(out, write)
         out_console.print(f"wrote {out}")
 
@@ -252,17 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     try:
-        app(args=argv, prog_name="fedclip", standalone_mode=False)
+        code = app(args=argv, prog_name="fedclip", standalone_mode=False)
     except FedclipError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         return 2
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except (click.Abort, KeyboardInterrupt):
-        console.print("interrupted; continue with --resume")
+        code = 130
+    if code == 130:  # typer returns 130 for Ctrl-C when not standalone
+        console.print("interrupted; continue with --resume (the last checkpoint is kept)")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

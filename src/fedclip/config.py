@@ -23,7 +23,8 @@ class RunConfig(BaseModel):
     except where noted.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: "1e-4" (a string) is not a float and true is not an int; finite numbers only
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     # --- data ---------------------------------------------------------------------------
     data_root: str | None = Field(
@@ -33,29 +34,31 @@ class RunConfig(BaseModel):
                          "office-home, domainnet), 'auto' to detect, 'custom' for none.")
     heldout: str = Field("all", description="Domain left out of training, or 'all' for each.")
     classes: tuple[str, ...] | None = Field(
-        None, description="Class names in label order; None: the dataset spec's, or (in-process "
-        "only) the union of the class folders. A Flower run needs a spec or this list.")
+        None, strict=False, description="Class names in label order; None: the dataset "
+        "spec's, or (in-process only) the union of the class folders. A Flower run needs a "
+        "spec or this list.")
     prompt_template: str = "a picture of a {}"
     train_fraction: float = Field(0.6, gt=0, lt=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     clients_per_domain: int = Field(1, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
 
     # --- model --------------------------------------------------------------------------
     backbone: str = Field("open_clip:ViT-B-32@openai", description="Backbone spec string.")
     algorithm: str = "fedclip"
 
     # --- federated training (reference recipe) ------------------------------------------
-    rounds: int = Field(200, ge=0)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    rounds: int = Field(200, ge=0, le=10**7)
+    local_epochs: int = Field(1, ge=1, le=10**4)
+    batch_size: int = Field(32, ge=1, le=10**6)
+    lr: float = Field(5e-5, gt=0, le=10)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.98, ge=0, lt=1)
-    eps: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.2, ge=0, description="L2 in the gradient (Adam, not AdamW).")
+    eps: float = Field(1e-6, gt=0, le=1)
+    weight_decay: float = Field(0.2, ge=0, le=100,
+                                description="L2 in the gradient (Adam, not AdamW).")
     optimizer_state: Literal["reset", "keep"] = Field(
         "reset", description="'reset' re-creates Adam every round (reference); 'keep' per client."
     )
@@ -76,7 +79,7 @@ class RunConfig(BaseModel):
         "selected global adapter for up to this many epochs (chosen on its val split).")
 
     # --- bookkeeping --------------------------------------------------------------------
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's RandomState takes < 2^32.")
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     cache_dir: str | None = Field(None, description="Feature cache; default ~/.cache/fedclip.")
@@ -117,9 +120,9 @@ class RunConfig(BaseModel):
                 f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
                 for err in exc.errors()
             )
-            raise ConfigError(
-                f"invalid configuration ({problems}). Known keys: {', '.join(cls.model_fields)}"
-            ) from None
+            unknown = any(err["type"] == "extra_forbidden" for err in exc.errors())
+            known = f". Known keys: {', '.join(cls.model_fields)}" if unknown else ""
+            raise ConfigError(f"invalid configuration ({problems}){known}") from None
 
     def replace(self, **changes: Any) -> RunConfig:
         return self.validated({**self.model_dump(), **changes})

@@ -22,3 +22,11 @@ class BackboneError(FedclipError):
 
 class ResumeError(FedclipError):
     """A checkpoint that does not match the run being resumed."""
+
+
+class TrainingError(FedclipError):
+    """Training diverged (a non-finite loss or weights); the last good checkpoint is kept."""
+
+
+class RunFolderError(FedclipError):
+    """A run folder that cannot be used: not writable, not a run, or in use by another run."""

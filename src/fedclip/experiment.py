@@ -10,19 +10,36 @@ the run folder. Progress goes to an optional :class:`Reporter`; nothing is print
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 from fedclip.algorithms import get_algorithm
 from fedclip.config import RunConfig
-from fedclip.errors import ResumeError
-from fedclip.io import atomic_write_json
+from fedclip.errors import DataError, ResumeError, RunFolderError
+from fedclip.io import atomic_write_json, remove_stale_temporaries
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
-from fedclip.runtime.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
+from fedclip.runtime.checkpoint import (
+    HISTORY,
+    config_fingerprint,
+    fingerprint_fields,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedclip.runtime.federation import Federation, FederationState
-from fedclip.task import Prepared, heldout_tensors, prepare, training_clients
+from fedclip.task import (
+    Prepared,
+    cache_dir,
+    data_fingerprint,
+    heldout_tensors,
+    prepare,
+    scan,
+    training_clients,
+)
 
 
 class Reporter(Protocol):
@@ -61,28 +78,37 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     """Train with ``heldout`` left out; write checkpoint, adapters and result; return it."""
     reporter = reporter or SilentReporter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     fed = build_federation(cfg, prep, heldout)
-    fingerprint = config_fingerprint(cfg, heldout)
+    data = data_fingerprint(prep.dataset)
+    fingerprint = config_fingerprint(cfg, heldout, data)
+    fields = fingerprint_fields(cfg, heldout, data)
     ckpt = run_dir / "checkpoint.safetensors"
     state = None
     if ckpt.exists():
         if not resume:
             raise ResumeError(f"{run_dir} already holds a run; pass --resume to continue it, "
                               f"or choose another --out")
-        state = load_checkpoint(ckpt, fingerprint)
+        state = load_checkpoint(ckpt, fingerprint, fields)
+        if state.round > cfg.rounds:
+            raise ResumeError(f"{run_dir} is at round {state.round}, past rounds={cfg.rounds}: "
+                              f"a resume cannot shrink a run; pass --rounds {state.round} or "
+                              f"more (extending is fine)")
         reporter.info(f"[{heldout}] resuming after round {state.round}")
+    else:
+        (run_dir / HISTORY).unlink(missing_ok=True)  # a fresh run: no stale history
 
     def checkpoint(st: FederationState, record: dict) -> None:
         reporter.round_end(heldout, record, cfg.rounds)
         if st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds:
-            save_checkpoint(ckpt, st, fingerprint)
+            save_checkpoint(ckpt, st, fingerprint, fields)
         if on_round is not None:
             on_round(st, record)
 
     start = time.perf_counter()
     state = fed.run(state, callbacks=[checkpoint])
     if state.round == 0:
-        save_checkpoint(ckpt, state, fingerprint)
+        save_checkpoint(ckpt, state, fingerprint, fields)
     zero = fed.evaluate(None)
     algo = fed.algorithm
     personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
@@ -113,19 +139,99 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     return result
 
 
+RUN_MARKERS = ("config.json", "results.json", ".fedclip.lock")
+
+
+@contextlib.contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this process: a lock file with the pid, so a second run into the same
+    folder is refused while this one lives (a lock left by a dead process is taken over)."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file; pass a folder for the run")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
+        raise RunFolderError(f"--out {out} holds other files and is not a fedclip run folder; "
+                             f"choose a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = out / ".fedclip.lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise RunFolderError(f"another run (pid {pid}) is writing to {out}; wait "
+                                         f"for it, or choose another --out") from None
+                lock.unlink(missing_ok=True)  # left by a process that no longer exists
+        else:
+            raise RunFolderError(f"could not lock {out}; is another run starting there?")
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+    except PermissionError:
+        raise RunFolderError(f"--out {out} is not writable; choose a folder you can write "
+                             f"to") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_cache_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise RunFolderError(f"the feature cache {folder} is not writable ({exc.strerror}); "
+                             f"pass --cache-dir with a folder you can write to, or set "
+                             f"FEDCLIP_CACHE") from None
+
+
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
         reporter: Reporter | None = None) -> list[dict]:
-    """Run every requested held-out domain; write results.json, tables and plots to ``out``."""
+    """Run every requested held-out domain; write results.json, tables and plots to ``out``.
+
+    Everything that can be checked is checked before any feature is extracted (the data,
+    the run folder, the cache, existing runs); a refused run writes nothing."""
     from fedclip import report
 
     out = Path(out)
-    prep = prepare(cfg, (reporter or SilentReporter()).extraction)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.model_dump())
-    heldouts = list(prep.dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
-    results = []
-    for heldout in heldouts:
-        run_dir = out / safe_name(heldout)
-        results.append(run_heldout(cfg, prep, heldout, run_dir, resume=resume, reporter=reporter))
-        report.write_run(out, cfg, results[-1:])  # merges; draws only the new run's plot
-    return results
+    with claim(out):
+        dataset = scan(cfg)
+        heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
+        folders: dict[str, str] = {}
+        for h in dataset.domains:
+            if safe_name(h) in folders:
+                raise DataError(f"domains {folders[safe_name(h)]!r} and {h!r} would share the "
+                                f"run folder {safe_name(h)!r}; rename one of them")
+            folders[safe_name(h)] = h
+        if not resume:
+            taken = [h for h in heldouts if (out / safe_name(h) / "checkpoint.safetensors")
+                     .exists()]
+            if taken:
+                raise ResumeError(f"{out} already holds a run for {', '.join(taken)}; pass "
+                                  f"--resume to continue it, or choose another --out")
+        check_cache_writable(cache_dir(cfg))
+        prep = prepare(cfg, (reporter or SilentReporter()).extraction, dataset=dataset)
+        atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
+        results = []
+        for heldout in heldouts:
+            run_dir = out / safe_name(heldout)
+            results.append(run_heldout(cfg, prep, heldout, run_dir, resume=resume,
+                                       reporter=reporter))
+            report.write_run(out, cfg, results[-1:])  # merges; draws only the new run's plot
+        return results

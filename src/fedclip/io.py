@@ -18,6 +18,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as f:  # on disk before it replaces the old file
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and caches are meant to be read
         os.replace(tmp, path)
     except BaseException:
@@ -39,3 +41,12 @@ def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str
 
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}  # unshared
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete ``.*.tmp`` files that a killed writer left behind in ``folder``."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed

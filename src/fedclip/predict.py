@@ -37,13 +37,35 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
+def would_download(spec: str) -> bool:
+    """Whether loading ``spec`` may fetch weights from the internet."""
+    if not spec.startswith("open_clip:"):
+        return False
+    arch, _, tag = spec.removeprefix("open_clip:").partition("@")
+    if arch.startswith("hf-hub:"):
+        return True
+    return tag not in ("none", "") and not Path(tag).is_file()
+
+
 def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | None = None,
-            cache_dir: str | None = None, top: int = 1) -> list[dict]:
-    """Predictions for every image: file, top classes with probabilities (unreadable: error)."""
+            cache_dir: str | None = None, top: int = 1, allow_download: bool = False
+            ) -> list[dict]:
+    """Predictions for every image: file, top classes with probabilities (unreadable: error).
+
+    An adapter file names its backbone; a spec that would download weights (a pretrained tag,
+    an hf-hub repository) is used only when the caller confirms it (``backbone`` equal to it)
+    or passes ``allow_download``: a file from elsewhere cannot make this machine fetch an
+    arbitrary repository."""
+    if top < 1:
+        raise FedclipError(f"--top must be at least 1 (got {top})")
     adapter = load_adapter(adapter_path)
     if backbone is not None and backbone != adapter.backbone:
         raise BackboneError(f"the adapter was trained on {adapter.backbone!r}, not {backbone!r};"
                             f" use --backbone {adapter.backbone} (or leave it out)")
+    if would_download(adapter.backbone) and backbone is None and not allow_download:
+        raise BackboneError(f"the adapter names backbone {adapter.backbone!r}, which downloads "
+                            f"weights; confirm it with --backbone {adapter.backbone} or pass "
+                            f"--allow-download")
     lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
     files = [f.resolve() for f in list_images(inputs)]
     root = Path(os.path.commonpath([str(f.parent) for f in files]))

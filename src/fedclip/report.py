@@ -114,7 +114,7 @@ def merged_runs(out: Path, cfg: RunConfig, results: list[dict]) -> list[dict]:
     except (OSError, ValueError):
         return results
     same = {k: v for k, v in old.get("config", {}).items() if k != "heldout"} == {
-        k: v for k, v in json_safe(cfg.model_dump()).items() if k != "heldout"}
+        k: v for k, v in json_safe(cfg.model_dump(mode="json")).items() if k != "heldout"}
     if not same:
         return results
     new = {r["heldout"] for r in results}
@@ -124,7 +124,7 @@ def merged_runs(out: Path, cfg: RunConfig, results: list[dict]) -> list[dict]:
 def write_run(out: Path, cfg: RunConfig, results: list[dict], plots: bool = True) -> None:
     runs = merged_runs(out, cfg, results)
     atomic_write_json(out / "results.json", json_safe({
-        "schema": SCHEMA, "config": cfg.model_dump(),
+        "schema": SCHEMA, "config": cfg.model_dump(mode="json"),
         "backbone_note": STANDIN_NOTE if cfg.backbone == "standin" else None,
         "runs": runs}))
     atomic_write_text(out / "results.md", markdown_report(cfg, runs))

@@ -145,6 +145,22 @@ class Prepared:
         return F.normalize(self.text.features, dim=-1)
 
 
+def data_fingerprint(dataset: DomainDataset) -> str:
+    """The identity of the data a run trains on: every file's path within its domain, size
+    and modification time (not the root's spelling: the same data under another path or
+    with a trailing slash is the same data)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
+    for name, domain in dataset.domains.items():
+        for f in domain.files:
+            st = f.stat()
+            h.update(f"{name}/{f.relative_to(domain.root)}|{st.st_size}|{st.st_mtime_ns}\n"
+                     .encode())
+    return h.hexdigest()[:16]
+
+
 def scan(cfg: RunConfig) -> DomainDataset:
     root = resolve_data_root(cfg.data_root, cache_dir(cfg))
     dataset = scan_dataset(root, cfg.dataset, cfg.classes)
@@ -153,9 +169,11 @@ def scan(cfg: RunConfig) -> DomainDataset:
     return dataset
 
 
-def prepare(cfg: RunConfig, progress: Progress | None = None) -> Prepared:
-    """Scan and validate the data, then features of every domain and the class prompts."""
-    dataset = scan(cfg)
+def prepare(cfg: RunConfig, progress: Progress | None = None,
+            dataset: DomainDataset | None = None) -> Prepared:
+    """Scan and validate the data (unless given), then features of every domain and the
+    class prompts."""
+    dataset = dataset if dataset is not None else scan(cfg)
     lazy, cache = backbone(cfg), cache_dir(cfg)
     start = time.perf_counter()
     feats = {name: domain_inputs(cfg, lazy, domain, cache, progress)

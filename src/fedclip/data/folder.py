@@ -10,6 +10,7 @@ import difflib
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +58,46 @@ def _subdirs(path: Path) -> list[str]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+    """Image files under a class folder, sorted as ImageFolder walks. Symbolic links are
+    followed, but a folder is visited once (a link loop cannot multiply images) and a file
+    reached twice through links counts once; dangling links and anything that is not a
+    regular file (a FIFO named .jpg would hang a reader) are skipped, with a warning."""
+    files: list[Path] = []
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    skipped: list[str] = []
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            skipped.append(f"{dirpath} (a link back to a folder already read)")
+            continue
+        seen_dirs.add(real)
         dirnames.sort()
-        files += [Path(dirpath) / f for f in sorted(filenames)
-                  if f.lower().endswith(IMG_EXTENSIONS)]
+        walked.append((dirpath, filenames))
+    for dirpath, filenames in sorted(walked):  # ImageFolder's order: sorted by folder path
+        for name in sorted(filenames):
+            if not name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = Path(dirpath) / name
+            try:
+                st = path.stat()
+            except OSError:
+                skipped.append(f"{path} (a dangling link)")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                skipped.append(f"{path} (not a regular file)")
+                continue
+            real_file = os.path.realpath(path)
+            if real_file in seen_files:
+                skipped.append(f"{path} (the same file as another one, through a link)")
+                continue
+            seen_files.add(real_file)
+            files.append(path)
+    if skipped:
+        log.warning("skipped %d entries under %s: %s", len(skipped), class_dir,
+                    "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return files
 
 

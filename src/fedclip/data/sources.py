@@ -71,11 +71,15 @@ def write_image_folder(rows: Iterable[Mapping], class_names: list[str], target: 
     """Write rows with ``image`` (PIL), ``label`` (int) and ``domain`` (str) as
     ``target/<domain>/<class>/<n>.png``; resumable, marked complete at the end."""
     counts: dict[tuple[str, str], int] = {}
+    target = Path(target)
     for row in rows:
-        domain, cls = str(row["domain"]), class_names[int(row["label"])]
+        domain = _component(str(row["domain"]), "domain")
+        cls = _component(class_names[int(row["label"])], "class")
         n = counts.get((domain, cls), 0)
         counts[(domain, cls)] = n + 1
         path = target / domain / cls / f"{n:06d}.png"
+        if not path.resolve().is_relative_to(target.resolve()):
+            raise DataError(f"the hub dataset names a folder outside {target}: {path}")
         if not path.exists():
             image = row["image"].convert("RGB")
             atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
@@ -83,3 +87,12 @@ def write_image_folder(rows: Iterable[Mapping], class_names: list[str], target: 
         raise DataError(f"the hub dataset written to {target} has no rows")
     (target / ".complete").write_text("ok\n")
     return target
+
+
+def _component(name: str, what: str) -> str:
+    """A hub row's domain or label name as one safe folder name (no separators, no '..')."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip(" .")
+    if not safe:
+        raise DataError(f"the hub dataset has a {what} name that is empty as a folder: "
+                        f"{name!r}")
+    return safe

@@ -30,7 +30,13 @@ from fedclip.flower.codec import decode, encode, finite_number, run_config_to_cf
 from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.io import atomic_write_json
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
-from fedclip.runtime.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
+from fedclip.runtime.checkpoint import (
+    HISTORY,
+    config_fingerprint,
+    fingerprint_fields,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedclip.runtime.state import FederationState
 from fedclip.task import prompts, run_classes
 
@@ -176,15 +182,16 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     algorithm.num_clients = sum(i.role == "train" for i in nodes.values())
     run_dir = Path(flower["out"]) / safe_name(cfg.heldout)
     ckpt, fingerprint = run_dir / "checkpoint.safetensors", config_fingerprint(cfg, cfg.heldout)
+    fields = fingerprint_fields(cfg, cfg.heldout)
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
-    state = _start_state(algorithm, init, ckpt, fingerprint, bool(flower["resume"]))
+    state = _start_state(algorithm, init, ckpt, fingerprint, fields, bool(flower["resume"]))
 
     def on_round(st: FederationState, record: dict) -> None:
         if "mean_val_accuracy" in record:
             log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],
                 record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
         if st.round > 0 and (st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds):
-            save_checkpoint(ckpt, st, fingerprint)
+            save_checkpoint(ckpt, st, fingerprint, fields)
 
     strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower["transfer"],
                                total_rounds=cfg.rounds, norm_factor=float(flower["norm-factor"]),
@@ -193,7 +200,7 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     start = time.perf_counter()
     zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)
     if state.round == 0:
-        save_checkpoint(ckpt, state, fingerprint)
+        save_checkpoint(ckpt, state, fingerprint, fields)
     remaining = cfg.rounds - state.round
     if remaining > 0:
         runner.start(grid, encode(algorithm.shared(state.global_params)), num_rounds=remaining,
@@ -204,14 +211,15 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
 
 
 def _start_state(algorithm, init: dict, ckpt: Path, fingerprint: str,  # noqa: ANN001
-                 resume: bool) -> FederationState:
+                 fields: dict, resume: bool) -> FederationState:
     if ckpt.exists():
         if not resume:
             raise ResumeError(f"{ckpt.parent} already holds a run; set resume=true to continue "
                               f"it, or another out")
-        state = load_checkpoint(ckpt, fingerprint)
+        state = load_checkpoint(ckpt, fingerprint, fields)
         log(INFO, "resuming after round %d", state.round)
         return state
+    (ckpt.parent / HISTORY).unlink(missing_ok=True)  # a fresh run: no stale history
     return FederationState(0, init, server_state=algorithm.init_server_state(init))
 
 

@@ -142,16 +142,28 @@ class FedClipStrategy(FedAvg):
                                          steps=int(steps)), None, received
 
     def _outliers(self, updates: dict[str, ClientUpdate]) -> dict[str, str]:
-        """Updates farther from the global parameters than ``norm_factor`` x the median."""
-        if len(updates) < 3 or self.norm_factor <= 0:
+        """Updates too far from the global parameters: farther than ``norm_factor`` x the
+        global parameters' own norm (any round), or than ``norm_factor`` x the round's median
+        distance (three updates or more)."""
+        if self.norm_factor <= 0 or not updates:
             return {}
         current = self.state.global_params
-        dist = {c: torch.sqrt(sum(((u.params[k] - current[k]) ** 2).sum() for k in u.params))
-                .item() for c, u in updates.items()}
-        median = float(torch.tensor(list(dist.values())).median())
-        limit = self.norm_factor * max(median, 1e-12)
-        return {c: f"update norm {d:.3g} is over {self.norm_factor:g} x the round's median "
-                   f"{median:.3g}" for c, d in dist.items() if d > limit}
+
+        def norm(tensors: dict) -> float:
+            return float(torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())))
+
+        dist = {c: norm({k: u.params[k] - current[k] for k in u.params})
+                for c, u in updates.items()}
+        scale = max(norm(self.algorithm.shared(current)), 1.0)
+        out = {c: f"update moved {d:.3g} from the global parameters, over {self.norm_factor:g}"
+                  f" x their norm {scale:.3g}" for c, d in dist.items()
+               if d > self.norm_factor * scale}
+        if len(updates) >= 3:
+            median = float(torch.tensor(list(dist.values())).median())
+            limit = self.norm_factor * max(median, 1e-12)
+            out |= {c: f"update norm {d:.3g} is over {self.norm_factor:g} x the round's median "
+                       f"{median:.3g}" for c, d in dist.items() if d > limit and c not in out}
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

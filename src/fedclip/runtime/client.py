@@ -16,6 +16,7 @@ from torch import nn
 
 from fedclip.adapters import Params, class_logits, get_params
 from fedclip.algorithms.base import Algorithm, RoundConfig
+from fedclip.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,20 @@ def train_local(
             text = algorithm.class_text(module, class_text)
             loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
             total = objective(loss, module) if objective is not None else loss
+            if not torch.isfinite(total):
+                raise TrainingError(f"training diverged: the local loss became {float(total)} "
+                                    f"(lr {config.lr:g}, round {config.server_round}); lower "
+                                    f"the learning rate. The last good checkpoint is kept")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-    return TrainResult(get_params(module), len(train), float(np.mean(losses)) if losses else
+    params = get_params(module)
+    if not all(torch.isfinite(v).all() for v in params.values()):
+        raise TrainingError(f"training diverged: non-finite weights after round "
+                            f"{config.server_round} (lr {config.lr:g}); lower the learning rate. "
+                            f"The last good checkpoint is kept")
+    return TrainResult(params, len(train), float(np.mean(losses)) if losses else
                        float("nan"), time.perf_counter() - start,
                        flatten_optimizer(optimizer.state_dict()), len(losses))
 

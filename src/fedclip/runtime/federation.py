@@ -18,6 +18,7 @@ import torch
 
 from fedclip.adapters import Params, count_parameters
 from fedclip.algorithms.base import Algorithm, ClientJob, State
+from fedclip.errors import TrainingError
 from fedclip.results import evaluation, nanmean, round_record
 from fedclip.runtime.client import (
     ClientData,
@@ -132,8 +133,12 @@ class Federation:
                 sent += tensor_bytes(algo.shared(state.global_params)) + tensor_bytes(job.extras)
                 received += tensor_bytes(update.params) + tensor_bytes(update.extras)
         if algo.communicates:
-            state.global_params, state.server_state = algo.aggregate(
-                state.global_params, updates, state.server_state)
+            new, server_state = algo.aggregate(state.global_params, updates, state.server_state)
+            if not all(torch.isfinite(v).all() for v in new.values()):
+                raise TrainingError(f"round {server_round}: the aggregate is not finite; lower "
+                                    f"the learning rate (or the server's). The last good "
+                                    f"checkpoint is kept")
+            state.global_params, state.server_state = new, server_state
         state.round = server_round
         record = round_record(server_round, losses, time.perf_counter() - start, sent, received)
         if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
