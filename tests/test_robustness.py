@@ -94,6 +94,17 @@ def test_a_malformed_identity_is_refused_with_the_node_named(tiny_arch, toy_root
         server_main(LocalGrid(build_client_app(), nodes, run_config, tamper=tamper), run_config)
 
 
+def test_a_training_node_without_examples_is_refused():
+    from fedclip.flower.server_app import check_federation
+    from fedclip.flower.strategy import NodeInfo
+
+    cfg = RunConfig.build(heldout="gamma", classes=("a", "b"))
+    nodes = {1: NodeInfo(1, "alpha", "train", "alpha", 0, 0, 0, 0, 0, 32, 10.0),
+             2: NodeInfo(2, "gamma", "heldout", "gamma", 0, 0, 0, 5, 5, 32, 10.0)}
+    assert any("declares no training examples" in p
+               for p in check_federation(cfg, nodes, None))
+
+
 def test_a_failing_client_is_recorded_not_raised(tiny_arch, toy_root, tmp_path, monkeypatch):
     """A ClientApp that raises during training (here: it diverges) becomes an error reply,
     recorded as such; the round aggregates the others and the run completes."""
@@ -333,6 +344,14 @@ def test_predict_refuses_a_download_named_by_a_file(tiny_arch, toy_root, tmp_pat
     image = next((toy_root / "beta" / "cat").iterdir())
     with pytest.raises(BackboneError, match="downloads weights.*--allow-download"):
         predict(evil, [image])
+    from fedclip.errors import FedclipError
+
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight
+    tampered = tmp_path / "tampered.safetensors"
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(FedclipError, match="checksum"):
+        predict(tampered, [image])
     assert main(["predict", str(path), str(image), "--top", "0"]) == 2
     assert main(["predict", str(path), str(image), "--top", "2", "--out",
                  str(tmp_path / "p.csv")]) == 0

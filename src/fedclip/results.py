@@ -126,7 +126,18 @@ def save_adapter(path: Path, params: Params, cfg: RunConfig, classes: tuple[str,
             "dim": str(dim), "logit_scale": repr(float(logit_scale)), "round": str(rnd),
             "algorithm": cfg.algorithm,
             "options": json.dumps(cfg.options.get(cfg.algorithm, {}))}
+    meta["checksum"] = _checksum(params, meta)
     atomic_save_tensors(path, params, meta)
+
+
+def _checksum(params: Params, meta: dict[str, str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_adapter(path: str | Path) -> Adapter:
@@ -144,6 +155,10 @@ def load_adapter(path: str | Path) -> Adapter:
         raise FedclipError(f"{path} is not a readable safetensors file ({exc})") from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise FedclipError(f"{path} is not a fedclip adapter (no {ADAPTER_FORMAT} metadata)")
+    saved = meta.pop("checksum", None)
+    if saved is not None and saved != _checksum(params, meta):
+        raise FedclipError(f"{path} is damaged or was edited (checksum mismatch); re-export it "
+                           f"from its run folder")
     try:
         adapter = Adapter(params, meta["backbone"], tuple(json.loads(meta["classes"])),
                           meta["prompt_template"], int(meta["dim"]),

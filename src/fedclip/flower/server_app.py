@@ -123,6 +123,8 @@ def check_federation(cfg: RunConfig, nodes: dict[int, NodeInfo], planned: list[s
         if info.role != expected_role:
             problems.append(f"node {n} ({info.client}) says role {info.role!r} but this run "
                             f"holds out {cfg.heldout!r}")
+        if info.role == "train" and info.num_train <= 0:
+            problems.append(f"node {n} ({info.client}) declares no training examples")
         if info.role == "train" and not 0 <= info.index < cfg.clients_per_domain:
             problems.append(f"node {n} claims client-index {info.index}, out of range "
                             f"0..{cfg.clients_per_domain - 1}")
