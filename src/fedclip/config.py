@@ -43,6 +43,8 @@ class RunConfig(BaseModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     clients_per_domain: int = Field(1, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
+    clients_per_round: int = Field(0, ge=0, description="Partial participation: clients "
+                                   "sampled each round (seeded; 0: all).")
     dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
 
     # --- model --------------------------------------------------------------------------

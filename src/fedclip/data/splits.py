@@ -38,20 +38,38 @@ def reference_split(n: int, seed: int, fractions: tuple[float, float, float] = (
 
 def partition(labels: np.ndarray, parts: int, mode: str, alpha: float, seed: int | list[int]
               ) -> list[np.ndarray]:
-    """Split indices ``0..len(labels)-1`` into ``parts`` groups, IID or Dirichlet over labels."""
+    """Split indices ``0..len(labels)-1`` into ``parts`` groups, IID or Dirichlet over labels.
+
+    Dirichlet (Hsu et al., 2019): every client draws its label mix ``q ~ Dir(alpha * p)``
+    (``p``: the domain's class frequencies) and fills its share of the images (sizes as equal
+    as possible, so no client is empty) class by class from ``q``, taking from the classes
+    that still have images. Label skew grows as alpha falls (alpha -> inf: IID). Per-class
+    Dirichlet splits (Dirichlet over clients for each class) leave most clients empty once
+    clients outnumber classes, which is why this form is used."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     if parts == 1:
         return [np.arange(n)]
+    order = rng.permutation(n)
     if mode == "iid":
-        return [np.sort(p) for p in np.array_split(rng.permutation(n), parts)]
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        cuts = (np.cumsum(rng.dirichlet([alpha] * parts)) * len(idx)).astype(int)[:-1]
-        for g, chunk in zip(groups, np.split(idx, cuts), strict=True):
-            g.extend(chunk.tolist())
-    return [np.sort(np.asarray(g, dtype=np.int64)) for g in groups]
+        return [np.sort(p) for p in np.array_split(order, parts)]
+    classes, counts = np.unique(labels, return_counts=True)
+    pools = [list(order[labels[order] == c]) for c in classes]
+    left = counts.astype(float)
+    prior = counts / counts.sum()
+    groups = []
+    for size in (len(p) for p in np.array_split(np.arange(n), parts)):
+        mix = rng.dirichlet(alpha * prior * len(classes))
+        members = []
+        for _ in range(size):
+            weights = mix * (left > 0)
+            if weights.sum() <= 0:  # this client's classes ran out: take from what is left
+                weights = left.copy()
+            k = int(rng.choice(len(classes), p=weights / weights.sum()))
+            members.append(pools[k].pop())
+            left[k] -= 1
+        groups.append(np.sort(np.asarray(members, dtype=np.int64)))
+    return groups
 
 
 def domain_seed(seed: int, domain: str) -> list[int]:

@@ -237,7 +237,8 @@ def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: AN
 
     return DifferentialPrivacyClientSideFixedClipping(
         strategy, noise_multiplier=float(flower["dp-noise-multiplier"]), clipping_norm=clip,
-        num_sampled_clients=len(strategy.train_ids))
+        num_sampled_clients=min(len(strategy.train_ids), strategy.algorithm.cfg.clients_per_round
+                                or len(strategy.train_ids)))
 
 
 def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero: dict,

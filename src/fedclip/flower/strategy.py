@@ -35,6 +35,7 @@ from fedclip.algorithms.base import Algorithm, ClientUpdate
 from fedclip.flower.codec import check_arrays, decode, encode, finite_number, payload_bytes
 from fedclip.results import evaluation, round_record
 from fedclip.runtime.state import FederationState
+from fedclip.sampling import sample_clients
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class FedClipStrategy(FedAvg):
         self.total_rounds, self.norm_factor = total_rounds, norm_factor
         self.on_round = on_round
         self._pending: dict = {}
+        self._expected: set[str] = set()
         self._started = 0.0
 
     def server_round(self, flower_round: int) -> int:
@@ -94,7 +96,11 @@ class FedClipStrategy(FedAvg):
         payload = encode(shared, self.transfer)
         round_config = {**dict(config), **self.algorithm.round_config(rnd).record()}
         messages, sent = [], 0
-        for node in self._online(self.train_ids, grid):
+        by_name = {self.nodes[n].client: n for n in self.train_ids}
+        chosen = sample_clients(list(by_name), self.algorithm.cfg.clients_per_round,
+                                self.algorithm.cfg.seed, rnd)
+        self._expected = set(chosen)
+        for node in self._online([by_name[c] for c in chosen], grid):
             content = RecordDict({"arrays": payload, "config": ConfigRecord(round_config)})
             extras = self.algorithm.client_extras(self.state.server_state,
                                                   self.nodes[node].client)
@@ -108,9 +114,9 @@ class FedClipStrategy(FedAvg):
     def _check(self, msg: Message) -> tuple[str, ClientUpdate | None, str | None, int]:
         """(client, update or None, why rejected, bytes received) for one train reply."""
         info = self.nodes.get(msg.metadata.src_node_id)
-        if info is None or info.role != "train":
+        if info is None or info.role != "train" or info.client not in self._expected:
             who = info.client if info else f"unknown node {msg.metadata.src_node_id}"
-            return who, None, "not a training node of this run", 0
+            return who, None, "not a training node sampled for this round", 0
         if msg.has_error():
             return info.client, None, f"error reply: {msg.error.reason}", 0
         content = msg.content
@@ -185,8 +191,7 @@ class FedClipStrategy(FedAvg):
         for client, why in rejected.items():
             log(WARNING, "round %d: rejected the update of %s: %s", self._pending["round"],
                 client, why)
-        expected = {self.nodes[n].client for n in self.train_ids}
-        missing = sorted(expected - set(updates) - set(rejected))
+        missing = sorted(self._expected - set(updates) - set(rejected))
         if missing:
             log(WARNING, "round %d: no update from %s", self._pending["round"],
                 ", ".join(missing))

@@ -29,6 +29,7 @@ from fedclip.runtime.client import (
     round_seed,
 )
 from fedclip.runtime.state import FederationState
+from fedclip.sampling import sample_clients
 
 BYTES_PER_VALUE = 4  # fp32 on the wire
 
@@ -123,7 +124,9 @@ class Federation:
         algo, server_round = self.algorithm, state.round + 1
         start = time.perf_counter()
         updates, losses, sent, received = [], {}, 0, 0
-        for client in self.clients:
+        chosen = set(sample_clients([c.name for c in self.clients], self.cfg.clients_per_round,
+                                    self.cfg.seed, server_round))
+        for client in (c for c in self.clients if c.name in chosen):
             job = self.client_job(state, client, server_round)
             update = algo.train_client(job)
             weight = float(len(client.train)) if self.cfg.aggregation == "weighted" else 1.0
