@@ -2,6 +2,8 @@
 configured device, batched multi-client training equal to the sequential loop."""
 
 import numpy as np
+import pytest
+import torch
 
 from fedclip.config import RunConfig
 from fedclip.data.splits import partition
@@ -49,3 +51,104 @@ def test_dirichlet_has_no_empty_client_and_skews_more_as_alpha_falls():
                         for p in parts])
     low, mid, high = skew(0.1), skew(1.0), skew(100.0)
     assert low > mid > high and low > 3 * high and high < 0.25
+
+
+class DeviceSpy:
+    """Records where the trainable module and its inputs are while a client trains."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def install(self, monkeypatch):
+        from fedclip.algorithms.base import Algorithm
+
+        real = Algorithm.embed
+
+        def embed(algorithm, module, x):
+            if module is not None and module.training:
+                self.seen.add((next(module.parameters()).device.type, x.device.type))
+            return real(algorithm, module, x)
+
+        monkeypatch.setattr(Algorithm, "embed", embed)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_training_runs_on_the_configured_device(tiny_arch, toy_root, tmp_path, monkeypatch,
+                                                 device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; CI has none")
+    spy = DeviceSpy()
+    spy.install(monkeypatch)
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma",
+                          rounds=1, device=device, personalize_epochs=1)
+    r = run(cfg, tmp_path / device)[0]
+    assert spy.seen == {(device, device)}
+    assert 0 <= r["generalization"] <= 1
+
+
+def test_a_precision_change_misses_the_cache(tiny_arch, toy_root, tmp_path):
+    from fedclip.task import prepare
+
+    base = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma")
+    fp32 = prepare(base)
+    assert not any(f.from_cache for f in fp32.features.values())
+    again = prepare(base)
+    assert all(f.from_cache for f in again.features.values())
+    bf16 = prepare(base.replace(precision="bf16"))
+    assert not any(f.from_cache for f in bf16.features.values())  # never reuses fp32 features
+    a, b = fp32.features["alpha"].features, bf16.features["alpha"].features
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert cos.min() > 0.99 and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("algorithm", ["fedclip", "fedprox"])
+@pytest.mark.parametrize("loss", ["clip", "ce"])
+def test_training_clients_together_equals_the_sequential_loop(algorithm, loss):
+    """Uneven client sizes (1 to 65 samples), last batches of size 1 (skipped by the
+    contrastive loss, used by cross-entropy), two local epochs."""
+    from fedclip.adapters import build_adapter, get_params
+    from fedclip.algorithms import get_algorithm
+    from fedclip.algorithms.base import ClientJob
+    from fedclip.runtime.batched import train_together
+    from fedclip.runtime.client import Split
+
+    cfg = RunConfig.build(algorithm=algorithm, loss=loss, batch_size=32, local_epochs=2,
+                          lr=1e-2, **{"fedprox.mu": 0.5} if algorithm == "fedprox" else {})
+    algo = get_algorithm(cfg)
+    gen = torch.Generator().manual_seed(0)
+    d, classes = 16, 4
+    text = torch.nn.functional.normalize(torch.randn(classes, d, generator=gen), dim=-1)
+    start = get_params(build_adapter(d, seed=1))
+
+    def jobs():
+        out = []
+        for i, n in enumerate((1, 7, 33, 64, 65)):
+            split = Split(torch.randn(n, d, generator=torch.Generator().manual_seed(i)),
+                          torch.randint(0, classes, (n,),
+                                        generator=torch.Generator().manual_seed(10 + i)))
+            out.append(ClientJob(f"c{i}", split, start, start, {}, algo.round_config(3), {},
+                                 text, 20.0, seed=100 + i))
+        return out
+
+    sequential = [algo.train_client(job) for job in jobs()]
+    together = train_together(algo, jobs())
+    for a, b in zip(sequential, together, strict=True):
+        assert a.steps == b.steps and a.num_examples == b.num_examples
+        assert max((a.params[k] - b.params[k]).abs().max().item() for k in a.params) < 1e-5
+        assert (a.loss != a.loss and b.loss != b.loss) or abs(a.loss - b.loss) < 1e-5
+    assert sequential[0].steps == (0 if loss == "clip" else 2)  # one sample: skipped or used
+
+
+def test_a_federation_trained_together_equals_the_sequential_one(tiny_arch, toy_root,
+                                                                 tmp_path):
+    from safetensors.torch import load_file
+
+    base = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma",
+                           rounds=2, lr=1e-3, clients_per_domain=2, personalize_epochs=0)
+    one = run(base, tmp_path / "seq")[0]
+    two = run(base.replace(train_clients_together=True), tmp_path / "together")[0]
+    a = load_file(tmp_path / "seq" / "gamma" / "adapter-last.safetensors")
+    b = load_file(tmp_path / "together" / "gamma" / "adapter-last.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert [r["heldout_accuracy"] for r in one["history"]] == [
+        r["heldout_accuracy"] for r in two["history"]]

@@ -45,6 +45,10 @@ class RunConfig(BaseModel):
     partition: Literal["iid", "dirichlet"] = "iid"
     clients_per_round: int = Field(0, ge=0, description="Partial participation: clients "
                                    "sampled each round (seeded; 0: all).")
+    train_clients_together: bool = Field(
+        False, description="In-process: train the round's clients at once (stacked adapters, "
+        "batched matmuls; fedclip, fedprox, fedadam/yogi/avgm) instead of one after another. "
+        "Same numbers to float rounding; far cheaper per client on a GPU.")
     dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
 
     # --- model --------------------------------------------------------------------------
@@ -85,7 +89,11 @@ class RunConfig(BaseModel):
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     cache_dir: str | None = Field(None, description="Feature cache; default ~/.cache/fedclip.")
-    device: str = "auto"
+    device: str = Field("auto", description="Where everything runs: cpu, cuda, cuda:1, ... "
+                        "(auto: cuda when available). Features stay there for the whole run.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Feature extraction under autocast (fp32: parity with the "
+        "reference); part of the cache key.")
     extract_batch_size: int | None = Field(None, ge=1, description="None: backbone default.")
     extract_workers: int = Field(2, ge=0, description="Image-decoding loader processes.")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedclip.algorithms import get_algorithm
+from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
 from fedclip.errors import DataError, ResumeError, RunFolderError
 from fedclip.io import atomic_write_json, remove_stale_temporaries
@@ -67,9 +68,11 @@ def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation
     held_split, held_mask = heldout_tensors(prep.dataset.domains[heldout],
                                             prep.features[heldout], len(prep.dataset.classes))
     algorithm = get_algorithm(cfg)
-    algorithm.setup(prep.prompts, prep.class_text)
-    return Federation(algorithm, clients, prep.class_text, prep.text.logit_scale,
-                      held_split, held_mask)
+    device = resolve_device(cfg.device)
+    class_text = prep.class_text.to(device)
+    algorithm.setup(prep.prompts, class_text)
+    return Federation(algorithm, clients, class_text, prep.text.logit_scale, held_split,
+                      held_mask)
 
 
 def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,

@@ -154,7 +154,7 @@ def image_features(
     done, start = 0, time.perf_counter()
     for idx, pixels, bad in loader:
         if pixels is not None:
-            feats[idx] = model.encode_images(pixels)
+            feats[idx] = backbone.encode_images(pixels).cpu()
             valid[idx] = True
         skipped += [str(domain.files[i].relative_to(domain.root)) for i in bad]
         done += len(idx) + len(bad)

@@ -93,7 +93,7 @@ def cache_dir(cfg: RunConfig) -> Path:
 
 
 def backbone(cfg: RunConfig) -> LazyBackbone:
-    return LazyBackbone(cfg.backbone, resolve_device(cfg.device))
+    return LazyBackbone(cfg.backbone, resolve_device(cfg.device), cfg.precision)
 
 
 # --- tensors ------------------------------------------------------------------------------
@@ -208,6 +208,16 @@ class Site:
     heldout_mask: torch.Tensor | None = None
     images: int = 0
     skipped: tuple[str, ...] = ()
+
+    def to(self, device: str | torch.device) -> Site:
+        """The same site with its tensors on ``device`` (a node's own GPU)."""
+        from dataclasses import replace
+
+        return replace(self, class_text=self.class_text.to(device),
+                       data=self.data.to(device) if self.data is not None else None,
+                       heldout=self.heldout.to(device) if self.heldout is not None else None,
+                       heldout_mask=(self.heldout_mask.to(device)
+                                     if self.heldout_mask is not None else None))
 
     def sizes(self) -> dict[str, int]:
         if self.data is None:

@@ -113,6 +113,9 @@ class Algorithm:
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
     init_needs_text: ClassVar[bool] = False  # init_global uses the class prompts' features
     has_zero_shot: ClassVar[bool] = True  # False: its inputs never meet the class prompts
+    # clients train FedCLIP's adapter with the task loss + proximal_weight(job) * prox term,
+    # so fedclip.runtime.batched can train many of them at once (train_clients_together)
+    batchable: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -225,6 +228,10 @@ class Algorithm:
     def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
         """The objective a client minimises, given the task loss (FedProx adds a term)."""
         return loss
+
+    def proximal_weight(self, job: ClientJob) -> float:
+        """The weight of ``||w - w_global||^2 / 2`` in the local objective (FedProx: mu)."""
+        return 0.0
 
     def train_client(self, job: ClientJob) -> ClientUpdate:
         """One round on one client: local epochs from ``job.params``; personal parameters and

@@ -130,4 +130,5 @@ class FedProxCnn(TorchvisionClassifier):
     name = "fedprox-cnn"
     summary = "the same with the proximal term (the paper's AlexNet FedProx baseline)"
     Options = CnnProxOptions
+    proximal_weight = FedProx.proximal_weight
     local_loss = FedProx.local_loss

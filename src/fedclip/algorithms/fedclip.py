@@ -8,3 +8,4 @@ from fedclip.algorithms.base import Algorithm
 class FedCLIP(Algorithm):
     name = "fedclip"
     summary = "the attention adapter; the server averages"
+    batchable = True

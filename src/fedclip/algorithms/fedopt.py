@@ -45,6 +45,8 @@ class MomentumOptions(BaseModel):
 class ServerOptimizer(Algorithm):
     """Clients as FedCLIP; the server steps an optimizer on the averaged delta."""
 
+    batchable = True
+
     def init_server_state(self, global_params: Params) -> State:
         zeros = {k: torch.zeros_like(v) for k, v in self.shared(global_params).items()}
         return {**{f"m/{k}": v for k, v in zeros.items()},

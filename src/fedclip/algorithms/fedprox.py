@@ -27,6 +27,10 @@ class FedProx(Algorithm):
     name = "fedprox"
     summary = "the adapter, with mu/2 ||w - w_global||^2 in the local loss"
     Options = ProxOptions
+    batchable = True
+
+    def proximal_weight(self, job: ClientJob) -> float:
+        return float(job.config.values["mu"])
 
     def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
-        return loss + proximal_term(module, job.global_params, float(job.config.values["mu"]))
+        return loss + proximal_term(module, job.global_params, self.proximal_weight(job))

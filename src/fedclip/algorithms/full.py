@@ -35,9 +35,9 @@ class FullFineTuning(Algorithm):
             if not self.cfg.backbone.startswith("open_clip:"):
                 raise ConfigError(f"{self.name} fine-tunes an open_clip model; "
                                   f"{self.cfg.backbone!r} is not one (use open_clip:ARCH@TAG)")
-            from fedclip.backbones import load_backbone
+            from fedclip.backbones import load_backbone, resolve_device
 
-            self._backbone = load_backbone(self.cfg.backbone)
+            self._backbone = load_backbone(self.cfg.backbone, resolve_device(self.cfg.device))
         return self._backbone
 
     def init_global(self, dim: int) -> Params | None:
@@ -54,7 +54,7 @@ class FullFineTuning(Algorithm):
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         if module is None:  # the frozen backbone: its cached prompt features
             return class_text
-        tokens = self.backbone.tokenizer(list(self.prompts))
+        tokens = self.backbone.tokenizer(list(self.prompts)).to(x_device(module))
         return F.normalize(module.encode_text(tokens).float(), dim=-1)
 
 
@@ -69,4 +69,9 @@ class FedProxFull(FullFineTuning):
     name = "fedprox-full"
     summary = "the same, plus the proximal term"
     Options = FedProx.Options
+    proximal_weight = FedProx.proximal_weight
     local_loss = FedProx.local_loss  # the same proximal objective, on the whole model
+
+
+def x_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

@@ -39,12 +39,12 @@ class PromptFL(Algorithm):
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.openclip.OpenClipBackbone
         if getattr(self, "_backbone", None) is None:
-            from fedclip.backbones import load_backbone
+            from fedclip.backbones import load_backbone, resolve_device
 
             if not self.cfg.backbone.startswith("open_clip:"):
                 raise ConfigError(f"promptfl learns tokens of a CLIP text tower; backbone "
                                   f"{self.cfg.backbone!r} has none (use open_clip:ARCH@TAG)")
-            backbone = load_backbone(self.cfg.backbone)
+            backbone = load_backbone(self.cfg.backbone, resolve_device(self.cfg.device))
             if not hasattr(backbone.model, "token_embedding"):
                 raise ConfigError(f"{self.cfg.backbone} has a custom text tower; promptfl "
                                   f"needs a CLIP-style one (token_embedding + transformer)")
@@ -62,14 +62,15 @@ class PromptFL(Algorithm):
         n_ctx = int((tok([prefix])[0] != 0).sum()) - 2  # without start and end tokens
         if not self.prompts:
             raise ConfigError("promptfl needs the class prompts: call setup(prompts) first")
-        return tok(list(self.prompts)), n_ctx
+        return tok(list(self.prompts)).to(self.backbone.model.token_embedding.weight.device), \
+            n_ctx
 
     def init_global(self, dim: int) -> Params | None:
         tokens, n_ctx = self._tokens()
         model = self.backbone.model
         module = PromptContext(n_ctx, model.token_embedding.weight.shape[1])
         with torch.no_grad():
-            module.ctx.copy_(model.token_embedding(tokens[0, 1:1 + n_ctx]))
+            module.ctx.copy_(model.token_embedding(tokens[0, 1:1 + n_ctx]).cpu())
         return get_params(module)
 
     def build_module(self, dim: int) -> nn.Module:

@@ -97,9 +97,13 @@ def backbone_fingerprint(spec: str) -> str:
 class LazyBackbone:
     """Builds the backbone on first use: runs whose features are all cached never do."""
 
-    def __init__(self, spec: str, device: str = "cpu") -> None:
-        self.spec, self.device = spec, device
-        self.fingerprint = backbone_fingerprint(spec)
+    def __init__(self, spec: str, device: str = "cpu", precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise BackboneError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.spec, self.device, self.precision = spec, device, precision
+        # a precision other than fp32 is part of the features' identity: never mixed in a cache
+        self.fingerprint = backbone_fingerprint(spec) + (
+            "" if precision == "fp32" else f"-{precision}")
         self._backbone: Backbone | None = None
 
     def get(self) -> Backbone:
@@ -110,6 +114,18 @@ class LazyBackbone:
     @property
     def loaded(self) -> bool:
         return self._backbone is not None
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The backbone's image features, under autocast for fp16 / bf16 (float32 out)."""
+        model = self.get()
+        if self.precision == "fp32":
+            return model.encode_images(pixels)
+        kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        with torch.autocast(device_type=kind, dtype=PRECISIONS[self.precision]):
+            return model.encode_images(pixels).float()
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str) -> str:

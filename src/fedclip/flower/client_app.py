@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -48,17 +49,17 @@ def handle_query(site: Site, algorithm: Algorithm | None = None,
     return reply
 
 
-def load_state(context_state: RecordDict | None) -> State:
+def load_state(context_state: RecordDict | None, device: str | torch.device = "cpu") -> State:
     if context_state is None or STATE_KEY not in context_state.array_records:
         return {}
-    return {k: v.clone() for k, v in
+    return {k: v.to(device).clone() for k, v in
             context_state.array_records[STATE_KEY].to_torch_state_dict().items()}
 
 
 def save_state(context_state: RecordDict | None, state: State) -> None:
     if context_state is not None and state:
         context_state.array_records[STATE_KEY] = ArrayRecord(
-            {k: v.detach().contiguous() for k, v in state.items()})
+            {k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
 def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer: str,
@@ -67,9 +68,10 @@ def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer
     if site.data is None:
         raise RuntimeError(f"node {site.name!r} holds the held-out domain and never trains")
     config = RoundConfig.from_record(dict(content["config"]))
-    state = load_state(context_state)
-    start = algorithm.with_personal(decode(content["arrays"]), state)
-    extras = decode(content["extras"]) if "extras" in content.array_records else {}
+    device = site.class_text.device
+    state = load_state(context_state, device)
+    start = algorithm.with_personal(decode(content["arrays"], device), state)
+    extras = decode(content["extras"], device) if "extras" in content.array_records else {}
     job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
                     site.class_text, site.logit_scale,
                     round_seed(algorithm.cfg.seed, config.server_round, site.name))
@@ -90,7 +92,7 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     adapter too; ``personalize-epochs``: fine-tune a copy and report its test accuracy."""
     arrays: ArrayRecord = content["arrays"]
     config = dict(content["config"])
-    params = decode(arrays) if len(arrays) else None
+    params = decode(arrays, site.class_text.device) if len(arrays) else None
     args = (site.class_text, site.logit_scale)
     epochs = int(config.get("personalize-epochs", 0))
     if epochs > 0:
@@ -105,7 +107,8 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     values: dict[str, float] = {}
     for prefix, p in variants:
         if site.data is not None:
-            own = algorithm.eval_params(p, load_state(context_state)) if p is not None else None
+            own = (algorithm.eval_params(p, load_state(context_state, site.class_text.device))
+                   if p is not None else None)
             mask = site.data.class_mask
             val = evaluate_split(algorithm, own, site.data.val, *args, mask)
             test = evaluate_split(algorithm, own, site.data.test, *args, mask)

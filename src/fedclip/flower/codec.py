@@ -34,11 +34,11 @@ FLOWER_KEYS: dict[str, Any] = {
 
 def encode(params: Params, transfer: str = "fp32") -> ArrayRecord:
     dtype = TRANSFER_DTYPES[transfer]
-    return ArrayRecord({k: v.detach().to(dtype).contiguous() for k, v in params.items()})
+    return ArrayRecord({k: v.detach().to("cpu", dtype).contiguous() for k, v in params.items()})
 
 
-def decode(record: ArrayRecord) -> Params:
-    return {k: v.float() for k, v in record.to_torch_state_dict().items()}
+def decode(record: ArrayRecord, device: str | torch.device = "cpu") -> Params:
+    return {k: v.to(device, torch.float32) for k, v in record.to_torch_state_dict().items()}
 
 
 def payload_bytes(record: ArrayRecord) -> int:

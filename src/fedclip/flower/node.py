@@ -20,6 +20,7 @@ from typing import Any
 
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
+from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
 from fedclip.data.folder import _subdirs
 from fedclip.data.sources import resolve_data_root
@@ -76,7 +77,8 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorit
     key = f"{cfg.model_dump_json()}|{sorted(node_config.items())}"
     if key not in _SITES:
         domain, index = identify(cfg, node_config)
-        site = load_site(cfg, _root(cfg), domain, index)
+        device = resolve_device(str(node_config.get("device", cfg.device)))
+        site = load_site(cfg, _root(cfg), domain, index).to(device)
         algorithm = get_algorithm(cfg)
         algorithm.setup(prompts(cfg, run_classes(cfg)), site.class_text)
         _SITES[key] = (site, algorithm)

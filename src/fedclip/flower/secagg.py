@@ -59,7 +59,8 @@ class AdapterClient(NumPyClient):
         return [init[k].numpy() for k in self.keys]
 
     def _params(self, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).clone()
+        device = self.site.class_text.device
+        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)
                 for k, a in zip(self.keys, arrays, strict=True)}
 
     def fit(self, parameters, config):  # noqa: ANN001, ANN201
@@ -75,7 +76,7 @@ class AdapterClient(NumPyClient):
                         self.site.logit_scale,
                         round_seed(self.algorithm.cfg.seed, server_round, self.site.name))
         update = self.algorithm.train_client(job)
-        return ([update.params[k].numpy() for k in self.keys], update.num_examples,
+        return ([update.params[k].cpu().numpy() for k in self.keys], update.num_examples,
                 {"train-loss": update.loss})
 
     def evaluate(self, parameters, config):  # noqa: ANN001, ANN201

@@ -27,6 +27,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def to(self, device: str | torch.device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class ClientData:
@@ -37,6 +40,10 @@ class ClientData:
     val: Split
     test: Split
     class_mask: torch.Tensor  # [C] bool
+
+    def to(self, device: str | torch.device) -> ClientData:
+        return ClientData(self.name, self.train.to(device), self.val.to(device),
+                          self.test.to(device), self.class_mask.to(device))
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,8 @@ def train_local(
     """
     cfg = algorithm.cfg
     start = time.perf_counter()
-    module = algorithm.build_module(train.x.shape[1])
+    device = train.x.device
+    module = algorithm.build_module(train.x.shape[1]).to(device)
     module.load_state_dict(start_params)
     module.train()
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, betas=(cfg.beta1, cfg.beta2),
@@ -109,7 +117,7 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     for _ in range(config.local_epochs):
-        order = torch.randperm(len(train), generator=generator)
+        order = torch.randperm(len(train), generator=generator).to(device)  # CPU generator
         for batch in order.split(cfg.batch_size):
             if len(batch) < 2 and cfg.loss == "clip":
                 continue
@@ -139,7 +147,7 @@ def load_module(algorithm: Algorithm, params: Params | None, dim: int) -> nn.Mod
     """The algorithm's module holding ``params``, in eval mode (None: no adapter)."""
     if params is None:
         return None
-    module = algorithm.build_module(dim)
+    module = algorithm.build_module(dim).to(next(iter(params.values())).device)
     module.load_state_dict(params)
     return module.eval()
 

@@ -20,6 +20,7 @@ from fedclip.adapters import Params, count_parameters
 from fedclip.algorithms.base import Algorithm, ClientJob, State
 from fedclip.errors import TrainingError
 from fedclip.results import evaluation, nanmean, round_record
+from fedclip.runtime.batched import train_together
 from fedclip.runtime.client import (
     ClientData,
     Split,
@@ -46,12 +47,17 @@ class Federation:
     def __init__(self, algorithm: Algorithm, clients: list[ClientData], class_text: torch.Tensor,
                  logit_scale: float, heldout: Split | None = None,
                  heldout_mask: torch.Tensor | None = None) -> None:
-        self.algorithm, self.clients = algorithm, clients
+        self.device = class_text.device  # where the run happens: every tensor lives there
+        self.algorithm = algorithm
+        self.clients = [c.to(self.device) for c in clients]
         self.class_text = class_text  # normalised
         self.logit_scale = logit_scale
-        self.heldout, self.heldout_mask = heldout, heldout_mask
+        self.heldout = heldout.to(self.device) if heldout is not None else None
+        self.heldout_mask = heldout_mask.to(self.device) if heldout_mask is not None else None
         self.cfg = algorithm.cfg
         algorithm.num_clients = len(clients)
+        self.together = (self.cfg.train_clients_together and algorithm.batchable
+                         and self.cfg.optimizer_state == "reset")
         self._trainable: int | None = None
 
     @property
@@ -104,6 +110,7 @@ class Federation:
     # --- rounds ---------------------------------------------------------------------------
     def initial_state(self) -> FederationState:
         params = self.algorithm.init_global(self.dim)
+        params = {k: v.to(self.device) for k, v in params.items()} if params else params
         server_state = self.algorithm.init_server_state(params) if params is not None else {}
         record = {**round_record(0, {}, 0.0, 0, 0), **self.evaluate(params)}
         state = FederationState(0, params, server_state=server_state, history=[record])
@@ -126,9 +133,13 @@ class Federation:
         updates, losses, sent, received = [], {}, 0, 0
         chosen = set(sample_clients([c.name for c in self.clients], self.cfg.clients_per_round,
                                     self.cfg.seed, server_round))
-        for client in (c for c in self.clients if c.name in chosen):
-            job = self.client_job(state, client, server_round)
-            update = algo.train_client(job)
+        clients = [c for c in self.clients if c.name in chosen]
+        jobs = [self.client_job(state, c, server_round) for c in clients]
+        if self.together:
+            trained = train_together(algo, jobs)
+        else:
+            trained = [algo.train_client(job) for job in jobs]
+        for client, job, update in zip(clients, jobs, trained, strict=True):
             weight = float(len(client.train)) if self.cfg.aggregation == "weighted" else 1.0
             updates.append(replace(update, weight=weight))
             losses[client.name] = update.loss
@@ -154,7 +165,7 @@ class Federation:
     def run(self, state: FederationState | None = None,
             callbacks: Sequence[RoundCallback] = ()) -> FederationState:
         """Train until ``cfg.rounds`` (continuing ``state`` when given)."""
-        state = state or self.initial_state()
+        state = state.to(self.device) if state is not None else self.initial_state()
         if not self.algorithm.trains:
             return state
         while state.round < self.cfg.rounds:

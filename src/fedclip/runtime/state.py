@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from fedclip.adapters import Params
 from fedclip.algorithms.base import State
 from fedclip.results import is_better
@@ -23,6 +25,17 @@ class FederationState:
     client_states: dict[str, State] = field(default_factory=dict)
     best_client_states: dict[str, State] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+
+    def to(self, device: str | torch.device) -> FederationState:
+        """The same state with every tensor on ``device`` (a checkpoint loads on the CPU)."""
+        def move(tensors: dict | None) -> dict | None:
+            return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+        return FederationState(
+            self.round, move(self.global_params), self.best_round, self.best_val,
+            move(self.best_params), move(self.server_state),
+            {c: move(s) for c, s in self.client_states.items()},
+            {c: move(s) for c, s in self.best_client_states.items()}, self.history)
 
     def select(self, record: dict) -> None:
         """Apply the one best-round rule to an evaluated round."""
