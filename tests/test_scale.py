@@ -152,3 +152,33 @@ def test_a_federation_trained_together_equals_the_sequential_one(tiny_arch, toy_
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert [r["heldout_accuracy"] for r in one["history"]] == [
         r["heldout_accuracy"] for r in two["history"]]
+
+
+def test_device_decoding_is_close_to_the_pil_path_and_cached_apart(tiny_arch, tmp_path):
+    """The batched decode/resize path (here on the CPU; nvJPEG on a GPU) against PIL."""
+    from PIL import Image
+
+    from fedclip.task import prepare
+
+    root = tmp_path / "jpegs"
+    gen = np.random.default_rng(0)
+    for domain in ("alpha", "beta"):
+        for cls in ("cat", "dog"):
+            folder = root / domain / cls
+            folder.mkdir(parents=True)
+            for k in range(3):
+                size = (48 + 8 * k, 40 + 4 * k)  # uneven sizes: resized per image
+                pix = np.clip(gen.normal(120 + 60 * (cls == "dog"), 30, (*size[::-1], 3)),
+                              0, 255).astype(np.uint8)
+                Image.fromarray(pix).save(folder / f"{k}.jpg", quality=95)
+            (folder / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
+    cfg = RunConfig.build(data_root=str(root), backbone=tiny_arch, heldout="beta",
+                          extract_workers=0)
+    pil = prepare(cfg.replace(extract_decode="cpu"))
+    dev = prepare(cfg.replace(extract_decode="device"))
+    assert not any(f.from_cache for f in dev.features.values())  # its own cache key
+    for d in ("alpha", "beta"):
+        a, b = pil.features[d], dev.features[d]
+        assert torch.equal(a.valid, b.valid) and int(a.valid.sum()) == 6
+        cos = torch.nn.functional.cosine_similarity(a.features[a.valid], b.features[b.valid])
+        assert cos.min() > 0.98

@@ -96,6 +96,9 @@ class RunConfig(BaseModel):
         "reference); part of the cache key.")
     extract_batch_size: int | None = Field(None, ge=1, description="None: backbone default.")
     extract_workers: int = Field(2, ge=0, description="Image-decoding loader processes.")
+    extract_decode: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="Where images are decoded and resized: 'cpu' (PIL in loader "
+        "processes), 'device' (nvJPEG on the GPU, batched), 'auto' (device on CUDA).")
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> RunConfig:
@@ -140,7 +143,8 @@ class RunConfig(BaseModel):
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that decide training numbers (a resumed run must match them)."""
         skip = {"eval_every", "checkpoint_every", "cache_dir", "device", "extract_batch_size",
-                "extract_workers", "heldout", "rounds", "personalize_epochs"}
+                "extract_workers", "heldout", "rounds", "personalize_epochs",
+                "train_clients_together"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 

@@ -131,10 +131,16 @@ def image_features(
     batch_size: int | None = None,
     workers: int = 1,
     progress: Progress | None = None,
+    decode: str = "cpu",
 ) -> ImageFeatures:
-    """Features of every image of ``domain``, from the cache or extracted (and cached)."""
+    """Features of every image of ``domain``, from the cache or extracted (and cached).
+
+    ``decode="device"``: loader processes read bytes and the batch is decoded and
+    preprocessed on the backbone's device (see :mod:`fedclip.decode`); its features are
+    cached under their own key."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = image_cache_key(backbone.fingerprint, domain)
+    key = image_cache_key(backbone.fingerprint + ("|device-decode" if decode == "device"
+                                                  else ""), domain)
     path = _entry_path(cache_dir, "images", f"{domain.name}", key)
     hit = _load_entry(path, key)
     if hit is not None:
@@ -145,16 +151,22 @@ def image_features(
                              tuple(json.loads(meta.get("skipped", "[]"))), from_cache=True)
 
     model = backbone.get()
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(domain.files, model.preprocess), batch_size=batch_size or
-        model.default_batch_size, num_workers=workers, collate_fn=_collate)
+    pre = None
+    if decode == "device":
+        from fedclip.decode import device_preprocess
+
+        pre = device_preprocess(model.preprocess)
+        if pre is None:
+            log.warning("%s's preprocessing is not Resize/CenterCrop/Normalize: decoding on "
+                        "the CPU", backbone.spec)
+    loader = _loader(domain, model, batch_size, workers, pre, backbone.device)
     feats = torch.zeros(len(domain), model.embed_dim)
     valid = torch.zeros(len(domain), dtype=torch.bool)
     skipped: list[str] = []
     done, start = 0, time.perf_counter()
     for idx, pixels, bad in loader:
         if pixels is not None:
-            feats[idx] = backbone.encode_images(pixels).cpu()
+            feats[idx] = backbone.encode_images(pixels).float().cpu()
             valid[idx] = True
         skipped += [str(domain.files[i].relative_to(domain.root)) for i in bad]
         done += len(idx) + len(bad)
@@ -166,6 +178,29 @@ def image_features(
     _save_entry(path, key, {"features": feats, "valid": valid.to(torch.uint8)},
                 skipped=json.dumps(skipped), backbone=backbone.spec, domain=domain.name)
     return ImageFeatures(feats, valid, tuple(skipped), from_cache=False, images_per_second=rate)
+
+
+def _loader(domain: Domain, model, batch_size: int | None, workers: int,  # noqa: ANN001
+            pre, device: str):  # noqa: ANN001, ANN202 - an iterable of (ids, pixels, bad ids)
+    batch = batch_size or model.default_batch_size
+    cuda = str(device).startswith("cuda")
+    extra = {"pin_memory": cuda, "prefetch_factor": 4} if workers > 0 else {}
+    if pre is None:
+        return torch.utils.data.DataLoader(
+            _ImageFiles(domain.files, model.preprocess), batch_size=batch,
+            num_workers=workers, collate_fn=_collate, **extra)
+    from fedclip.decode import FileBytes, collate_bytes, decode_batch
+
+    raw = torch.utils.data.DataLoader(FileBytes(domain.files), batch_size=batch,
+                                      num_workers=workers, collate_fn=collate_bytes,
+                                      **({"prefetch_factor": 4} if workers > 0 else {}))
+
+    def batches():  # noqa: ANN202
+        for ids, data in raw:
+            pixels, ok = decode_batch(data, pre, device)
+            yield ([i for i, good in zip(ids, ok, strict=True) if good], pixels,
+                   [i for i, good in zip(ids, ok, strict=True) if not good])
+    return batches()
 
 
 def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None = None,

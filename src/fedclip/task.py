@@ -84,8 +84,11 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
     if algorithm.inputs == "pixels":
         return image_pixels(backbone, domain, cfg.extract_batch_size, cfg.extract_workers, report,
                             preprocess=algorithm.preprocess())
+    decode = cfg.extract_decode
+    if decode == "auto":
+        decode = "device" if str(backbone.device).startswith("cuda") else "cpu"
     return image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
-                          cfg.extract_workers, report)
+                          cfg.extract_workers, report, decode=decode)
 
 
 def cache_dir(cfg: RunConfig) -> Path:

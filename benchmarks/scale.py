@@ -1,0 +1,196 @@
+"""Extraction throughput and the cost of a round as clients grow, on one device.
+
+    python benchmarks/scale.py --smoke                      # seconds, any machine (CI-sized)
+    python benchmarks/scale.py --data-root ../shared/data/PACS --backbone standin
+    python benchmarks/scale.py --data-root PACS --backbone open_clip:ViT-B-32@none \\
+        --device cuda --lodo                                # the GPU targets, one run
+
+Parts (each prints a markdown table; everything also goes to --out as JSON):
+
+* extraction: images/s of the real pipeline (decode on the CPU with PIL in loader processes,
+  or batched on the device) against the backbone's pure forward on pre-decoded tensors, at
+  fp32 and under fp16 / bf16 autocast (GPU only), side by side in one run;
+* rounds: seconds per round (train + aggregate) for 4, 40 and 400 clients (Dirichlet over
+  the training domains; 10% participation at 400), clients one after another against
+  trained together (``train_clients_together``);
+* --lodo: leave-one-domain-out, every held-out domain x 200 rounds, extraction included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def smoke_data(root: Path) -> Path:
+    from tests.conftest import make_image_folder
+
+    classes = {c: 12 for c in ("cat", "dog", "red_car", "tree")}
+    return make_image_folder(root, {d: classes for d in ("alpha", "beta", "gamma", "delta")},
+                             size=48)
+
+
+def tiny_backbone() -> str:
+    import open_clip
+    from tests.conftest import TINY_ARCH, TINY_CONFIG
+
+    path = Path(tempfile.mkdtemp()) / f"{TINY_ARCH}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+    return f"open_clip:{TINY_ARCH}@none"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
+    from fedclip.backbones import LazyBackbone, resolve_device
+    from fedclip.data.folder import Domain
+    from fedclip.features import image_features
+    from fedclip.task import scan
+
+    device = resolve_device(cfg.device)
+    dataset = scan(cfg)
+    files = [f for d in dataset.domains.values() for f in d.files][:images]
+    domain = Domain("bench", Path("/"), tuple(files), torch.zeros(len(files)).long().numpy(),
+                    (0,))
+    rows = []
+    precisions = ["fp32", "fp16", "bf16"] if device.startswith("cuda") else ["fp32"]
+    decodes = ["cpu", "device"] if device.startswith("cuda") else ["cpu", "device"]
+    for precision in precisions:
+        lazy = LazyBackbone(cfg.backbone, device, precision)
+        model = lazy.get()
+        from PIL import Image
+
+        with Image.open(files[0]) as img:
+            one = model.preprocess(img.convert("RGB"))
+        batch = one.unsqueeze(0).repeat(cfg.extract_batch_size or model.default_batch_size,
+                                        1, 1, 1).to(device)
+        lazy.encode_images(batch)  # warm up
+        sync(device)
+        start, n = time.perf_counter(), 0
+        while n < len(files):
+            lazy.encode_images(batch)
+            n += len(batch)
+        sync(device)
+        forward = n / (time.perf_counter() - start)
+        for decode in decodes:
+            with tempfile.TemporaryDirectory() as cache:
+                start = time.perf_counter()
+                feats = image_features(lazy, domain, cache, cfg.extract_batch_size,
+                                       cfg.extract_workers, decode=decode)
+                sync(device)
+                rate = len(files) / (time.perf_counter() - start)
+            rows.append({"precision": precision, "decode": decode, "images": len(files),
+                         "pipeline": rate, "forward": forward, "ratio": rate / forward,
+                         "valid": int(feats.valid.sum())})
+    return rows
+
+
+def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: ANN001
+    from fedclip.experiment import build_federation
+    from fedclip.task import prepare
+
+    prep = prepare(cfg)
+    heldout = list(prep.dataset.domains)[-1]
+    training = len(prep.dataset.domains) - 1
+    rows = []
+    for total in clients:
+        per_domain = max(1, round(total / training))
+        participate = max(1, per_domain * training // 10) if total >= 400 else 0
+        for together in (False, True):
+            run_cfg = cfg.replace(clients_per_domain=per_domain, partition="dirichlet",
+                                  dirichlet_alpha=0.5, clients_per_round=participate,
+                                  train_clients_together=together, eval_every=10**6,
+                                  rounds=repeats + 1)
+            fed = build_federation(run_cfg, prep, heldout)
+            state = fed.initial_state()
+            fed.run_round(state)  # warm up
+            sync(fed.device.type)
+            times = []
+            for _ in range(repeats):
+                sync(fed.device.type)
+                start = time.perf_counter()
+                record = fed.run_round(state)
+                sync(fed.device.type)
+                times.append(time.perf_counter() - start)
+            rows.append({"clients": len(fed.clients), "per_round": len(record["train_loss"]),
+                         "mode": "together" if together else "one after another",
+                         "seconds": sorted(times)[len(times) // 2]})
+    return rows
+
+
+def lodo(cfg) -> dict:  # noqa: ANN001
+    from fedclip.experiment import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        results = run(cfg.replace(heldout="all", rounds=200, personalize_epochs=0,
+                                  train_clients_together=True, cache_dir=str(Path(tmp) / "c")),
+                      Path(tmp) / "run")
+        return {"seconds": time.perf_counter() - start,
+                "generalization": sum(r["generalization"] for r in results) / len(results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny model, generated images")
+    parser.add_argument("--data-root")
+    parser.add_argument("--backbone", default="standin")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--clients", default="4,40,400")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lodo", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/scale.json")
+    args = parser.parse_args()
+    from fedclip.backbones import resolve_device
+    from fedclip.config import RunConfig
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    backbone, root = args.backbone, args.data_root
+    if args.smoke:
+        backbone, root = tiny_backbone(), str(smoke_data(Path(tempfile.mkdtemp()) / "data"))
+        args.images, args.clients, args.repeats = 96, "4,12", 2
+    cfg = RunConfig.build(data_root=root, backbone=backbone, device=args.device,
+                          extract_workers=2)
+    device = resolve_device(cfg.device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    report = {"device": name, "backbone": backbone,
+              "extraction": extraction(cfg, args.images),
+              "rounds": rounds(cfg, tuple(int(c) for c in args.clients.split(",")),
+                               args.repeats)}
+    if args.lodo:
+        report["lodo"] = lodo(cfg)
+    print(f"device: {name}, backbone: {backbone}\n")
+    print("| precision | decode | pipeline img/s | pure forward img/s | ratio |")
+    print("|---|---|---|---|---|")
+    for r in report["extraction"]:
+        print(f"| {r['precision']} | {r['decode']} | {r['pipeline']:.0f} | {r['forward']:.0f} "
+              f"| {r['ratio']:.2f} |")
+    print("\n| clients | trained per round | mode | s/round (train + aggregate) |")
+    print("|---|---|---|---|")
+    for r in report["rounds"]:
+        print(f"| {r['clients']} | {r['per_round']} | {r['mode']} | {r['seconds']:.3f} |")
+    if "lodo" in report:
+        print(f"\nleave-one-domain-out, 200 rounds each, extraction included: "
+              f"{report['lodo']['seconds']:.0f} s (mean generalization "
+              f"{100 * report['lodo']['generalization']:.1f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
