@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: install  ## FedCLIP on the embedded PACS sample with the offline stand-in backbone
-	$(VENV)/bin/fedclip run --backbone standin --heldout all --out runs/demo
+	# --resume: a second `make run` continues (or, once finished, re-reports) runs/demo
+	$(VENV)/bin/fedclip run --backbone standin --heldout all --out runs/demo --resume
 
 test: install  ## the default suite (well under 10 minutes on 2 cores)
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -378,3 +378,21 @@ def test_markup_in_paths_is_printed_as_text(tiny_arch, toy_root, tmp_path, capsy
     assert main(["run", "--data-root", str(tmp_path / "[/x]missing"), "--backbone",
                  tiny_arch, "--out", str(tmp_path / "y")]) == 2
     assert "[/x]missing" in capsys.readouterr().err
+
+
+def test_a_data_root_one_level_off_is_named_before_extraction(toy_root, tmp_path):
+    from fedclip.data.folder import scan_dataset
+
+    above = tmp_path / "above"
+    above.mkdir()
+    shutil.copytree(toy_root, above / "PACS")
+    with pytest.raises(DataError, match="one level too high.*--data-root"):
+        scan_dataset(above)
+    with pytest.raises(DataError, match="hold images directly"):
+        scan_dataset(toy_root / "alpha")
+
+
+def test_a_client_at_zero_percent_is_drawn_at_zero():
+    from fedclip.report import _num
+
+    assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)

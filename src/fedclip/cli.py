@@ -29,8 +29,8 @@ from fedclip.errors import ConfigError, FedclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FedCLIP: federated adaptation of a frozen CLIP with an attention adapter.")
-console = Console(stderr=True, width=max(Console(stderr=True).width, 110))
-out_console = Console(width=max(Console().width, 110))
+console = Console(stderr=True)  # the terminal's width: tables fold, never wrap rows
+out_console = Console()
 
 
 class RichReporter:

@@ -72,6 +72,11 @@ def markdown_report(cfg: RunConfig, results: list[dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _num(value: float | None) -> float:
+    """A plotted value: 0 stays 0 (a client stuck at 0 % is a line at 0); None is a gap."""
+    return float("nan") if value is None else float(value)
+
+
 def plot_history(result: dict, path: Path) -> None:
     """Accuracy per round (each client's test split, the held-out domain) and training loss."""
     import matplotlib
@@ -85,9 +90,9 @@ def plot_history(result: dict, path: Path) -> None:
     clients = sorted({c for r in evaluated for c in r["test_accuracy"]})
     nan = float("nan")
     for client in clients:  # a client missing from a round (it left) leaves a gap
-        ax_acc.plot(rounds, [100 * (r["test_accuracy"].get(client) or nan) for r in evaluated],
+        ax_acc.plot(rounds, [100 * _num(r["test_accuracy"].get(client)) for r in evaluated],
                     label=f"{client} (test)")
-    ax_acc.plot(rounds, [100 * (r["heldout_accuracy"] or nan) for r in evaluated], "k-", lw=2,
+    ax_acc.plot(rounds, [100 * _num(r["heldout_accuracy"]) for r in evaluated], "k-", lw=2,
                 label=f"{result['heldout']} (held out)")
     ax_acc.axvline(result["best_round"], color="grey", ls=":", label="selected round")
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result['heldout']}")

@@ -120,6 +120,7 @@ def scan_dataset(root: str | Path, dataset: str = "auto",
     domain_names = _subdirs(root)
     if not domain_names:
         raise DataError(f"data root {root} has no domain folders; expected {LAYOUT}")
+    _check_depth(root, domain_names)
     spec = _choose_spec(dataset, domain_names, root)
 
     class_dirs = {d: _subdirs(root / d) for d in domain_names}
@@ -200,6 +201,27 @@ def scan_domain(root: str | Path, domain: str, classes: tuple[str, ...]) -> Doma
     found, warning = _read_domain(droot, domain, classes, class_dirs)
     _warn_once(droot, [warning] if warning else [])
     return found
+
+
+def _check_depth(root: Path, domain_names: list[str]) -> None:
+    """A root one level too high (the folder above PACS) or too low (one domain) is caught
+    before anything is extracted."""
+    def has_images(folder: Path) -> bool:
+        return any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
+                   for e in os.scandir(folder))
+
+    if len(domain_names) == 1:
+        inner = root / domain_names[0]
+        if _subdirs(inner) and all(_subdirs(inner / c) and not has_images(inner / c)
+                                   for c in _subdirs(inner)):
+            raise DataError(f"{root} holds one folder, {domain_names[0]!r}, whose folders "
+                            f"hold folders: it looks one level too high; pass --data-root "
+                            f"{inner}")
+    if domain_names and all(has_images(root / d) and not _subdirs(root / d)
+                            for d in domain_names):
+        raise DataError(f"the folders of {root} hold images directly: that is one domain "
+                        f"(<class>/<image>), not a dataset; pass its parent, laid out as "
+                        f"{LAYOUT}")
 
 
 def _choose_spec(dataset: str, domain_names: list[str], root: Path) -> DatasetSpec | None:
