@@ -60,3 +60,48 @@ def test_open_clip_local_checkpoint_file(tiny_arch, tmp_path):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert backbone_fingerprint(spec) != before  # a replaced checkpoint invalidates the cache
+
+
+def test_a_transformers_clip_saved_locally_is_a_backbone(tmp_path, toy_root):
+    """A tiny random CLIPModel built from a small CLIPConfig, saved with save_pretrained,
+    goes through the real path: its processor, features, cache and a run (no download)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizerFast,
+    )
+
+    from fedclip.config import RunConfig
+    from fedclip.experiment import run
+
+    vocab = {t: i for i, t in enumerate(
+        ["<|startoftext|>", "<|endoftext|>", "a</w>", "picture</w>", "of</w>", "cat</w>",
+         "dog</w>", "red</w>", "car</w>", "!"])}
+    (tmp_path / "vocab.json").write_text(__import__("json").dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizerFast(vocab_file=str(tmp_path / "vocab.json"),
+                                  merges_file=str(tmp_path / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32,
+                                                                        "width": 32})
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 77},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+        projection_dim=8)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-clip"
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    spec = f"hf:{folder}"
+    r = run(RunConfig.build(data_root=str(toy_root), backbone=spec, heldout="gamma", rounds=1,
+                            personalize_epochs=0), tmp_path / "run")[0]
+    assert r["trainable_params"] == 2 * (8 * 8 + 8) and 0 <= r["generalization"] <= 1
+    from fedclip.backbones import backbone_fingerprint
+
+    before = backbone_fingerprint(spec)
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
+    assert backbone_fingerprint(spec) != before  # another model file: another cache key

@@ -266,6 +266,8 @@ def backbones_command() -> None:
     """List the backbone spec forms."""
     out_console.print("open_clip:ARCH@TAG   e.g. open_clip:ViT-B-32@openai (the paper), "
                       "open_clip:ViT-B-32@/path/ckpt.pt, open_clip:ViT-B-32@none (random)")
+    out_console.print("hf:ORG/MODEL         a transformers CLIP-style model (hub), e.g. "
+                      "hf:openai/clip-vit-base-patch32; hf:/path/to/saved (save_pretrained)")
     out_console.print("standin              offline stand-in (EfficientNet-Lite0 + MiniLM), "
                       "NOT CLIP")
 

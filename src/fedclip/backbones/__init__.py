@@ -6,6 +6,8 @@ spec                            what it loads
 ``open_clip:ARCH@TAG``          any open_clip architecture with a pretrained tag (the paper:
                                 ``open_clip:ViT-B-32@openai``); ``@/path/ckpt.pt`` a local file;
                                 ``@none`` random weights (seeded, for tests and speed checks)
+``hf:ORG/MODEL``, ``hf:/dir``   a transformers CLIP-style model (CLIPModel, SiglipModel) and
+                                its own processor, from the hub or a save_pretrained folder
 ``standin``                     the offline stand-in (NOT CLIP): EfficientNet-Lite0 + MiniLM,
                                 aligned through the ImageNet classifier; see ``standin.py``
 ==============================  ================================================================
@@ -55,6 +57,7 @@ class Backbone(Protocol):
 _PROVIDERS: dict[str, str] = {
     "open_clip": "fedclip.backbones.openclip",
     "standin": "fedclip.backbones.standin",
+    "hf": "fedclip.backbones.hf",
 }
 
 

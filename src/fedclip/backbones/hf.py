@@ -1,0 +1,98 @@
+"""Hugging Face transformers backbones: ``hf:ORG/MODEL`` (the hub; needs internet once) or
+``hf:/path/to/saved`` (a folder written by ``save_pretrained``).
+
+Any model that transformers exposes with ``get_image_features`` / ``get_text_features``
+(``CLIPModel``, ``SiglipModel``, ...) loaded with ``AutoModel``; images go through the
+model's own processor (``AutoProcessor``), texts through its tokenizer. The fingerprint holds
+the model id (a local folder also by its files' sizes and times) and the transformers
+version, so a cache never mixes two models. Flower's own CLIP baseline loads its weights this
+way; most users already hold CLIP here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fedclip.errors import BackboneError
+
+
+class ProcessorPreprocess:
+    """The model's image processor as a picklable ``PIL image -> [3, H, W]`` callable."""
+
+    def __init__(self, image_processor) -> None:  # noqa: ANN001
+        self.image_processor = image_processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _features(output) -> torch.Tensor:  # noqa: ANN001 - a tensor, or a model output
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class HfBackbone:
+    default_batch_size = 64
+
+    def __init__(self, name: str, device: str = "cpu") -> None:
+        try:
+            from transformers import AutoModel, AutoProcessor
+        except ImportError:
+            raise BackboneError("hf: backbones need transformers: pip install "
+                                "'fedclip[hf]'") from None
+        self.spec, self.name, self.device = f"hf:{name}", name, device
+        try:
+            model = AutoModel.from_pretrained(name)
+            processor = AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:200]
+            raise BackboneError(f"could not load {self.spec} ({reason}); offline, save the "
+                                f"model once with save_pretrained and pass hf:/that/folder"
+                                ) from None
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise BackboneError(f"{self.spec} is a {type(model).__name__}, which has no "
+                                f"get_image_features / get_text_features (use a CLIP-style "
+                                f"model)")
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = processor.tokenizer
+        self.preprocess = ProcessorPreprocess(processor.image_processor)
+        self.embed_dim = int(self.encode_texts(["a"]).shape[1])
+        scale = getattr(model, "logit_scale", None)
+        self.logit_scale = float(scale.exp()) if scale is not None else 100.0
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixels.to(self.device))
+        return _features(out).float().cpu()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
+        return _features(self.model.get_text_features(**tokens)).float().cpu()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def fingerprint(rest: str) -> str:
+    from importlib.metadata import version
+
+    if not rest:
+        raise BackboneError("hf: needs a model: hf:openai/clip-vit-base-patch32 or "
+                            "hf:/path/to/saved/model")
+    ident = f"{rest}|transformers={version('transformers')}"
+    folder = Path(rest).expanduser()
+    if folder.is_dir():
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                ident += f"|{f.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def load(rest: str, device: str) -> HfBackbone:
+    return HfBackbone(str(Path(rest).expanduser()) if Path(rest).expanduser().is_dir()
+                      else rest, device)
