@@ -77,3 +77,19 @@ def test_text_features_are_cached_with_the_logit_scale(tiny_arch, tmp_path):
     second = text_features(fresh, ["a cat", "a dog"], tmp_path)
     assert not fresh.loaded and second.logit_scale == pytest.approx(first.logit_scale)
     torch.testing.assert_close(first.features, second.features)
+
+
+def test_a_prompt_ensemble_averages_normalised_template_features(tiny_arch, toy_root, tmp_path):
+    import torch.nn.functional as F
+
+    from fedclip.config import RunConfig
+    from fedclip.task import prepare
+
+    one = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma")
+    many = one.replace(prompt_templates=("a photo of a {}.", "a sketch of a {}."))
+    a = prepare(one.replace(prompt_template="a photo of a {}.")).text.features
+    b = prepare(one.replace(prompt_template="a sketch of a {}.")).text.features
+    mean = prepare(many).text.features
+    torch.testing.assert_close(mean, (F.normalize(a, dim=-1) + F.normalize(b, dim=-1)) / 2)
+    named = prepare(one.replace(prompt_templates=("@simple-imagenet",))).text.features
+    assert named.shape == a.shape and not torch.allclose(named, mean)

@@ -166,8 +166,8 @@ def test_app_config_in_pyproject_agrees_with_the_defaults():
     for key, value in flat.items():
         if key in FLOWER_KEYS:
             assert value == FLOWER_KEYS[key], key
-        elif key == "classes":
-            assert value == "" and defaults.classes is None
+        elif key in ("classes", "prompt-templates"):
+            assert value == "" and getattr(defaults, key.replace("-", "_")) is None
         elif key not in differs:
             assert getattr(defaults, key.replace("-", "_")) == value, key
     assert set(FLOWER_KEYS) <= set(flat)

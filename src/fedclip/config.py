@@ -38,6 +38,11 @@ class RunConfig(BaseModel):
         "spec's, or (in-process only) the union of the class folders. A Flower run needs a "
         "spec or this list.")
     prompt_template: str = "a picture of a {}"
+    prompt_templates: tuple[str, ...] | None = Field(
+        None, strict=False, description="A prompt ensemble: each class's text feature is the "
+        "mean of its normalised features over these templates ('{}' for the class); "
+        "'@openai-imagenet' or '@simple-imagenet' for open_clip's ImageNet ensembles. None: "
+        "prompt_template alone (the reference).")
     train_fraction: float = Field(0.6, gt=0, lt=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -107,6 +112,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"train+val+test fractions add up to {total:.3f} > 1")
         if "{}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{}' where the class name goes")
+        for t in self.prompt_templates or ():
+            if "{}" not in t and not t.startswith("@"):
+                raise ValueError(f"prompt template {t!r} must contain '{{}}'")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct")
         from fedclip.algorithms import check_options

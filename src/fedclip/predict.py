@@ -19,7 +19,7 @@ from fedclip.config import RunConfig
 from fedclip.data.folder import IMG_EXTENSIONS, Domain
 from fedclip.data.specs import class_to_text
 from fedclip.errors import BackboneError, FedclipError
-from fedclip.features import image_features, text_features
+from fedclip.features import default_cache_dir, image_features
 from fedclip.results import load_adapter
 
 
@@ -73,7 +73,11 @@ def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | 
                     torch.zeros(len(files), dtype=torch.long).numpy(), ())
     feats = image_features(lazy, domain, cache_dir)
     prompts = [adapter.prompt_template.format(class_to_text(c)) for c in adapter.classes]
-    text = text_features(lazy, prompts, cache_dir)
+    from fedclip.task import class_text_features
+
+    text = class_text_features(lazy, adapter.classes, adapter.prompt_template,
+                               adapter.prompt_templates or None,
+                               Path(cache_dir) if cache_dir else default_cache_dir())
     if text.features.shape[1] != adapter.dim:
         raise BackboneError(f"backbone {adapter.backbone} gives {text.features.shape[1]}-d "
                             f"features but the adapter expects {adapter.dim}")

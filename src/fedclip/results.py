@@ -112,6 +112,7 @@ class Adapter:
     algorithm: str
     options: dict
     round: int
+    prompt_templates: tuple[str, ...] = ()
 
 
 def save_adapter(path: Path, params: Params, cfg: RunConfig, classes: tuple[str, ...],
@@ -125,7 +126,8 @@ def save_adapter(path: Path, params: Params, cfg: RunConfig, classes: tuple[str,
             "classes": json.dumps(list(classes)), "prompt_template": cfg.prompt_template,
             "dim": str(dim), "logit_scale": repr(float(logit_scale)), "round": str(rnd),
             "algorithm": cfg.algorithm,
-            "options": json.dumps(cfg.options.get(cfg.algorithm, {}))}
+            "options": json.dumps(cfg.options.get(cfg.algorithm, {})),
+            "prompt_templates": json.dumps(list(cfg.prompt_templates or []))}
     meta["checksum"] = _checksum(params, meta)
     atomic_save_tensors(path, params, meta)
 
@@ -163,7 +165,8 @@ def load_adapter(path: str | Path) -> Adapter:
         adapter = Adapter(params, meta["backbone"], tuple(json.loads(meta["classes"])),
                           meta["prompt_template"], int(meta["dim"]),
                           float(meta["logit_scale"]), meta.get("algorithm", "fedclip"),
-                          json.loads(meta.get("options", "{}")), int(meta.get("round", 0)))
+                          json.loads(meta.get("options", "{}")), int(meta.get("round", 0)),
+                          tuple(json.loads(meta.get("prompt_templates", "[]"))))
     except (KeyError, ValueError, TypeError) as exc:
         raise FedclipError(f"{path} has damaged adapter metadata ({type(exc).__name__}: "
                            f"{exc}); re-export it from its run folder") from None

@@ -72,6 +72,40 @@ def prompts(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(cfg.prompt_template.format(class_to_text(c)) for c in classes)
 
 
+ENSEMBLES = {"@openai-imagenet": "OPENAI_IMAGENET_TEMPLATES",
+             "@simple-imagenet": "SIMPLE_IMAGENET_TEMPLATES"}
+
+
+def templates(names: tuple[str, ...]) -> list[str]:
+    """Templates with '{}', open_clip's named ensembles expanded."""
+    out: list[str] = []
+    for name in names:
+        if name in ENSEMBLES:
+            from open_clip import zero_shot_metadata
+
+            out += [f("{}") for f in getattr(zero_shot_metadata, ENSEMBLES[name])]
+        elif name.startswith("@"):
+            raise ConfigError(f"unknown prompt ensemble {name!r}; use one of "
+                              f"{', '.join(ENSEMBLES)} or templates with '{{}}'")
+        else:
+            out.append(name)
+    return out
+
+
+def class_text_features(lazy: LazyBackbone, classes: tuple[str, ...], template: str,
+                        ensemble: tuple[str, ...] | None, cache: Path) -> TextFeatures:
+    """The class prompts' text features: one template, or the mean of the normalised
+    features over an ensemble of templates (each template's features cached)."""
+    if not ensemble:
+        return text_features(lazy, [template.format(class_to_text(c)) for c in classes], cache)
+    feats, scale = [], 0.0
+    for t in templates(ensemble):
+        one = text_features(lazy, [t.format(class_to_text(c)) for c in classes], cache)
+        feats.append(F.normalize(one.features, dim=-1))
+        scale = one.logit_scale
+    return TextFeatures(torch.stack(feats).mean(0), scale)
+
+
 # --- features -----------------------------------------------------------------------------
 def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_dir: Path,
                   progress: Progress | None = None) -> ImageFeatures:
@@ -182,7 +216,8 @@ def prepare(cfg: RunConfig, progress: Progress | None = None,
     feats = {name: domain_inputs(cfg, lazy, domain, cache, progress)
              for name, domain in dataset.domains.items()}
     class_prompts = prompts(cfg, dataset.classes)
-    text = text_features(lazy, list(class_prompts), cache)
+    text = class_text_features(lazy, dataset.classes, cfg.prompt_template, cfg.prompt_templates,
+                               cache)
     return Prepared(dataset, feats, text, class_prompts, time.perf_counter() - start)
 
 
@@ -244,7 +279,7 @@ def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
     found = scan_domain(root, domain, classes)
     lazy, cache = backbone(cfg), cache_dir(cfg)
     feats = domain_inputs(cfg, lazy, found, cache)
-    text = text_features(lazy, list(prompts(cfg, classes)), cache)
+    text = class_text_features(lazy, classes, cfg.prompt_template, cfg.prompt_templates, cache)
     common = dict(classes=classes, class_text=F.normalize(text.features, dim=-1),
                   logit_scale=text.logit_scale, images=len(found), skipped=feats.skipped)
     if role == "heldout":

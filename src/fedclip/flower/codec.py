@@ -97,6 +97,9 @@ def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any) -> tuple[Run
     if isinstance(values.get("classes"), str):  # a run-config value is a string
         values["classes"] = tuple(c.strip() for c in values["classes"].split(",")
                                   if c.strip()) or None
+    if isinstance(values.get("prompt_templates"), str):  # "|"-separated in a run config
+        values["prompt_templates"] = tuple(t for t in values["prompt_templates"].split("|")
+                                           if t.strip()) or None
     values.update(overrides)
     if flower["transfer"] not in TRANSFER_DTYPES:
         raise ConfigError(f"transfer must be fp32 or fp16 (got {flower['transfer']!r})")
