@@ -105,3 +105,21 @@ def test_a_transformers_clip_saved_locally_is_a_backbone(tmp_path, toy_root):
     before = backbone_fingerprint(spec)
     (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
     assert backbone_fingerprint(spec) != before  # another model file: another cache key
+
+
+def test_a_backbone_provider_from_another_package_is_found(monkeypatch):
+    """An entry point in the group fedclip.backbones names a provider module."""
+    import importlib.metadata as md
+    import sys
+    import types
+
+    from fedclip import backbones
+
+    provider = types.ModuleType("my_plugin_provider")
+    provider.fingerprint = lambda rest: f"plugin-{rest}"
+    sys.modules["my_plugin_provider"] = provider
+    ep = types.SimpleNamespace(name="myproj", value="my_plugin_provider")
+    monkeypatch.setattr(md, "entry_points",
+                        lambda group=None: [ep] if group == "fedclip.backbones" else [])
+    monkeypatch.setattr(backbones, "_PROVIDERS", dict(backbones._PROVIDERS))
+    assert backbone_fingerprint("myproj:weights-v1") == "myproj-plugin-weights-v1"

@@ -33,6 +33,28 @@ console = Console(stderr=True)  # the terminal's width: tables fold, never wrap 
 out_console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out_console.print(f"fedclip {version('fedclip')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="More log lines (-v info, -vv debug)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """FedCLIP: federated adaptation of a frozen CLIP with an attention adapter."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                                         logging.INFO if verbose else logging.WARNING)
+    logging.getLogger().setLevel(level)
+
+
 class RichReporter:
     """Progress bars for extraction (images/s) and rounds (accuracy so far); where the output
     is not a terminal (logs, CI), a plain line every tenth of the work instead."""

@@ -66,8 +66,19 @@ def register_backbone(prefix: str, module: str) -> None:
     _PROVIDERS[prefix] = module
 
 
+def _plugins() -> None:
+    """Providers from other packages: entry points in the group ``fedclip.backbones``, each
+    naming a provider module (``myproj.backbone = "my_package.provider_module"``)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fedclip.backbones"):
+        _PROVIDERS.setdefault(ep.name, ep.value)
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     prefix, _, rest = spec.partition(":")
+    if prefix not in _PROVIDERS:
+        _plugins()
     if prefix not in _PROVIDERS:
         raise BackboneError(
             f"unknown backbone spec {spec!r}; use one of: "
