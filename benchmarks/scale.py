@@ -131,6 +131,41 @@ def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: 
     return rows
 
 
+def flower_rounds(cfg, clients: tuple[int, ...], rounds: int = 3) -> list[dict]:  # noqa: ANN001
+    """The same federations as Flower simulations (Ray; one SuperNode per client + the
+    held-out one): steady seconds per round, messages included."""
+    from flwr.simulation import run_simulation
+
+    from fedclip.flower.client_app import build_client_app
+    from fedclip.flower.server_app import build_server_app
+    from fedclip.task import scan
+
+    domains = list(scan(cfg).domains)
+    heldout, training = domains[-1], len(domains) - 1
+    rows = []
+    for total in clients:
+        per_domain = max(1, round(total / training))
+        participate = max(1, per_domain * training // 10) if total >= 400 else 0
+        with tempfile.TemporaryDirectory() as tmp:
+            defaults = {"backbone": cfg.backbone, "heldout": heldout, "rounds": rounds,
+                        "out": tmp, "clients-per-domain": per_domain,
+                        "partition": "dirichlet", "clients-per-round": participate,
+                        "eval-every": 10**6, "personalize-epochs": 0,
+                        "data-root": cfg.data_root or "", "discover-timeout": 3600.0,
+                        "cache-dir": cfg.cache_dir or ""}
+            run_simulation(build_server_app(defaults), build_client_app(defaults),
+                           num_supernodes=per_domain * training + 1,
+                           backend_config={"client_resources": {"num_cpus": 1}})
+            r = json.loads((Path(tmp) / "results.json").read_text())["runs"][0]
+        steady = [h["round_seconds"] for h in r["history"] if h["round"] > 1 and
+                  "round_seconds" in h]
+        rows.append({"clients": per_domain * training, "per_round": participate or
+                     per_domain * training, "mode": "Flower simulation",
+                     "seconds": sorted(steady)[len(steady) // 2],
+                     "discovery": r.get("discovery_seconds")})
+    return rows
+
+
 def lodo(cfg) -> dict:  # noqa: ANN001
     from fedclip.experiment import run
 
@@ -153,6 +188,8 @@ def main() -> None:
     parser.add_argument("--clients", default="4,40,400")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lodo", action="store_true")
+    parser.add_argument("--flower", default="", help="client counts to also run as Flower "
+                                                     "simulations, e.g. 4,40")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     args = parser.parse_args()
     from fedclip.backbones import resolve_device
@@ -171,6 +208,8 @@ def main() -> None:
               "extraction": extraction(cfg, args.images),
               "rounds": rounds(cfg, tuple(int(c) for c in args.clients.split(",")),
                                args.repeats)}
+    if args.flower:
+        report["rounds"] += flower_rounds(cfg, tuple(int(c) for c in args.flower.split(",")))
     if args.lodo:
         report["lodo"] = lodo(cfg)
     print(f"device: {name}, backbone: {backbone}\n")
