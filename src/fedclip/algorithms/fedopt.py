@@ -56,6 +56,9 @@ class ServerOptimizer(Algorithm):
              t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def first_moment(self, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self.options.beta1 * m + (1 - self.options.beta1) * delta
+
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
                   ) -> tuple[Params, State]:
         average, _ = super().aggregate(current, updates, server_state)
@@ -74,8 +77,7 @@ class FedAdam(ServerOptimizer):
     Options = AdaptiveOptions
 
     def step(self, x, delta, m, v, t):  # noqa: ANN001, ANN201
-        o = self.options
-        m = o.beta1 * m + (1 - o.beta1) * delta
+        o, m = self.options, self.first_moment(m, delta)
         v = o.beta2 * v + (1 - o.beta2) * delta**2
         eta = o.server_lr * (1 - o.beta2 ** (t + 1)) ** 0.5 / (1 - o.beta1 ** (t + 1))
         return x + eta * m / (v.sqrt() + o.tau), m, v
@@ -88,8 +90,7 @@ class FedYogi(ServerOptimizer):
     Options = AdaptiveOptions
 
     def step(self, x, delta, m, v, t):  # noqa: ANN001, ANN201
-        o = self.options
-        m = o.beta1 * m + (1 - o.beta1) * delta
+        o, m = self.options, self.first_moment(m, delta)
         v = v - (1 - o.beta2) * delta**2 * torch.sign(v - delta**2)
         return x + o.server_lr * m / (v.sqrt() + o.tau), m, v
 
