@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--clients", default="4,40,400")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lodo", action="store_true")
+    parser.add_argument("--no-extraction", action="store_true")
     parser.add_argument("--flower", default="", help="client counts to also run as Flower "
                                                      "simulations, e.g. 4,40")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
@@ -205,7 +206,7 @@ def main() -> None:
     device = resolve_device(cfg.device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     report = {"device": name, "backbone": backbone,
-              "extraction": extraction(cfg, args.images),
+              "extraction": [] if args.no_extraction else extraction(cfg, args.images),
               "rounds": rounds(cfg, tuple(int(c) for c in args.clients.split(",")),
                                args.repeats)}
     if args.flower:

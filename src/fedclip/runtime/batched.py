@@ -87,7 +87,8 @@ def train_together(algorithm: Algorithm, jobs: list[ClientJob]) -> list[ClientUp
             batches = [plans[i][t].to(device) for i in idx_list]
             x = torch.stack([jobs[i].train.x[b] for i, b in zip(idx_list, batches, strict=True)])
             y = torch.stack([jobs[i].train.y[b] for i, b in zip(idx_list, batches, strict=True)])
-            sub = [p[idx] for p in stacked]
+            whole = len(idx_list) == k  # every client: no gather, no scatter
+            sub = stacked if whole else [p[idx] for p in stacked]
             task = _losses(algorithm, sub, x, y, text, scale)
             prox = 0.5 * mus[idx] * sum(((p - r[idx]) ** 2).flatten(1).sum(1)
                                          for p, r in zip(sub, reference, strict=True))
@@ -97,7 +98,8 @@ def train_together(algorithm: Algorithm, jobs: list[ClientJob]) -> list[ClientUp
                                     f"(round {jobs[0].config.server_round}); lower the "
                                     f"learning rate. The last good checkpoint is kept")
             grads = torch.autograd.grad(total.sum(), sub)
-            _adam_step(stacked, grads, exp_avg, exp_avg_sq, steps, idx, lrs[idx], cfg)
+            _adam_step(stacked, grads, exp_avg, exp_avg_sq, steps, None if whole else idx,
+                       lrs if whole else lrs[idx], cfg)
             for i, value in zip(idx_list, task.detach().tolist(), strict=True):
                 losses[i].append(value)
     seconds = time.perf_counter() - start
@@ -113,17 +115,28 @@ def train_together(algorithm: Algorithm, jobs: list[ClientJob]) -> list[ClientUp
 @torch.no_grad()
 def _adam_step(params: list[torch.Tensor], grads: tuple[torch.Tensor, ...],
                exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
-               steps: torch.Tensor, idx: torch.Tensor, lr: torch.Tensor, cfg) -> None:  # noqa: ANN001
-    """torch.optim.Adam's update (L2 in the gradient) on the rows ``idx`` of each stacked
-    parameter, each row with its own step count and learning rate."""
-    steps[idx] += 1
-    step = steps[idx]
+               steps: torch.Tensor, idx: torch.Tensor | None, lr: torch.Tensor,
+               cfg) -> None:  # noqa: ANN001
+    """torch.optim.Adam's update (L2 in the gradient) on the rows ``idx`` (None: all, in
+    place) of each stacked parameter, each row with its own step count and learning rate."""
+    rows_of = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
+    if idx is None:
+        steps += 1
+    else:
+        steps[idx] += 1
+    step = rows_of(steps)
     bias1 = 1 - cfg.beta1 ** step
     bias2_sqrt = (1 - cfg.beta2 ** step).sqrt()
     for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=True):
         shape = (-1,) + (1,) * (p.dim() - 1)
-        rows = p.data[idx]
+        rows = rows_of(p.data)
         g = g + cfg.weight_decay * rows
+        if idx is None:
+            m.lerp_(g, 1 - cfg.beta1)
+            v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+            denom = v.sqrt().div_(bias2_sqrt.view(shape)).add_(cfg.eps)
+            p.data.addcdiv_(m * (lr / bias1).view(shape), denom, value=-1.0)
+            continue
         m_new = m[idx].lerp(g, 1 - cfg.beta1)
         v_new = v[idx] * cfg.beta2 + (1 - cfg.beta2) * g * g
         denom = v_new.sqrt() / bias2_sqrt.view(shape) + cfg.eps
