@@ -29,8 +29,15 @@ from fedclip.errors import ConfigError, FedclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FedCLIP: federated adaptation of a frozen CLIP with an attention adapter.")
-console = Console(stderr=True)  # the terminal's width: tables fold, never wrap rows
-out_console = Console()
+def _console(stderr: bool = False) -> Console:
+    """A terminal's own width (tables fold instead of wrapping rows); logs and pipes get a
+    wide one, so that no line is folded in a file."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
+
+
+console = _console(stderr=True)
+out_console = _console()
 
 
 def _version(value: bool) -> None:
@@ -165,7 +172,7 @@ def run_command(
         table.add_row(*map(escape, row))
     out_console.print(table)
     out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/",
-                      markup=False)
+                      markup=False, soft_wrap=True)
 
 
 @app.command("compare")
