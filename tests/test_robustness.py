@@ -396,3 +396,20 @@ def test_a_client_at_zero_percent_is_drawn_at_zero():
     from fedclip.report import _num
 
     assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)
+
+
+def test_resume_reads_the_runs_own_settings(tiny_arch, toy_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout", "beta",
+            "--out", str(out), "--set", "lr=1e-3", "--set", "checkpoint_every=1"]
+    assert main([*base, "--rounds", "2"]) == 0
+    # only --resume and the new round count: everything else comes from config.json
+    assert main(["run", "--out", str(out), "--resume", "--rounds", "3", "--threads", "1"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs[0]["rounds"] == 3 and runs[0]["backbone"] == tiny_arch
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--resume", "--rounds", "3", "--set",
+                 "lr=5e-4"]) == 2
+    assert "lr (0.001 -> 0.0005)" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3  # refused: unchanged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -102,9 +103,17 @@ class RichReporter:
         self.progress.console.print(message, markup=False, highlight=False)
 
 
-def _settings(preset: Path | None, items: list[str], **flags: Any) -> RunConfig:
-    """Defaults, then the preset, then ``--set``, then flags; one key set two ways to two
-    values is an error that names it."""
+def _settings(preset: Path | None, items: list[str], resume_from: Path | None = None,
+              **flags: Any) -> RunConfig:
+    """Defaults, then (``--resume``) the run folder's own config.json, then the preset, then
+    ``--set``, then flags; one key set two ways to two values is an error that names it."""
+    saved: dict[str, Any] = {}
+    if resume_from is not None and (resume_from / "config.json").is_file():
+        try:
+            saved = json.loads((resume_from / "config.json").read_text())
+        except ValueError:
+            raise ConfigError(f"{resume_from / 'config.json'} is not valid JSON; pass the "
+                              f"settings again, or start another --out") from None
     values = _parse_set(items)
     for key, value in flags.items():
         if value is None:
@@ -113,6 +122,11 @@ def _settings(preset: Path | None, items: list[str], **flags: Any) -> RunConfig:
             raise ConfigError(f"{key} is set twice (--set {key}={values[key]!r} and "
                               f"--{key.replace('_', '-')} {value!r}); keep one")
         values[key] = value
+    if saved:
+        from fedclip.config import load_preset
+
+        return RunConfig.validated({**saved, **(load_preset(preset) if preset else {}),
+                                    **values})
     return RunConfig.build(preset, **values)
 
 
@@ -146,18 +160,26 @@ def run_command(
     seed: int | None = typer.Option(None, help="Seed for splits, init and batches."),
     dataset: str | None = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder for all outputs."),
-    resume: bool = typer.Option(False, help="Continue the run in --out where it stopped."),
+    resume: bool = typer.Option(False, help="Continue the run in --out where it stopped, with "
+                                             "its own settings (flags given now override)."),
     config: Path | None = typer.Option(None, help="TOML preset (see configs/)."),
     set_: list[str] = typer.Option([], "--set", help="Any config key: --set lr=1e-4"),  # noqa: B006
     cache_dir: str | None = typer.Option(None, help="Feature cache folder."),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default). The "
+                                               "adapter's ops are small: on a busy machine 1 "
+                                               "is often fastest."),
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.experiment import run
     from fedclip.report import COLUMNS, STANDIN_NOTE, table_rows
 
-    cfg = _settings(config, set_, data_root=data_root, backbone=backbone,
-                          heldout=heldout, rounds=rounds, loss=loss, algorithm=algorithm,
-                          seed=seed, dataset=dataset, cache_dir=cache_dir)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = _settings(config, set_, resume_from=out if resume else None, data_root=data_root,
+                    backbone=backbone, heldout=heldout, rounds=rounds, loss=loss,
+                    algorithm=algorithm, seed=seed, dataset=dataset, cache_dir=cache_dir)
     if cfg.backbone == "standin":
         console.print(f"[yellow]note:[/] {STANDIN_NOTE}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -308,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="fedclip", standalone_mode=False)
     except FedclipError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     except click.ClickException as exc:
         exc.show()

@@ -75,6 +75,26 @@ def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation
                       held_mask)
 
 
+def resumable(cfg: RunConfig, dataset, heldout: str, run_dir: Path,  # noqa: ANN001
+              resume: bool) -> FederationState | None:
+    """The checkpoint a run continues from (None: a fresh run), checked against this
+    configuration and data: a mismatch, a shrink or a run without --resume is refused."""
+    ckpt = run_dir / "checkpoint.safetensors"
+    if not ckpt.exists():
+        return None
+    if not resume:
+        raise ResumeError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                          f"or choose another --out")
+    data = data_fingerprint(dataset)
+    state = load_checkpoint(ckpt, config_fingerprint(cfg, heldout, data),
+                            fingerprint_fields(cfg, heldout, data))
+    if state.round > cfg.rounds:
+        raise ResumeError(f"{run_dir} is at round {state.round}, past rounds={cfg.rounds}: a "
+                          f"resume cannot shrink a run; pass --rounds {state.round} or more "
+                          f"(extending is fine)")
+    return state
+
+
 def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
                 resume: bool = False, reporter: Reporter | None = None,
                 on_round: Callable[[FederationState, dict], None] | None = None) -> dict:
@@ -87,16 +107,8 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     fingerprint = config_fingerprint(cfg, heldout, data)
     fields = fingerprint_fields(cfg, heldout, data)
     ckpt = run_dir / "checkpoint.safetensors"
-    state = None
-    if ckpt.exists():
-        if not resume:
-            raise ResumeError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                              f"or choose another --out")
-        state = load_checkpoint(ckpt, fingerprint, fields)
-        if state.round > cfg.rounds:
-            raise ResumeError(f"{run_dir} is at round {state.round}, past rounds={cfg.rounds}: "
-                              f"a resume cannot shrink a run; pass --rounds {state.round} or "
-                              f"more (extending is fine)")
+    state = resumable(cfg, prep.dataset, heldout, run_dir, resume)
+    if state is not None:
         reporter.info(f"[{heldout}] resuming after round {state.round}")
     else:
         (run_dir / HISTORY).unlink(missing_ok=True)  # a fresh run: no stale history
@@ -228,6 +240,8 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
             if taken:
                 raise ResumeError(f"{out} already holds a run for {', '.join(taken)}; pass "
                                   f"--resume to continue it, or choose another --out")
+        for h in heldouts:  # a resume that cannot continue is refused before any write
+            resumable(cfg, dataset, h, out / safe_name(h), resume)
         check_cache_writable(cache_dir(cfg))
         prep = prepare(cfg, (reporter or SilentReporter()).extraction, dataset=dataset)
         atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))
