@@ -123,3 +123,12 @@ def test_a_backbone_provider_from_another_package_is_found(monkeypatch):
                         lambda group=None: [ep] if group == "fedclip.backbones" else [])
     monkeypatch.setattr(backbones, "_PROVIDERS", dict(backbones._PROVIDERS))
     assert backbone_fingerprint("myproj:weights-v1") == "myproj-plugin-weights-v1"
+
+
+def test_hub_specs_take_no_none_tag():
+    """open_clip loads hf-hub: and local-dir: repositories' own weights whatever the tag:
+    '@none' would promise random weights it cannot give."""
+    with pytest.raises(BackboneError, match="drop the tag"):
+        backbone_fingerprint("open_clip:hf-hub:org/repo@none")
+    assert backbone_fingerprint("open_clip:hf-hub:org/repo") == backbone_fingerprint(
+        "open_clip:hf-hub:org/repo@hub")

@@ -71,8 +71,16 @@ def load(rest: str, device: str) -> OpenClipBackbone:
     return OpenClipBackbone(*_split(rest), device)
 
 
+HUB_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip loads these repositories' own weights
+
+
 def _split(rest: str) -> tuple[str, str]:
     arch, sep, tag = rest.partition("@")
+    if arch.startswith(HUB_SCHEMAS):
+        if tag == "none":
+            raise BackboneError(f"open_clip:{arch} loads that repository's own weights; "
+                                f"'@none' (random weights) cannot apply to it: drop the tag")
+        return arch, tag or "hub"  # the tag is optional (and ignored by open_clip) here
     if not arch or not sep or not tag:
         raise BackboneError(
             f"open_clip spec needs an architecture and a tag: open_clip:ARCH@TAG "
@@ -85,6 +93,8 @@ def _validate(arch: str, tag: str) -> str | None:
     """Check the architecture and tag exist; return what open_clip's ``pretrained`` takes."""
     import open_clip
 
+    if arch.startswith(HUB_SCHEMAS):
+        return None  # open_clip takes the weights from the repository itself
     pretrained = None if tag == "none" else tag
     if not arch.startswith(("hf-hub:", "local-dir:")) and arch not in open_clip.list_models():
         raise BackboneError(
