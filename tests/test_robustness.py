@@ -413,3 +413,16 @@ def test_resume_reads_the_runs_own_settings(tiny_arch, toy_root, tmp_path, capsy
                  "lr=5e-4"]) == 2
     assert "lr (0.001 -> 0.0005)" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-3  # refused: unchanged
+
+
+def test_checkpoints_follow_time_as_well_as_rounds(tiny_arch, toy_root, tmp_path):
+    """checkpoint_every=100 but checkpoint_seconds=0: an interrupt after round 2 loses
+    nothing."""
+    from safetensors import safe_open
+
+    from tests.conftest import interrupted_at_round_2
+
+    cfg = _cfg(toy_root, tiny_arch, rounds=4, checkpoint_every=100, checkpoint_seconds=0.0)
+    interrupted_at_round_2(cfg, prepare(cfg), "beta", tmp_path / "r")
+    with safe_open(str(tmp_path / "r" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["round"] == "2"

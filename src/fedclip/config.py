@@ -92,7 +92,10 @@ class RunConfig(BaseModel):
     # --- bookkeeping --------------------------------------------------------------------
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's RandomState takes < 2^32.")
     eval_every: int = Field(1, ge=1)
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint every this many rounds...")
+    checkpoint_seconds: float = Field(
+        10.0, ge=0, description="...or when this many seconds passed since the last one, so "
+        "an interrupt never loses more than about this much work (0: every round).")
     cache_dir: str | None = Field(None, description="Feature cache; default ~/.cache/fedclip.")
     device: str = Field("auto", description="Where everything runs: cpu, cuda, cuda:1, ... "
                         "(auto: cuda when available). Features stay there for the whole run.")
@@ -150,7 +153,8 @@ class RunConfig(BaseModel):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that decide training numbers (a resumed run must match them)."""
-        skip = {"eval_every", "checkpoint_every", "cache_dir", "device", "extract_batch_size",
+        skip = {"eval_every", "checkpoint_every", "checkpoint_seconds", "cache_dir", "device",
+                "extract_batch_size",
                 "extract_workers", "heldout", "rounds", "personalize_epochs",
                 "train_clients_together"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}

@@ -26,6 +26,7 @@ from fedclip.io import atomic_write_json, remove_stale_temporaries
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
 from fedclip.runtime.checkpoint import (
     HISTORY,
+    CheckpointPolicy,
     config_fingerprint,
     fingerprint_fields,
     load_checkpoint,
@@ -113,9 +114,11 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     else:
         (run_dir / HISTORY).unlink(missing_ok=True)  # a fresh run: no stale history
 
+    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.checkpoint_seconds, cfg.rounds)
+
     def checkpoint(st: FederationState, record: dict) -> None:
         reporter.round_end(heldout, record, cfg.rounds)
-        if st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds:
+        if policy.due(st.round):
             save_checkpoint(ckpt, st, fingerprint, fields)
         if on_round is not None:
             on_round(st, record)

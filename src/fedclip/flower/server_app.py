@@ -32,6 +32,7 @@ from fedclip.io import atomic_write_json
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
 from fedclip.runtime.checkpoint import (
     HISTORY,
+    CheckpointPolicy,
     config_fingerprint,
     fingerprint_fields,
     load_checkpoint,
@@ -188,11 +189,13 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
     state = _start_state(algorithm, init, ckpt, fingerprint, fields, bool(flower["resume"]))
 
+    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.checkpoint_seconds, cfg.rounds)
+
     def on_round(st: FederationState, record: dict) -> None:
         if "mean_val_accuracy" in record:
             log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],
                 record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
-        if st.round > 0 and (st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds):
+        if st.round > 0 and policy.due(st.round):
             save_checkpoint(ckpt, st, fingerprint, fields)
 
     strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower["transfer"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,19 @@ def load_checkpoint(path: Path, fingerprint: str, fields: dict[str, Any] | None 
     except (KeyError, ValueError, TypeError) as exc:
         raise ResumeError(f"checkpoint {path} has damaged metadata or history ({exc}); "
                           f"delete it to start over") from None
+
+
+class CheckpointPolicy:
+    """When to write a checkpoint: every ``every`` rounds, at the last round, or once
+    ``seconds`` have passed since the last write."""
+
+    def __init__(self, every: int, seconds: float, last_round: int) -> None:
+        self.every, self.seconds, self.last_round = every, seconds, last_round
+        self._saved = time.monotonic()
+
+    def due(self, server_round: int) -> bool:
+        if (server_round % self.every == 0 or server_round == self.last_round
+                or time.monotonic() - self._saved >= self.seconds):
+            self._saved = time.monotonic()
+            return True
+        return False
