@@ -120,8 +120,9 @@ def _decode(data: list[torch.Tensor | None], pre: DevicePreprocess, device: str
                     decoded.append(None)
         for i, img in zip(jpegs, decoded, strict=True):
             images[i] = img
+    done = set(jpegs)
     for i, d in enumerate(data):
-        if d is not None and i not in jpegs:
+        if d is not None and i not in done:
             try:
                 images[i] = decode_image(d, mode=ImageReadMode.RGB).to(device)
             except RuntimeError:

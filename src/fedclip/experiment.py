@@ -76,17 +76,17 @@ def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation
                       held_mask)
 
 
-def resumable(cfg: RunConfig, dataset, heldout: str, run_dir: Path,  # noqa: ANN001
-              resume: bool) -> FederationState | None:
+def resumable(cfg: RunConfig, data: str, heldout: str, run_dir: Path, resume: bool
+              ) -> FederationState | None:
     """The checkpoint a run continues from (None: a fresh run), checked against this
-    configuration and data: a mismatch, a shrink or a run without --resume is refused."""
+    configuration and ``data`` (:func:`fedclip.task.data_fingerprint`): a mismatch, a shrink
+    or a run without --resume is refused."""
     ckpt = run_dir / "checkpoint.safetensors"
     if not ckpt.exists():
         return None
     if not resume:
         raise ResumeError(f"{run_dir} already holds a run; pass --resume to continue it, "
                           f"or choose another --out")
-    data = data_fingerprint(dataset)
     state = load_checkpoint(ckpt, config_fingerprint(cfg, heldout, data),
                             fingerprint_fields(cfg, heldout, data))
     if state.round > cfg.rounds:
@@ -108,7 +108,7 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
     fingerprint = config_fingerprint(cfg, heldout, data)
     fields = fingerprint_fields(cfg, heldout, data)
     ckpt = run_dir / "checkpoint.safetensors"
-    state = resumable(cfg, prep.dataset, heldout, run_dir, resume)
+    state = resumable(cfg, data, heldout, run_dir, resume)
     if state is not None:
         reporter.info(f"[{heldout}] resuming after round {state.round}")
     else:
@@ -243,8 +243,10 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
             if taken:
                 raise ResumeError(f"{out} already holds a run for {', '.join(taken)}; pass "
                                   f"--resume to continue it, or choose another --out")
-        for h in heldouts:  # a resume that cannot continue is refused before any write
-            resumable(cfg, dataset, h, out / safe_name(h), resume)
+        if resume:  # a resume that cannot continue is refused before any write
+            data = data_fingerprint(dataset)
+            for h in heldouts:
+                resumable(cfg, data, h, out / safe_name(h), resume)
         check_cache_writable(cache_dir(cfg))
         prep = prepare(cfg, (reporter or SilentReporter()).extraction, dataset=dataset)
         atomic_write_json(out / "config.json", cfg.model_dump(mode="json"))

@@ -63,12 +63,13 @@ def _image_files(class_dir: Path) -> list[Path]:
     reached twice through links counts once; dangling links and anything that is not a
     regular file (a FIFO named .jpg would hang a reader) are skipped, with a warning."""
     files: list[Path] = []
-    seen_dirs: set[str] = set()
-    seen_files: set[str] = set()
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
     skipped: list[str] = []
     walked = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        real = os.path.realpath(dirpath)
+        st_dir = os.stat(dirpath)
+        real = (st_dir.st_dev, st_dir.st_ino)  # the folder itself, however it was reached
         if real in seen_dirs:
             dirnames[:] = []
             skipped.append(f"{dirpath} (a link back to a folder already read)")
@@ -89,7 +90,7 @@ def _image_files(class_dir: Path) -> list[Path]:
             if not stat.S_ISREG(st.st_mode):
                 skipped.append(f"{path} (not a regular file)")
                 continue
-            real_file = os.path.realpath(path)
+            real_file = (st.st_dev, st.st_ino)  # from the stat above: no extra system call
             if real_file in seen_files:
                 skipped.append(f"{path} (the same file as another one, through a link)")
                 continue
