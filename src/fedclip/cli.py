@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args
 
 import click
 import tomllib
@@ -24,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand
 
 from fedclip.config import RunConfig
 from fedclip.errors import ConfigError, FedclipError
@@ -145,47 +146,139 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return values
 
 
-@app.command("run")
-def run_command(
-    data_root: str | None = typer.Option(
-        None, help="Folder <domain>/<class>/<image>, or hf:<dataset> (online). "
-                   "Default: the embedded PACS sample."),
-    backbone: str | None = typer.Option(None, help="open_clip:ARCH@TAG or standin."),
-    heldout: str | None = typer.Option(None, help="Held-out domain, or 'all'."),
-    rounds: int | None = typer.Option(None, help="Communication rounds."),
-    loss: str | None = typer.Option(None, help="clip (contrastive) or ce."),
-    algorithm: str | None = typer.Option(
-        None, help="Algorithm (default fedclip); `fedclip algorithms` lists them and their "
-                   "options (--set NAME.KEY=VALUE)."),
-    seed: int | None = typer.Option(None, help="Seed for splits, init and batches."),
-    dataset: str | None = typer.Option(None, help="pacs, vlcs, office-home, auto, custom."),
-    out: Path = typer.Option(Path("runs/latest"), help="Run folder for all outputs."),
-    resume: bool = typer.Option(False, help="Continue the run in --out where it stopped, with "
-                                             "its own settings (flags given now override)."),
-    config: Path | None = typer.Option(None, help="TOML preset (see configs/)."),
-    set_: list[str] = typer.Option([], "--set", help="Any config key: --set lr=1e-4"),  # noqa: B006
-    cache_dir: str | None = typer.Option(None, help="Feature cache folder."),
-    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default). The "
-                                               "adapter's ops are small: on a busy machine 1 "
-                                               "is often fastest."),
-) -> None:
-    """Train with leave-one-domain-out and report generalization and personalization."""
-    from fedclip.experiment import run
-    from fedclip.report import COLUMNS, STANDIN_NOTE, table_rows
+# --- options shared by `run` and `compare` (one definition each; help from RunConfig) -----
+def _default(field: str) -> str:
+    return str(RunConfig.model_fields[field].default)
 
+
+def _choices(field: str) -> click.Choice:
+    """The values of a Literal field, as click choices."""
+    return click.Choice(list(get_args(RunConfig.model_fields[field].annotation)))
+
+
+def _datasets() -> click.Choice:
+    from fedclip.data.specs import SPECS
+
+    return click.Choice([*SPECS, "auto", "custom"])
+
+
+DataRoot = Annotated[str | None, typer.Option(
+    help="Folder <domain>/<class>/<image>, or hf:<dataset> (online). Default: the embedded "
+         "PACS sample (40 images).")]
+Backbone = Annotated[str | None, typer.Option(
+    help=f"Backbone spec (default {_default('backbone')}, the paper's; downloads once. "
+         f"Offline: standin). `fedclip backbones` lists the forms.")]
+Heldout = Annotated[str | None, typer.Option(
+    help=f"Held-out domain, or 'all' for each in turn (default {_default('heldout')}).")]
+Rounds = Annotated[int | None, typer.Option(
+    help=f"Communication rounds (default {_default('rounds')}).")]
+Loss = Annotated[str | None, typer.Option(click_type=_choices("loss"), help=(
+    f"clip (contrastive, the reference) or ce (default {_default('loss')})."))]
+Dataset = Annotated[str | None, typer.Option(click_type=_datasets(), help=(
+    "Dataset spec the folders are checked against; auto detects it, custom takes any "
+    "classes."))]
+Device = Annotated[str | None, typer.Option(
+    help="auto (a GPU when there is one), cpu, cuda, cuda:N, mps.")]
+ClientsPerDomain = Annotated[int | None, typer.Option(
+    help=f"Clients each training domain is split into (default "
+         f"{_default('clients_per_domain')}: the reference).")]
+Partition = Annotated[str | None, typer.Option(click_type=_choices("partition"), help=(
+    "How a domain is split between its clients: iid, or dirichlet (label skew, see "
+    "--dirichlet-alpha)."))]
+DirichletAlpha = Annotated[float | None, typer.Option(
+    help=f"Dirichlet concentration: smaller is more skewed (default "
+         f"{_default('dirichlet_alpha')}).")]
+Resume = Annotated[bool, typer.Option(
+    help="Continue the run in --out where it stopped, with its own settings (flags given "
+         "now override).")]
+Preset = Annotated[Path | None, typer.Option("--config", help="TOML preset (see configs/).")]
+SetItems = Annotated[list[str] | None, typer.Option(
+    "--set", help="Any config key, or an algorithm option: --set lr=1e-4 --set fedprox.mu=0.1")]
+CacheDir = Annotated[str | None, typer.Option(help="Feature cache folder (default "
+                                                   "$FEDCLIP_CACHE or ~/.cache/fedclip).")]
+Threads = Annotated[int, typer.Option(
+    min=0, help="torch threads (0: torch's default). The adapter's ops are small: on a busy "
+                "machine 1 is often fastest.")]
+LogTo = Annotated[list[str] | None, typer.Option(
+    help="A logger for every round: tensorboard (into OUT/tensorboard) or tensorboard:DIR "
+         "(needs the tensorboard extra). Repeatable.")]
+
+
+class RegistryHelp(TyperCommand):
+    """Adds the registered algorithms and backbone providers (plugins included) to the help
+    when help is shown: importing the registries takes seconds, parsing should not."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from fedclip.algorithms import names
+        from fedclip.backbones import providers
+
+        extra = {"algorithm": f" One of: {', '.join(names())}.",
+                 "algorithms": f" Registered: {', '.join(names())}.",
+                 "backbone": f" Providers: {', '.join(providers())}."}
+        for param in self.params:
+            if param.name in extra and not getattr(param, "_registry_help", False):
+                param.help = (getattr(param, "help", None) or "") + extra[param.name]
+                param._registry_help = True  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
+
+
+def _threads(threads: int) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    cfg = _settings(config, set_, resume_from=out if resume else None, data_root=data_root,
-                    backbone=backbone, heldout=heldout, rounds=rounds, loss=loss,
-                    algorithm=algorithm, seed=seed, dataset=dataset, cache_dir=cache_dir)
-    if cfg.backbone == "standin":
-        console.print(f"[yellow]note:[/] {STANDIN_NOTE}")
+
+
+def _print_note(backbone: str) -> None:
+    from fedclip.report import backbone_note
+
+    note = backbone_note(backbone)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+@app.command("run", cls=RegistryHelp)
+def run_command(
+    data_root: DataRoot = None,
+    backbone: Backbone = None,
+    heldout: Heldout = None,
+    rounds: Rounds = None,
+    algorithm: Annotated[str | None, typer.Option(
+        help=f"Algorithm (default {_default('algorithm')}); `fedclip algorithms` lists them "
+             f"with their options.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for splits, init and batches.")] = None,
+    loss: Loss = None,
+    dataset: Dataset = None,
+    device: Device = None,
+    clients_per_domain: ClientsPerDomain = None,
+    partition: Partition = None,
+    dirichlet_alpha: DirichletAlpha = None,
+    out: Annotated[Path, typer.Option(help="Run folder for all outputs.")] = Path("runs/latest"),
+    resume: Resume = False,
+    config: Preset = None,
+    set_: SetItems = None,
+    cache_dir: CacheDir = None,
+    threads: Threads = 0,
+    log_to: LogTo = None,
+) -> None:
+    """Train with leave-one-domain-out and report generalization and personalization."""
+    from fedclip.callbacks import loggers_from_specs
+    from fedclip.experiment import run
+    from fedclip.report import COLUMNS, table_rows
+
+    _threads(threads)
+    cfg = _settings(config, set_ or [], resume_from=out if resume else None,
+                    data_root=data_root, backbone=backbone, heldout=heldout, rounds=rounds,
+                    loss=loss, algorithm=algorithm, seed=seed, dataset=dataset, device=device,
+                    clients_per_domain=clients_per_domain, partition=partition,
+                    dirichlet_alpha=dirichlet_alpha, cache_dir=cache_dir)
+    _print_note(cfg.backbone)
+    loggers = loggers_from_specs(log_to or [], out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        results = run(cfg, out, resume=resume, reporter=RichReporter(progress))
+        results = run(cfg, out, resume=resume, reporter=RichReporter(progress),
+                      callbacks=loggers)
     table = Table(title=f"{cfg.algorithm} — accuracy % (gen.: held-out domain; pers.: "
                         f"clients' test splits)")
     for col in COLUMNS:
@@ -197,29 +290,43 @@ def run_command(
                       markup=False, soft_wrap=True)
 
 
-@app.command("compare")
+@app.command("compare", cls=RegistryHelp)
 def compare_command(
-    algorithms: str = typer.Option("zeroshot,fedclip,local,fedprox",
-                                   help="Comma-separated algorithms."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds (mean ± std over them)."),
-    data_root: str | None = typer.Option(None, help="As for run."),
-    backbone: str | None = typer.Option(None, help="As for run."),
-    heldout: str | None = typer.Option(None, help="As for run (default all)."),
-    rounds: int | None = typer.Option(None, help="Communication rounds."),
-    out: Path = typer.Option(Path("runs/compare"), help="Folder for all runs and tables."),
-    resume: bool = typer.Option(False, help="Continue where a comparison stopped."),
-    config: Path | None = typer.Option(None, help="TOML preset."),
-    set_: list[str] = typer.Option([], "--set", help="Any config key: --set lr=1e-4"),  # noqa: B006
+    algorithms: Annotated[str, typer.Option(help="Comma-separated algorithms.")] = (
+        "zeroshot,fedclip,local,fedprox"),
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (mean ± std over them).")
+                     ] = "0",
+    data_root: DataRoot = None,
+    backbone: Backbone = None,
+    heldout: Heldout = None,
+    rounds: Rounds = None,
+    loss: Loss = None,
+    dataset: Dataset = None,
+    device: Device = None,
+    clients_per_domain: ClientsPerDomain = None,
+    partition: Partition = None,
+    dirichlet_alpha: DirichletAlpha = None,
+    out: Annotated[Path, typer.Option(help="Folder for all runs and tables.")] = Path(
+        "runs/compare"),
+    resume: Resume = False,
+    config: Preset = None,
+    set_: SetItems = None,
+    cache_dir: CacheDir = None,
+    threads: Threads = 0,
 ) -> None:
     """Every algorithm on the same splits and seeds: the paper's comparison tables."""
     from fedclip.compare import compare, markdown
 
-    cfg = _settings(config, set_, data_root=data_root, backbone=backbone,
-                          heldout=heldout, rounds=rounds)
+    _threads(threads)
+    cfg = _settings(config, set_ or [], data_root=data_root, backbone=backbone,
+                    heldout=heldout, rounds=rounds, loss=loss, dataset=dataset, device=device,
+                    clients_per_domain=clients_per_domain, partition=partition,
+                    dirichlet_alpha=dirichlet_alpha, cache_dir=cache_dir)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds takes integers separated by commas (got {seeds!r})") from None
+    _print_note(cfg.backbone)
 
     def count_backbone() -> int | None:
         from fedclip.backbones import load_backbone
@@ -314,13 +421,21 @@ def predict_command(
 
 @app.command("backbones")
 def backbones_command() -> None:
-    """List the backbone spec forms."""
-    out_console.print("open_clip:ARCH@TAG   e.g. open_clip:ViT-B-32@openai (the paper), "
-                      "open_clip:ViT-B-32@/path/ckpt.pt, open_clip:ViT-B-32@none (random)")
-    out_console.print("hf:ORG/MODEL         a transformers CLIP-style model (hub), e.g. "
-                      "hf:openai/clip-vit-base-patch32; hf:/path/to/saved (save_pretrained)")
-    out_console.print("standin              offline stand-in (EfficientNet-Lite0 + MiniLM), "
-                      "NOT CLIP")
+    """The backbone spec forms of every registered provider (plugins included)."""
+    from fedclip.backbones import provider_module, providers
+    from fedclip.errors import BackboneError
+
+    table = Table(title="backbones (--backbone SPEC)")
+    for col in ("spec", "what it loads"):
+        table.add_column(col)
+    for prefix in providers():
+        try:
+            forms = getattr(provider_module(prefix), "FORMS", None) or [(f"{prefix}:...", "")]
+        except BackboneError as exc:  # its packages are missing: say which
+            forms = [(f"{prefix}:...", str(exc))]
+        for form, what in forms:
+            table.add_row(escape(form), escape(what))
+    out_console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

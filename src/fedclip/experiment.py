@@ -5,7 +5,8 @@
 
 ``run`` validates the data, extracts (or loads cached) features, then for each held-out
 domain trains the federation with the other domains as clients and writes everything into
-the run folder. Progress goes to an optional :class:`Reporter`; nothing is printed.
+the run folder. Progress goes to an optional :class:`Reporter`; round callbacks
+(:mod:`fedclip.callbacks`: loggers, your own code) see every round; nothing is printed.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from fedclip import callbacks as cb
 from fedclip.algorithms import get_algorithm
 from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
@@ -98,7 +100,8 @@ def resumable(cfg: RunConfig, data: str, heldout: str, run_dir: Path, resume: bo
 
 def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
                 resume: bool = False, reporter: Reporter | None = None,
-                on_round: Callable[[FederationState, dict], None] | None = None) -> dict:
+                on_round: Callable[[FederationState, dict], None] | None = None,
+                callbacks: Sequence[cb.Callback] = ()) -> dict:
     """Train with ``heldout`` left out; write checkpoint, adapters and result; return it."""
     reporter = reporter or SilentReporter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +121,16 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
 
     def checkpoint(st: FederationState, record: dict) -> None:
         reporter.round_end(heldout, record, cfg.rounds)
+        cb.round_end(callbacks, heldout, record)
         if policy.due(st.round):
             save_checkpoint(ckpt, st, fingerprint, fields)
         if on_round is not None:
             on_round(st, record)
 
     start = time.perf_counter()
+    if state is None:  # a fresh run: round 0 (the initial model) is a round like any other
+        state = fed.initial_state()
+        cb.round_end(callbacks, heldout, state.history[0])
     state = fed.run(state, callbacks=[checkpoint])
     if state.round == 0:
         save_checkpoint(ckpt, state, fingerprint, fields)
@@ -154,6 +161,7 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
             save_adapter(run_dir / f"{name}.safetensors", params, cfg, prep.dataset.classes,
                          prep.text.logit_scale, rnd, fed.dim)
     atomic_write_json(run_dir / "result.json", json_safe(result))
+    cb.run_end(callbacks, heldout, result)
     return result
 
 
@@ -220,14 +228,23 @@ def check_cache_writable(folder: Path) -> None:
 
 
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
-        reporter: Reporter | None = None) -> list[dict]:
+        reporter: Reporter | None = None, callbacks: Sequence[cb.Callback] = ()) -> list[dict]:
     """Run every requested held-out domain; write results.json, tables and plots to ``out``.
 
     Everything that can be checked is checked before any feature is extracted (the data,
-    the run folder, the cache, existing runs); a refused run writes nothing."""
+    the run folder, the cache, existing runs); a refused run writes nothing. ``callbacks``
+    see every round and every held-out result, and are closed when the run ends."""
+    out = Path(out)
+    try:
+        return _run(cfg, out, resume, reporter, callbacks)
+    finally:
+        cb.close(callbacks)
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
+         callbacks: Sequence[cb.Callback]) -> list[dict]:
     from fedclip import report
 
-    out = Path(out)
     with claim(out):
         dataset = scan(cfg)
         heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
@@ -254,6 +271,6 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
         for heldout in heldouts:
             run_dir = out / safe_name(heldout)
             results.append(run_heldout(cfg, prep, heldout, run_dir, resume=resume,
-                                       reporter=reporter))
+                                       reporter=reporter, callbacks=callbacks))
             report.write_run(out, cfg, results[-1:])  # merges; draws only the new run's plot
         return results

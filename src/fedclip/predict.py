@@ -38,13 +38,10 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
 
 
 def would_download(spec: str) -> bool:
-    """Whether loading ``spec`` may fetch weights from the internet."""
-    if not spec.startswith("open_clip:"):
-        return False
-    arch, _, tag = spec.removeprefix("open_clip:").partition("@")
-    if arch.startswith("hf-hub:"):
-        return True
-    return tag not in ("none", "") and not Path(tag).is_file()
+    """Whether loading ``spec`` would fetch weights from the internet (not already here)."""
+    from fedclip.backbones import weights_source
+
+    return weights_source(spec) is not None
 
 
 def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | None = None,

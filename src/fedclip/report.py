@@ -10,8 +10,12 @@ from fedclip.config import RunConfig
 from fedclip.io import atomic_write, atomic_write_json, atomic_write_text
 from fedclip.results import SCHEMA, json_safe, safe_name
 
-STANDIN_NOTE = ("Backbone: the offline stand-in (EfficientNet-Lite0 + MiniLM aligned through "
-                "ImageNet), NOT CLIP; numbers are not comparable with the paper's.")
+
+def backbone_note(spec: str) -> str | None:
+    """The provider's warning to print with every result (the stand-in's: not CLIP)."""
+    from fedclip.backbones import backbone_traits
+
+    return backbone_traits(spec).note
 
 COLUMNS = ("held out", "best rnd", "gen", "gen 0-shot", "pers", "pers 0-shot",
            "pers (own)", "params", "MB/round", "s/round")
@@ -53,8 +57,9 @@ def markdown_table(results: list[dict]) -> str:
 
 def markdown_report(cfg: RunConfig, results: list[dict]) -> str:
     parts = [f"# fedclip run: {cfg.algorithm} on {results[0]['dataset'] if results else '?'}", ""]
-    if cfg.backbone == "standin":
-        parts += [f"> {STANDIN_NOTE}", ""]
+    note = backbone_note(cfg.backbone)
+    if note:
+        parts += [f"> {note}", ""]
     parts += [f"Backbone `{cfg.backbone}`, loss `{cfg.loss}`, aggregation `{cfg.aggregation}`, "
               f"seed {cfg.seed}. Accuracies in %: generalization on the held-out domain, "
               f"personalization as the mean over clients' own test splits, both at the round "
@@ -130,7 +135,7 @@ def write_run(out: Path, cfg: RunConfig, results: list[dict], plots: bool = True
     runs = merged_runs(out, cfg, results)
     atomic_write_json(out / "results.json", json_safe({
         "schema": SCHEMA, "config": cfg.model_dump(mode="json"),
-        "backbone_note": STANDIN_NOTE if cfg.backbone == "standin" else None,
+        "backbone_note": backbone_note(cfg.backbone),
         "runs": runs}))
     atomic_write_text(out / "results.md", markdown_report(cfg, runs))
     if plots:

@@ -60,6 +60,12 @@ def scores(record: dict) -> dict:
                                 "per_client": record["test_accuracy"]}}
 
 
+def _is_clip(spec: str) -> bool:
+    from fedclip.backbones import backbone_traits
+
+    return backbone_traits(spec).is_clip
+
+
 def summarize(cfg: RunConfig, history: list[dict], best_round: int, zero: dict, *,
               heldout: str, dataset: str, trainable_params: int, seconds: float,
               clients: list[dict], heldout_images: int, skipped: dict[str, list[str]],
@@ -70,7 +76,7 @@ def summarize(cfg: RunConfig, history: list[dict], best_round: int, zero: dict, 
     trained = [r for r in history if r["round"] > 0]
     return {
         "heldout": heldout, "algorithm": cfg.algorithm, "dataset": dataset,
-        "backbone": cfg.backbone, "backbone_is_clip": cfg.backbone.startswith("open_clip:"),
+        "backbone": cfg.backbone, "backbone_is_clip": _is_clip(cfg.backbone),
         "loss": cfg.loss, "seed": cfg.seed, "rounds": last_round,
         **scores(by_round[best_round]), "best_round": best_round,
         "last": scores(by_round[last_round]), "zeroshot": scores(zero),

@@ -32,10 +32,11 @@ class FullFineTuning(Algorithm):
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.openclip.OpenClipBackbone
         if getattr(self, "_backbone", None) is None:
-            if not self.cfg.backbone.startswith("open_clip:"):
-                raise ConfigError(f"{self.name} fine-tunes an open_clip model; "
-                                  f"{self.cfg.backbone!r} is not one (use open_clip:ARCH@TAG)")
-            from fedclip.backbones import load_backbone, resolve_device
+            from fedclip.backbones import backbone_traits, load_backbone, resolve_device
+
+            if not backbone_traits(self.cfg.backbone).finetunable:
+                raise ConfigError(f"{self.name} fine-tunes the backbone; {self.cfg.backbone!r} "
+                                  f"cannot be trained (use open_clip:ARCH@TAG)")
 
             self._backbone = load_backbone(self.cfg.backbone, resolve_device(self.cfg.device))
         return self._backbone

@@ -39,11 +39,11 @@ class PromptFL(Algorithm):
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.openclip.OpenClipBackbone
         if getattr(self, "_backbone", None) is None:
-            from fedclip.backbones import load_backbone, resolve_device
+            from fedclip.backbones import backbone_traits, load_backbone, resolve_device
 
-            if not self.cfg.backbone.startswith("open_clip:"):
+            if not backbone_traits(self.cfg.backbone).finetunable:
                 raise ConfigError(f"promptfl learns tokens of a CLIP text tower; backbone "
-                                  f"{self.cfg.backbone!r} has none (use open_clip:ARCH@TAG)")
+                                  f"{self.cfg.backbone!r} exposes none (use open_clip:ARCH@TAG)")
             backbone = load_backbone(self.cfg.backbone, resolve_device(self.cfg.device))
             if not hasattr(backbone.model, "token_embedding"):
                 raise ConfigError(f"{self.cfg.backbone} has a custom text tower; promptfl "

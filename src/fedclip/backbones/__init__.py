@@ -13,14 +13,26 @@ spec                            what it loads
 ==============================  ================================================================
 
 Providers are registered by prefix; each lives in its own module and imports its heavy
-dependencies only when a backbone of that kind is built.
+dependencies only when a backbone of that kind is built. A provider module has
+
+* ``load(rest, device) -> Backbone`` and ``fingerprint(rest) -> str`` (known without building
+  the model, so a feature-cache hit never loads a backbone);
+* ``FORMS``: ``(form, description)`` pairs, what ``fedclip backbones`` lists;
+* optionally ``IS_CLIP`` (a contrastive image-text model; default True), ``NOTE`` (a warning
+  shown with every result, e.g. the stand-in's), ``FINETUNABLE`` (its backbones are
+  :class:`FinetunableBackbone`: the ``-full`` baselines and PromptFL can train it) and
+  ``weights_to_download(rest) -> str | None`` (where weights would come from when they are not
+  on this machine; :func:`check_available` fails fast with it offline).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -51,9 +63,25 @@ class Backbone(Protocol):
         ...
 
 
-# prefix -> provider module, imported only when the prefix is used. A provider module has
-# ``load(rest, device) -> Backbone`` and ``fingerprint(rest) -> str``; the fingerprint is known
-# without building the model, so a feature-cache hit never loads a backbone.
+class FinetunableBackbone(Backbone, Protocol):
+    """What the backbone-training baselines (``fedavg-full``, ``fedprox-full``) and PromptFL
+    use: the whole model as a module with CLIP's two encoders, and its tokenizer."""
+
+    model: Any  # nn.Module with encode_image(pixels) and encode_text(tokens)
+    tokenizer: Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a spec's provider declares, known without building the model."""
+
+    prefix: str
+    is_clip: bool
+    finetunable: bool
+    note: str | None
+
+
+# prefix -> provider module, imported only when the prefix is used (see the module docstring)
 _PROVIDERS: dict[str, str] = {
     "open_clip": "fedclip.backbones.openclip",
     "standin": "fedclip.backbones.standin",
@@ -97,9 +125,69 @@ def _provider(prefix: str):  # noqa: ANN202 - a module
 
 
 def load_backbone(spec: str, device: str = "cpu") -> Backbone:
-    """Build the backbone a spec names, frozen and in eval mode."""
+    """Build the backbone a spec names, frozen and in eval mode (offline, a spec whose weights
+    must be downloaded fails at once: :func:`check_available`)."""
     prefix, rest = parse_spec(spec)
+    check_available(spec)
     return _provider(prefix).load(rest, device)
+
+
+def providers() -> dict[str, str]:
+    """Every registered provider (prefix -> module), plugins included."""
+    _plugins()
+    return dict(_PROVIDERS)
+
+
+def provider_module(prefix: str):  # noqa: ANN201 - a module
+    """The provider module for ``prefix`` (a clear error when its packages are missing)."""
+    if prefix not in _PROVIDERS:
+        _plugins()
+    return _provider(prefix)
+
+
+def backbone_traits(spec: str) -> Traits:
+    prefix, _ = parse_spec(spec)
+    module = _provider(prefix)
+    return Traits(prefix, bool(getattr(module, "IS_CLIP", True)),
+                  bool(getattr(module, "FINETUNABLE", False)), getattr(module, "NOTE", None))
+
+
+OFFLINE_HINT = ("offline, use --backbone standin (no download), a local checkpoint "
+                "(open_clip:ARCH@/path/to/ckpt.pt) or a saved model (hf:/path/to/folder)")
+
+
+def _reachable(host: str, timeout: float = 3.0) -> str | None:
+    """None when ``host:443`` accepts a connection, else why not (one short try: a library's
+    own retries take about a minute offline)."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def weights_source(spec: str) -> str | None:
+    """Where ``spec``'s weights would be downloaded from; None when nothing would be."""
+    prefix, rest = parse_spec(spec)
+    return getattr(_provider(prefix), "weights_to_download", lambda _: None)(rest)
+
+
+def check_available(spec: str) -> None:
+    """Fail at once, in one line, when ``spec``'s weights are not on this machine and cannot
+    be downloaded (``HF_HUB_OFFLINE=1`` set, or the host unreachable)."""
+    source = weights_source(spec)
+    if source is None:
+        return
+    host = source.split("://", 1)[-1].split("/", 1)[0]
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and "huggingface" in host:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        why = _reachable(host)
+        if why is None:
+            return
+        why = f"{host} is unreachable: {why}"
+    raise BackboneError(f"{spec} needs to download its weights from {source} ({why}); "
+                        f"{OFFLINE_HINT}")
 
 
 def backbone_fingerprint(spec: str) -> str:

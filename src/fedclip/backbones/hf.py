@@ -19,6 +19,24 @@ from PIL import Image
 
 from fedclip.errors import BackboneError
 
+FORMS = [
+    ("hf:ORG/MODEL", "a transformers CLIP-style model from the hub, e.g. "
+                     "hf:openai/clip-vit-base-patch32 (CLIPModel, SiglipModel, ...)"),
+    ("hf:/path/to/folder", "the same, saved with save_pretrained (offline)"),
+]
+
+
+def weights_to_download(rest: str) -> str | None:
+    """The hub page this model would come from; None for a local folder or a cached model."""
+    if Path(rest).expanduser().is_dir():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None  # transformers (and its hub client) missing: load() says so
+    return (None if isinstance(try_to_load_from_cache(rest, "config.json"), str)
+            else f"https://huggingface.co/{rest}")
+
 
 class ProcessorPreprocess:
     """The model's image processor as a picklable ``PIL image -> [3, H, W]`` callable."""

@@ -14,6 +14,19 @@ import torch
 
 from fedclip.errors import BackboneError
 
+FORMS = [
+    ("open_clip:ARCH@TAG", "an open_clip architecture with a pretrained tag, downloaded once "
+                           "(the paper: open_clip:ViT-B-32@openai)"),
+    ("open_clip:ARCH@/path/ckpt.pt", "a local checkpoint file (offline)"),
+    ("open_clip:ARCH@none", "random weights, seeded (shapes, speed and code paths; no "
+                            "accuracy)"),
+    ("open_clip:hf-hub:ORG/REPO", "an open_clip repository on the Hugging Face hub (its own "
+                                  "weights; no tag)"),
+    ("open_clip:local-dir:/path", "an open_clip repository saved locally (no tag)"),
+]
+FINETUNABLE = True  # the -full baselines and PromptFL train open_clip models
+
+
 
 class OpenClipBackbone:
     default_batch_size = 64
@@ -65,6 +78,42 @@ def fingerprint(rest: str) -> str:
         st = Path(tag).stat()
         ident += f"|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _hub_cached(repo: str, filenames: list[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
+
+
+def weights_to_download(rest: str) -> str | None:
+    """Where this spec's weights would be downloaded from; None when they are on this machine
+    (a local file or folder, random weights, or already in open_clip's / the hub's cache)."""
+    import os
+
+    import open_clip
+    from open_clip import pretrained as pt
+
+    arch, tag = _split(rest)
+    if arch.startswith("local-dir:") or tag == "none" or Path(tag).is_file():
+        return None
+    if arch.startswith("hf-hub:"):
+        repo = arch.removeprefix("hf-hub:")
+        cached = _hub_cached(repo, ["open_clip_config.json"])
+        return None if cached else f"https://huggingface.co/{repo}"
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or pt.HF_WEIGHTS_NAME
+        names = [filename, *getattr(pt, "_get_safe_alternatives", lambda _: [])(filename)]
+        return None if _hub_cached(repo, names) else f"https://huggingface.co/{repo}"
+    url = cfg.get("url", "")
+    if not url:
+        return None
+    folder = Path(os.path.expanduser("~/.cache/clip"))
+    return None if (folder / os.path.basename(url)).is_file() else url
 
 
 def load(rest: str, device: str) -> OpenClipBackbone:

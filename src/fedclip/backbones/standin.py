@@ -37,6 +37,12 @@ from fedclip.errors import BackboneError
 
 log = logging.getLogger(__name__)
 
+FORMS = [("standin", "the offline stand-in: EfficientNet-Lite0 + MiniLM from PyPI packages, "
+                     "aligned through the ImageNet classifier. NOT CLIP")]
+IS_CLIP = False
+NOTE = ("Backbone: the offline stand-in (EfficientNet-Lite0 + MiniLM aligned through ImageNet), "
+        "NOT CLIP; numbers are not comparable with the paper's.")
+
 TOP_K = 20
 RIDGE = 10.0
 LIN_WEIGHT = 0.5

@@ -29,6 +29,9 @@ FLOWER_KEYS: dict[str, Any] = {
     # off while dp-clipping-norm is 0
     "dp-clipping-norm": 0.0,
     "dp-noise-multiplier": 0.0,
+    # loggers (fedclip.callbacks): "tensorboard" (into out/tensorboard) or "tensorboard:DIR",
+    # comma-separated; paths are the server's
+    "log-to": "",
 }
 
 

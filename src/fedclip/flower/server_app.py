@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
+from fedclip.callbacks import Callback, close, loggers_from_specs, run_end
 from fedclip.config import RunConfig
 from fedclip.data.specs import SPECS, detect_spec
 from fedclip.errors import ConfigError, ResumeError
@@ -164,8 +166,19 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
     return app
 
 
-def main(grid: Grid, run_config: dict[str, Any]) -> dict:
+def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] = ()) -> dict:
+    """One Flower run; ``callbacks`` (and the loggers the run config's ``log-to`` names) see
+    every round and the result, as in-process (:mod:`fedclip.callbacks`)."""
     cfg, flower = run_config_to_cfg(run_config)
+    callbacks = [*callbacks, *loggers_from_specs([flower["log-to"]], flower["out"])]
+    try:
+        return _main_run(grid, cfg, flower, callbacks)
+    finally:
+        close(callbacks)
+
+
+def _main_run(grid: Grid, cfg: RunConfig, flower: dict[str, Any],
+              callbacks: list[Callback]) -> dict:
     algorithm = get_algorithm(cfg)
     if not algorithm.runs_on_flower:
         why = ("sends nothing to a server" if not algorithm.communicates
@@ -200,7 +213,7 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
 
     strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower["transfer"],
                                total_rounds=cfg.rounds, norm_factor=float(flower["norm-factor"]),
-                               on_round=on_round)
+                               on_round=on_round, callbacks=callbacks)
     runner = with_privacy(strategy, flower)
     start = time.perf_counter()
     zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)
@@ -211,8 +224,10 @@ def main(grid: Grid, run_config: dict[str, Any]) -> dict:
         runner.start(grid, encode(algorithm.shared(state.global_params)), num_rounds=remaining,
                      timeout=timeout)
     personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
-    return write_results(cfg, flower, strategy, zero, personalized, classes,
-                         time.perf_counter() - start, discovery_seconds=discovery)
+    result = write_results(cfg, flower, strategy, zero, personalized, classes,
+                           time.perf_counter() - start, discovery_seconds=discovery)
+    run_end(callbacks, cfg.heldout, result)
+    return result
 
 
 def _start_state(algorithm, init: dict, ckpt: Path, fingerprint: str,  # noqa: ANN001

@@ -21,7 +21,7 @@ The server trusts no client:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from logging import WARNING
 
@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedclip.algorithms.base import Algorithm, ClientUpdate
+from fedclip.callbacks import Callback, round_end
 from fedclip.flower.codec import check_arrays, decode, encode, finite_number, payload_bytes
 from fedclip.results import evaluation, round_record
 from fedclip.runtime.state import FederationState
@@ -59,7 +60,8 @@ class NodeInfo:
 class FedClipStrategy(FedAvg):
     def __init__(self, algorithm: Algorithm, nodes: dict[int, NodeInfo], state: FederationState,
                  *, transfer: str = "fp32", total_rounds: int = 0, norm_factor: float = 10.0,
-                 on_round: Callable[[FederationState, dict], None] | None = None) -> None:
+                 on_round: Callable[[FederationState, dict], None] | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
         self.train_ids = sorted((n for n, i in nodes.items() if i.role == "train"),
                                 key=lambda n: nodes[n].client)
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0,
@@ -70,6 +72,7 @@ class FedClipStrategy(FedAvg):
         self.offset = state.round  # rounds done before this start (resume)
         self.total_rounds, self.norm_factor = total_rounds, norm_factor
         self.on_round = on_round
+        self.callbacks = list(callbacks)  # fedclip.callbacks: the same hooks as in-process
         self._pending: dict = {}
         self._expected: set[str] = set()
         self._started = 0.0
@@ -272,6 +275,7 @@ class FedClipStrategy(FedAvg):
             self.state.select(record)
         if self.on_round is not None:
             self.on_round(self.state, record)
+        round_end(self.callbacks, self.algorithm.cfg.heldout, record)
         if "mean_val_accuracy" not in record:
             return None
         return MetricRecord({"mean-val-accuracy": record["mean_val_accuracy"],

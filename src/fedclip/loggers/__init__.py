@@ -1,0 +1,1 @@
+"""Loggers: round callbacks (:mod:`fedclip.callbacks`) that write to an experiment tracker."""

@@ -1,0 +1,213 @@
+"""The command line follows its registries; round callbacks and loggers in both runtimes;
+a backbone that must download fails at once offline."""
+
+import json
+import math
+import time
+
+import pytest
+
+from fedclip.callbacks import Callback, loggers_from_specs
+from fedclip.cli import main
+from fedclip.config import RunConfig
+from fedclip.errors import BackboneError, ConfigError
+from fedclip.experiment import run
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.rounds: list[tuple[str, int, float | None]] = []
+        self.results: list[tuple[str, dict]] = []
+        self.closed = 0
+
+    def on_round_end(self, heldout: str, record: dict) -> None:
+        self.rounds.append((heldout, record["round"], record.get("mean_val_accuracy")))
+
+    def on_run_end(self, heldout: str, result: dict) -> None:
+        self.results.append((heldout, result))
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+# --- help and choices from the registries ----------------------------------------------------
+def test_help_lists_every_registered_algorithm_provider_and_default(capsys, monkeypatch):
+    import typer.rich_utils
+
+    from fedclip.algorithms import names
+    from fedclip.backbones import providers
+
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 400)  # no folding, no ellipsis
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["run", "--help"]) == 0
+    words = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    for name in names():
+        assert name in words, name
+    for prefix in providers():
+        assert prefix in words
+    assert "ViT-B-32@openai" in words and "pacs|vlcs|office" in words.replace(" ", "")
+
+
+def test_choices_come_from_the_dataset_specs_and_the_config(toy_root, tmp_path, capsys):
+    assert main(["run", "--dataset", "imagenet", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "domainnet" in err and "office-home" in err
+    assert main(["run", "--partition", "zipf", "--out", str(tmp_path / "y")]) == 2
+    assert "dirichlet" in capsys.readouterr().err
+
+
+def test_data_flags_reach_the_run_configuration(tiny_arch, toy_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout",
+                 "gamma", "--rounds", "1", "--clients-per-domain", "2", "--partition",
+                 "dirichlet", "--dirichlet-alpha", "0.3", "--device", "cpu", "--out",
+                 str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["clients_per_domain"], saved["partition"], saved["dirichlet_alpha"],
+            saved["device"]) == (2, "dirichlet", 0.3, "cpu")
+    result = json.loads((out / "results.json").read_text())["runs"][0]
+    assert len(result["clients"]) == 4  # two domains, two clients each
+
+
+def test_backbones_lists_every_provider_form(capsys):
+    assert main(["backbones"]) == 0
+    printed = capsys.readouterr().out
+    for form in ("open_clip:ARCH@TAG", "open_clip:hf-hub:ORG/REPO", "hf:ORG/MODEL", "standin"):
+        assert form in printed
+
+
+# --- callbacks -------------------------------------------------------------------------------
+def test_callbacks_see_every_round_and_result_in_process(tiny_arch, toy_root, tmp_path):
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="all", rounds=2,
+                          lr=1e-3)
+    rec = Recorder()
+    results = run(cfg, tmp_path / "run", callbacks=[rec])
+    for result in results:
+        seen = [(r, v) for h, r, v in rec.rounds if h == result["heldout"]]
+        assert seen == [(h["round"], h["mean_val_accuracy"]) for h in result["history"]]
+    assert [h for h, _ in rec.results] == ["alpha", "beta", "gamma"]
+    assert [r for _, r in rec.results] == results
+    assert rec.closed == 1
+    # a resumed, already finished run reports its result again but replays no round
+    rec2 = Recorder()
+    run(cfg, tmp_path / "run", resume=True, callbacks=[rec2])
+    assert rec2.rounds == [] and len(rec2.results) == 3 and rec2.closed == 1
+
+
+def test_callbacks_are_closed_when_a_run_fails(toy_root, tmp_path):
+    rec = Recorder()
+    cfg = RunConfig.build(data_root=str(toy_root), backbone="standin", heldout="nowhere")
+    with pytest.raises(Exception):  # noqa: B017 - any refusal
+        run(cfg, tmp_path / "run", callbacks=[rec])
+    assert rec.closed == 1 and rec.rounds == []
+
+
+def test_flower_strategy_calls_the_same_hooks(tiny_arch, tmp_path):
+    from fedclip.flower.client_app import build_client_app
+    from fedclip.flower.server_app import main as server_main
+    from tests.conftest import make_image_folder
+    from tests.flower_grid import LocalGrid
+
+    classes = {"cat": 6, "dog": 6}
+    root = make_image_folder(tmp_path / "data", {d: classes for d in ("a", "b", "c")}, size=32)
+    nodes = [{"data-root": str(root), "domain": d} for d in ("a", "b", "c")]
+    run_config = {"backbone": tiny_arch, "heldout": "c", "rounds": 2, "lr": 1e-3,
+                  "classes": "cat,dog", "out": str(tmp_path / "flower"),
+                  "discover-timeout": 5.0}
+    rec = Recorder()
+    result = server_main(LocalGrid(build_client_app(), nodes, run_config), run_config,
+                         callbacks=[rec])
+    local = run(RunConfig.build(data_root=str(root), backbone=tiny_arch, heldout="c",
+                                rounds=2, lr=1e-3), tmp_path / "local", callbacks=[Recorder()])
+    assert rec.rounds == [("c", h["round"], h["mean_val_accuracy"]) for h in local[0]["history"]]
+    assert rec.results == [("c", result)] and rec.closed == 1
+
+
+# --- TensorBoard -----------------------------------------------------------------------------
+def _scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_logger_writes_what_the_results_hold(tiny_arch, toy_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout",
+                 "all", "--rounds", "2", "--out", str(out), "--log-to", "tensorboard"]) == 0
+    results = json.loads((out / "results.json").read_text())["runs"]
+    for result in results:
+        folder = out / "tensorboard" / result["heldout"]
+        gen = _scalars(folder, "accuracy/generalization")
+        assert [s for s, _ in gen] == [h["round"] for h in result["history"]]
+        assert all(math.isclose(v, h["heldout_accuracy"], abs_tol=1e-6)
+                   for (_, v), h in zip(gen, result["history"], strict=True))
+        loss = _scalars(folder, "loss/train")
+        assert [s for s, _ in loss] == [1, 2]  # round 0 trains nothing
+        client = next(iter(result["history"][1]["val_accuracy"]))
+        assert len(_scalars(folder, f"client_val_accuracy/{client}")) == 3
+
+
+def test_a_logger_dir_and_unknown_loggers(tmp_path):
+    pytest.importorskip("tensorboard")
+    (logger,) = loggers_from_specs([f"tensorboard:{tmp_path / 'tb'}"], tmp_path / "out")
+    logger.on_round_end("x/y", {"round": 0, "mean_val_accuracy": 0.5,
+                                "heldout_accuracy": None, "val_accuracy": {"a": float("nan")}})
+    logger.close()
+    assert _scalars(tmp_path / "tb" / "x_y", "accuracy/val") == [(0, 0.5)]
+    with pytest.raises(ConfigError, match="unknown logger 'wandb'.*tensorboard"):
+        loggers_from_specs(["wandb"], tmp_path)
+    assert loggers_from_specs(["", " , "], tmp_path) == []
+
+
+# --- offline ----------------------------------------------------------------------------------
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any attempt to build a downloading open_clip model fails the test."""
+    import open_clip
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
+
+
+def test_offline_a_downloading_backbone_fails_at_once_in_one_line(no_download, toy_root,
+                                                                    tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    began = time.perf_counter()
+    code = main(["run", "--data-root", str(toy_root), "--backbone",
+                 "open_clip:ViT-B-32@openai", "--rounds", "1", "--out", str(tmp_path / "r")])
+    assert code == 2 and time.perf_counter() - began < 60
+    err = capsys.readouterr().err
+    assert "needs to download its weights" in err and "standin" in err
+    assert "HF_HUB_OFFLINE" in err and "Traceback" not in err
+
+
+def test_an_unreachable_hub_fails_without_the_library_retrying(no_download, tmp_path,
+                                                               monkeypatch):
+    import fedclip.backbones as backbones
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    probed = []
+    monkeypatch.setattr(backbones, "_reachable",
+                        lambda host, timeout=3.0: probed.append(host) or "Network is unreachable")
+    with pytest.raises(BackboneError, match="huggingface.co is unreachable.*standin"):
+        backbones.load_backbone("open_clip:ViT-B-32@openai")
+    with pytest.raises(BackboneError, match="hf:/path/to/folder"):
+        backbones.load_backbone("hf:openai/clip-vit-base-patch32")
+    assert probed == ["huggingface.co", "huggingface.co"]
+
+
+def test_local_weights_never_probe_the_network(tiny_arch, monkeypatch):
+    import fedclip.backbones as backbones
+
+    monkeypatch.setattr(backbones, "_reachable", lambda *a, **k: pytest.fail("probed"))
+    for spec in (tiny_arch, "open_clip:local-dir:/nowhere"):
+        assert backbones.weights_source(spec) is None
+    backbones.check_available(tiny_arch)
