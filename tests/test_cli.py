@@ -211,3 +211,39 @@ def test_local_weights_never_probe_the_network(tiny_arch, monkeypatch):
     for spec in (tiny_arch, "open_clip:local-dir:/nowhere"):
         assert backbones.weights_source(spec) is None
     backbones.check_available(tiny_arch)
+
+
+# --- plots ----------------------------------------------------------------------------------
+def _fake(heldout, gen, rounds=3, trains=True):
+    history = [{"round": k, "heldout_accuracy": gen} for k in range(rounds + 1 if trains else 1)]
+    return {"heldout": heldout, "generalization": gen, "history": history}
+
+
+def test_compare_plot_keeps_one_style_per_algorithm_and_draws_no_missing_bar(tmp_path,
+                                                                          monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from fedclip.compare import generalization_values, plot
+
+    runs = {"zeroshot": {0: [_fake("a", 0.4, trains=False), _fake("b", 0.5, trains=False)]},
+            "fedclip": {0: [_fake("a", 0.6), _fake("b", None)]},
+            "fedprox": {0: [_fake("a", 0.6), _fake("b", 0.7)]}}  # coincides with fedclip on a
+    values = generalization_values(runs)
+    assert values["fedclip"] == {"a": [0.6], "b": [None], "average": [0.6]}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(runs, tmp_path)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    (fig,) = figures
+    ax_round, ax_bar = fig.axes
+    lines = {ln.get_label(): ln for ln in ax_round.get_lines()}
+    bars = {c.get_label(): c for c in ax_bar.containers}
+    for algo in runs:  # the same colour in both panels
+        assert to_hex(lines[algo].get_color()) == to_hex(bars[algo].patches[0].get_facecolor())
+    assert (lines["fedclip"].get_marker(), lines["fedclip"].get_linestyle()) != (
+        lines["fedprox"].get_marker(), lines["fedprox"].get_linestyle())
+    assert len({to_hex(ln.get_color()) for ln in lines.values()}) == 3
+    assert len(bars["fedclip"].patches) == 2  # a and the average; b has no result, no bar
+    assert any(t.get_text() == "n/a" for t in ax_bar.texts)
+    assert fig.legends and not ax_round.get_legend() and not ax_bar.get_legend()

@@ -5,11 +5,13 @@ import sys
 
 from tests.conftest import TINY_ARCH, TINY_CONFIG
 
+# every optional extra: flower, simulation, plots, tensorboard, hub, hf
+EXTRAS = ("flwr", "ray", "matplotlib", "tensorboard", "datasets", "transformers")
 BLOCK_FLWR = """
 import importlib.abc, json, pathlib, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "flwr" or name.startswith("flwr."):
+        if name.split(".")[0] in %r:
             raise ImportError("blocked for the test: " + name)
 sys.meta_path.insert(0, Block())
 import open_clip
@@ -18,7 +20,7 @@ config.write_text(json.dumps(%r))
 open_clip.add_model_config(config)
 from fedclip.cli import main
 code = main(sys.argv[2:])
-assert not any(m == "flwr" or m.startswith("flwr.") for m in sys.modules), "flwr imported"
+assert not any(m.split(".")[0] in %r for m in sys.modules), "an extra was imported"
 try:
     import fedclip.flower.client_app
 except Exception as exc:
@@ -27,8 +29,8 @@ sys.exit(code)
 """
 
 
-def test_run_and_predict_work_without_flower(toy_root, tmp_path):
-    script = BLOCK_FLWR % (TINY_CONFIG,)
+def test_run_and_predict_work_without_any_extra(toy_root, tmp_path):
+    script = BLOCK_FLWR % (EXTRAS, TINY_CONFIG, EXTRAS)
     config = tmp_path / f"{TINY_ARCH}.json"
     out = tmp_path / "run"
     spec = f"open_clip:{TINY_ARCH}@none"
@@ -37,6 +39,9 @@ def test_run_and_predict_work_without_flower(toy_root, tmp_path):
                            "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install 'fedclip[flower]'" in done.stdout
+    assert "fedclip[plots]" in done.stderr  # plots skipped, once, with what to install
+    assert (out / "results.json").is_file() and (out / "gamma" / "adapter.safetensors").is_file()
+    assert not list(out.rglob("*.png"))
     image = next((toy_root / "gamma" / "cat").iterdir())
     done = subprocess.run([sys.executable, "-c", script, str(config), "predict",
                            str(out / "gamma" / "adapter.safetensors"), str(image)],

@@ -36,22 +36,25 @@ def _by_heldout(results: list[dict]) -> dict[str, dict]:
     return {r["heldout"]: r for r in results}
 
 
-def generalization_table(runs: Runs) -> tuple[list[str], list[list[str]]]:
-    algos = list(runs)
+def generalization_values(runs: Runs) -> dict[str, dict[str, list[float | None]]]:
+    """algorithm -> held-out domain (and "average") -> one generalization per seed."""
     heldouts = list(_by_heldout(next(iter(next(iter(runs.values())).values()))))
-    rows = []
-    for h in [*heldouts, "average"]:
-        row = [h]
-        for a in algos:
-            per_seed = []
-            for results in runs[a].values():
-                by = _by_heldout(results)
-                vals = [by[h]["generalization"]] if h != "average" else [
-                    _stat([r["generalization"] for r in results])[0]]
-                per_seed += vals
-            row.append(_cell(per_seed))
-        rows.append(row)
-    return ["held out", *algos], rows
+    values: dict[str, dict[str, list[float | None]]] = {}
+    for a, seeds in runs.items():
+        per: dict[str, list[float | None]] = {h: [] for h in [*heldouts, "average"]}
+        for results in seeds.values():
+            by = _by_heldout(results)
+            for h in heldouts:
+                per[h].append(by[h]["generalization"] if h in by else None)
+            per["average"].append(_stat([r["generalization"] for r in results])[0])
+        values[a] = per
+    return values
+
+
+def generalization_table(runs: Runs) -> tuple[list[str], list[list[str]]]:
+    values = generalization_values(runs)
+    rows = [[h, *(_cell(values[a][h]) for a in runs)] for h in next(iter(values.values()))]
+    return ["held out", *runs], rows
 
 
 def personalization_table(runs: Runs) -> tuple[list[str], list[list[str]]]:
@@ -113,12 +116,15 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plot(runs: Runs, out: Path) -> None:
-    import matplotlib
+    """``compare.png``: generalization per round and per held-out domain, each algorithm in
+    one colour, marker and line style across both panels, one legend outside the data."""
+    from fedclip.plots import pyplot, styles
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_round, ax_bar) = plt.subplots(1, 2, figsize=(12, 4))
+    plt = pyplot()
+    if plt is None:
+        return
+    style = styles(list(runs))
+    fig, (ax_round, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
     for a, seeds in runs.items():
         results = [r for rs in seeds.values() for r in rs]
         evaluated: dict[int, list[float]] = {}
@@ -129,25 +135,39 @@ def plot(runs: Runs, out: Path) -> None:
         rounds = sorted(evaluated)
         if len(rounds) > 1:
             ax_round.plot(rounds, [100 * statistics.fmean(evaluated[k]) for k in rounds],
-                          label=a)
-        else:  # nothing trained: a level line
-            level = 100 * statistics.fmean(r["generalization"] for r in results)
-            ax_round.axhline(level, ls="--", color="grey", label=a)
+                          label=a, markevery=max(1, len(rounds) // 10), markersize=5,
+                          alpha=0.9, **style[a])
+        else:  # nothing trained: a level line, in the algorithm's own colour
+            level = _stat([r["generalization"] for r in results])[0]
+            if level is not None:
+                ax_round.axhline(100 * level, label=a, color=style[a]["color"],
+                                 linestyle=style[a]["linestyle"] if style[a]["linestyle"] != "-"
+                                 else "--")
     ax_round.set(xlabel="round", ylabel="held-out accuracy (%)",
                  title="generalization per round (mean over held-out domains)")
-    ax_round.legend(fontsize=8)
-    header, rows = generalization_table(runs)
-    algos = header[1:]
-    width = 0.8 / len(algos)
-    for i, a in enumerate(algos):
-        vals = [float(r[i + 1].split(" ")[0]) if r[i + 1] != "n/a" else 0 for r in rows]
-        ax_bar.bar([x + i * width for x in range(len(rows))], vals, width, label=a)
-    ax_bar.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [r[0] for r in rows],
-                      rotation=20)
+    values = generalization_values(runs)
+    groups = list(next(iter(values.values())))
+    width = 0.8 / len(values)
+    for i, (a, per) in enumerate(values.items()):
+        xs = [g + i * width for g in range(len(groups))]
+        means = [_stat(per[h])[0] for h in groups]
+        stds = [_stat(per[h])[1] for h in groups]
+        ax_bar.bar([x for x, m in zip(xs, means, strict=True) if m is not None],
+                   [100 * m for m in means if m is not None], width,
+                   yerr=[100 * (s or 0.0) for s, m in zip(stds, means, strict=True)
+                         if m is not None],
+                   color=style[a]["color"], label=a, capsize=2)
+        for x, m in zip(xs, means, strict=True):  # no result: say so, never a 0 % bar
+            if m is None:
+                ax_bar.text(x, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax_bar.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, rotation=20)
     ax_bar.set(ylabel="accuracy (%)", title="generalization (held-out domain)")
-    ax_bar.legend(fontsize=8)
+    handles, labels = ax_round.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="algorithm")
     fig.tight_layout()
-    atomic_write(out / "compare.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(out / "compare.png",
+                 lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 

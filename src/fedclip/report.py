@@ -83,34 +83,39 @@ def _num(value: float | None) -> float:
 
 
 def plot_history(result: dict, path: Path) -> None:
-    """Accuracy per round (each client's test split, the held-out domain) and training loss."""
-    import matplotlib
+    """Accuracy per round (each client's test split, the held-out domain) and training loss;
+    each client in one colour and marker in both panels."""
+    from fedclip.plots import pyplot, styles
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     evaluated = [r for r in result["history"] if "mean_val_accuracy" in r]
     rounds = [r["round"] for r in evaluated]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     clients = sorted({c for r in evaluated for c in r["test_accuracy"]})
+    style = styles(clients)
+    every = max(1, len(rounds) // 10)
     nan = float("nan")
     for client in clients:  # a client missing from a round (it left) leaves a gap
         ax_acc.plot(rounds, [100 * _num(r["test_accuracy"].get(client)) for r in evaluated],
-                    label=f"{client} (test)")
+                    label=f"{client} (test)", markevery=every, markersize=4, **style[client])
     ax_acc.plot(rounds, [100 * _num(r["heldout_accuracy"]) for r in evaluated], "k-", lw=2,
                 label=f"{result['heldout']} (held out)")
     ax_acc.axvline(result["best_round"], color="grey", ls=":", label="selected round")
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result['heldout']}")
-    ax_acc.legend(fontsize=8)
     trained = [r for r in result["history"] if r["round"] > 0]
     for client in clients:
         ax_loss.plot([r["round"] for r in trained],
-                     [r["train_loss"].get(client, nan) for r in trained], label=client)
+                     [r["train_loss"].get(client, nan) for r in trained], label=client,
+                     markevery=every, markersize=4, **style[client])
     ax_loss.set(xlabel="round", ylabel=f"train loss ({result['loss']})", title="training loss")
-    if trained:
-        ax_loss.legend(fontsize=8)
+    # one legend for both panels (a client has the same colour and marker in each), outside
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 
