@@ -247,3 +247,15 @@ def test_compare_plot_keeps_one_style_per_algorithm_and_draws_no_missing_bar(tmp
     assert len(bars["fedclip"].patches) == 2  # a and the average; b has no result, no bar
     assert any(t.get_text() == "n/a" for t in ax_bar.texts)
     assert fig.legends and not ax_round.get_legend() and not ax_bar.get_legend()
+
+
+def test_flower_heldout_all_is_one_line_before_any_node_is_asked(tmp_path):
+    from fedclip.flower.client_app import build_client_app
+    from fedclip.flower.server_app import main as server_main
+    from tests.flower_grid import LocalGrid
+
+    run_config = {"backbone": "standin", "heldout": "all", "out": str(tmp_path / "f")}
+    grid = LocalGrid(build_client_app(), [{"domain": "a"}], run_config)
+    with pytest.raises(ConfigError, match="heldout must name one domain") as info:
+        server_main(grid, run_config)
+    assert "\n" not in str(info.value) and grid.sent == []

@@ -93,3 +93,52 @@ def test_a_prompt_ensemble_averages_normalised_template_features(tiny_arch, toy_
     torch.testing.assert_close(mean, (F.normalize(a, dim=-1) + F.normalize(b, dim=-1)) / 2)
     named = prepare(one.replace(prompt_templates=("@simple-imagenet",))).text.features
     assert named.shape == a.shape and not torch.allclose(named, mean)
+
+
+def test_the_same_files_labelled_in_another_class_order_hit_the_cache(tiny_arch, toy_root,
+                                                                        tmp_path):
+    """A run that lists the classes in another order (a Flower run's `classes`, a custom
+    dataset) labels the same files differently: the entry is the same (files are listed in
+    folder order, whatever the labels), and the rows follow the files."""
+    lazy = LazyBackbone(tiny_arch)
+    first = scan_dataset(toy_root).domains["alpha"]
+    other = scan_dataset(toy_root, classes=("red_car", "dog", "cat")).domains["alpha"]
+    assert list(first.labels) != list(other.labels) and set(first.files) == set(other.files)
+    a = image_features(lazy, first, tmp_path / "c")
+    b = image_features(LazyBackbone(tiny_arch), other, tmp_path / "c")
+    assert not a.from_cache and b.from_cache
+    row = {f: i for i, f in enumerate(first.files)}
+    for j, f in enumerate(other.files):
+        assert torch.equal(b.features[j], a.features[row[f]])
+    assert len(list((tmp_path / "c" / "images").iterdir())) == 1
+
+
+def test_a_flower_node_holding_a_copy_of_its_domain_reuses_the_in_process_cache(
+        tiny_arch, tmp_path, monkeypatch):
+    import shutil
+
+    from fedclip.config import RunConfig
+    from fedclip.experiment import run
+    from fedclip.flower.client_app import build_client_app
+    from fedclip.flower.server_app import main as server_main
+    from tests.conftest import make_image_folder
+    from tests.flower_grid import LocalGrid
+
+    domains = ("art_painting", "cartoon", "photo", "sketch")
+    classes = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
+    root = make_image_folder(tmp_path / "pacs", {d: {c: 2 for c in classes} for d in domains},
+                             size=32)
+    run(RunConfig.build(backbone=tiny_arch, data_root=str(root), heldout="sketch", rounds=1),
+        tmp_path / "local")
+    nodes = []
+    for d in domains:  # each site a copy of its own domain (copies keep sizes and mtimes)
+        shutil.copytree(root / d, tmp_path / "sites" / d / d)
+        nodes.append({"data-root": str(tmp_path / "sites" / d), "domain": d})
+    encoded = []
+    monkeypatch.setattr(LazyBackbone, "encode_images",
+                        lambda self, px: encoded.append(len(px)) or pytest.fail("re-encoded"))
+    rc = {"backbone": tiny_arch, "heldout": "sketch", "rounds": 1, "discover-timeout": 5.0,
+          "out": str(tmp_path / "flower")}
+    server_main(LocalGrid(build_client_app(), nodes, rc), rc)
+    assert encoded == []
+    assert (tmp_path / "flower" / "sketch" / "adapter.safetensors").is_file()

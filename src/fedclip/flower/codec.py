@@ -78,6 +78,14 @@ def finite_number(value: Any, low: float = -math.inf, high: float = math.inf) ->
     return value if math.isfinite(value) and low <= value <= high else None
 
 
+def require_one_heldout(cfg: RunConfig) -> None:
+    """A Flower run trains one federation: one held-out domain, named."""
+    if cfg.heldout == "all":
+        raise ConfigError("on Flower, heldout must name one domain (one run per held-out "
+                          "domain: flwr run . -c \"heldout='sketch'\", then the next); "
+                          "heldout='all' is for fedclip run")
+
+
 def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any) -> tuple[RunConfig, dict]:
     """Split Flower's run config into a validated RunConfig and the Flower-only options.
 

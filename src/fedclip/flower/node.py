@@ -25,6 +25,7 @@ from fedclip.config import RunConfig
 from fedclip.data.folder import _subdirs
 from fedclip.data.sources import resolve_data_root
 from fedclip.errors import ConfigError
+from fedclip.flower.codec import require_one_heldout
 from fedclip.task import Site, cache_dir, load_site, prompts, run_classes
 
 _SITES: dict[str, tuple[Site, Algorithm]] = {}
@@ -69,9 +70,7 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorit
     """The site this process serves and its algorithm, built once and kept for later
     messages (a deployed node starts a fresh process per message: its feature cache makes
     the rebuild cheap)."""
-    if cfg.heldout == "all":
-        raise ConfigError("on Flower, heldout must name one domain (one run per held-out "
-                          "domain); set heldout in the run config")
+    require_one_heldout(cfg)
     if node_config.get("data-root"):
         cfg = cfg.replace(data_root=str(node_config["data-root"]))
     key = f"{cfg.model_dump_json()}|{sorted(node_config.items())}"

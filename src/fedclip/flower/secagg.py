@@ -38,7 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import finite_number, run_config_to_cfg
+from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
 from fedclip.flower.node import node_for
 from fedclip.results import evaluation, is_better, round_record
 from fedclip.runtime.client import evaluate, personalize
@@ -194,6 +194,7 @@ def run(grid: Grid, context: Context, run_config: dict[str, Any]) -> dict[str, t
     max_weight = float(run_config.get("secagg-max-weight", SECAGG_KEYS["secagg-max-weight"]))
     cfg, flower = run_config_to_cfg({k: v for k, v in run_config.items()
                                      if k not in SECAGG_KEYS})
+    require_one_heldout(cfg)
     if flower["log-to"]:
         raise ConfigError("log-to is not available with SecAgg+ (Flower's legacy strategy "
                           "API has no round hook here); its results.json holds every round")

@@ -28,7 +28,13 @@ from fedclip.callbacks import Callback, close, loggers_from_specs, run_end
 from fedclip.config import RunConfig
 from fedclip.data.specs import SPECS, detect_spec
 from fedclip.errors import ConfigError, ResumeError
-from fedclip.flower.codec import decode, encode, finite_number, run_config_to_cfg
+from fedclip.flower.codec import (
+    decode,
+    encode,
+    finite_number,
+    require_one_heldout,
+    run_config_to_cfg,
+)
 from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.io import atomic_write_json
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
@@ -170,6 +176,7 @@ def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] =
     """One Flower run; ``callbacks`` (and the loggers the run config's ``log-to`` names) see
     every round and the result, as in-process (:mod:`fedclip.callbacks`)."""
     cfg, flower = run_config_to_cfg(run_config)
+    require_one_heldout(cfg)  # before any node is asked anything: one line, no node errors
     callbacks = [*callbacks, *loggers_from_specs([flower["log-to"]], flower["out"])]
     try:
         return _main_run(grid, cfg, flower, callbacks)
