@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fedclip.data.folder import scan_dataset
+from fedclip.data import sources
 from fedclip.data.sources import embedded_sample_root, write_image_folder
 from fedclip.data.splits import make_clients, partition, reference_split
 from fedclip.errors import DataError
@@ -134,6 +135,7 @@ def test_hub_offline_gives_a_clear_message(tmp_path, monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
+    monkeypatch.setattr(sources, "_hub_revision", lambda dataset_id: "abc123")
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError, match="hf:flwrlabs/pacs.*--data-root"):
         hub_dataset_folder("flwrlabs/pacs", tmp_path)
@@ -160,6 +162,61 @@ def test_hub_download_failure_is_a_clear_message(tmp_path, monkeypatch):
 
     fake.load_dataset = offline
     monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(sources, "_hub_revision", lambda dataset_id: "abc123")
     with pytest.raises(DataError, match=r"could not fetch hf:flwrlabs/office-home.*"
                                         r"\(ConnectionError\).*--data-root"):
         hub_dataset_folder("flwrlabs/office-home", tmp_path)
+
+
+class FakeHubDataset(list):
+    class _Label:
+        names = ["dog", "horse"]
+
+    features = {"label": _Label()}
+
+
+def test_hub_datasets_are_pinned_to_a_revision_recorded_in_the_results(tiny_arch, tmp_path,
+                                                                       monkeypatch):
+    import json
+    import sys
+    import types
+
+    from PIL import Image
+
+    from fedclip.config import RunConfig
+    from fedclip.experiment import run
+
+    asked = []
+
+    def load_dataset(dataset_id, split, revision):
+        asked.append((dataset_id, revision))
+        return FakeHubDataset(
+            {"image": Image.new("RGB", (16, 16), c), "label": y, "domain": d}
+            for d in ("photo", "sketch", "cartoon") for c, y in [("red", 0), ("blue", 1)] * 3)
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(sources, "_hub_revision", lambda dataset_id: "c0ffee")
+    cache = tmp_path / "cache"
+    folder = sources.hub_dataset_folder("flwrlabs/pacs", cache / "hub")
+    assert folder.name == "flwrlabs__pacs@c0ffee" and asked == [("flwrlabs/pacs", "c0ffee")]
+    assert sources.data_source(folder) == {"dataset": "hf:flwrlabs/pacs", "revision": "c0ffee",
+                                           "images": 18}
+    # an explicit revision is used as given; a written revision is never fetched again
+    assert sources.hub_dataset_folder("flwrlabs/pacs@c0ffee", cache / "hub") == folder
+    sources.hub_dataset_folder("flwrlabs/pacs@v2", cache / "hub")
+    assert asked[1:] == [("flwrlabs/pacs", "v2")]
+
+    def unreachable(dataset_id):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(sources, "_hub_revision", unreachable)  # offline: the newest copy
+    assert sources.hub_dataset_folder("flwrlabs/pacs", cache / "hub").name == "flwrlabs__pacs@v2"
+    cfg = RunConfig.build(data_root="hf:flwrlabs/pacs@c0ffee", cache_dir=str(cache),
+                          backbone=tiny_arch, heldout="sketch", rounds=1)
+    result = run(cfg, tmp_path / "run")[0]
+    assert result["data_source"]["revision"] == "c0ffee"
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
+    assert saved["data_source"] == {"dataset": "hf:flwrlabs/pacs", "revision": "c0ffee",
+                                    "images": 18}

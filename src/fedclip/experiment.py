@@ -23,6 +23,7 @@ from fedclip import callbacks as cb
 from fedclip.algorithms import get_algorithm
 from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
+from fedclip.data.sources import data_source
 from fedclip.errors import DataError, ResumeError, RunFolderError
 from fedclip.io import atomic_write_json, remove_stale_temporaries
 from fedclip.results import json_safe, safe_name, save_adapter, summarize
@@ -147,7 +148,8 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, run_dir: Path, *,
                  for c in fed.clients],
         heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
         skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
-        personalized=personalized, runtime="in-process")
+        personalized=personalized, runtime="in-process",
+        data_source=data_source(prep.dataset.root))
     adapters = [("adapter", state.best_params, state.best_round),
                 ("adapter-last", state.global_params, state.round)]
     if algo.keeps_own_models and state.best_params is not None:  # each client's own model
