@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedclip.data.folder import scan_dataset
 from fedclip.data import sources
+from fedclip.data.folder import scan_dataset
 from fedclip.data.sources import embedded_sample_root, write_image_folder
 from fedclip.data.splits import make_clients, partition, reference_split
 from fedclip.errors import DataError
