@@ -113,7 +113,7 @@ def test_flower_strategy_calls_the_same_hooks(tiny_arch, tmp_path):
     nodes = [{"data-root": str(root), "domain": d} for d in ("a", "b", "c")]
     run_config = {"backbone": tiny_arch, "heldout": "c", "rounds": 2, "lr": 1e-3,
                   "classes": "cat,dog", "out": str(tmp_path / "flower"),
-                  "discover-timeout": 5.0}
+                  "discover-timeout": 5.0, "log-to": "tensorboard"}
     rec = Recorder()
     result = server_main(LocalGrid(build_client_app(), nodes, run_config), run_config,
                          callbacks=[rec])
@@ -121,6 +121,9 @@ def test_flower_strategy_calls_the_same_hooks(tiny_arch, tmp_path):
                                 rounds=2, lr=1e-3), tmp_path / "local", callbacks=[Recorder()])
     assert rec.rounds == [("c", h["round"], h["mean_val_accuracy"]) for h in local[0]["history"]]
     assert rec.results == [("c", result)] and rec.closed == 1
+    # the run config's logger wrote the same rounds on the server
+    assert [s for s, _ in _scalars(tmp_path / "flower" / "tensorboard" / "c",
+                                   "accuracy/val")] == [0, 1, 2]
 
 
 # --- TensorBoard -----------------------------------------------------------------------------

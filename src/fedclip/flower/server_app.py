@@ -234,6 +234,9 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: dict[str, Any],
     result = write_results(cfg, flower, strategy, zero, personalized, classes,
                            time.perf_counter() - start, discovery_seconds=discovery)
     run_end(callbacks, cfg.heldout, result)
+    # an `out` relative to the SuperLink's working directory (a managed local SuperLink's is
+    # wherever it was first started): say where the results are
+    log(INFO, "results: %s", Path(flower["out"]).resolve() / "results.json")
     return result
 
 
