@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ def combine(params: Sequence[Params], weights: Sequence[float], mode: str = "wei
             raise ValueError(f"cannot aggregate with weights {w}: they must be finite, "
                              f"non-negative and not all zero")
         total = sum(w)
-        return {k: sum(p[k] * (x / total) for p, x in zip(params, w, strict=True))
+        return {k: cast(torch.Tensor, sum(p[k] * (x / total)
+                                          for p, x in zip(params, w, strict=True)))
                 for k in keys}
     out = {}
     n = len(params)

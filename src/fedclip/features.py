@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -184,16 +185,16 @@ def _loader(domain: Domain, model, batch_size: int | None, workers: int,  # noqa
             pre, device: str):  # noqa: ANN001, ANN202 - an iterable of (ids, pixels, bad ids)
     batch = batch_size or model.default_batch_size
     cuda = str(device).startswith("cuda")
-    extra = {"pin_memory": cuda, "prefetch_factor": 4} if workers > 0 else {}
+    extra: dict[str, Any] = {"pin_memory": cuda, "prefetch_factor": 4} if workers > 0 else {}
     if pre is None:
         return torch.utils.data.DataLoader(
             _ImageFiles(domain.files, model.preprocess), batch_size=batch,
             num_workers=workers, collate_fn=_collate, **extra)
     from fedclip.decode import FileBytes, collate_bytes, decode_batch
 
+    prefetch: dict[str, Any] = {"prefetch_factor": 4} if workers > 0 else {}
     raw = torch.utils.data.DataLoader(FileBytes(domain.files), batch_size=batch,
-                                      num_workers=workers, collate_fn=collate_bytes,
-                                      **({"prefetch_factor": 4} if workers > 0 else {}))
+                                      num_workers=workers, collate_fn=collate_bytes, **prefetch)
 
     def batches():  # noqa: ANN202
         for ids, data in raw:

@@ -7,7 +7,9 @@ names, prompt template, dimension and logit scale, so nothing else is needed to 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from fedclip.features import default_cache_dir, image_features
 from fedclip.results import load_adapter
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -44,7 +46,7 @@ def would_download(spec: str) -> bool:
     return weights_source(spec) is not None
 
 
-def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | None = None,
+def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: str | None = None,
             cache_dir: str | None = None, top: int = 1, allow_download: bool = False
             ) -> list[dict]:
     """Predictions for every image: file, top classes with probabilities (unreadable: error).
@@ -93,7 +95,7 @@ def predict(adapter_path: str | Path, inputs: list[str | Path], backbone: str | 
         emb = algorithm.embed(module, feats.features)
         logits = class_logits(emb, algorithm.class_text(module, class_text), text.logit_scale)
     probs = logits.softmax(dim=-1)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, f in enumerate(files):
         if not feats.valid[i]:
             rows.append({"file": str(f), "error": "unreadable image"})

@@ -27,9 +27,9 @@ def _pct(x: float | None) -> str:
 
 def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
     """One row per held-out domain, then the mean."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for r in results:
-        rows.append((r["heldout"], f"{r['best_round']}/{r['rounds']}",
+        rows.append((str(r["heldout"]), f"{r['best_round']}/{r['rounds']}",
                      _pct(r["generalization"]), _pct(r["zeroshot"]["generalization"]),
                      _pct(r["personalization"]["mean"]),
                      _pct(r["zeroshot"]["personalization"]["mean"]),

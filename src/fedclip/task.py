@@ -280,11 +280,12 @@ def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
     lazy, cache = backbone(cfg), cache_dir(cfg)
     feats = domain_inputs(cfg, lazy, found, cache)
     text = class_text_features(lazy, classes, cfg.prompt_template, cfg.prompt_templates, cache)
-    common = dict(classes=classes, class_text=F.normalize(text.features, dim=-1),
-                  logit_scale=text.logit_scale, images=len(found), skipped=feats.skipped)
+    class_text = F.normalize(text.features, dim=-1)
     if role == "heldout":
-        split, mask = heldout_tensors(found, feats, len(classes))
-        return Site(role, domain, domain, 0, heldout=split, heldout_mask=mask, **common)
+        held, mask = heldout_tensors(found, feats, len(classes))
+        return Site(role, domain, domain, 0, classes, class_text, text.logit_scale,
+                    heldout=held, heldout_mask=mask, images=len(found), skipped=feats.skipped)
     split = clients_of(cfg, found)[index]
-    return Site(role, split.name, domain, index,
-                data=client_tensors(found, feats, split, len(classes)), **common)
+    return Site(role, split.name, domain, index, classes, class_text, text.logit_scale,
+                data=client_tensors(found, feats, split, len(classes)), images=len(found),
+                skipped=feats.skipped)

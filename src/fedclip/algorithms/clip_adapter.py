@@ -41,6 +41,7 @@ class ClipAdapter(Algorithm):
     name = "clip-adapter"
     summary = "CLIP-Adapter: residual bottleneck MLP on the image features, averaged"
     Options = ClipAdapterOptions
+    options: ClipAdapterOptions
 
     def build_module(self, dim: int) -> nn.Module:
         return ResidualAdapter(dim, self.options.reduction, self.options.alpha)

@@ -51,6 +51,7 @@ class TorchvisionClassifier(Algorithm):
     eval_batch = 64
     has_zero_shot = False
     Options = CnnOptions
+    options: CnnOptions
 
     def preprocess(self) -> Callable | None:
         return _resize_normalise(self.options.image_size)
@@ -76,8 +77,9 @@ class TorchvisionClassifier(Algorithm):
             raise BackboneError(f"could not load ImageNet weights for {arch} ({reason}); "
                                 f"offline, use {arch}@none") from None
         head = _last_linear(model)
-        setattr_path(model, head, nn.Linear(getattr_path(model, head).in_features,
-                                            self._classes()))
+        old = getattr_path(model, head)
+        assert isinstance(old, nn.Linear)  # _last_linear found it as one
+        setattr_path(model, head, nn.Linear(old.in_features, self._classes()))
         return model
 
     def init_global(self, dim: int) -> Params | None:

@@ -46,6 +46,7 @@ class ServerOptimizer(Algorithm):
     """Clients as FedCLIP; the server steps an optimizer on the averaged delta."""
 
     batchable = True
+    options: AdaptiveOptions
 
     def init_server_state(self, global_params: Params) -> State:
         zeros = {k: torch.zeros_like(v) for k, v in self.shared(global_params).items()}

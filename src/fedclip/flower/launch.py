@@ -54,6 +54,7 @@ def flower_run(app_dir: str | Path = ".", superlink: str | None = None,
     run_id = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             if echo:
                 echo(line.rstrip("\n"))

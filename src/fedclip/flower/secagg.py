@@ -52,7 +52,7 @@ class AdapterClient(NumPyClient):
 
     def __init__(self, site: Site, algorithm: Algorithm) -> None:
         self.site, self.algorithm = site, algorithm
-        self.keys = list(algorithm.init_global(site.class_text.shape[1]))
+        self.keys = list(algorithm.init_global(site.class_text.shape[1]) or {})
 
     def get_parameters(self, config):  # noqa: ANN001, ANN201
         """The seeded initial adapter (the server asks one node; it holds no backbone)."""
@@ -127,7 +127,8 @@ class RecordingFedAvg(LegacyFedAvg):
         self.history: list[dict] = []
         self.names: dict[int, tuple[str, str]] = {}
         self.logit_scale = float("nan")
-        self.best_round, self.best_val, self.best_params = 0, -float("inf"), None
+        self.best_round, self.best_val = 0, -float("inf")
+        self.best_params: list[np.ndarray] | None = None
         self.current: list[np.ndarray] | None = None
         self.initial: list[np.ndarray] = []
         self.started = time.perf_counter()
@@ -230,7 +231,7 @@ def run(grid: Grid, context: Context, run_config: dict[str, Any]) -> dict[str, t
     zero = strategy.record(0, _evaluate_all(grid, initial, {"zeroshot": True}))
     best = as_params(strategy.best_params) if strategy.best_params is not None else None
     personalized = None
-    if best is not None and cfg.personalize_epochs > 0:
+    if strategy.best_params is not None and cfg.personalize_epochs > 0:
         replies = _evaluate_all(grid, strategy.best_params,
                                 {"personalize-epochs": cfg.personalize_epochs})
         per = {strategy.names.get(n, (str(m.get("client")), ""))[0]:

@@ -62,13 +62,13 @@ def _node_info(node_id: int, content: RecordDict) -> NodeInfo:
     numbers = {k: finite_number(metrics.get(k), 0) for k in
                ("client-index", "num-train", "num-val", "num-test", "images", "dim")}
     scale = finite_number(metrics.get("logit-scale"), 1e-6)
-    bad = [k for k, v in numbers.items() if v is None or v != int(v)]
+    ints = {k: int(v) for k, v in numbers.items() if v is not None and v == int(v)}
+    bad = [k for k in numbers if k not in ints]
     if bad or scale is None:
         raise ValueError(f"invalid {', '.join(bad) or 'logit-scale'}")
     return NodeInfo(node_id, str(info["client"]), str(info["role"]), str(info["domain"]),
-                    int(numbers["client-index"]), int(numbers["num-train"]),
-                    int(numbers["num-val"]), int(numbers["num-test"]), int(numbers["images"]),
-                    int(numbers["dim"]), float(scale),
+                    ints["client-index"], ints["num-train"], ints["num-val"], ints["num-test"],
+                    ints["images"], ints["dim"], float(scale),
                     tuple(json.loads(str(info.get("skipped", "[]")))))
 
 
@@ -97,7 +97,8 @@ def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            problems.append(f"node {node_id} failed: {reply.error.reason.strip()[-300:]}")
+            reason = (reply.error.reason or "").strip()[-300:]
+            problems.append(f"node {node_id} failed: {reason}")
             continue
         try:
             info = _node_info(node_id, reply.content)
@@ -106,7 +107,7 @@ def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
             continue
         nodes[node_id] = info
         if inits is not None and "init" in reply.content.array_records:
-            inits[node_id] = decode(reply.content["init"])
+            inits[node_id] = decode(reply.content.array_records["init"])
         tasks.setdefault(str(reply.content["node"]["task"]), []).append(info.client)
     problems += check_federation(cfg, nodes, planned, len(tasks))
     if inits is not None:
@@ -207,6 +208,8 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: dict[str, Any],
     ckpt, fingerprint = run_dir / "checkpoint.safetensors", config_fingerprint(cfg, cfg.heldout)
     fields = fingerprint_fields(cfg, cfg.heldout)
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
+    if init is None:  # refused above (runs_on_flower); a plugin that breaks the contract
+        raise ConfigError(f"algorithm {cfg.algorithm!r} has no global parameters to federate")
     state = _start_state(algorithm, init, ckpt, fingerprint, fields, bool(flower["resume"]))
 
     policy = CheckpointPolicy(cfg.checkpoint_every, cfg.checkpoint_seconds, cfg.rounds)
@@ -228,7 +231,7 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: dict[str, Any],
         save_checkpoint(ckpt, state, fingerprint, fields)
     remaining = cfg.rounds - state.round
     if remaining > 0:
-        runner.start(grid, encode(algorithm.shared(state.global_params)), num_rounds=remaining,
+        runner.start(grid, encode(algorithm.shared(state.params)), num_rounds=remaining,
                      timeout=timeout)
     personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
     result = write_results(cfg, flower, strategy, zero, personalized, classes,
@@ -258,7 +261,7 @@ def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: AN
     clip = float(flower["dp-clipping-norm"])
     if clip <= 0:
         return strategy
-    if strategy.algorithm.reply_extras(strategy.state.global_params):
+    if strategy.algorithm.reply_extras(strategy.state.params):
         raise ConfigError(f"central DP clips one array record per reply; algorithm "
                           f"{strategy.algorithm.name!r} sends extras too: run it without DP")
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
@@ -285,7 +288,7 @@ def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero:
     result = summarize(
         cfg, history, state.best_round, zero, heldout=cfg.heldout,
         dataset=spec.name if spec and cfg.classes is None else "custom",
-        trainable_params=sum(v.numel() for v in state.global_params.values()),
+        trainable_params=sum(v.numel() for v in state.params.values()),
         seconds=seconds,
         clients=[{"name": n.client, "train": n.num_train, "val": n.num_val, "test": n.num_test}
                  for n in train_nodes],
@@ -294,7 +297,7 @@ def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero:
         personalized=personalized, runtime="flower", transfer=flower["transfer"],
         missing_clients=missing, **extra)
     dim, scale = heldout_node.dim, heldout_node.logit_scale
-    save_adapter(run_dir / "adapter-last.safetensors", state.global_params, cfg, classes, scale,
+    save_adapter(run_dir / "adapter-last.safetensors", state.params, cfg, classes, scale,
                  state.round, dim)
     if state.best_params is not None:
         save_adapter(run_dir / "adapter.safetensors", state.best_params, cfg, classes, scale,

@@ -126,18 +126,19 @@ class FedClipStrategy(FedAvg):
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
             return info.client, None, "malformed reply (no arrays or no metrics)", 0
         received = sum(payload_bytes(r) for r in content.array_records.values())
-        shapes = {k: v.shape for k, v in self.algorithm.shared(self.state.global_params).items()}
-        params, why = check_arrays(content["arrays"], shapes, self.transfer)
-        if why:
+        shapes = {k: v.shape for k, v in self.algorithm.shared(self.state.params).items()}
+        params, why = check_arrays(content.array_records["arrays"], shapes, self.transfer)
+        if params is None:
             return info.client, None, why, received
-        declared = self.algorithm.reply_extras(self.state.global_params)
+        declared = self.algorithm.reply_extras(self.state.params)
         extras: dict[str, torch.Tensor] = {}
         if declared or "extras" in content.array_records:
             got = content.array_records.get("extras", ArrayRecord())
-            extras, why = check_arrays(got, declared, self.transfer, "extras")
-            if why:
+            checked, why = check_arrays(got, declared, self.transfer, "extras")
+            if checked is None:
                 return info.client, None, why, received
-        metrics = content["metrics"]
+            extras = checked
+        metrics = content.metric_records["metrics"]
         count = finite_number(metrics.get("num-examples"))
         if count is None or count != info.num_train:
             return info.client, None, (f"num-examples {metrics.get('num-examples')!r} differs "
@@ -147,7 +148,7 @@ class FedClipStrategy(FedAvg):
         if loss is None:
             return info.client, None, "train-loss missing or not a finite number", received
         steps = finite_number(metrics.get("steps"), 0) or 0
-        return info.client, ClientUpdate(params, extras or {}, info.num_train, loss,
+        return info.client, ClientUpdate(params, extras, info.num_train, loss,
                                          steps=int(steps)), None, received
 
     def _outliers(self, updates: dict[str, ClientUpdate]) -> dict[str, str]:
@@ -156,7 +157,7 @@ class FedClipStrategy(FedAvg):
         distance (three updates or more)."""
         if self.norm_factor <= 0 or not updates:
             return {}
-        current = self.state.global_params
+        current = self.state.params
 
         def norm(tensors: dict) -> float:
             return float(torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())))
@@ -209,7 +210,7 @@ class FedClipStrategy(FedAvg):
         ordered = [replace(u, weight=float(u.num_examples) if weighted else 1.0)
                    for _, u in sorted(updates.items())]
         self.state.global_params, self.state.server_state = self.algorithm.aggregate(
-            self.state.global_params, ordered, self.state.server_state)
+            self.state.params, ordered, self.state.server_state)
         self._pending["train"]["seconds"] = time.perf_counter() - self._started
         shared = self.algorithm.shared(self.state.global_params)
         return ArrayRecord({k: v.contiguous() for k, v in shared.items()}), MetricRecord(
@@ -242,11 +243,12 @@ class FedClipStrategy(FedAvg):
             info = self.nodes.get(msg.metadata.src_node_id)
             if info is None or msg.has_error() or "metrics" not in msg.content.metric_records:
                 continue
-            metrics = msg.content["metrics"]
+            metrics = msg.content.metric_records["metrics"]
             keys = ((f"{prefix}val-accuracy", f"{prefix}test-accuracy") if info.role == "train"
                     else (f"{prefix}heldout-accuracy",))
-            values = [finite_number(metrics.get(k), 0.0, 1.0) for k in keys]
-            if any(v is None for v in values):
+            values = [v for k in keys if (v := finite_number(metrics.get(k), 0.0, 1.0))
+                      is not None]
+            if len(values) != len(keys):
                 log(WARNING, "ignored the evaluation of %s: %s must be numbers in [0, 1]",
                     info.client, ", ".join(keys))
                 continue

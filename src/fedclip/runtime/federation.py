@@ -121,7 +121,7 @@ class Federation:
                    ) -> ClientJob:
         algo = self.algorithm
         own = state.client_states.setdefault(client.name, {})
-        start = algo.with_personal(state.global_params, own)
+        start = algo.with_personal(state.params, own)
         return ClientJob(client.name, client.train, start, start,
                          algo.client_extras(state.server_state, client.name),
                          algo.round_config(server_round), own, self.class_text,
@@ -144,10 +144,10 @@ class Federation:
             updates.append(replace(update, weight=weight))
             losses[client.name] = update.loss
             if algo.communicates:
-                sent += tensor_bytes(algo.shared(state.global_params)) + tensor_bytes(job.extras)
+                sent += tensor_bytes(algo.shared(state.params)) + tensor_bytes(job.extras)
                 received += tensor_bytes(update.params) + tensor_bytes(update.extras)
         if algo.communicates:
-            new, server_state = algo.aggregate(state.global_params, updates, state.server_state)
+            new, server_state = algo.aggregate(state.params, updates, state.server_state)
             if not all(torch.isfinite(v).all() for v in new.values()):
                 raise TrainingError(f"round {server_round}: the aggregate is not finite; lower "
                                     f"the learning rate (or the server's). The last good "

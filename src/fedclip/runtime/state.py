@@ -26,15 +26,25 @@ class FederationState:
     best_client_states: dict[str, State] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def params(self) -> Params:
+        """The global parameters, for the algorithms that have them (every one that trains
+        a shared model; ``zeroshot`` and ``local`` have none)."""
+        if self.global_params is None:
+            raise RuntimeError("this federation has no global parameters (the algorithm "
+                               "trains no shared model)")
+        return self.global_params
+
     def to(self, device: str | torch.device) -> FederationState:
         """The same state with every tensor on ``device`` (a checkpoint loads on the CPU)."""
-        def move(tensors: dict | None) -> dict | None:
-            return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+        def move(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device) for k, v in tensors.items()}
 
         return FederationState(
-            self.round, move(self.global_params), self.best_round, self.best_val,
-            move(self.best_params), move(self.server_state),
-            {c: move(s) for c, s in self.client_states.items()},
+            self.round, None if self.global_params is None else move(self.global_params),
+            self.best_round, self.best_val,
+            None if self.best_params is None else move(self.best_params),
+            move(self.server_state), {c: move(s) for c, s in self.client_states.items()},
             {c: move(s) for c, s in self.best_client_states.items()}, self.history)
 
     def select(self, record: dict) -> None:
