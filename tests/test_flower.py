@@ -151,9 +151,8 @@ def test_secagg_plus_aggregate_equals_plain_fedavg(tiny_arch, toy_root, tmp_path
 def test_app_config_in_pyproject_agrees_with_the_defaults():
     """pyproject lists the defaults so that `flwr run -c` may override them: no drift, and
     every RunConfig field a user may set is settable on Flower."""
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     from fedclip.flower.codec import FLOWER_KEYS, run_config_to_cfg
 

@@ -6,11 +6,11 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import click
-import tomllib
 import typer
 from rich.console import Console
 from rich.logging import RichHandler

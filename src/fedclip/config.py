@@ -7,10 +7,10 @@ wrongly typed values are errors, never silently ignored.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedclip.errors import ConfigError
