@@ -262,3 +262,17 @@ def test_flower_heldout_all_is_one_line_before_any_node_is_asked(tmp_path):
     with pytest.raises(ConfigError, match="heldout must name one domain") as info:
         server_main(grid, run_config)
     assert "\n" not in str(info.value) and grid.sent == []
+
+
+def test_compare_logs_each_run_apart(tiny_arch, toy_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--algorithms", "fedclip,fedprox", "--data-root", str(toy_root),
+                 "--backbone", tiny_arch, "--heldout", "gamma", "--rounds", "1", "--out",
+                 str(out), "--log-to", "tensorboard", "--log-to",
+                 f"tensorboard:{tmp_path / 'tb'}"]) == 0
+    for algo in ("fedclip", "fedprox"):
+        for folder in (out / f"{algo}-seed0" / "tensorboard", tmp_path / "tb" / f"{algo}-seed0"):
+            assert [s for s, _ in _scalars(folder / "gamma", "accuracy/val")] == [0, 1]
+    assert main(["compare", "--out", str(tmp_path / "x"), "--log-to", "wandb"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -56,15 +56,18 @@ def _logger_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def loggers_from_specs(specs: Iterable[str], out: str | Path) -> list[Callback]:
+def loggers_from_specs(specs: Iterable[str], out: str | Path, run_name: str | None = None
+                       ) -> list[Callback]:
     """``NAME`` (writes to ``out/NAME``) or ``NAME:FOLDER`` for each spec; empty specs and
-    comma-separated lists are accepted (a run-config value is one string)."""
+    comma-separated lists are accepted (a run-config value is one string). ``run_name``
+    (one of several runs, e.g. in ``compare``) keeps runs apart under a given FOLDER."""
     callbacks: list[Callback] = []
     for item in (s.strip() for spec in specs for s in spec.split(",")):
         if not item:
             continue
         name, _, folder = item.partition(":")
-        callbacks.append(_logger_class(name)(Path(folder) if folder else Path(out) / name))
+        target = Path(folder) / (run_name or "") if folder else Path(out) / name
+        callbacks.append(_logger_class(name)(target))
     return callbacks
 
 

@@ -200,8 +200,8 @@ Threads = Annotated[int, typer.Option(
     min=0, help="torch threads (0: torch's default). The adapter's ops are small: on a busy "
                 "machine 1 is often fastest.")]
 LogTo = Annotated[list[str] | None, typer.Option(
-    help="A logger for every round: tensorboard (into OUT/tensorboard) or tensorboard:DIR "
-         "(needs the tensorboard extra). Repeatable.")]
+    help="A logger for every round: tensorboard (into the run folder's tensorboard/) or "
+         "tensorboard:DIR (needs the tensorboard extra). Repeatable.")]
 
 
 class RegistryHelp(TyperCommand):
@@ -313,6 +313,7 @@ def compare_command(
     set_: SetItems = None,
     cache_dir: CacheDir = None,
     threads: Threads = 0,
+    log_to: LogTo = None,
 ) -> None:
     """Every algorithm on the same splits and seeds: the paper's comparison tables."""
     from fedclip.compare import compare, markdown
@@ -338,7 +339,7 @@ def compare_command(
     with Progress(*columns, console=console) as progress:
         summary = compare(cfg, [a.strip() for a in algorithms.split(",") if a.strip()],
                           seed_list, out, resume=resume, reporter=RichReporter(progress),
-                          backbone_params=count_backbone)
+                          backbone_params=count_backbone, log_to=log_to or [])
     for name, table in summary["tables"].items():
         out_console.print(f"\n[bold]{name}[/]")
         out_console.print(markdown(table["header"], table["rows"]))

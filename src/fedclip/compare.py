@@ -9,7 +9,7 @@ continues a comparison where it stopped.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedclip.config import RunConfig
@@ -173,17 +173,23 @@ def plot(runs: Runs, out: Path) -> None:
 
 def compare(base: RunConfig, algorithms: list[str], seeds: list[int], out: str | Path, *,
             resume: bool = False, reporter=None,  # noqa: ANN001
-            backbone_params: Callable[[], int | None] | None = None) -> dict:
-    """Run every algorithm for every seed over the configured held-out domains."""
+            backbone_params: Callable[[], int | None] | None = None,
+            log_to: Sequence[str] = ()) -> dict:
+    """Run every algorithm for every seed over the configured held-out domains; ``log_to``
+    names loggers (:mod:`fedclip.callbacks`) built for each run, inside its run folder."""
+    from fedclip.callbacks import loggers_from_specs
     from fedclip.experiment import run
 
     out = Path(out)
+    loggers_from_specs(log_to, out)  # an unknown logger fails before any run
     runs: Runs = {}
     for algorithm in algorithms:
         for seed in seeds:
             cfg = base.replace(algorithm=algorithm, seed=seed)
+            folder = out / f"{algorithm}-seed{seed}"
             runs.setdefault(algorithm, {})[seed] = run(
-                cfg, out / f"{algorithm}-seed{seed}", resume=resume, reporter=reporter)
+                cfg, folder, resume=resume, reporter=reporter,
+                callbacks=loggers_from_specs(log_to, folder, run_name=folder.name))
     n_params = backbone_params() if backbone_params else None
     tables = {"generalization": generalization_table(runs),
               "personalization": personalization_table(runs),
