@@ -222,6 +222,11 @@ class RegistryHelp(TyperCommand):
         super().format_help(ctx, formatter)
 
 
+def _flags(values: dict[str, Any]) -> dict[str, Any]:
+    """A command's parameters that are RunConfig fields (its flags share their names)."""
+    return {k: v for k, v in values.items() if k in RunConfig.model_fields}
+
+
 def _threads(threads: int) -> None:
     if threads:
         import torch
@@ -266,12 +271,9 @@ def run_command(
     from fedclip.experiment import run
     from fedclip.report import COLUMNS, table_rows
 
-    _threads(threads)
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
-                    data_root=data_root, backbone=backbone, heldout=heldout, rounds=rounds,
-                    loss=loss, algorithm=algorithm, seed=seed, dataset=dataset, device=device,
-                    clients_per_domain=clients_per_domain, partition=partition,
-                    dirichlet_alpha=dirichlet_alpha, cache_dir=cache_dir)
+                    **_flags(locals()))
+    _threads(threads)
     _print_note(cfg.backbone)
     loggers = loggers_from_specs(log_to or [], out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -318,11 +320,8 @@ def compare_command(
     """Every algorithm on the same splits and seeds: the paper's comparison tables."""
     from fedclip.compare import compare, markdown
 
+    cfg = _settings(config, set_ or [], **_flags(locals()))
     _threads(threads)
-    cfg = _settings(config, set_ or [], data_root=data_root, backbone=backbone,
-                    heldout=heldout, rounds=rounds, loss=loss, dataset=dataset, device=device,
-                    clients_per_domain=clients_per_domain, partition=partition,
-                    dirichlet_alpha=dirichlet_alpha, cache_dir=cache_dir)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fedclip.adapters import class_logits
 from fedclip.algorithms import get_algorithm
-from fedclip.backbones import LazyBackbone, resolve_device
+from fedclip.backbones import LazyBackbone, resolve_device, weights_source
 from fedclip.config import RunConfig
 from fedclip.data.folder import IMG_EXTENSIONS, Domain
 from fedclip.data.specs import class_to_text
@@ -39,13 +39,6 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def would_download(spec: str) -> bool:
-    """Whether loading ``spec`` would fetch weights from the internet (not already here)."""
-    from fedclip.backbones import weights_source
-
-    return weights_source(spec) is not None
-
-
 def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: str | None = None,
             cache_dir: str | None = None, top: int = 1, allow_download: bool = False
             ) -> list[dict]:
@@ -61,7 +54,7 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     if backbone is not None and backbone != adapter.backbone:
         raise BackboneError(f"the adapter was trained on {adapter.backbone!r}, not {backbone!r};"
                             f" use --backbone {adapter.backbone} (or leave it out)")
-    if would_download(adapter.backbone) and backbone is None and not allow_download:
+    if weights_source(adapter.backbone) and backbone is None and not allow_download:
         raise BackboneError(f"the adapter names backbone {adapter.backbone!r}, which downloads "
                             f"weights; confirm it with --backbone {adapter.backbone} or pass "
                             f"--allow-download")

@@ -17,6 +17,7 @@ FedAdam reduces to FedAvg only in the limit ``server_lr = tau -> inf`` with ``be
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,7 +47,8 @@ class ServerOptimizer(Algorithm):
     """Clients as FedCLIP; the server steps an optimizer on the averaged delta."""
 
     batchable = True
-    options: AdaptiveOptions
+    Options: ClassVar[type[BaseModel]] = AdaptiveOptions  # FedAdam, FedYogi; FedAvgM: its own
+    options: Any  # an instance of the subclass's Options
 
     def init_server_state(self, global_params: Params) -> State:
         zeros = {k: torch.zeros_like(v) for k, v in self.shared(global_params).items()}
@@ -75,7 +77,6 @@ class ServerOptimizer(Algorithm):
 class FedAdam(ServerOptimizer):
     name = "fedadam"
     summary = "FedCLIP clients; the server steps Adam on the averaged delta"
-    Options = AdaptiveOptions
 
     def step(self, x, delta, m, v, t):  # noqa: ANN001, ANN201
         o, m = self.options, self.first_moment(m, delta)
@@ -88,7 +89,6 @@ class FedAdam(ServerOptimizer):
 class FedYogi(ServerOptimizer):
     name = "fedyogi"
     summary = "FedCLIP clients; the server steps Yogi on the averaged delta"
-    Options = AdaptiveOptions
 
     def step(self, x, delta, m, v, t):  # noqa: ANN001, ANN201
         o, m = self.options, self.first_moment(m, delta)

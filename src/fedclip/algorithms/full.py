@@ -23,7 +23,6 @@ from fedclip.adapters import Params, get_params
 from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm
 from fedclip.algorithms.fedprox import FedProx
-from fedclip.errors import ConfigError
 
 
 class FullFineTuning(Algorithm):
@@ -31,15 +30,12 @@ class FullFineTuning(Algorithm):
     eval_batch = 32
 
     @property
-    def backbone(self):  # noqa: ANN201 - fedclip.backbones.openclip.OpenClipBackbone
+    def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
         if getattr(self, "_backbone", None) is None:
-            from fedclip.backbones import backbone_traits, load_backbone, resolve_device
+            from fedclip.backbones import load_finetunable, resolve_device
 
-            if not backbone_traits(self.cfg.backbone).finetunable:
-                raise ConfigError(f"{self.name} fine-tunes the backbone; {self.cfg.backbone!r} "
-                                  f"cannot be trained (use open_clip:ARCH@TAG)")
-
-            self._backbone = load_backbone(self.cfg.backbone, resolve_device(self.cfg.device))
+            self._backbone = load_finetunable(self.cfg.backbone, resolve_device(self.cfg.device),
+                                              f"{self.name} fine-tunes the backbone")
         return self._backbone
 
     def init_global(self, dim: int) -> Params | None:

@@ -39,14 +39,12 @@ class PromptFL(Algorithm):
     init_needs_text = True  # the context starts at the template words' embeddings (nodes')
 
     @property
-    def backbone(self):  # noqa: ANN201 - fedclip.backbones.openclip.OpenClipBackbone
+    def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
         if getattr(self, "_backbone", None) is None:
-            from fedclip.backbones import backbone_traits, load_backbone, resolve_device
+            from fedclip.backbones import load_finetunable, resolve_device
 
-            if not backbone_traits(self.cfg.backbone).finetunable:
-                raise ConfigError(f"promptfl learns tokens of a CLIP text tower; backbone "
-                                  f"{self.cfg.backbone!r} exposes none (use open_clip:ARCH@TAG)")
-            backbone = load_backbone(self.cfg.backbone, resolve_device(self.cfg.device))
+            backbone = load_finetunable(self.cfg.backbone, resolve_device(self.cfg.device),
+                                        "promptfl learns tokens of a CLIP text tower")
             if not hasattr(backbone.model, "token_embedding"):
                 raise ConfigError(f"{self.cfg.backbone} has a custom text tower; promptfl "
                                   f"needs a CLIP-style one (token_embedding + transformer)")

@@ -32,7 +32,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from PIL import Image
@@ -130,6 +130,15 @@ def load_backbone(spec: str, device: str = "cpu") -> Backbone:
     prefix, rest = parse_spec(spec)
     check_available(spec)
     return _provider(prefix).load(rest, device)
+
+
+def load_finetunable(spec: str, device: str, purpose: str) -> FinetunableBackbone:
+    """A backbone its caller trains; ``purpose`` (what the caller does with it) names the
+    refusal when the spec's provider is not ``FINETUNABLE``."""
+    if not backbone_traits(spec).finetunable:
+        raise BackboneError(f"{purpose}; backbone {spec!r} cannot be trained (use "
+                            f"open_clip:ARCH@TAG)")
+    return cast(FinetunableBackbone, load_backbone(spec, device))
 
 
 def providers() -> dict[str, str]:
