@@ -32,6 +32,7 @@ test: install  ## the default suite (well under 10 minutes on 2 cores)
 test-slow: install  ## deployment and full-data tests, run by CI
 	$(VENV)/bin/pytest -q -m slow || test $$? -eq 5  # 5: no slow test collected
 
-lint: install  ## ruff on everything, mypy on src/ (settings in pyproject.toml)
+lint: install  ## ruff on everything, mypy on src/, the import layers (settings in pyproject.toml)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache

@@ -19,8 +19,8 @@ import torch
 from fedclip.backbones import LazyBackbone
 from fedclip.config import RunConfig
 from fedclip.data.folder import Domain, scan_dataset
-from fedclip.experiment import build_federation, prepare
 from fedclip.features import image_features
+from fedclip.inprocess.experiment import build_federation, prepare
 
 HERE = Path(__file__).resolve().parent
 

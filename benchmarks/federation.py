@@ -90,7 +90,7 @@ def main() -> None:
     if args.skip_deployment:
         return
     from fedclip.config import RunConfig
-    from fedclip.experiment import run
+    from fedclip.inprocess.experiment import run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.deployment: the localhost harness
 
 from fedclip.config import RunConfig  # noqa: E402
-from fedclip.experiment import run  # noqa: E402
+from fedclip.inprocess.experiment import run  # noqa: E402
 
 HELDOUT = "sketch"
 
@@ -34,7 +34,7 @@ def steady(history: list[dict], key: str) -> float:
 
 def in_process(rounds: int, out: Path) -> dict:
     start = time.perf_counter()
-    r = run(RunConfig.build(backbone="standin", heldout=HELDOUT, rounds=rounds), out)[0]
+    r = run(RunConfig.build(backbone="standin", heldout=HELDOUT, rounds=rounds), out)[0].to_json()
     wall = time.perf_counter() - start
     return {"runtime": "in-process", "wall": wall, "startup": wall - r["train_seconds"],
             "round": steady(r["history"], "round_seconds"), "bytes": r["bytes_per_round"],

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fedclip.config import RunConfig
-from fedclip.experiment import prepare, run
+from fedclip.inprocess.experiment import prepare, run
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,9 +24,9 @@ class PrintReporter:
         if done == total:
             print(f"features {domain}: {total} images", flush=True)
 
-    def round_end(self, heldout: str, record: dict, total_rounds: int) -> None:
-        if record["round"] % 50 == 0:
-            print(f"  [{heldout}] round {record['round']}/{total_rounds}", flush=True)
+    def round_end(self, heldout: str, record, total_rounds: int) -> None:  # noqa: ANN001
+        if record.round % 50 == 0:
+            print(f"  [{heldout}] round {record.round}/{total_rounds}", flush=True)
 
     def info(self, message: str) -> None:
         print(message, flush=True)
@@ -47,8 +47,8 @@ def main() -> None:
     rows, walls = {}, {}
     for name, cfg in variants.items():
         t = time.perf_counter()
-        rows[name] = run(cfg, Path(args.out) / name.split()[1].strip("()"),
-                         reporter=PrintReporter())
+        rows[name] = [r.to_json() for r in run(cfg, Path(args.out) / name.split()[1].strip(
+            "()"), reporter=PrintReporter())]
         walls[name] = time.perf_counter() - t
 
     def pct(x: float) -> str:

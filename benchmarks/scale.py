@@ -99,7 +99,7 @@ def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
 
 
 def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: ANN001
-    from fedclip.experiment import build_federation
+    from fedclip.inprocess.experiment import build_federation
     from fedclip.task import prepare
 
     prep = prepare(cfg)
@@ -125,7 +125,7 @@ def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: 
                 record = fed.run_round(state)
                 sync(fed.device.type)
                 times.append(time.perf_counter() - start)
-            rows.append({"clients": len(fed.clients), "per_round": len(record["train_loss"]),
+            rows.append({"clients": len(fed.clients), "per_round": len(record.train_loss),
                          "mode": "together" if together else "one after another",
                          "seconds": sorted(times)[len(times) // 2]})
     return rows
@@ -167,7 +167,7 @@ def flower_rounds(cfg, clients: tuple[int, ...], rounds: int = 3) -> list[dict]:
 
 
 def lodo(cfg) -> dict:  # noqa: ANN001
-    from fedclip.experiment import run
+    from fedclip.inprocess.experiment import run
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -175,7 +175,7 @@ def lodo(cfg) -> dict:  # noqa: ANN001
                                   train_clients_together=True, cache_dir=str(Path(tmp) / "c")),
                       Path(tmp) / "run")
         return {"seconds": time.perf_counter() - start,
-                "generalization": sum(r["generalization"] for r in results) / len(results)}
+                "generalization": sum(r.generalization or 0.0 for r in results) / len(results)}
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def has_standin() -> bool:
 
 def interrupted_at_round_2(cfg, prep, heldout: str, folder: Path) -> None:
     """Run ``heldout`` into ``folder`` and stop it (KeyboardInterrupt) after round 2."""
-    from fedclip.experiment import run_heldout
+    from fedclip.inprocess.experiment import run_heldout
 
     def crash(state, record):  # noqa: ANN001
         if state.round == 2:
@@ -85,3 +85,16 @@ def interrupted_at_round_2(cfg, prep, heldout: str, folder: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run_heldout(cfg, prep, heldout, folder, on_round=crash)
+
+
+def as_written(fn):  # noqa: ANN001, ANN201
+    """``fn`` (a runner) returning its results as results.json holds them: the tests pin the
+    file's schema, which every runtime writes through the same typed records."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = fn(*args, **kwargs)
+        return [r.to_json() for r in out] if isinstance(out, list) else out.to_json()
+
+    return wrapper

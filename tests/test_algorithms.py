@@ -6,11 +6,16 @@ import torch
 from safetensors.torch import load_file
 
 from fedclip.config import RunConfig
-from fedclip.experiment import prepare, run, run_heldout
 from fedclip.flower.client_app import build_client_app
-from fedclip.flower.server_app import main as server_main
-from tests.conftest import interrupted_at_round_2
+from fedclip.flower.server_app import main as _server_main
+from fedclip.inprocess import experiment as _experiment
+from fedclip.inprocess.experiment import prepare
+from tests.conftest import as_written, interrupted_at_round_2
 from tests.flower_grid import LocalGrid
+
+run = as_written(_experiment.run)
+run_heldout = as_written(_experiment.run_heldout)
+server_main = as_written(_server_main)
 
 FLOWER_ALGORITHMS = ["scaffold", "ditto", "fedadam", "fedyogi", "fedavgm", "linear-probe",
                      "clip-adapter", "promptfl"]
@@ -87,8 +92,8 @@ def test_stateful_algorithm_resumes_exactly(tiny_arch, skewed, tmp_path):
 
     interrupted_at_round_2(cfg, prep, "gamma", tmp_path / "cut")
     resumed = run_heldout(cfg, prep, "gamma", tmp_path / "cut", resume=True)
-    wf = load_file(tmp_path / "full" / "adapter-last.safetensors")
-    wr = load_file(tmp_path / "cut" / "adapter-last.safetensors")
+    wf = load_file(tmp_path / "full" / "gamma" / "adapter-last.safetensors")
+    wr = load_file(tmp_path / "cut" / "gamma" / "adapter-last.safetensors")
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert resumed["best_round"] == full["best_round"]
 
@@ -151,14 +156,16 @@ def test_clip_adapter_blend_and_size(tiny_arch, skewed, tmp_path):
 
 
 def test_algorithm_options_are_validated_and_reach_clients(tiny_arch, skewed, tmp_path):
+    from fedclip.algorithms import get_algorithm
     from fedclip.errors import ConfigError
 
+    # options are the algorithm's to check (the config does not import the algorithms)
     with pytest.raises(ConfigError, match="fedprox.*mu"):
-        RunConfig.build(algorithm="fedprox", options={"fedprox": {"mu": -1}})
+        get_algorithm(RunConfig.build(algorithm="fedprox", options={"fedprox": {"mu": -1}}))
     with pytest.raises(ConfigError, match="its options: fedprox.mu"):
-        RunConfig.build(**{"fedprox.nu": 1})
+        get_algorithm(RunConfig.build(**{"fedprox.nu": 1}))
     with pytest.raises(ConfigError, match="unknown algorithm 'nope'"):
-        RunConfig.build(**{"nope.x": 1})
+        get_algorithm(RunConfig.build(**{"nope.x": 1}))
     cfg = RunConfig.build(algorithm="fedprox", **{"fedprox.mu": 0.5})
     from fedclip.algorithms import get_algorithm
 

@@ -74,7 +74,7 @@ def test_a_transformers_clip_saved_locally_is_a_backbone(tmp_path, toy_root):
     )
 
     from fedclip.config import RunConfig
-    from fedclip.experiment import run
+    from fedclip.inprocess.experiment import run
 
     vocab = {t: i for i, t in enumerate(
         ["<|startoftext|>", "<|endoftext|>", "a</w>", "picture</w>", "of</w>", "cat</w>",
@@ -98,7 +98,7 @@ def test_a_transformers_clip_saved_locally_is_a_backbone(tmp_path, toy_root):
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     spec = f"hf:{folder}"
     r = run(RunConfig.build(data_root=str(toy_root), backbone=spec, heldout="gamma", rounds=1,
-                            personalize_epochs=0), tmp_path / "run")[0]
+                            personalize_epochs=0), tmp_path / "run")[0].to_json()
     assert r["trainable_params"] == 2 * (8 * 8 + 8) and 0 <= r["generalization"] <= 1
     from fedclip.backbones import backbone_fingerprint
 

@@ -10,8 +10,14 @@ import pytest
 from fedclip.callbacks import Callback, loggers_from_specs
 from fedclip.cli import main
 from fedclip.config import RunConfig
+from fedclip.core.records import RoundRecord, RunResult
 from fedclip.errors import BackboneError, ConfigError
-from fedclip.experiment import run
+from fedclip.flower.server_app import main as _server_main
+from fedclip.inprocess import experiment as _experiment
+from tests.conftest import as_written
+
+run = as_written(_experiment.run)
+server_main = as_written(_server_main)
 
 
 class Recorder(Callback):
@@ -20,11 +26,11 @@ class Recorder(Callback):
         self.results: list[tuple[str, dict]] = []
         self.closed = 0
 
-    def on_round_end(self, heldout: str, record: dict) -> None:
-        self.rounds.append((heldout, record["round"], record.get("mean_val_accuracy")))
+    def on_round_end(self, heldout: str, record: RoundRecord) -> None:
+        self.rounds.append((heldout, record.round, record.mean_val_accuracy))
 
-    def on_run_end(self, heldout: str, result: dict) -> None:
-        self.results.append((heldout, result))
+    def on_run_end(self, heldout: str, result: RunResult) -> None:
+        self.results.append((heldout, result.to_json()))
 
     def close(self) -> None:
         self.closed += 1
@@ -104,7 +110,6 @@ def test_callbacks_are_closed_when_a_run_fails(toy_root, tmp_path):
 
 def test_flower_strategy_calls_the_same_hooks(tiny_arch, tmp_path):
     from fedclip.flower.client_app import build_client_app
-    from fedclip.flower.server_app import main as server_main
     from tests.conftest import make_image_folder
     from tests.flower_grid import LocalGrid
 
@@ -156,8 +161,9 @@ def test_tensorboard_logger_writes_what_the_results_hold(tiny_arch, toy_root, tm
 def test_a_logger_dir_and_unknown_loggers(tmp_path):
     pytest.importorskip("tensorboard")
     (logger,) = loggers_from_specs([f"tensorboard:{tmp_path / 'tb'}"], tmp_path / "out")
-    logger.on_round_end("x/y", {"round": 0, "mean_val_accuracy": 0.5,
-                                "heldout_accuracy": None, "val_accuracy": {"a": float("nan")}})
+    record = RoundRecord(0)
+    record.set_evaluation({"a": 0.5, "b": float("nan")}, {"a": 0.5}, None)
+    logger.on_round_end("x/y", record)
     logger.close()
     assert _scalars(tmp_path / "tb" / "x_y", "accuracy/val") == [(0, 0.5)]
     with pytest.raises(ConfigError, match="unknown logger 'wandb'.*tensorboard"):
@@ -218,8 +224,15 @@ def test_local_weights_never_probe_the_network(tiny_arch, monkeypatch):
 
 # --- plots ----------------------------------------------------------------------------------
 def _fake(heldout, gen, rounds=3, trains=True):
-    history = [{"round": k, "heldout_accuracy": gen} for k in range(rounds + 1 if trains else 1)]
-    return {"heldout": heldout, "generalization": gen, "history": history}
+    from fedclip.core.records import Scores
+
+    history = []
+    for k in range(rounds + 1 if trains else 1):
+        history.append(RoundRecord(k))
+        history[-1].set_evaluation({}, {}, gen)
+    scores = Scores(gen, None)
+    return RunResult(heldout, "x", "custom", "standin", False, "clip", 0, scores, 0, scores,
+                     scores, 0, 0.0, (), 0, tuple(history), "in-process")
 
 
 def test_compare_plot_keeps_one_style_per_algorithm_and_draws_no_missing_bar(tmp_path,
@@ -254,7 +267,6 @@ def test_compare_plot_keeps_one_style_per_algorithm_and_draws_no_missing_bar(tmp
 
 def test_flower_heldout_all_is_one_line_before_any_node_is_asked(tmp_path):
     from fedclip.flower.client_app import build_client_app
-    from fedclip.flower.server_app import main as server_main
     from tests.flower_grid import LocalGrid
 
     run_config = {"backbone": "standin", "heldout": "all", "out": str(tmp_path / "f")}

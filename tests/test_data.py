@@ -184,7 +184,7 @@ def test_hub_datasets_are_pinned_to_a_revision_recorded_in_the_results(tiny_arch
     from PIL import Image
 
     from fedclip.config import RunConfig
-    from fedclip.experiment import run
+    from fedclip.inprocess.experiment import run
 
     asked = []
 
@@ -215,7 +215,7 @@ def test_hub_datasets_are_pinned_to_a_revision_recorded_in_the_results(tiny_arch
     assert sources.hub_dataset_folder("flwrlabs/pacs", cache / "hub").name == "flwrlabs__pacs@v2"
     cfg = RunConfig.build(data_root="hf:flwrlabs/pacs@c0ffee", cache_dir=str(cache),
                           backbone=tiny_arch, heldout="sketch", rounds=1)
-    result = run(cfg, tmp_path / "run")[0]
+    result = run(cfg, tmp_path / "run")[0].to_json()
     assert result["data_source"]["revision"] == "c0ffee"
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
     assert saved["data_source"] == {"dataset": "hf:flwrlabs/pacs", "revision": "c0ffee",

@@ -57,14 +57,14 @@ def test_deployment_on_localhost(tmp_path, cache):
     from safetensors.torch import load_file
 
     from fedclip.config import RunConfig
-    from fedclip.experiment import run
+    from fedclip.inprocess.experiment import run
 
     out = tmp_path / "out"
     with LocalDeployment(tmp_path, own_data_nodes(tmp_path)) as dep:
         _, status = dep.run(run_config(out, cache))
     assert status == "finished:completed"
     local = run(RunConfig.build(backbone="standin", heldout="sketch", rounds=3,
-                                cache_dir=str(cache)), tmp_path / "local")[0]
+                                cache_dir=str(cache)), tmp_path / "local")[0].to_json()
     wd = load_file(out / "sketch" / "adapter-last.safetensors")
     wl = load_file(tmp_path / "local" / "sketch" / "adapter-last.safetensors")
     assert max((wd[k] - wl[k]).abs().max().item() for k in wl) < 1e-5
@@ -135,9 +135,9 @@ def test_simulation_with_ray_matches_the_in_process_runner(tmp_path, cache):
     from safetensors.torch import load_file
 
     from fedclip.config import RunConfig
-    from fedclip.experiment import run
     from fedclip.flower.client_app import build_client_app
     from fedclip.flower.server_app import build_server_app
+    from fedclip.inprocess.experiment import run
 
     defaults = {"backbone": "standin", "heldout": "sketch", "rounds": 2,
                 "out": str(tmp_path / "sim"), "cache-dir": str(cache)}
@@ -145,7 +145,7 @@ def test_simulation_with_ray_matches_the_in_process_runner(tmp_path, cache):
                    backend_config={"client_resources": {"num_cpus": 1}})
     (sim,) = json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]
     local = run(RunConfig.build(backbone="standin", heldout="sketch", rounds=2,
-                                cache_dir=str(cache)), tmp_path / "local")[0]
+                                cache_dir=str(cache)), tmp_path / "local")[0].to_json()
     ws = load_file(tmp_path / "sim" / "sketch" / "adapter-last.safetensors")
     wl = load_file(tmp_path / "local" / "sketch" / "adapter-last.safetensors")
     assert max((ws[k] - wl[k]).abs().max().item() for k in wl) < 1e-5

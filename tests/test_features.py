@@ -118,9 +118,9 @@ def test_a_flower_node_holding_a_copy_of_its_domain_reuses_the_in_process_cache(
     import shutil
 
     from fedclip.config import RunConfig
-    from fedclip.experiment import run
     from fedclip.flower.client_app import build_client_app
     from fedclip.flower.server_app import main as server_main
+    from fedclip.inprocess.experiment import run
     from tests.conftest import make_image_folder
     from tests.flower_grid import LocalGrid
 

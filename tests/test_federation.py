@@ -10,11 +10,14 @@ from safetensors.torch import load_file
 
 from fedclip.config import RunConfig
 from fedclip.errors import ConfigError, DataError
-from fedclip.experiment import run
 from fedclip.flower.client_app import build_client_app
-from fedclip.flower.server_app import main as server_main
-from tests.conftest import make_image_folder
+from fedclip.flower.server_app import main as _server_main
+from fedclip.inprocess import experiment as _experiment
+from tests.conftest import as_written, make_image_folder
 from tests.flower_grid import LocalGrid
+
+run = as_written(_experiment.run)
+server_main = as_written(_server_main)
 
 PACS_CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")

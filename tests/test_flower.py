@@ -6,10 +6,15 @@ from flwr.app import ArrayRecord, Message
 from safetensors.torch import load_file
 
 from fedclip.config import RunConfig
-from fedclip.experiment import run
+from fedclip.errors import ConfigError
 from fedclip.flower.client_app import build_client_app
-from fedclip.flower.server_app import main as server_main
+from fedclip.flower.server_app import main as _server_main
+from fedclip.inprocess import experiment as _experiment
+from tests.conftest import as_written
 from tests.flower_grid import LocalGrid
+
+run = as_written(_experiment.run)
+server_main = as_written(_server_main)
 
 
 def _federation(toy_root, tiny_arch, tmp_path, **extra):
@@ -126,26 +131,75 @@ def test_client_side_clipping_bounds_each_round_and_noise_changes_the_result(
     assert clipped["rounds"] == 2
 
 
-def test_secagg_plus_aggregate_equals_plain_fedavg(tiny_arch, toy_root, tmp_path):
-    """SecAgg+ (legacy workflow path) against the in-process FedAvg, 2 rounds."""
+def _secagg(tmp_path, run_config, nodes, name):  # noqa: ANN001, ANN202
+    """A SecAgg+ run into tmp_path/name; its final adapter and result."""
     from flwr.app import Context, RecordDict
 
     from fedclip.flower import secagg
 
-    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=2,
-                                    **{"secagg-max-weight": 100.0})
+    run_config = {**run_config, "out": str(tmp_path / name)}
     grid = LocalGrid(secagg.build_client_app(), nodes, run_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)
-    secure = secagg.run(grid, context, run_config)
+    result = secagg.run(grid, context, run_config)
+    return load_file(tmp_path / name / "gamma" / "adapter-last.safetensors"), result, grid
+
+
+def _max_diff(a, b) -> float:  # noqa: ANN001
+    return max((a[k] - b[k]).abs().max().item() for k in b)
+
+
+def test_secagg_plus_aggregate_equals_plain_fedavg(tiny_arch, toy_root, tmp_path):
+    """SecAgg+ (legacy workflow path) against the in-process FedAvg, 2 rounds."""
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=2,
+                                    **{"secagg-max-weight": 100.0})
+    secure, result, grid = _secagg(tmp_path, run_config, nodes, "secure")
     cfg = RunConfig.build(backbone=tiny_arch, data_root=str(toy_root), heldout="gamma",
                           rounds=2, lr=1e-3)
     run(cfg, tmp_path / "local")
     plain = load_file(tmp_path / "local" / "gamma" / "adapter-last.safetensors")
-    diff = max((secure[k] - plain[k]).abs().max().item() for k in plain)
+    diff = _max_diff(secure, plain)
     print(f"secagg+ vs fedavg max abs diff {diff:.2e}")
     assert diff < 1e-3, diff  # quantization (2^22 levels over [-8, 8]) and weight rounding
     assert any(m.metadata.message_type == "train" for m in grid.sent)
+    assert result.runtime == "flower-secagg+" and [r.round for r in result.history] == [0, 1, 2]
+
+
+def test_secagg_plus_runs_the_algorithms_server_step(tiny_arch, toy_root, tmp_path):
+    """fedadam through SecAgg+ takes FedAdam's server step on the secure mean: it ends where
+    a plain Flower run of FedAdam ends (within the quantization), not where FedAvg ends.
+    Uniform weights of 1 with secagg-max-weight 1 keep the weights exact, so only the
+    parameters' quantization (2^22 levels over [-8, 8], about 4e-6 per client) remains;
+    FedAdam's step amplifies it (about server-lr x 0.1 / tau = 10x per round)."""
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=2,
+                                    algorithm="fedadam", aggregation="uniform",
+                                    **{"secagg-max-weight": 1.0, "fedadam.server-lr": 0.1})
+    secure, result, _ = _secagg(tmp_path, run_config, nodes, "secure")
+    server_main(LocalGrid(build_client_app(), nodes, {**run_config, "out": str(
+        tmp_path / "plain")}), {**run_config, "out": str(tmp_path / "plain")})
+    fedadam = load_file(tmp_path / "plain" / "gamma" / "adapter-last.safetensors")
+    fedavg, _, _ = _secagg(tmp_path, {**run_config, "algorithm": "fedclip"}, nodes, "avg")
+    tolerance = 1e-3  # the quantization of the secure sum, as for FedAvg above
+    print(f"secagg+ fedadam vs plain fedadam {_max_diff(secure, fedadam):.2e}, vs fedavg "
+          f"{_max_diff(secure, fedavg):.2e}")
+    assert _max_diff(secure, fedadam) < tolerance
+    assert _max_diff(secure, fedavg) > 10 * tolerance  # not silently FedAvg
+    assert result.algorithm == "fedadam"
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"algorithm": "scaffold"}, "per-client extras"),
+    ({"algorithm": "ditto"}, "keeps a model per client"),
+    ({"aggregation": "median"}, "needs the individual updates"),
+    ({"resume": True}, "resume=true is not available"),
+])
+def test_secagg_plus_refuses_what_a_secure_sum_cannot_carry(tiny_arch, toy_root, tmp_path,
+                                                            extra, why):
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=1, **extra)
+    with pytest.raises(ConfigError, match=why) as info:
+        _secagg(tmp_path, run_config, nodes, "refused")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
 
 
 def test_app_config_in_pyproject_agrees_with_the_defaults():

@@ -12,10 +12,16 @@ from flwr.app import ArrayRecord, MetricRecord
 from fedclip.cli import main
 from fedclip.config import RunConfig
 from fedclip.errors import ConfigError, DataError, ResumeError, RunFolderError, TrainingError
-from fedclip.experiment import prepare, run, run_heldout
 from fedclip.flower.client_app import build_client_app
-from fedclip.flower.server_app import main as server_main
+from fedclip.flower.server_app import main as _server_main
+from fedclip.inprocess import experiment as _experiment
+from fedclip.inprocess.experiment import prepare
+from tests.conftest import as_written
 from tests.flower_grid import LocalGrid
+
+run = as_written(_experiment.run)
+run_heldout = as_written(_experiment.run_heldout)
+server_main = as_written(_server_main)
 
 
 # --- the Flower server trusts no reply ---------------------------------------------------------
@@ -220,7 +226,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     cfg = _cfg(toy_root, tiny_arch, checkpoint_every=1, rounds=3)
     prep = prepare(cfg)
     run_heldout(cfg, prep, "beta", tmp_path / "r")
-    import fedclip.runtime.client as client
+    import fedclip.algorithms.base as client  # where Algorithm.train_client finds it
 
     real = client.train_local
 
@@ -236,9 +242,9 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
             run_heldout(cfg.replace(rounds=5), prep, "beta", tmp_path / "r", resume=True)
     finally:
         client.train_local = real
-    from fedclip.runtime.checkpoint import config_fingerprint  # noqa: F401
+    from fedclip.core.checkpoint import config_fingerprint  # noqa: F401
 
-    ckpt = tmp_path / "r" / "checkpoint.safetensors"
+    ckpt = tmp_path / "r" / "beta" / "checkpoint.safetensors"
     from safetensors import safe_open
 
     with safe_open(str(ckpt), "pt") as f:
@@ -331,9 +337,9 @@ def test_hub_names_cannot_escape_the_cache(tmp_path):
 
 
 def test_predict_refuses_a_download_named_by_a_file(tiny_arch, toy_root, tmp_path):
+    from fedclip.core.adapter_file import load_adapter, save_adapter
     from fedclip.errors import BackboneError
     from fedclip.predict import predict
-    from fedclip.results import load_adapter, save_adapter
 
     run(_cfg(toy_root, tiny_arch), tmp_path / "r")
     path = tmp_path / "r" / "beta" / "adapter.safetensors"
@@ -360,7 +366,7 @@ def test_predict_refuses_a_download_named_by_a_file(tiny_arch, toy_root, tmp_pat
 
 
 def test_interrupt_exits_130_with_a_hint(monkeypatch, capsys):
-    import fedclip.experiment as experiment
+    import fedclip.inprocess.experiment as experiment
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -393,7 +399,7 @@ def test_a_data_root_one_level_off_is_named_before_extraction(toy_root, tmp_path
 
 
 def test_a_client_at_zero_percent_is_drawn_at_zero():
-    from fedclip.report import _num
+    from fedclip.core.report import _num
 
     assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)
 
@@ -424,5 +430,5 @@ def test_checkpoints_follow_time_as_well_as_rounds(tiny_arch, toy_root, tmp_path
 
     cfg = _cfg(toy_root, tiny_arch, rounds=4, checkpoint_every=100, checkpoint_seconds=0.0)
     interrupted_at_round_2(cfg, prepare(cfg), "beta", tmp_path / "r")
-    with safe_open(str(tmp_path / "r" / "checkpoint.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "r" / "beta" / "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["round"] == "2"

@@ -7,11 +7,15 @@ import torch
 
 from fedclip.config import RunConfig
 from fedclip.data.splits import partition
-from fedclip.experiment import run
 from fedclip.flower.client_app import build_client_app
-from fedclip.flower.server_app import main as server_main
+from fedclip.flower.server_app import main as _server_main
+from fedclip.inprocess import experiment as _experiment
 from fedclip.sampling import sample_clients
+from tests.conftest import as_written
 from tests.flower_grid import LocalGrid
+
+run = as_written(_experiment.run)
+server_main = as_written(_server_main)
 
 
 def test_sampling_is_seeded_and_independent_of_order():
@@ -109,8 +113,8 @@ def test_training_clients_together_equals_the_sequential_loop(algorithm, loss):
     from fedclip.adapters import build_adapter, get_params
     from fedclip.algorithms import get_algorithm
     from fedclip.algorithms.base import ClientJob
-    from fedclip.runtime.batched import train_together
-    from fedclip.runtime.client import Split
+    from fedclip.core.client import Split
+    from fedclip.core.together import train_together
 
     cfg = RunConfig.build(algorithm=algorithm, loss=loss, batch_size=32, local_epochs=2,
                           lr=1e-2, **{"fedprox.mu": 0.5} if algorithm == "fedprox" else {})

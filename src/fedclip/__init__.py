@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - keeps `import fedclip` light
-    """See :func:`fedclip.experiment.run`."""
-    from fedclip.experiment import run as _run
+    """See :func:`fedclip.inprocess.experiment.run`."""
+    from fedclip.inprocess.experiment import run as _run
 
     return _run(*args, **kwargs)

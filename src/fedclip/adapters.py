@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Params = dict[str, torch.Tensor]
+from fedclip.tensors import Params
 
 
 class AttentionAdapter(nn.Module):

@@ -22,7 +22,8 @@ from typing import cast
 import numpy as np
 import torch
 
-Params = dict[str, torch.Tensor]
+from fedclip.tensors import Params
+
 MODES = ("weighted", "uniform", "median", "trimmed-mean")
 
 

@@ -5,13 +5,15 @@ records).
 >>> from fedclip import RunConfig, run
 >>> from fedclip.callbacks import Callback
 >>> class Printer(Callback):
-...     def on_round_end(self, heldout: str, record: dict) -> None:
-...         print(heldout, record["round"], record.get("mean_val_accuracy"))
+...     def on_round_end(self, heldout: str, record: RoundRecord) -> None:
+...         print(heldout, record.round, record.mean_val_accuracy)
 >>> run(RunConfig.build(backbone="standin", rounds=3), "runs/x", callbacks=[Printer()])
 
-A record is a round of ``results.json``'s ``history`` (round 0 is the initial model); a result
-is one ``runs`` entry. Loggers are callbacks named by a spec (``--log-to tensorboard:DIR`` on
-the command line, the run-config key ``log-to`` on Flower): built-in ones are listed in
+A record is a :class:`fedclip.core.records.RoundRecord` (a round of ``results.json``'s
+``history``; round 0 is the initial model); a result is a
+:class:`fedclip.core.records.RunResult` (one ``runs`` entry). Loggers are callbacks named by
+a spec (``--log-to tensorboard:DIR`` on the command line, the run-config key ``log-to`` on
+Flower): built-in ones are listed in
 ``LOGGERS``; other packages add theirs with entry points in the group ``fedclip.loggers``
 (``name = "package.module:Class"``, the class taking the folder).
 """
@@ -22,6 +24,7 @@ import importlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from fedclip.core.records import RoundRecord, RunResult
 from fedclip.errors import ConfigError
 
 
@@ -29,10 +32,10 @@ class Callback:
     """Override what you need; every hook defaults to doing nothing. A hook must not change
     the record or result it is given."""
 
-    def on_round_end(self, heldout: str, record: dict) -> None:
+    def on_round_end(self, heldout: str, record: RoundRecord) -> None:
         """After each round (round 0 included: the initial model), once it is evaluated."""
 
-    def on_run_end(self, heldout: str, result: dict) -> None:
+    def on_run_end(self, heldout: str, result: RunResult) -> None:
         """After a held-out run, with its results.json entry."""
 
     def close(self) -> None:
@@ -71,16 +74,19 @@ def loggers_from_specs(specs: Iterable[str], out: str | Path, run_name: str | No
     return callbacks
 
 
-def round_end(callbacks: Sequence[Callback], heldout: str, record: dict) -> None:
+def round_end(callbacks: Sequence[Callback], heldout: str, record: RoundRecord) -> None:
+    """Every callback's ``on_round_end``."""
     for callback in callbacks:
         callback.on_round_end(heldout, record)
 
 
-def run_end(callbacks: Sequence[Callback], heldout: str, result: dict) -> None:
+def run_end(callbacks: Sequence[Callback], heldout: str, result: RunResult) -> None:
+    """Every callback's ``on_run_end``."""
     for callback in callbacks:
         callback.on_run_end(heldout, result)
 
 
 def close(callbacks: Sequence[Callback]) -> None:
+    """Every callback's ``close``."""
     for callback in callbacks:
         callback.close()

@@ -27,6 +27,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from fedclip.config import RunConfig
+from fedclip.core.records import RoundRecord
 from fedclip.errors import ConfigError, FedclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,16 +90,16 @@ class RichReporter:
         self.progress.update(task, completed=done, info=rate)
         self._log(done, total, f"features {domain}: {done}/{total} {rate}")
 
-    def round_end(self, heldout: str, record: dict, total_rounds: int) -> None:
+    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
         task = self._task(f"r:{heldout}", f"rounds (held out: {heldout})", total_rounds)
         info = ""
-        if "mean_val_accuracy" in record:
-            gen = record["heldout_accuracy"]
-            info = (f"val {100 * record['mean_val_accuracy']:.1f}  "
+        if record.mean_val_accuracy is not None:
+            gen = record.heldout_accuracy
+            info = (f"val {100 * record.mean_val_accuracy:.1f}  "
                     f"gen {100 * gen:.1f}" if gen is not None else "")
-        self.progress.update(task, completed=record["round"], info=info)
-        self._log(record["round"], total_rounds,
-                  f"held out {heldout}: round {record['round']}/{total_rounds} {info}")
+        self.progress.update(task, completed=record.round, info=info)
+        self._log(record.round, total_rounds,
+                  f"held out {heldout}: round {record.round}/{total_rounds} {info}")
 
     def info(self, message: str) -> None:
         self.progress.console.print(message, markup=False, highlight=False)
@@ -235,7 +236,7 @@ def _threads(threads: int) -> None:
 
 
 def _print_note(backbone: str) -> None:
-    from fedclip.report import backbone_note
+    from fedclip.core.report import backbone_note
 
     note = backbone_note(backbone)
     if note:
@@ -268,8 +269,8 @@ def run_command(
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.callbacks import loggers_from_specs
-    from fedclip.experiment import run
-    from fedclip.report import COLUMNS, table_rows
+    from fedclip.core.report import COLUMNS, table_rows
+    from fedclip.inprocess.experiment import run
 
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
                     **_flags(locals()))

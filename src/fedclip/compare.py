@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedclip.config import RunConfig
+from fedclip.core.records import RunResult
 from fedclip.io import atomic_write, atomic_write_json, atomic_write_text
 
-Runs = dict[str, dict[int, list[dict]]]  # algorithm -> seed -> one result per held-out domain
+Runs = dict[str, dict[int, list[RunResult]]]  # algorithm -> seed -> one result per held-out domain
 
 
 def _stat(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -32,8 +33,8 @@ def _cell(values: list[float | None], scale: float = 100.0) -> str:
     return f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std else "")
 
 
-def _by_heldout(results: list[dict]) -> dict[str, dict]:
-    return {r["heldout"]: r for r in results}
+def _by_heldout(results: list[RunResult]) -> dict[str, RunResult]:
+    return {r.heldout: r for r in results}
 
 
 def generalization_values(runs: Runs) -> dict[str, dict[str, list[float | None]]]:
@@ -45,8 +46,8 @@ def generalization_values(runs: Runs) -> dict[str, dict[str, list[float | None]]
         for results in seeds.values():
             by = _by_heldout(results)
             for h in heldouts:
-                per[h].append(by[h]["generalization"] if h in by else None)
-            per["average"].append(_stat([r["generalization"] for r in results])[0])
+                per[h].append(by[h].generalization if h in by else None)
+            per["average"].append(_stat([r.generalization for r in results])[0])
         values[a] = per
     return values
 
@@ -67,7 +68,7 @@ def personalization_table(runs: Runs) -> tuple[list[str], list[list[str]]]:
     for seeds in runs.values():
         for results in seeds.values():
             for r in results:
-                clients += [c for c in r["personalization"]["per_client"] if c not in clients]
+                clients += [c for c in r.best.per_client if c not in clients]
     rows = []
     for c in [*clients, "average"]:
         row = [c]
@@ -75,13 +76,12 @@ def personalization_table(runs: Runs) -> tuple[list[str], list[list[str]]]:
             glob, own = [], []
             for results in seeds.values():
                 if c == "average":
-                    glob.append(_stat([r["personalization"]["mean"] for r in results])[0])
-                    own.append(_stat([(r.get("personalized") or {}).get("mean")
+                    glob.append(_stat([r.personalization for r in results])[0])
+                    own.append(_stat([r.personalized.mean if r.personalized else None
                                       for r in results])[0])
                     continue
-                glob.append(_stat([r["personalization"]["per_client"].get(c)
-                                   for r in results])[0])
-                own.append(_stat([(r.get("personalized") or {}).get("per_client", {}).get(c)
+                glob.append(_stat([r.best.per_client.get(c) for r in results])[0])
+                own.append(_stat([r.personalized.per_client.get(c) if r.personalized else None
                                   for r in results])[0])
             row += [_cell(glob), _cell(own)]
         rows.append(row)
@@ -95,15 +95,15 @@ def resource_table(runs: Runs, backbone_params: int | None) -> tuple[list[str], 
     for a, seeds in runs.items():
         results = [r for rs in seeds.values() for r in rs]
         first = results[0]
-        clients = max(len(first["clients"]), 1)
-        params = first["trainable_params"]
+        clients = max(len(first.clients), 1)
+        params = first.trainable_params
         ratio = "-"
         if backbone_params and params:
             ratio = (f"{backbone_params / params:,.0f}x fewer"
                      if backbone_params / params > 1.5 else "1x")
-        rows.append([a, f"{params:,}", f"{first['bytes_per_round'] // clients:,}",
-                     f"{statistics.fmean(r['seconds_per_round'] for r in results):.3f}",
-                     f"{sum(r['train_seconds'] for r in results):.0f}", ratio])
+        rows.append([a, f"{params:,}", f"{first.bytes_per_round // clients:,}",
+                     f"{statistics.fmean(r.seconds_per_round for r in results):.3f}",
+                     f"{sum(r.train_seconds for r in results):.0f}", ratio])
     if backbone_params:
         rows.append(["backbone FedAvg (both encoders)", f"{backbone_params:,}",
                      f"{2 * 4 * backbone_params:,}", "-", "-", "1x"])
@@ -129,16 +129,16 @@ def plot(runs: Runs, out: Path) -> None:
         results = [r for rs in seeds.values() for r in rs]
         evaluated: dict[int, list[float]] = {}
         for r in results:
-            for h in r["history"]:
-                if h.get("heldout_accuracy") is not None:
-                    evaluated.setdefault(h["round"], []).append(h["heldout_accuracy"])
+            for h in r.history:
+                if h.heldout_accuracy is not None:
+                    evaluated.setdefault(h.round, []).append(h.heldout_accuracy)
         rounds = sorted(evaluated)
         if len(rounds) > 1:
             ax_round.plot(rounds, [100 * statistics.fmean(evaluated[k]) for k in rounds],
                           label=a, markevery=max(1, len(rounds) // 10), markersize=5,
                           alpha=0.9, **style[a])
         else:  # nothing trained: a level line, in the algorithm's own colour
-            level = _stat([r["generalization"] for r in results])[0]
+            level = _stat([r.generalization for r in results])[0]
             if level is not None:
                 ax_round.axhline(100 * level, label=a, color=style[a]["color"],
                                  linestyle=style[a]["linestyle"] if style[a]["linestyle"] != "-"
@@ -177,10 +177,23 @@ def compare(base: RunConfig, algorithms: list[str], seeds: list[int], out: str |
             log_to: Sequence[str] = ()) -> dict:
     """Run every algorithm for every seed over the configured held-out domains; ``log_to``
     names loggers (:mod:`fedclip.callbacks`) built for each run, inside its run folder."""
+    from fedclip.algorithms import get_algorithm
     from fedclip.callbacks import loggers_from_specs
-    from fedclip.experiment import run
+    from fedclip.inprocess.experiment import run
 
     out = Path(out)
+    if not algorithms or not seeds:
+        from fedclip.errors import ConfigError
+
+        raise ConfigError("compare needs at least one algorithm and one seed")
+    for what, items in (("algorithm", algorithms), ("seed", seeds)):
+        repeated = sorted({str(x) for x in items if list(items).count(x) > 1})
+        if repeated:
+            from fedclip.errors import ConfigError
+
+            raise ConfigError(f"compare lists {what} {', '.join(repeated)} more than once")
+    for a in algorithms:  # the whole plan is checked before the first run
+        get_algorithm(base.replace(algorithm=a))
     loggers_from_specs(log_to, out)  # an unknown logger fails before any run
     runs: Runs = {}
     for algorithm in algorithms:

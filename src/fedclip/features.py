@@ -23,8 +23,10 @@ import torch
 from PIL import Image
 
 from fedclip.backbones import LazyBackbone
+from fedclip.config import EXTRACT_BATCH_SIZE
 from fedclip.data.folder import Domain
 from fedclip.io import atomic_save_tensors
+from fedclip.tensors import checksum
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,6 @@ def image_cache_key(fingerprint: str, domain: Domain) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _entry_path(cache_dir: Path, kind: str, label: str, key: str) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
     return Path(cache_dir) / kind / f"{safe}-{key[:20]}.safetensors"
@@ -92,14 +86,14 @@ def _load_entry(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str
     if meta.get("key") != key:
         log.warning("feature cache entry %s belongs to other inputs; rebuilding it", path)
         return None
-    if meta.get("checksum") != _checksum(tensors):
+    if meta.get("checksum") != checksum(tensors):
         log.warning("feature cache entry %s is corrupted (checksum mismatch); rebuilding it", path)
         return None
     return tensors, meta
 
 
 def _save_entry(path: Path, key: str, tensors: dict[str, torch.Tensor], **meta: str) -> None:
-    atomic_save_tensors(path, tensors, {"key": key, "checksum": _checksum(tensors), **meta})
+    atomic_save_tensors(path, tensors, {"key": key, "checksum": checksum(tensors), **meta})
 
 
 # --- images -------------------------------------------------------------------------------
@@ -214,7 +208,7 @@ def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None 
         model = backbone.get()
         preprocess, default_batch = model.preprocess, model.default_batch_size
     else:
-        default_batch = 64
+        default_batch = EXTRACT_BATCH_SIZE
     loader = torch.utils.data.DataLoader(
         _ImageFiles(domain.files, preprocess), batch_size=batch_size or default_batch,
         num_workers=workers, collate_fn=_collate)

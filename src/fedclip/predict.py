@@ -18,11 +18,11 @@ from fedclip.adapters import class_logits
 from fedclip.algorithms import get_algorithm
 from fedclip.backbones import LazyBackbone, resolve_device, weights_source
 from fedclip.config import RunConfig
+from fedclip.core.adapter_file import load_adapter
 from fedclip.data.folder import IMG_EXTENSIONS, Domain
 from fedclip.data.specs import class_to_text
 from fedclip.errors import BackboneError, FedclipError
 from fedclip.features import default_cache_dir, image_features
-from fedclip.results import load_adapter
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:

@@ -1,6 +1,6 @@
 """The task both runtimes stand on: data -> features -> client tensors, with no runtime in it.
 
-The in-process runner (``fedclip.experiment``) and the Flower apps (``fedclip.flower``) are
+The in-process runner (``fedclip.inprocess``) and the Flower apps (``fedclip.flower``) are
 peers on this layer; neither imports the other. The task is **defined by the run**: class
 names in order (``classes``, or the dataset spec's), prompt template, backbone, split
 fractions, seed, clients per domain and partition. A site (a Flower node) reads only its own
@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from fedclip.algorithms import get_algorithm
 from fedclip.backbones import LazyBackbone, resolve_device
 from fedclip.config import RunConfig
+from fedclip.core.client import ClientData, Split
 from fedclip.data.folder import Domain, DomainDataset, scan_dataset, scan_domain
 from fedclip.data.sources import resolve_data_root
 from fedclip.data.specs import SPECS, class_to_text, detect_spec
-from fedclip.data.splits import ClientSplit, domain_clients, make_clients
-from fedclip.errors import ConfigError
+from fedclip.data.splits import ClientSplit, domain_clients
+from fedclip.errors import ConfigError, DataError
 from fedclip.features import (
     ImageFeatures,
     TextFeatures,
@@ -35,13 +36,13 @@ from fedclip.features import (
     image_pixels,
     text_features,
 )
-from fedclip.runtime.client import ClientData, Split
 
 Progress = Callable[[str, int, int], None]  # (domain, done, total)
 
 
 # --- the task definition ------------------------------------------------------------------
 def fractions(cfg: RunConfig) -> tuple[float, float, float]:
+    """(train, val, test) fractions of every client's data."""
     return cfg.train_fraction, cfg.val_fraction, cfg.test_fraction
 
 
@@ -69,6 +70,7 @@ def run_classes(cfg: RunConfig) -> tuple[str, ...]:
 
 
 def prompts(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The class prompts (the run's template with each class name)."""
     return tuple(cfg.prompt_template.format(class_to_text(c)) for c in classes)
 
 
@@ -126,10 +128,12 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
 
 
 def cache_dir(cfg: RunConfig) -> Path:
+    """The feature cache of this run."""
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
 
 def backbone(cfg: RunConfig) -> LazyBackbone:
+    """The run's backbone, loaded on first use."""
     return LazyBackbone(cfg.backbone, resolve_device(cfg.device), cfg.precision)
 
 
@@ -141,6 +145,7 @@ def _split(feats: ImageFeatures, labels: torch.Tensor, index) -> Split:  # noqa:
 
 
 def class_mask(n_classes: int, present: tuple[int, ...]) -> torch.Tensor:
+    """A [C] bool mask of the classes a domain has."""
     mask = torch.zeros(n_classes, dtype=torch.bool)
     mask[list(present)] = True
     return mask
@@ -148,6 +153,7 @@ def class_mask(n_classes: int, present: tuple[int, ...]) -> torch.Tensor:
 
 def client_tensors(domain: Domain, feats: ImageFeatures, split: ClientSplit, n_classes: int
                    ) -> ClientData:
+    """One client's splits as tensors (unreadable images left out)."""
     labels = torch.as_tensor(domain.labels)
     train, val, test = (_split(feats, labels, idx) for idx in (split.train, split.val, split.test))
     return ClientData(split.name, train, val, test, class_mask(n_classes, domain.present))
@@ -161,6 +167,7 @@ def heldout_tensors(domain: Domain, feats: ImageFeatures, n_classes: int
 
 
 def clients_of(cfg: RunConfig, domain: Domain) -> list[ClientSplit]:
+    """A domain's clients under this run's partition and split fractions."""
     return domain_clients(domain, seed=cfg.seed, fractions=fractions(cfg),
                           clients_per_domain=cfg.clients_per_domain, mode=cfg.partition,
                           alpha=cfg.dirichlet_alpha)
@@ -176,6 +183,7 @@ class Prepared:
     text: TextFeatures
     prompts: tuple[str, ...]
     extraction_seconds: float
+    splits: dict[str, list[ClientSplit]]  # every domain's clients, computed once
 
     @property
     def class_text(self) -> torch.Tensor:
@@ -199,18 +207,31 @@ def data_fingerprint(dataset: DomainDataset) -> str:
 
 
 def scan(cfg: RunConfig) -> DomainDataset:
+    """The run's dataset, scanned and checked against its spec and held-out domain."""
     root = resolve_data_root(cfg.data_root, cache_dir(cfg))
     dataset = scan_dataset(root, cfg.dataset, cfg.classes)
-    if cfg.heldout != "all":
-        make_clients(dataset, cfg.heldout, seed=cfg.seed, fractions=fractions(cfg))  # validates
+    if cfg.heldout != "all" and cfg.heldout not in dataset.domains:
+        raise DataError(f"unknown held-out domain {cfg.heldout!r}; this dataset has "
+                        f"{', '.join(dataset.domains)} (or pass 'all')")
+    if len(dataset.domains) < 2:
+        raise DataError(f"no training domains left after holding out {cfg.heldout!r}; a "
+                        f"dataset needs at least two domains")
     return dataset
 
 
+def plan_clients(cfg: RunConfig, dataset: DomainDataset) -> dict[str, list[ClientSplit]]:
+    """Every domain's clients (partitions and splits), computed once per run; a domain too
+    small for its clients fails here, before any feature is extracted."""
+    return {name: clients_of(cfg, domain) for name, domain in dataset.domains.items()}
+
+
 def prepare(cfg: RunConfig, progress: Progress | None = None,
-            dataset: DomainDataset | None = None) -> Prepared:
-    """Scan and validate the data (unless given), then features of every domain and the
-    class prompts."""
+            dataset: DomainDataset | None = None,
+            splits: dict[str, list[ClientSplit]] | None = None) -> Prepared:
+    """Scan and validate the data and plan its clients (unless given), then features of
+    every domain and the class prompts."""
     dataset = dataset if dataset is not None else scan(cfg)
+    splits = splits if splits is not None else plan_clients(cfg, dataset)
     lazy, cache = backbone(cfg), cache_dir(cfg)
     start = time.perf_counter()
     feats = {name: domain_inputs(cfg, lazy, domain, cache, progress)
@@ -218,15 +239,15 @@ def prepare(cfg: RunConfig, progress: Progress | None = None,
     class_prompts = prompts(cfg, dataset.classes)
     text = class_text_features(lazy, dataset.classes, cfg.prompt_template, cfg.prompt_templates,
                                cache)
-    return Prepared(dataset, feats, text, class_prompts, time.perf_counter() - start)
+    return Prepared(dataset, feats, text, class_prompts, time.perf_counter() - start, splits)
 
 
-def training_clients(cfg: RunConfig, prep: Prepared, heldout: str) -> list[ClientData]:
+def training_clients(prep: Prepared, heldout: str) -> list[ClientData]:
     """Every domain but ``heldout``, split into its clients, as tensors."""
     n = len(prep.dataset.classes)
     return [client_tensors(domain, prep.features[name], split, n)
             for name, domain in prep.dataset.domains.items() if name != heldout
-            for split in clients_of(cfg, domain)]
+            for split in prep.splits[name]]
 
 
 # --- one site's own data (a Flower node) --------------------------------------------------
@@ -258,6 +279,7 @@ class Site:
                                      if self.heldout_mask is not None else None))
 
     def sizes(self) -> dict[str, int]:
+        """Train/val/test sizes (the held-out site: its domain as test)."""
         if self.data is None:
             return {"train": 0, "val": 0, "test": len(self.heldout or ())}
         return {"train": len(self.data.train), "val": len(self.data.val),

@@ -1,8 +1,10 @@
 """The algorithm contract: a few hooks that both runtimes call, and named state.
 
 An algorithm declares how it differs from FedCLIP by overriding a hook; it never copies the
-round loop. The in-process runner (``fedclip.runtime.federation``) and the Flower apps
-(``fedclip.flower``) call the same hooks with the same values, so they give the same numbers.
+round loop. Every runtime (the in-process runner ``fedclip.inprocess``, the Flower apps and the
+SecAgg+ path in ``fedclip.flower``) calls the same hooks with the same values, so they give the
+same numbers. The values that cross the contract (``RoundConfig``, ``ClientJob``,
+``ClientUpdate``) and the client functions live in ``fedclip.core.client``.
 
 What an algorithm may keep and send:
 
@@ -24,20 +26,22 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from fedclip.adapters import AttentionAdapter, Params, build_adapter, embed, get_params
+from fedclip.adapters import AttentionAdapter, build_adapter, embed, get_params
 from fedclip.aggregation import combine
 from fedclip.config import RunConfig
+from fedclip.core.client import ClientJob, ClientUpdate, RoundConfig, train_local
 from fedclip.errors import ConfigError
 from fedclip.losses import class_ce_loss, clip_loss
+from fedclip.tensors import Params, State
 
-State = dict[str, torch.Tensor]
+__all__ = ["Algorithm", "ClientJob", "ClientUpdate", "NoOptions", "Objective", "Params",
+           "RoundConfig", "State"]
 PERSONAL = "personal/"  # client-state prefix of personal parameters
 OPTIMIZER = "optimizer/"  # client-state prefix of the optimizer's tensors (optimizer_state=keep)
 
@@ -46,60 +50,6 @@ class NoOptions(BaseModel):
     """An algorithm without hyperparameters of its own."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    """What the server tells every client about a round: the round and its hyperparameters.
-
-    Clients train with these values, never with their own configuration, so a server-side
-    schedule (``lr_decay``) reaches every client in both runtimes."""
-
-    server_round: int
-    lr: float
-    local_epochs: int
-    values: dict[str, bool | int | float | str] = field(default_factory=dict)  # the options
-
-    def record(self) -> dict[str, Any]:
-        return {"server-round": self.server_round, "lr": self.lr,
-                "local-epochs": self.local_epochs,
-                **{f"option.{k}": v for k, v in self.values.items()}}
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> RoundConfig:
-        values = {k.removeprefix("option."): v for k, v in record.items()
-                  if k.startswith("option.")}
-        return cls(int(record["server-round"]), float(record["lr"]),
-                   int(record["local-epochs"]), values)
-
-
-@dataclass
-class ClientJob:
-    """One client's round: where it starts, what came with the round, what it keeps."""
-
-    name: str
-    train: Any  # fedclip.runtime.client.Split
-    params: Params  # the global parameters, with this client's personal ones in place
-    global_params: Params  # the global parameters as the server sent them (+ personal)
-    extras: dict[str, torch.Tensor]
-    config: RoundConfig
-    state: State  # this client's own state; hooks update it in place
-    class_text: torch.Tensor  # normalised class prompts
-    logit_scale: float
-    seed: int
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What a client sends back: its shared parameters, extras and a few numbers."""
-
-    params: Params
-    extras: dict[str, torch.Tensor]
-    num_examples: int
-    loss: float
-    seconds: float = 0.0
-    steps: int = 0
-    weight: float = 1.0  # set by the server (declared train size, or 1): never by a client
 
 
 class Algorithm:
@@ -113,9 +63,12 @@ class Algorithm:
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
     init_needs_text: ClassVar[bool] = False  # init_global uses the class prompts' features
     has_zero_shot: ClassVar[bool] = True  # False: its inputs never meet the class prompts
-    # clients train FedCLIP's adapter with the task loss + proximal_weight(job) * prox term,
-    # so fedclip.runtime.batched can train many of them at once (train_clients_together)
+    # clients minimise the task loss + proximal_weight(job) * prox term, so
+    # fedclip.core.together can train many of them at once (train_clients_together)
     batchable: ClassVar[bool] = False
+    # aggregate() depends on the updates only through their weighted mean (no per-client
+    # extras), so it can run on a secure sum (SecAgg+)
+    aggregates_mean: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -127,6 +80,7 @@ class Algorithm:
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> BaseModel:
+        """``values`` checked against ``Options`` (a one-line ConfigError naming each)."""
         try:
             return cls.Options(**values)
         except ValidationError as exc:
@@ -150,6 +104,7 @@ class Algorithm:
 
     @property
     def runs_on_flower(self) -> bool:
+        """Whether the Flower apps can run it (it communicates, on cached features)."""
         return self.communicates and self.inputs == "features"
 
     # --- model ----------------------------------------------------------------------------
@@ -168,9 +123,11 @@ class Algorithm:
         return get_params(build_adapter(dim, self.cfg.seed))
 
     def build_module(self, dim: int) -> nn.Module:
+        """The trainable module (FedCLIP: the attention adapter)."""
         return AttentionAdapter(dim)
 
     def is_personal(self, key: str) -> bool:
+        """Whether parameter ``key`` stays on its client."""
         return any(fnmatch.fnmatchcase(key, p) for p in self.personal)
 
     def shared(self, params: Params) -> Params:
@@ -185,6 +142,7 @@ class Algorithm:
 
     # --- server ---------------------------------------------------------------------------
     def init_server_state(self, global_params: Params) -> State:
+        """What the server keeps between rounds (none by default)."""
         return {}
 
     def round_config(self, server_round: int) -> RoundConfig:
@@ -236,8 +194,6 @@ class Algorithm:
     def train_client(self, job: ClientJob) -> ClientUpdate:
         """One round on one client: local epochs from ``job.params``; personal parameters and
         (``optimizer_state=keep``) the optimizer's state stay in ``job.state``."""
-        from fedclip.runtime.client import train_local
-
         keep = self.cfg.optimizer_state == "keep"
         result = train_local(self, job.params, job.train, job.class_text, job.logit_scale,
                              config=job.config, seed=job.seed,

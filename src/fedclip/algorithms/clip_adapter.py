@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedclip.adapters import Params, get_params
-from fedclip.algorithms import register
+from fedclip.adapters import get_params
 from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.registry import register
+from fedclip.tensors import Params
 
 
 class ClipAdapterOptions(BaseModel):

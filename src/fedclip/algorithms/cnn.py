@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedclip.adapters import Params, get_params
-from fedclip.algorithms import register
+from fedclip.adapters import get_params
 from fedclip.algorithms.base import Algorithm
 from fedclip.algorithms.fedprox import FedProx
+from fedclip.algorithms.registry import register
 from fedclip.errors import BackboneError, ConfigError
+from fedclip.tensors import Params
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -111,12 +112,14 @@ def _last_linear(model: nn.Module) -> str:
 
 
 def getattr_path(model: nn.Module, path: str) -> nn.Module:
+    """The attribute at a dotted path (``features.0``)."""
     for part in path.split("."):
         model = getattr(model, part)
     return model
 
 
 def setattr_path(model: nn.Module, path: str, value: nn.Module) -> None:
+    """Set the attribute at a dotted path."""
     *parents, last = path.split(".")
     setattr(getattr_path(model, ".".join(parents)) if parents else model, last, value)
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedclip.adapters import Params
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, State
 from fedclip.algorithms.fedprox import proximal_term
+from fedclip.algorithms.registry import register
+from fedclip.core.client import round_seed, train_local
+from fedclip.tensors import Params
 
 PERSONAL_MODEL = "ditto/"
 
@@ -28,8 +29,6 @@ class Ditto(Algorithm):
     Options = DittoOptions
 
     def train_client(self, job: ClientJob) -> ClientUpdate:
-        from fedclip.runtime.client import round_seed, train_local
-
         update = super().train_client(job)  # the global adapter's local round (FedAvg)
         personal = self.personal_model(job.state) or job.global_params
         lam = float(job.config.values["lam"])
@@ -42,6 +41,7 @@ class Ditto(Algorithm):
 
     @staticmethod
     def personal_model(state: State) -> Params:
+        """The personal adapter kept in a client's state (empty before its first round)."""
         return {k.removeprefix(PERSONAL_MODEL): v for k, v in state.items()
                 if k.startswith(PERSONAL_MODEL)}
 

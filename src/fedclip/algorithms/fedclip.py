@@ -1,7 +1,7 @@
 """FedCLIP (Lu et al., 2023): the attention adapter, averaged by the server."""
 
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.registry import register
 
 
 @register

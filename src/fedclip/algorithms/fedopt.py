@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedclip.adapters import Params
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm, ClientUpdate, State
+from fedclip.algorithms.registry import register
+from fedclip.tensors import Params
 
 STEP = "t"
 
@@ -57,9 +57,11 @@ class ServerOptimizer(Algorithm):
 
     def step(self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
              t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One server step on ``x`` from the averaged delta; the new (x, m, v)."""
         raise NotImplementedError
 
     def first_moment(self, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The first moment after ``delta`` (beta1 average)."""
         return self.options.beta1 * m + (1 - self.options.beta1) * delta
 
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State

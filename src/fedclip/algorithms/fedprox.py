@@ -8,12 +8,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedclip.adapters import Params
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm, ClientJob
+from fedclip.algorithms.registry import register
+from fedclip.tensors import Params
 
 
 def proximal_term(module: nn.Module, reference: Params, mu: float) -> torch.Tensor:
+    """``mu/2 ||w - reference||^2`` over the module's parameters."""
     named = dict(module.named_parameters())
     return cast(torch.Tensor, 0.5 * mu * sum(((named[k] - g) ** 2).sum()
                                              for k, g in reference.items() if k in named))

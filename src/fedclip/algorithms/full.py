@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclip.adapters import Params, get_params
-from fedclip.algorithms import register
+from fedclip.adapters import get_params
 from fedclip.algorithms.base import Algorithm
 from fedclip.algorithms.fedprox import FedProx
+from fedclip.algorithms.registry import register
+from fedclip.tensors import Params
 
 
 class FullFineTuning(Algorithm):
@@ -31,6 +32,7 @@ class FullFineTuning(Algorithm):
 
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
+        """The trained backbone (loaded once)."""
         if getattr(self, "_backbone", None) is None:
             from fedclip.backbones import load_finetunable, resolve_device
 
@@ -73,4 +75,5 @@ class FedProxFull(FullFineTuning):
 
 
 def x_device(module: nn.Module) -> torch.device:
+    """The device inputs go to."""
     return next(module.parameters()).device

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclip.adapters import Params, get_params
-from fedclip.algorithms import register
+from fedclip.adapters import get_params
 from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
+from fedclip.tensors import Params
 
 
 class ClassVectors(nn.Module):

@@ -3,8 +3,8 @@
 Every parameter is personal, so the runtime keeps each client's adapter in its state and
 sends nothing: no special case in the round loop."""
 
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.registry import register
 
 
 @register

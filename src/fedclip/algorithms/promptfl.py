@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclip.adapters import Params, get_params
-from fedclip.algorithms import register
+from fedclip.adapters import get_params
 from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
+from fedclip.tensors import Params
 
 
 class PromptContext(nn.Module):
@@ -40,6 +41,7 @@ class PromptFL(Algorithm):
 
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
+        """The frozen backbone whose text tower the prompt runs through (loaded once)."""
         if getattr(self, "_backbone", None) is None:
             from fedclip.backbones import load_finetunable, resolve_device
 

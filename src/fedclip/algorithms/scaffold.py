@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from fedclip.adapters import Params
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, State
+from fedclip.algorithms.registry import register
+from fedclip.tensors import Params
 
 C, CI, DC = "c/", "ci/", "dc/"  # server variate (sent), client variate (kept), its change (sent)
 
@@ -28,6 +28,7 @@ C, CI, DC = "c/", "ci/", "dc/"  # server variate (sent), client variate (kept), 
 class Scaffold(Algorithm):
     name = "scaffold"
     summary = "the adapter with SCAFFOLD control variates (server and client state)"
+    aggregates_mean = False  # the control variates' changes travel per client
 
     def init_server_state(self, global_params: Params) -> State:
         return {C + k: torch.zeros_like(v) for k, v in self.shared(global_params).items()}

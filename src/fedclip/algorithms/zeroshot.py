@@ -1,8 +1,8 @@
 """Zero-shot: the backbone's class-prompt classifier, nothing trained."""
 
-from fedclip.adapters import Params
-from fedclip.algorithms import register
 from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.registry import register
+from fedclip.tensors import Params
 
 
 @register

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fedclip.config import EXTRACT_BATCH_SIZE
 from fedclip.errors import BackboneError
 
 FORMS = [
@@ -53,7 +54,7 @@ def _features(output) -> torch.Tensor:  # noqa: ANN001 - a tensor, or a model ou
 
 
 class HfBackbone:
-    default_batch_size = 64
+    default_batch_size = EXTRACT_BATCH_SIZE
 
     def __init__(self, name: str, device: str = "cpu") -> None:
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedclip.config import EXTRACT_BATCH_SIZE
 from fedclip.errors import BackboneError
 
 FORMS = [
@@ -29,7 +30,7 @@ FINETUNABLE = True  # the -full baselines and PromptFL train open_clip models
 
 
 class OpenClipBackbone:
-    default_batch_size = 64
+    default_batch_size = EXTRACT_BATCH_SIZE
 
     def __init__(self, arch: str, tag: str, device: str = "cpu") -> None:
         import open_clip

@@ -15,12 +15,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedclip.algorithms.base import Algorithm, ClientJob, RoundConfig, State
+from fedclip.algorithms.base import Algorithm
+from fedclip.config import FlowerSettings
+from fedclip.core.client import ClientJob, RoundConfig, personalize, round_seed
+from fedclip.core.client import evaluate as evaluate_split
 from fedclip.flower.codec import decode, encode, run_config_to_cfg
 from fedclip.flower.node import node_for
-from fedclip.runtime.client import evaluate as evaluate_split
-from fedclip.runtime.client import personalize, round_seed
 from fedclip.task import Site
+from fedclip.tensors import State
 
 STATE_KEY = "fedclip.client-state"
 
@@ -52,6 +54,7 @@ def handle_query(site: Site, algorithm: Algorithm | None = None,
 
 
 def load_state(context_state: RecordDict | None, device: str | torch.device = "cpu") -> State:
+    """This node's client state, kept in Flower's ``context.state``."""
     if context_state is None or STATE_KEY not in context_state.array_records:
         return {}
     return {k: v.to(device).clone() for k, v in
@@ -59,6 +62,7 @@ def load_state(context_state: RecordDict | None, device: str | torch.device = "c
 
 
 def save_state(context_state: RecordDict | None, state: State) -> None:
+    """Keep ``state`` in Flower's ``context.state`` for the next message."""
     if context_state is not None and state:
         context_state.array_records[STATE_KEY] = ArrayRecord(
             {k: v.detach().cpu().contiguous() for k, v in state.items()})
@@ -140,7 +144,7 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` sit under the run config (``run_simulation`` passes none)."""
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[Site, Algorithm, dict]:
+    def resolve(context: Context) -> tuple[Site, Algorithm, FlowerSettings]:
         cfg, flower = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
         site, algorithm = node_for(cfg, dict(context.node_config))
         return site, algorithm, flower
@@ -154,7 +158,7 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         site, algorithm, flower = resolve(context)
-        return Message(handle_train(site, algorithm, msg.content, flower["transfer"],
+        return Message(handle_train(site, algorithm, msg.content, flower.transfer,
                                     context.state), reply_to=msg)
 
     @app.evaluate()

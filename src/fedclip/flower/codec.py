@@ -7,44 +7,30 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
+from pydantic import ValidationError
 
-from fedclip.adapters import Params
-from fedclip.config import RunConfig
+from fedclip.config import FlowerSettings, RunConfig
 from fedclip.errors import ConfigError
+from fedclip.tensors import Params
 
 TRANSFER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
-# run-config keys that belong to the Flower layer, not to RunConfig (with their defaults)
-FLOWER_KEYS: dict[str, Any] = {
-    "transfer": "fp32",  # weights on the wire: fp32 or fp16 (half the bytes)
-    "round-timeout": 600.0,  # seconds to wait for replies before aggregating what came
-    "min-nodes": 0,  # nodes to wait for before round 1 (0: those connected, at least 2)
-    "discover-timeout": 900.0,  # seconds for nodes to answer who they are (first extraction)
-    "out": "runs/flower",  # run folder on the SuperLink / simulation host
-    "data-root": "",  # "" = the embedded sample; a node's own node-config overrides it
-    "cache-dir": "",
-    "resume": False,  # continue from out/<heldout>/checkpoint.safetensors
-    "norm-factor": 10.0,  # reject an update farther from the global than this x the median
-    # central DP with client-side fixed clipping (Flower's wrapper + fixedclipping_mod):
-    # off while dp-clipping-norm is 0
-    "dp-clipping-norm": 0.0,
-    "dp-noise-multiplier": 0.0,
-    # loggers (fedclip.callbacks): "tensorboard" (into out/tensorboard) or "tensorboard:DIR",
-    # comma-separated; paths are the server's
-    "log-to": "",
-}
+FLOWER_KEYS = FlowerSettings.keys()  # run-config keys of the Flower layer, with defaults
 
 
 def encode(params: Params, transfer: str = "fp32") -> ArrayRecord:
+    """Parameters as an ArrayRecord in the transfer dtype, on the CPU."""
     dtype = TRANSFER_DTYPES[transfer]
     return ArrayRecord({k: v.detach().to("cpu", dtype).contiguous() for k, v in params.items()})
 
 
 def decode(record: ArrayRecord, device: str | torch.device = "cpu") -> Params:
+    """An ArrayRecord back as fp32 tensors on ``device``."""
     return {k: v.to(device, torch.float32) for k, v in record.to_torch_state_dict().items()}
 
 
 def payload_bytes(record: ArrayRecord) -> int:
+    """The bytes of a record's arrays."""
     return sum(int(a.numpy().nbytes) for a in record.values())
 
 
@@ -86,12 +72,13 @@ def require_one_heldout(cfg: RunConfig) -> None:
                           "heldout='all' is for fedclip run")
 
 
-def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any) -> tuple[RunConfig, dict]:
+def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any
+                      ) -> tuple[RunConfig, FlowerSettings]:
     """Split Flower's run config into a validated RunConfig and the Flower-only options.
 
     ``NAME.KEY`` keys (Flower flattens a ``[tool.flwr.app.config.NAME]`` table to them) are
     algorithm options, as ``--set NAME.KEY=VALUE`` is on the command line."""
-    flower = dict(FLOWER_KEYS)
+    flower: dict[str, Any] = {}
     values: dict[str, Any] = {}
     for key, value in run_config.items():
         if key in FLOWER_KEYS:
@@ -101,10 +88,16 @@ def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any) -> tuple[Run
             values[f"{algo}.{name.replace('-', '_')}"] = value
         else:
             values[key.replace("-", "_")] = value
-    if flower["data-root"]:
-        values["data_root"] = flower["data-root"]
-    if flower["cache-dir"]:
-        values["cache_dir"] = flower["cache-dir"]
+    try:
+        settings = FlowerSettings(**{k.replace("-", "_"): v for k, v in flower.items()})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid Flower setting ({problems})") from None
+    if settings.data_root:
+        values["data_root"] = settings.data_root
+    if settings.cache_dir:
+        values["cache_dir"] = settings.cache_dir
     if isinstance(values.get("classes"), str):  # a run-config value is a string
         values["classes"] = tuple(c.strip() for c in values["classes"].split(",")
                                   if c.strip()) or None
@@ -112,6 +105,4 @@ def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any) -> tuple[Run
         values["prompt_templates"] = tuple(t for t in values["prompt_templates"].split("|")
                                            if t.strip()) or None
     values.update(overrides)
-    if flower["transfer"] not in TRANSFER_DTYPES:
-        raise ConfigError(f"transfer must be fp32 or fp16 (got {flower['transfer']!r})")
-    return RunConfig.validated(values), flower
+    return RunConfig.validated(values), settings

@@ -31,6 +31,7 @@ def _flwr() -> str:
 
 
 def run_status(superlink: str | None, run_id: str, env: dict[str, str]) -> str:
+    """A run's final status as ``flwr ls`` reports it."""
     cmd = [_flwr(), "ls", *([superlink] if superlink else []), "--run-id", run_id,
            "--format", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False).stdout

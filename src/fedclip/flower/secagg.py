@@ -1,4 +1,4 @@
-"""SecAgg+ for fedclip: the server learns only the (weighted) sum of the adapters.
+"""SecAgg+ for fedclip: the server learns only the (weighted) mean of the adapters.
 
 In Flower 1.42, ``SecAggPlusWorkflow`` and ``secaggplus_mod`` compose only with the legacy
 workflow API (``DefaultWorkflow``, ``LegacyContext``, a ``NumPyClient``), not with the
@@ -8,12 +8,24 @@ message-API strategies, so this option takes that path, with its own pair of app
     serverapp = "fedclip.flower.secagg:server_app"
     clientapp = "fedclip.flower.secagg:client_app"
 
-The client still calls the same core functions (``train_local``, ``evaluate``). The held-out
-node takes part in the secure sum with weight 0 (it returns the global adapter unchanged), so
-it never influences the aggregate, and evaluates as usual. Costs: four extra message rounds
-per training round, and quantization (``clipping-range`` 8, ``quantization-range`` 2^22, the
-weight ``num-examples / max-weight`` quantized too), so the aggregate matches plain FedAvg to
-about 1e-4.
+It runs on the same contract as every other runtime: the server sends each round's
+``RoundConfig`` (``Algorithm.round_config``: the lr schedule, the options), clients train with
+``Algorithm.train_client``, the algorithm's own ``aggregate`` runs on the securely computed
+mean (FedAdam, FedYogi and FedAvgM take their server step on it), the one best-round rule
+(``FederationState.select``) picks the round, and the run folder (``RunFolder``) writes the
+results. What cannot travel through a secure sum is refused at start, in one line
+(:func:`refusal`): per-client extras (SCAFFOLD's control variates), client state (Ditto's
+personal adapter, personal parameters, ``optimizer_state=keep``) and robust aggregation
+(median and trimmed mean need the individual updates). A resume is refused too (the legacy
+workflow cannot start from a checkpoint).
+
+The held-out node takes part in the secure sum with weight 0 (it returns the global adapter
+unchanged), so it never influences the aggregate, and evaluates as usual. Costs: four extra
+message rounds per training round, and quantization (``clipping-range`` 8,
+``quantization-range`` 2^22, the weight ``num-examples / secagg-max-weight`` quantized too), so
+the aggregate matches the plain runtime to about 1e-4. The weights are the clients' own
+declarations (the server cannot see an individual update): a trust decision that the README's
+security section states.
 """
 
 from __future__ import annotations
@@ -27,88 +39,128 @@ from flwr.app import Context, Message, MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import EvaluateIns, ndarrays_to_parameters
+from flwr.common import EvaluateIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
+from fedclip.callbacks import Callback, close, loggers_from_specs, round_end, run_end
+from fedclip.config import FlowerSettings, RunConfig
+from fedclip.core.client import (
+    ClientJob,
+    ClientUpdate,
+    RoundConfig,
+    evaluate,
+    personalize,
+    round_seed,
+)
+from fedclip.core.records import ClientInfo, Personalized, RoundRecord, RunResult
+from fedclip.core.run_folder import RunFolder
+from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError
 from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
 from fedclip.flower.node import node_for
-from fedclip.results import evaluation, is_better, round_record
-from fedclip.runtime.client import evaluate, personalize
-from fedclip.task import Site, run_classes
+from fedclip.flower.server_app import dataset_name
+from fedclip.task import Site, prompts, run_classes
+from fedclip.tensors import Params, all_finite
 
-SECAGG_KEYS = {"secagg-max-weight": 10_000.0}
+SECURE_AGGREGATIONS = ("weighted", "uniform")
+
+
+def refusal(algorithm: Algorithm, flower: FlowerSettings) -> str | None:
+    """Why this run cannot go through SecAgg+ (None: it can)."""
+    cfg, name = algorithm.cfg, algorithm.name
+    if not algorithm.runs_on_flower:
+        return f"algorithm {name!r} does not run on Flower; run it in-process"
+    if not algorithm.aggregates_mean:
+        return (f"algorithm {name!r} sends per-client extras with its update, which a secure "
+                f"sum cannot carry; run it without SecAgg+")
+    if algorithm.keeps_own_models:
+        return (f"algorithm {name!r} keeps a model per client (personal parameters or "
+                f"state), which SecAgg+'s legacy client cannot keep; run it without SecAgg+")
+    if cfg.optimizer_state == "keep":
+        return "optimizer_state=keep keeps client state; SecAgg+ runs with 'reset'"
+    if cfg.aggregation not in SECURE_AGGREGATIONS:
+        return (f"aggregation={cfg.aggregation!r} needs the individual updates, which SecAgg+ "
+                f"hides; use {' or '.join(SECURE_AGGREGATIONS)}")
+    if flower.resume:
+        return ("resume=true is not available with SecAgg+ (Flower's legacy workflow cannot "
+                "start from a checkpoint); start the run again into a new out")
+    return None
 
 
 class AdapterClient(NumPyClient):
-    """The adapter as a list of arrays, in ``keys`` order."""
+    """One site under SecAgg+: the algorithm's shared parameters as arrays in ``keys`` order."""
 
     def __init__(self, site: Site, algorithm: Algorithm) -> None:
         self.site, self.algorithm = site, algorithm
-        self.keys = list(algorithm.init_global(site.class_text.shape[1]) or {})
+        self.init = algorithm.init_global(site.class_text.shape[1]) or {}
+        self.keys = list(self.init)
 
     def get_parameters(self, config):  # noqa: ANN001, ANN201
-        """The seeded initial adapter (the server asks one node; it holds no backbone)."""
-        init = self.algorithm.init_global(self.site.class_text.shape[1])
-        return [init[k].numpy() for k in self.keys]
+        """The initial parameters (the server asks one node; it holds no backbone)."""
+        return [self.init[k].cpu().numpy() for k in self.keys]
 
-    def _params(self, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def _params(self, arrays: list[np.ndarray]) -> Params:
         device = self.site.class_text.device
         return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)
                 for k, a in zip(self.keys, arrays, strict=True)}
 
     def fit(self, parameters, config):  # noqa: ANN001, ANN201
+        """One round (``Algorithm.train_client`` with the server's ``RoundConfig``); the
+        weight is the train size (``weighted``) or 1 (``uniform``)."""
         if self.site.data is None:  # the held-out node: weight 0, adapter unchanged
             return parameters, 0, {}
-        from fedclip.algorithms.base import ClientJob
-        from fedclip.runtime.client import round_seed
-
-        server_round = int(config["server-round"])
+        round_config = RoundConfig.from_record(dict(config))
         start = self._params(parameters)
-        job = ClientJob(self.site.name, self.site.data.train, start, start, {},
-                        self.algorithm.round_config(server_round), {}, self.site.class_text,
-                        self.site.logit_scale,
-                        round_seed(self.algorithm.cfg.seed, server_round, self.site.name))
+        job = ClientJob(self.site.name, self.site.data.train, start, start, {}, round_config,
+                        {}, self.site.class_text, self.site.logit_scale,
+                        round_seed(self.algorithm.cfg.seed, round_config.server_round,
+                                   self.site.name))
         update = self.algorithm.train_client(job)
-        return ([update.params[k].cpu().numpy() for k in self.keys], update.num_examples,
+        weight = update.num_examples if self.algorithm.cfg.aggregation == "weighted" else 1
+        return ([update.params[k].cpu().numpy() for k in self.keys], weight,
                 {"train-loss": update.loss})
 
     def evaluate(self, parameters, config):  # noqa: ANN001, ANN201
+        """Val/test (training nodes) or the held-out domain; zero-shot or personalization
+        when the config asks."""
         site, algo = self.site, self.algorithm
         params = None if config.get("zeroshot", False) else self._params(parameters)
         args = (site.class_text, site.logit_scale)
-        common = {"client": site.name, "logit-scale": float(site.logit_scale)}
+        common = {"client": site.name, "logit-scale": float(site.logit_scale),
+                  "dim": int(site.class_text.shape[1])}
         epochs = int(config.get("personalize-epochs", 0))
         if site.data is None:
             held = evaluate(algo, params, site.heldout, *args, site.heldout_mask)
-            return 0.0, held.num_examples, {**common, "heldout-accuracy": held.accuracy}
-        if epochs > 0:
+            return 0.0, max(held.num_examples, 1), {**common, "heldout-accuracy": held.accuracy,
+                                                    "num-test": held.num_examples}
+        if epochs > 0 and params is not None:
             acc, epoch = personalize(algo, params, site.data, *args, epochs)
             return 0.0, 1, {**common, "personalized-accuracy": acc, "personalized-epoch": epoch}
         val = evaluate(algo, params, site.data.val, *args, site.data.class_mask)
         test = evaluate(algo, params, site.data.test, *args, site.data.class_mask)
-        return test.loss, test.num_examples, {**common, "val-accuracy": val.accuracy,
-                                              "test-accuracy": test.accuracy}
+        return test.loss, max(test.num_examples, 1), {
+            **common, "val-accuracy": val.accuracy, "test-accuracy": test.accuracy,
+            "num-train": len(site.data.train), "num-val": len(site.data.val),
+            "num-test": len(site.data.test)}
 
 
 def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
+    """The SecAgg+ ClientApp (``secaggplus_mod`` around an :class:`AdapterClient`)."""
     def client_fn(context: Context):  # noqa: ANN202
-        values = {k: v for k, v in {**(defaults or {}), **dict(context.run_config)}.items()
-                  if k not in SECAGG_KEYS}
-        cfg, _ = run_config_to_cfg(values)
+        cfg, _ = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
         return AdapterClient(*node_for(cfg, dict(context.node_config))).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
 def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
+    """The SecAgg+ ServerApp (:func:`run`)."""
     app = ServerApp()
 
     @app.main()
@@ -118,131 +170,212 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
     return app
 
 
-class RecordingFedAvg(LegacyFedAvg):
-    """The legacy FedAvg that records each round's evaluation in fedclip's history format,
-    by node id: a node's name and role are fixed by its first answer."""
+class SecureStrategy(LegacyFedAvg):
+    """The legacy FedAvg whose hooks run fedclip's contract: the round's ``RoundConfig`` goes
+    down, the algorithm's ``aggregate`` runs on the secure mean, and each evaluated round is
+    recorded (by node id: a node's name and role are fixed by its first answer) and selected
+    with ``FederationState.select``."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.history: list[dict] = []
-        self.names: dict[int, tuple[str, str]] = {}
-        self.logit_scale = float("nan")
-        self.best_round, self.best_val = 0, -float("inf")
-        self.best_params: list[np.ndarray] | None = None
-        self.current: list[np.ndarray] | None = None
-        self.initial: list[np.ndarray] = []
+    def __init__(self, algorithm: Algorithm, grid: Grid, callbacks: list[Callback],
+                 timeout: float, **kwargs: Any) -> None:
+        super().__init__(on_fit_config_fn=lambda r: algorithm.round_config(r).record(),
+                         **kwargs)
+        self.algorithm, self.grid, self.callbacks, self.timeout = (algorithm, grid, callbacks,
+                                                                   timeout)
+        self.state = FederationState(0, None)
+        self.keys: list[str] = []
+        self.names: dict[int, tuple[str, str]] = {}  # node id -> (client, role)
+        self.sizes: dict[str, dict[str, int]] = {}
+        self.logit_scale, self.dim = float("nan"), 0
         self.started = time.perf_counter()
 
-    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
-        from flwr.common import parameters_to_ndarrays
+    # --- parameters -----------------------------------------------------------------------
+    def as_params(self, arrays: list[np.ndarray]) -> Params:
+        """Legacy arrays back as named tensors (``keys`` order)."""
+        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).clone()
+                for k, a in zip(self.keys, arrays, strict=True)}
 
+    def as_arrays(self, params: Params) -> list[np.ndarray]:
+        """Named tensors as legacy arrays (``keys`` order)."""
+        return [params[k].detach().cpu().numpy() for k in self.keys]
+
+    def start(self, initial: list[np.ndarray]) -> None:
+        """Round 0: the initial parameters (from a node), evaluated before round 1 trains."""
+        dim = int(initial[0].shape[-1])
+        module = self.algorithm.build_module(dim)
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if [tuple(a.shape) for a in initial] != list(shapes.values()):
+            raise ConfigError(f"the node's initial parameters do not fit algorithm "
+                              f"{self.algorithm.name!r} (shapes {[a.shape for a in initial]})")
+        self.keys = list(shapes)
+        params = self.as_params(initial)
+        self.state = FederationState(0, params,
+                                     server_state=self.algorithm.init_server_state(params))
+        record = RoundRecord(0)
+        record.set_evaluation(*self.record_metrics(evaluate_all(self.grid, initial, {},
+                                                                self.timeout)))
+        self.state.history.append(record)
+        self.state.select(record)
+        round_end(self.callbacks, self.algorithm.cfg.heldout, record)
+
+    # --- the legacy hooks -----------------------------------------------------------------
+    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         self.started = time.perf_counter()
         if server_round == 1:
-            self.initial = parameters_to_ndarrays(parameters)
+            self.start(parameters_to_ndarrays(parameters))
         return super().configure_fit(server_round, parameters, client_manager)
 
-    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
-        from flwr.common import parameters_to_ndarrays
+    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        if not results:
+            return None, {}
+        mean = self.as_params(parameters_to_ndarrays(results[0][1].parameters))
+        losses = {self.names.get(p.node_id, (str(p.node_id), ""))[0]: loss
+                  for p, r in results if r.num_examples > 0
+                  and (loss := finite_number(r.metrics.get("train-loss"))) is not None}
+        record = RoundRecord(server_round, losses)
+        if not all_finite(mean):
+            record.rejected = {"secure mean": "not finite; the global parameters are unchanged"}
+            new, server_state = self.state.params, self.state.server_state
+        else:  # the secure mean as the round's one update: aggregate() takes its own step
+            new, server_state = self.algorithm.aggregate(
+                self.state.params, [ClientUpdate(mean, {}, 0, float("nan"))],
+                self.state.server_state)
+        self.state.global_params, self.state.server_state = new, server_state
+        self.state.round = server_round
+        record.seconds = time.perf_counter() - self.started
+        self.state.history.append(record)
+        return ndarrays_to_parameters(self.as_arrays(new)), {}
 
-        self.current = parameters_to_ndarrays(parameters)
+    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
+        cfg = self.algorithm.cfg
+        if server_round % cfg.eval_every and server_round != cfg.rounds:
+            return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
-    def record(self, server_round: int, replies: list[tuple[int, dict]], prefix: str = ""
-               ) -> dict:
+    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        record = self.state.history[-1]
+        record.set_evaluation(*self.record_metrics(
+            [(p.node_id, dict(r.metrics)) for p, r in results]))
+        record.round_seconds = time.perf_counter() - self.started
+        self.state.select(record)
+        round_end(self.callbacks, self.algorithm.cfg.heldout, record)
+        return super().aggregate_evaluate(server_round, results, failures)
+
+    # --- evaluation replies ---------------------------------------------------------------
+    def record_metrics(self, replies: list[tuple[int, dict]], prefix: str = ""
+                       ) -> tuple[dict[str, float], dict[str, float], float | None]:
+        """(val, test, held-out) from evaluation replies, each value a number in [0, 1]."""
         val, test, heldout = {}, {}, None
         for node_id, metrics in replies:
             name, role = self.names.setdefault(node_id, (
                 str(metrics.get("client")),
-                "heldout" if f"{prefix}heldout-accuracy" in metrics else "train"))
-            scale = finite_number(metrics.get("logit-scale"), 1e-6)
-            self.logit_scale = scale if scale is not None else self.logit_scale
+                "heldout" if "heldout-accuracy" in metrics else "train"))
+            self._remember(name, role, metrics)
             if role == "heldout":
                 heldout = finite_number(metrics.get(f"{prefix}heldout-accuracy"), 0.0, 1.0)
-            else:
-                v = finite_number(metrics.get(f"{prefix}val-accuracy"), 0.0, 1.0)
-                t = finite_number(metrics.get(f"{prefix}test-accuracy"), 0.0, 1.0)
-                if v is not None and t is not None:
-                    val[name], test[name] = v, t
-        return evaluation(val, test, heldout)
+                continue
+            v = finite_number(metrics.get(f"{prefix}val-accuracy"), 0.0, 1.0)
+            t = finite_number(metrics.get(f"{prefix}test-accuracy"), 0.0, 1.0)
+            if v is not None and t is not None:
+                val[name], test[name] = v, t
+        return val, test, heldout
 
-    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201
-        record = {**round_record(server_round, {}, time.perf_counter() - self.started, 0, 0),
-                  **self.record(server_round, [(p.node_id, r.metrics) for p, r in results])}
-        self.history.append(record)
-        if is_better(record, self.best_val):
-            self.best_round, self.best_val = server_round, record["mean_val_accuracy"]
-            self.best_params = self.current
-        return super().aggregate_evaluate(server_round, results, failures)
+    def _remember(self, name: str, role: str, metrics: dict) -> None:
+        scale = finite_number(metrics.get("logit-scale"), 1e-6)
+        self.logit_scale = scale if scale is not None else self.logit_scale
+        self.dim = int(finite_number(metrics.get("dim"), 1) or self.dim)
+        sizes = {k: int(v) for k in ("num-train", "num-val", "num-test")
+                 if (v := finite_number(metrics.get(k), 0)) is not None}
+        self.sizes.setdefault(f"{role}:{name}", sizes)
 
 
-def _evaluate_all(grid: Grid, arrays: list[np.ndarray], config: dict) -> list[tuple[int, dict]]:
-    """One legacy evaluate exchange with every node (round 0, personalization)."""
+def evaluate_all(grid: Grid, arrays: list[np.ndarray], config: dict, timeout: float
+                 ) -> list[tuple[int, dict]]:
+    """One legacy evaluate exchange with every node (round 0, zero-shot, personalization)."""
     ins = EvaluateIns(ndarrays_to_parameters(arrays), config)
     messages = [Message(compat.evaluateins_to_recorddict(ins, True), dst_node_id=n,
                         message_type=MessageType.EVALUATE) for n in grid.get_node_ids()]
     replies = []
-    for msg in grid.send_and_receive(messages):
+    for msg in grid.send_and_receive(messages, timeout=timeout):
         if msg.has_content():
             res = compat.recorddict_to_evaluateres(msg.content)
             replies.append((msg.metadata.src_node_id, dict(res.metrics)))
     return replies
 
 
-def run(grid: Grid, context: Context, run_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Train with SecAgg+; write the adapters and results.json; return the final adapter."""
-    from fedclip.flower.server_app import write_legacy_results
-
-    max_weight = float(run_config.get("secagg-max-weight", SECAGG_KEYS["secagg-max-weight"]))
-    cfg, flower = run_config_to_cfg({k: v for k, v in run_config.items()
-                                     if k not in SECAGG_KEYS})
+def run(grid: Grid, context: Context, run_config: dict[str, Any]) -> RunResult:
+    """Train with SecAgg+; the run folder writes the adapters and results.json."""
+    cfg, flower = run_config_to_cfg(run_config)
     require_one_heldout(cfg)
-    if flower["log-to"]:
-        raise ConfigError("log-to is not available with SecAgg+ (Flower's legacy strategy "
-                          "API has no round hook here); its results.json holds every round")
-    classes = run_classes(cfg)
     algorithm = get_algorithm(cfg)
-    nodes = max(int(flower["min-nodes"]), len(list(grid.get_node_ids())))
-    strategy = RecordingFedAvg(
-        fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=nodes,
-        min_evaluate_clients=nodes, min_available_clients=nodes,
-        on_fit_config_fn=lambda server_round: {"server-round": server_round})
+    why = refusal(algorithm, flower)
+    if why is not None:
+        raise ConfigError(f"SecAgg+: {why}")
+    classes = run_classes(cfg)
+    algorithm.setup(prompts(cfg, classes))
+    folder = RunFolder(flower.out, cfg)
+    callbacks = loggers_from_specs([flower.log_to], flower.out)
+    try:
+        with folder.claimed():
+            folder.prepare([cfg.heldout], resume=False)
+            return _run(grid, context, cfg, flower, algorithm, classes, folder, callbacks)
+    finally:
+        close(callbacks)
+
+
+def _run(grid: Grid, context: Context, cfg: RunConfig, flower: FlowerSettings,
+         algorithm: Algorithm, classes: tuple[str, ...], folder: RunFolder,
+         callbacks: list[Callback]) -> RunResult:
+    nodes = max(flower.min_nodes, len(list(grid.get_node_ids())))
+    algorithm.num_clients = nodes - 1
+    strategy = SecureStrategy(algorithm, grid, callbacks, flower.round_timeout,
+                              fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=nodes,
+                              min_evaluate_clients=nodes, min_available_clients=nodes)
+    folder.write_config()
+    writer = folder.start(cfg.heldout, None)
     start = time.perf_counter()
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds),
                            strategy=strategy)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=nodes, reconstruction_threshold=max(2, nodes - 1), max_weight=max_weight))
+        num_shares=nodes, reconstruction_threshold=max(2, nodes - 1),
+        max_weight=flower.secagg_max_weight))
     workflow(grid, legacy)
-    initial = strategy.initial
-    # round 0 (the initial adapter), evaluated now that the nodes are known; it competes
-    # for the best round like any other (the one rule, applied in round order)
-    record0 = {**round_record(0, {}, 0.0, 0, 0),
-               **strategy.record(0, _evaluate_all(grid, initial, {}))}
-    strategy.history.insert(0, record0)
-    if not strategy.best_val > record0["mean_val_accuracy"]:
-        strategy.best_round, strategy.best_params = 0, initial
-    keys = list(algorithm.init_global(initial[0].shape[0]) or {})
-    final_arrays = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
-
-    def as_params(arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).clone()
-                for k, a in zip(keys, arrays, strict=True)}
-
-    final = as_params(final_arrays)
-    zero = strategy.record(0, _evaluate_all(grid, initial, {"zeroshot": True}))
-    best = as_params(strategy.best_params) if strategy.best_params is not None else None
+    state = strategy.state
+    if state.global_params is None:
+        raise ConfigError("SecAgg+: no round completed (rounds=0, or no node answered); "
+                          "nothing to write")
+    zero = RoundRecord(0)
+    zero.set_evaluation(*strategy.record_metrics(
+        evaluate_all(grid, strategy.as_arrays(state.params), {"zeroshot": True},
+                     flower.round_timeout)))
     personalized = None
-    if strategy.best_params is not None and cfg.personalize_epochs > 0:
-        replies = _evaluate_all(grid, strategy.best_params,
-                                {"personalize-epochs": cfg.personalize_epochs})
-        per = {strategy.names.get(n, (str(m.get("client")), ""))[0]:
-               finite_number(m.get("personalized-accuracy"), 0.0, 1.0)
-               for n, m in replies if "personalized-accuracy" in m}
-        from fedclip.results import nanmean
-
-        personalized = {"mean": nanmean(per.values()), "per_client": dict(sorted(per.items()))}
-    write_legacy_results(cfg, flower, strategy, zero, personalized, classes, final, best,
-                         time.perf_counter() - start)
-    return final
+    if state.best_params is not None and cfg.personalize_epochs > 0:
+        replies = evaluate_all(grid, strategy.as_arrays(state.best_params),
+                               {"personalize-epochs": cfg.personalize_epochs},
+                               flower.round_timeout)
+        per, epochs = {}, {}
+        for node_id, metrics in replies:
+            name, role = strategy.names.get(node_id, ("", "heldout"))
+            acc = finite_number(metrics.get("personalized-accuracy"), 0.0, 1.0)
+            epoch = finite_number(metrics.get("personalized-epoch"), 0, cfg.personalize_epochs)
+            if role == "train" and acc is not None and epoch is not None:
+                per[name], epochs[name] = acc, int(epoch)
+        personalized = Personalized(per, epochs)
+    train = sorted(name for name, role in strategy.names.values() if role == "train")
+    held = strategy.sizes.get(f"heldout:{cfg.heldout}", {})
+    result = writer.result(
+        state, zero, dataset=dataset_name(cfg),
+        trainable_params=sum(v.numel() for v in state.params.values()),
+        seconds=time.perf_counter() - start,
+        clients=[ClientInfo(c, *(strategy.sizes.get(f"train:{c}", {}).get(f"num-{s}")
+                                 for s in ("train", "val", "test"))) for c in train],
+        heldout_images=held.get("num-test", 0), runtime="flower-secagg+",
+        personalized=personalized, transfer="fp32")
+    writer.finish(result, [("adapter", state.best_params, state.best_round),
+                           ("adapter-last", state.params, state.round)],
+                  classes, strategy.logit_scale, strategy.dim)
+    run_end(callbacks, cfg.heldout, result)
+    return result
 
 
 client_app = build_client_app()

@@ -24,10 +24,14 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
+from fedclip.algorithms.base import Algorithm
 from fedclip.callbacks import Callback, close, loggers_from_specs, run_end
-from fedclip.config import RunConfig
+from fedclip.config import FlowerSettings, RunConfig
+from fedclip.core.records import ClientInfo, RoundRecord, RunResult
+from fedclip.core.run_folder import RunFolder
+from fedclip.core.state import FederationState
 from fedclip.data.specs import SPECS, detect_spec
-from fedclip.errors import ConfigError, ResumeError
+from fedclip.errors import ConfigError
 from fedclip.flower.codec import (
     decode,
     encode,
@@ -36,17 +40,6 @@ from fedclip.flower.codec import (
     run_config_to_cfg,
 )
 from fedclip.flower.strategy import FedClipStrategy, NodeInfo
-from fedclip.io import atomic_write_json
-from fedclip.results import json_safe, safe_name, save_adapter, summarize
-from fedclip.runtime.checkpoint import (
-    HISTORY,
-    CheckpointPolicy,
-    config_fingerprint,
-    fingerprint_fields,
-    load_checkpoint,
-    save_checkpoint,
-)
-from fedclip.runtime.state import FederationState
 from fedclip.task import prompts, run_classes
 
 
@@ -173,20 +166,12 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
     return app
 
 
-def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] = ()) -> dict:
+def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] = ()
+         ) -> RunResult:
     """One Flower run; ``callbacks`` (and the loggers the run config's ``log-to`` names) see
     every round and the result, as in-process (:mod:`fedclip.callbacks`)."""
     cfg, flower = run_config_to_cfg(run_config)
     require_one_heldout(cfg)  # before any node is asked anything: one line, no node errors
-    callbacks = [*callbacks, *loggers_from_specs([flower["log-to"]], flower["out"])]
-    try:
-        return _main_run(grid, cfg, flower, callbacks)
-    finally:
-        close(callbacks)
-
-
-def _main_run(grid: Grid, cfg: RunConfig, flower: dict[str, Any],
-              callbacks: list[Callback]) -> dict:
     algorithm = get_algorithm(cfg)
     if not algorithm.runs_on_flower:
         why = ("sends nothing to a server" if not algorithm.communicates
@@ -194,71 +179,89 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: dict[str, Any],
         raise ConfigError(f"algorithm {cfg.algorithm!r} does not run on Flower (it {why}); "
                           f"run it in-process: fedclip run --algorithm {cfg.algorithm}")
     classes = run_classes(cfg)  # the task is the run's: fail before asking any node
-    timeout = float(flower["round-timeout"])
+    folder = RunFolder(flower.out, cfg)
+    callbacks = [*callbacks, *loggers_from_specs([flower.log_to], flower.out)]
+    try:
+        with folder.claimed():
+            resumed = folder.prepare([cfg.heldout], flower.resume)[cfg.heldout]
+            return _main_run(grid, cfg, flower, algorithm, classes, folder, resumed, callbacks)
+    finally:
+        close(callbacks)
+
+
+def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Algorithm,
+              classes: tuple[str, ...], folder: RunFolder, resumed: FederationState | None,
+              callbacks: list[Callback]) -> RunResult:
+    timeout = flower.round_timeout
     began = time.perf_counter()
     inits: dict[int, dict] | None = {} if algorithm.init_needs_text else None
-    nodes = discover(grid, cfg, int(flower["min-nodes"]), float(flower["discover-timeout"]),
+    nodes = discover(grid, cfg, flower.min_nodes, flower.discover_timeout,
                      planned_domains(cfg), inits)
     discovery = time.perf_counter() - began
     log(INFO, "discovered %d nodes in %.1f s", len(nodes), discovery)
     first = next(iter(nodes.values()))
     algorithm.setup(prompts(cfg, classes))
     algorithm.num_clients = sum(i.role == "train" for i in nodes.values())
-    run_dir = Path(flower["out"]) / safe_name(cfg.heldout)
-    ckpt, fingerprint = run_dir / "checkpoint.safetensors", config_fingerprint(cfg, cfg.heldout)
-    fields = fingerprint_fields(cfg, cfg.heldout)
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
     if init is None:  # refused above (runs_on_flower); a plugin that breaks the contract
         raise ConfigError(f"algorithm {cfg.algorithm!r} has no global parameters to federate")
-    state = _start_state(algorithm, init, ckpt, fingerprint, fields, bool(flower["resume"]))
+    folder.write_config()
+    writer = folder.start(cfg.heldout, resumed)
+    if resumed is not None:
+        log(INFO, "resuming after round %d", resumed.round)
+    state = resumed or FederationState(0, init, server_state=algorithm.init_server_state(init))
 
-    policy = CheckpointPolicy(cfg.checkpoint_every, cfg.checkpoint_seconds, cfg.rounds)
+    def on_round(st: FederationState, record: RoundRecord) -> None:
+        if record.evaluated:
+            log(INFO, "round %d: mean val %.4f, held-out %.4f", record.round,
+                record.mean_val_accuracy, record.heldout_accuracy or float("nan"))
+        if st.round > 0:
+            writer.round_end(st)
 
-    def on_round(st: FederationState, record: dict) -> None:
-        if "mean_val_accuracy" in record:
-            log(INFO, "round %d: mean val %.4f, held-out %.4f", record["round"],
-                record["mean_val_accuracy"], record["heldout_accuracy"] or float("nan"))
-        if st.round > 0 and policy.due(st.round):
-            save_checkpoint(ckpt, st, fingerprint, fields)
-
-    strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower["transfer"],
-                               total_rounds=cfg.rounds, norm_factor=float(flower["norm-factor"]),
+    strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower.transfer,
+                               total_rounds=cfg.rounds, norm_factor=flower.norm_factor,
                                on_round=on_round, callbacks=callbacks)
     runner = with_privacy(strategy, flower)
     start = time.perf_counter()
     zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)
     if state.round == 0:
-        save_checkpoint(ckpt, state, fingerprint, fields)
+        writer.checkpoint(state)
     remaining = cfg.rounds - state.round
     if remaining > 0:
         runner.start(grid, encode(algorithm.shared(state.params)), num_rounds=remaining,
                      timeout=timeout)
     personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
-    result = write_results(cfg, flower, strategy, zero, personalized, classes,
-                           time.perf_counter() - start, discovery_seconds=discovery)
+    train_nodes = [nodes[n] for n in strategy.train_ids]
+    heldout_node = next(n for n in nodes.values() if n.role == "heldout")
+    result = writer.result(
+        state, zero, dataset=dataset_name(cfg),
+        trainable_params=sum(v.numel() for v in state.params.values()),
+        seconds=time.perf_counter() - start,
+        clients=[ClientInfo(n.client, n.num_train, n.num_val, n.num_test) for n in train_nodes],
+        heldout_images=heldout_node.num_test, runtime="flower", personalized=personalized,
+        skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
+        transfer=flower.transfer,
+        missing_clients=sorted({c for r in state.history for c in r.missing or []}),
+        discovery_seconds=discovery)
+    adapters = [("adapter", state.best_params, state.best_round),
+                ("adapter-last", state.params, state.round)]
+    writer.finish(result, adapters, classes, heldout_node.logit_scale, heldout_node.dim)
     run_end(callbacks, cfg.heldout, result)
     # an `out` relative to the SuperLink's working directory (a managed local SuperLink's is
     # wherever it was first started): say where the results are
-    log(INFO, "results: %s", Path(flower["out"]).resolve() / "results.json")
+    log(INFO, "results: %s", Path(flower.out).resolve() / "results.json")
     return result
 
 
-def _start_state(algorithm, init: dict, ckpt: Path, fingerprint: str,  # noqa: ANN001
-                 fields: dict, resume: bool) -> FederationState:
-    if ckpt.exists():
-        if not resume:
-            raise ResumeError(f"{ckpt.parent} already holds a run; set resume=true to continue "
-                              f"it, or another out")
-        state = load_checkpoint(ckpt, fingerprint, fields)
-        log(INFO, "resuming after round %d", state.round)
-        return state
-    (ckpt.parent / HISTORY).unlink(missing_ok=True)  # a fresh run: no stale history
-    return FederationState(0, init, server_state=algorithm.init_server_state(init))
+def dataset_name(cfg: RunConfig) -> str:
+    """The dataset a Flower run names (its spec, or 'custom' when it lists its classes)."""
+    spec = SPECS.get(cfg.dataset) or detect_spec([cfg.heldout])
+    return spec.name if spec and cfg.classes is None else "custom"
 
 
-def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: ANN201
+def with_privacy(strategy: FedClipStrategy, flower: FlowerSettings):  # noqa: ANN201
     """Flower's central-DP wrapper (client-side fixed clipping) when dp-clipping-norm > 0."""
-    clip = float(flower["dp-clipping-norm"])
+    clip = flower.dp_clipping_norm
     if clip <= 0:
         return strategy
     if strategy.algorithm.reply_extras(strategy.state.params):
@@ -267,72 +270,9 @@ def with_privacy(strategy: FedClipStrategy, flower: dict[str, Any]):  # noqa: AN
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
     return DifferentialPrivacyClientSideFixedClipping(
-        strategy, noise_multiplier=float(flower["dp-noise-multiplier"]), clipping_norm=clip,
+        strategy, noise_multiplier=flower.dp_noise_multiplier, clipping_norm=clip,
         num_sampled_clients=min(len(strategy.train_ids), strategy.algorithm.cfg.clients_per_round
                                 or len(strategy.train_ids)))
 
 
-def write_results(cfg: RunConfig, flower: dict, strategy: FedClipStrategy, zero: dict,
-                  personalized: dict | None, classes: tuple[str, ...], seconds: float,
-                  **extra: object) -> dict:
-    from fedclip import report
-
-    out = Path(flower["out"])
-    run_dir = out / safe_name(cfg.heldout)
-    state, nodes = strategy.state, strategy.nodes
-    train_nodes = [nodes[n] for n in strategy.train_ids]
-    heldout_node = next(n for n in nodes.values() if n.role == "heldout")
-    history = state.history
-    missing = sorted({c for r in history for c in r.get("missing", [])})
-    spec = SPECS.get(cfg.dataset) or detect_spec([cfg.heldout])
-    result = summarize(
-        cfg, history, state.best_round, zero, heldout=cfg.heldout,
-        dataset=spec.name if spec and cfg.classes is None else "custom",
-        trainable_params=sum(v.numel() for v in state.params.values()),
-        seconds=seconds,
-        clients=[{"name": n.client, "train": n.num_train, "val": n.num_val, "test": n.num_test}
-                 for n in train_nodes],
-        heldout_images=heldout_node.num_test,
-        skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
-        personalized=personalized, runtime="flower", transfer=flower["transfer"],
-        missing_clients=missing, **extra)
-    dim, scale = heldout_node.dim, heldout_node.logit_scale
-    save_adapter(run_dir / "adapter-last.safetensors", state.params, cfg, classes, scale,
-                 state.round, dim)
-    if state.best_params is not None:
-        save_adapter(run_dir / "adapter.safetensors", state.best_params, cfg, classes, scale,
-                     state.best_round, dim)
-    atomic_write_json(run_dir / "result.json", json_safe(result))
-    report.write_run(out, cfg, [result])
-    return result
-
-
 app = build_server_app()
-
-
-def write_legacy_results(cfg: RunConfig, flower: dict, strategy, zero: dict,  # noqa: ANN001
-                         personalized: dict | None, classes: tuple[str, ...], final: dict,
-                         best: dict | None, seconds: float) -> dict:
-    """The SecAgg+ path's run folder, in the same schema (its nodes answer no query: sizes
-    are unknown to the server, and only the sum of the adapters is)."""
-    from fedclip import report
-
-    out = Path(flower["out"])
-    run_dir = out / safe_name(cfg.heldout)
-    spec = SPECS.get(cfg.dataset) or detect_spec([cfg.heldout])
-    clients = sorted(name for name, role in strategy.names.values() if role == "train")
-    result = summarize(
-        cfg, strategy.history, strategy.best_round, zero, heldout=cfg.heldout,
-        dataset=spec.name if spec and cfg.classes is None else "custom",
-        trainable_params=sum(v.numel() for v in final.values()), seconds=seconds,
-        clients=[{"name": c} for c in clients], heldout_images=0, skipped={},
-        personalized=personalized, runtime="flower-secagg+", transfer="fp32")
-    dim = next(iter(final.values())).shape[-1]
-    save_adapter(run_dir / "adapter-last.safetensors", final, cfg, classes,
-                 strategy.logit_scale, result["rounds"], dim)
-    if best is not None:
-        save_adapter(run_dir / "adapter.safetensors", best, cfg, classes, strategy.logit_scale,
-                     strategy.best_round, dim)
-    atomic_write_json(run_dir / "result.json", json_safe(result))
-    report.write_run(out, cfg, [result])
-    return result

@@ -31,12 +31,16 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedclip.algorithms.base import Algorithm, ClientUpdate
+from fedclip.algorithms.base import Algorithm
 from fedclip.callbacks import Callback, round_end
+from fedclip.config import FlowerSettings
+from fedclip.core.client import ClientUpdate
+from fedclip.core.records import Personalized, RoundRecord
+from fedclip.core.state import FederationState
 from fedclip.flower.codec import check_arrays, decode, encode, finite_number, payload_bytes
-from fedclip.results import evaluation, round_record
-from fedclip.runtime.state import FederationState
 from fedclip.sampling import sample_clients
+
+Evaluation = tuple[dict[str, float], dict[str, float], float | None]  # val, test, held-out
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,12 @@ class NodeInfo:
 
 
 class FedClipStrategy(FedAvg):
+    """FedAvg's round loop with fedclip's contract in its hooks (see the module docstring)."""
+
     def __init__(self, algorithm: Algorithm, nodes: dict[int, NodeInfo], state: FederationState,
-                 *, transfer: str = "fp32", total_rounds: int = 0, norm_factor: float = 10.0,
-                 on_round: Callable[[FederationState, dict], None] | None = None,
+                 *, transfer: str = "fp32", total_rounds: int = 0,
+                 norm_factor: float = FlowerSettings().norm_factor,
+                 on_round: Callable[[FederationState, RoundRecord], None] | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
         self.train_ids = sorted((n for n, i in nodes.items() if i.role == "train"),
                                 key=lambda n: nodes[n].client)
@@ -78,6 +85,7 @@ class FedClipStrategy(FedAvg):
         self._started = 0.0
 
     def server_round(self, flower_round: int) -> int:
+        """fedclip's round of Flower's ``flower_round`` (a resumed run continues counting)."""
         return flower_round + self.offset
 
     def _online(self, node_ids: list[int], grid: Grid) -> list[int]:
@@ -180,15 +188,20 @@ class FedClipStrategy(FedAvg):
         updates: dict[str, ClientUpdate] = {}
         rejected: dict[str, str] = {}
         received = 0
+        answers: dict[str, int] = {}
         for msg in replies:
             client, update, why, size = self._check(msg)
             received += size
-            if update is not None and client in updates:
-                why, update = "a second reply in one round", None
+            answers[client] = answers.get(client, 0) + 1
             if update is None:
                 rejected[client] = why or "rejected"
             else:
                 updates[client] = update
+        for client, count in answers.items():  # one reply per node and round, or none
+            if count > 1 and client in self._expected:
+                updates.pop(client, None)
+                rejected[client] = f"answered {count} times in one round (twice or more): " \
+                                   f"no reply of it counts"
         for client, why in self._outliers(updates).items():
             rejected[client] = why
             del updates[client]
@@ -199,7 +212,7 @@ class FedClipStrategy(FedAvg):
         if missing:
             log(WARNING, "round %d: no update from %s", self._pending["round"],
                 ", ".join(missing))
-        self._pending["train"] = round_record(
+        self._pending["train"] = RoundRecord(
             self._pending["round"], {c: u.loss for c, u in updates.items()}, 0.0,
             self._pending["sent"], received, missing=missing, rejected=rejected)
         if not updates:
@@ -211,14 +224,14 @@ class FedClipStrategy(FedAvg):
                    for _, u in sorted(updates.items())]
         self.state.global_params, self.state.server_state = self.algorithm.aggregate(
             self.state.params, ordered, self.state.server_state)
-        self._pending["train"]["seconds"] = time.perf_counter() - self._started
+        self._pending["train"].seconds = time.perf_counter() - self._started
         shared = self.algorithm.shared(self.state.global_params)
         return ArrayRecord({k: v.contiguous() for k, v in shared.items()}), MetricRecord(
-            {"train-loss": self._pending["train"]["mean_train_loss"],
-             "num-updates": len(updates)})
+            {"train-loss": self._pending["train"].mean_train_loss, "num-updates": len(updates)})
 
     # --- evaluation -----------------------------------------------------------------------
     def evaluates(self, rnd: int) -> bool:
+        """Whether round ``rnd`` is evaluated (``eval_every``, and the last round)."""
         return rnd % self.algorithm.cfg.eval_every == 0 or rnd == self.total_rounds
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -235,7 +248,7 @@ class FedClipStrategy(FedAvg):
         return [Message(RecordDict({"arrays": payload, "config": ConfigRecord(dict(config))}),
                         dst_node_id=n, message_type=MessageType.EVALUATE) for n in targets]
 
-    def metrics_of(self, replies: Iterable[Message], prefix: str = "") -> dict:
+    def metrics_of(self, replies: Iterable[Message], prefix: str = "") -> Evaluation:
         """Accuracies by role: val/test only from training nodes, held-out only from the
         held-out node; anything else, or a value outside [0, 1], is ignored and logged."""
         val, test, heldout = {}, {}, None
@@ -256,35 +269,35 @@ class FedClipStrategy(FedAvg):
                 val[info.client], test[info.client] = values
             else:
                 heldout = values[0]
-        return evaluation(val, test, heldout)
+        return val, test, heldout
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         rnd = self.server_round(server_round) if server_round > 0 else 0
         replies = list(replies)
-        record = self._pending.pop("train", None) or round_record(rnd, {}, 0.0, 0, 0)
+        record: RoundRecord = self._pending.pop("train", None) or RoundRecord(rnd)
         self._pending = {}
         if server_round == 0 or self.evaluates(rnd):
-            record.update(self.metrics_of(replies))
+            record.set_evaluation(*self.metrics_of(replies))
             answered = {self.nodes[m.metadata.src_node_id].client for m in replies
                         if m.metadata.src_node_id in self.nodes and not m.has_error()}
-            record["eval_missing"] = sorted({i.client for i in self.nodes.values()} - answered)
+            record.eval_missing = sorted({i.client for i in self.nodes.values()} - answered)
         if server_round > 0:
-            record["round_seconds"] = time.perf_counter() - self._started
+            record.round_seconds = time.perf_counter() - self._started
             self.state.round = rnd
         self.state.history.append(record)
-        if "mean_val_accuracy" in record:
+        if record.evaluated:
             self.state.select(record)
         if self.on_round is not None:
             self.on_round(self.state, record)
         round_end(self.callbacks, self.algorithm.cfg.heldout, record)
-        if "mean_val_accuracy" not in record:
+        if not record.evaluated:
             return None
-        return MetricRecord({"mean-val-accuracy": record["mean_val_accuracy"],
-                             "mean-test-accuracy": record["mean_test_accuracy"],
-                             "heldout-accuracy": record["heldout_accuracy"] or 0.0})
+        return MetricRecord({"mean-val-accuracy": record.mean_val_accuracy or 0.0,
+                             "mean-test-accuracy": record.mean_test_accuracy or 0.0,
+                             "heldout-accuracy": record.heldout_accuracy or 0.0})
 
-    def evaluate_initial(self, grid: Grid, timeout: float, record: bool = True) -> dict:
+    def evaluate_initial(self, grid: Grid, timeout: float, record: bool = True) -> RoundRecord:
         """Round 0: the initial parameters and zero-shot, on every node. Returns zero-shot
         (and records round 0 unless ``record`` is False: a resumed run has it)."""
         messages = self.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zeroshot": True}),
@@ -292,9 +305,11 @@ class FedClipStrategy(FedAvg):
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         if record:
             self.aggregate_evaluate(0, replies)
-        return self.metrics_of(replies, prefix="zeroshot-")
+        zero = RoundRecord(0)
+        zero.set_evaluation(*self.metrics_of(replies, prefix="zeroshot-"))
+        return zero
 
-    def personalize(self, grid: Grid, epochs: int, timeout: float) -> dict | None:
+    def personalize(self, grid: Grid, epochs: int, timeout: float) -> Personalized | None:
         """Each training node fine-tunes its own copy of the selected parameters (as
         in-process); the global parameters are untouched."""
         if epochs <= 0 or self.state.best_params is None:
@@ -307,15 +322,12 @@ class FedClipStrategy(FedAvg):
         per_client, chosen = {}, {}
         for msg in grid.send_and_receive(messages, timeout=timeout):
             info = self.nodes.get(msg.metadata.src_node_id)
-            if info is None or info.role != "train" or msg.has_error():
-                continue
-            metrics = msg.content["metrics"]
+            if (info is None or info.role != "train" or msg.has_error()
+                    or "metrics" not in msg.content.metric_records):
+                continue  # an answer without its metrics counts as no answer
+            metrics = msg.content.metric_records["metrics"]
             acc = finite_number(metrics.get("personalized-accuracy"), 0.0, 1.0)
             epoch = finite_number(metrics.get("personalized-epoch"), 0, epochs)
             if acc is not None and epoch is not None:
                 per_client[info.client], chosen[info.client] = acc, int(epoch)
-        per_client, chosen = dict(sorted(per_client.items())), dict(sorted(chosen.items()))
-        from fedclip.results import nanmean
-
-        return {"mean": nanmean(per_client.values()), "per_client": per_client,
-                "epochs": chosen}
+        return Personalized(per_client, chosen)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.callbacks import Callback
+from fedclip.core.records import RoundRecord, RunResult, safe_name
 from fedclip.errors import ConfigError
-from fedclip.results import safe_name
 
 MEANS = {"accuracy/val": "mean_val_accuracy", "accuracy/personalization": "mean_test_accuracy",
          "accuracy/generalization": "heldout_accuracy", "loss/train": "mean_train_loss",
-         "cost/round_seconds": "round_seconds", "cost/bytes": "bytes"}
+         "cost/round_seconds": "round_seconds", "cost/bytes": "bytes"}  # tag: attribute
 PER_CLIENT = {"val_accuracy": "client_val_accuracy", "train_loss": "client_train_loss"}
 
 
@@ -44,30 +44,29 @@ class TensorBoardLogger(Callback):
             self._writers[heldout] = self._writer_class(str(self.log_dir / safe_name(heldout)))
         return self._writers[heldout]
 
-    def on_round_end(self, heldout: str, record: dict) -> None:
-        writer, step = self._writer(heldout), int(record["round"])
+    def on_round_end(self, heldout: str, record: RoundRecord) -> None:
+        writer, step = self._writer(heldout), record.round
         for tag, key in MEANS.items():
-            value = _number(record.get(key))
+            value = _number(getattr(record, key))
             if value is not None:
                 writer.add_scalar(tag, value, step)
         for key, prefix in PER_CLIENT.items():
-            for client, value in (record.get(key) or {}).items():
+            for client, value in (getattr(record, key) or {}).items():
                 value = _number(value)
                 if value is not None:
                     writer.add_scalar(f"{prefix}/{client}", value, step)
         writer.flush()
 
-    def on_run_end(self, heldout: str, result: dict) -> None:
+    def on_run_end(self, heldout: str, result: RunResult) -> None:
         def pct(x: Any) -> str:
             return f"{100 * x:.2f} %" if _number(x) is not None else "n/a"
 
-        pers = (result.get("personalization") or {}).get("mean")
-        text = (f"{result['algorithm']} on {result['dataset']}, held out {heldout}: "
-                f"generalization {pct(result.get('generalization'))}, personalization "
-                f"{pct(pers)} (round {result['best_round']} of {result['rounds']}; zero-shot "
-                f"generalization {pct((result.get('zeroshot') or {}).get('generalization'))})")
+        text = (f"{result.algorithm} on {result.dataset}, held out {heldout}: "
+                f"generalization {pct(result.generalization)}, personalization "
+                f"{pct(result.personalization)} (round {result.best_round} of {result.rounds}; "
+                f"zero-shot generalization {pct(result.zeroshot.generalization)})")
         writer = self._writer(heldout)
-        writer.add_text("result", text, int(result["rounds"]))
+        writer.add_text("result", text, result.rounds)
         writer.flush()
 
     def close(self) -> None:

@@ -16,34 +16,31 @@ from dataclasses import replace
 
 import torch
 
-from fedclip.adapters import Params, count_parameters
-from fedclip.algorithms.base import Algorithm, ClientJob, State
-from fedclip.errors import TrainingError
-from fedclip.results import evaluation, nanmean, round_record
-from fedclip.runtime.batched import train_together
-from fedclip.runtime.client import (
+from fedclip.adapters import count_parameters
+from fedclip.algorithms.base import Algorithm
+from fedclip.core.client import (
     ClientData,
+    ClientJob,
     Split,
     evaluate_module,
     load_module,
     personalize,
     round_seed,
 )
-from fedclip.runtime.state import FederationState
+from fedclip.core.records import Personalized, RoundRecord, nanmean
+from fedclip.core.state import FederationState
+from fedclip.core.together import train_together
+from fedclip.errors import TrainingError
 from fedclip.sampling import sample_clients
+from fedclip.tensors import Params, State, all_finite, tensor_bytes
 
-BYTES_PER_VALUE = 4  # fp32 on the wire
-
-
-def tensor_bytes(tensors: dict[str, torch.Tensor], bytes_per_value: int = BYTES_PER_VALUE
-                 ) -> int:
-    return sum(t.numel() for t in tensors.values()) * bytes_per_value
-
-
-RoundCallback = Callable[[FederationState, dict], None]
+RoundCallback = Callable[[FederationState, RoundRecord], None]
 
 
 class Federation:
+    """The clients' tensors, the held-out split and the algorithm: rounds, evaluation and
+    personalization, in one process."""
+
     def __init__(self, algorithm: Algorithm, clients: list[ClientData], class_text: torch.Tensor,
                  logit_scale: float, heldout: Split | None = None,
                  heldout_mask: torch.Tensor | None = None) -> None:
@@ -62,24 +59,29 @@ class Federation:
 
     @property
     def dim(self) -> int:
+        """The feature size."""
         return self.class_text.shape[1]
 
     def trainable_parameters(self) -> int:
+        """Parameters the algorithm trains (what a round sends, per client)."""
         if self._trainable is None:
             self._trainable = count_parameters(self.algorithm.init_global(self.dim))
         return self._trainable
 
     # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, params: Params | None, states: dict[str, State] | None = None) -> dict:
+    def evaluate(self, record: RoundRecord, params: Params | None,
+                 states: dict[str, State] | None = None) -> RoundRecord:
         """Accuracies of ``params`` on every client's val/test split (with each client's own
         state: personal parameters, a personal model) and on the held-out domain (the global
-        parameters; the mean over the clients' models when every parameter is personal)."""
+        parameters; the mean over the clients' models when every parameter is personal), into
+        ``record``."""
         algo, states = self.algorithm, states or {}
         if params is None and not algo.has_zero_shot:  # nothing to score: NaN, not a guess
             nan = float("nan")
-            return evaluation({c.name: nan for c in self.clients},
-                              {c.name: nan for c in self.clients},
-                              nan if self.heldout is not None else None)
+            record.set_evaluation({c.name: nan for c in self.clients},
+                                  {c.name: nan for c in self.clients},
+                                  nan if self.heldout is not None else None)
+            return record
         shared = load_module(algo, params, self.dim)  # built once, used by every plain client
         modules = {}
         for c in self.clients:
@@ -95,30 +97,36 @@ class Federation:
             models = [shared] if algo.communicates or params is None else list(modules.values())
             heldout = nanmean(evaluate_module(algo, m, self.heldout, *args,
                                               self.heldout_mask).accuracy for m in models)
-        return evaluation(val, test, heldout)
+        record.set_evaluation(val, test, heldout)
+        return record
 
-    def personalize(self, params: Params, epochs: int) -> dict:
+    def zero_shot(self) -> RoundRecord:
+        """Every split scored with no trained parameters (the zero-shot classifier)."""
+        return self.evaluate(RoundRecord(0), None)
+
+    def personalize(self, params: Params, epochs: int) -> Personalized:
         """Each client fine-tunes its own copy of ``params`` (see
-        :func:`fedclip.runtime.client.personalize`); ``params`` is never modified."""
+        :func:`fedclip.core.client.personalize`); ``params`` is never modified."""
         per_client, chosen = {}, {}
         for c in self.clients:
             per_client[c.name], chosen[c.name] = personalize(
                 self.algorithm, params, c, self.class_text, self.logit_scale, epochs)
-        return {"mean": nanmean(per_client.values()), "per_client": per_client,
-                "epochs": chosen}
+        return Personalized(per_client, chosen)
 
     # --- rounds ---------------------------------------------------------------------------
     def initial_state(self) -> FederationState:
+        """Round 0: the initial parameters, evaluated (round 0 competes for selection)."""
         params = self.algorithm.init_global(self.dim)
         params = {k: v.to(self.device) for k, v in params.items()} if params else params
         server_state = self.algorithm.init_server_state(params) if params is not None else {}
-        record = {**round_record(0, {}, 0.0, 0, 0), **self.evaluate(params)}
+        record = self.evaluate(RoundRecord(0), params)
         state = FederationState(0, params, server_state=server_state, history=[record])
         state.select(record)
         return state
 
     def client_job(self, state: FederationState, client: ClientData, server_round: int
                    ) -> ClientJob:
+        """What ``client`` trains from in ``server_round``."""
         algo = self.algorithm
         own = state.client_states.setdefault(client.name, {})
         start = algo.with_personal(state.params, own)
@@ -127,7 +135,8 @@ class Federation:
                          algo.round_config(server_round), own, self.class_text,
                          self.logit_scale, round_seed(self.cfg.seed, server_round, client.name))
 
-    def run_round(self, state: FederationState) -> dict:
+    def run_round(self, state: FederationState) -> RoundRecord:
+        """One round: sample, train, aggregate, evaluate (when due); appended to history."""
         algo, server_round = self.algorithm, state.round + 1
         start = time.perf_counter()
         updates, losses, sent, received = [], {}, 0, 0
@@ -148,17 +157,17 @@ class Federation:
                 received += tensor_bytes(update.params) + tensor_bytes(update.extras)
         if algo.communicates:
             new, server_state = algo.aggregate(state.params, updates, state.server_state)
-            if not all(torch.isfinite(v).all() for v in new.values()):
+            if not all_finite(new):
                 raise TrainingError(f"round {server_round}: the aggregate is not finite; lower "
                                     f"the learning rate (or the server's). The last good "
                                     f"checkpoint is kept")
             state.global_params, state.server_state = new, server_state
         state.round = server_round
-        record = round_record(server_round, losses, time.perf_counter() - start, sent, received)
+        record = RoundRecord(server_round, losses, time.perf_counter() - start, sent, received)
         if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
-            record.update(self.evaluate(state.global_params, state.client_states))
+            self.evaluate(record, state.global_params, state.client_states)
             state.select(record)
-        record["round_seconds"] = time.perf_counter() - start  # train, aggregate, evaluate
+        record.round_seconds = time.perf_counter() - start  # train, aggregate, evaluate
         state.history.append(record)
         return record
 

@@ -1,4 +1,4 @@
-"""The state of a federation between rounds, shared by both runtimes' servers and checkpoints."""
+"""The state of a federation between rounds, shared by every runtime's server and checkpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedclip.adapters import Params
-from fedclip.algorithms.base import State
-from fedclip.results import is_better
+from fedclip.core.records import RoundRecord, is_better
+from fedclip.tensors import Params, State
 
 
 @dataclass
@@ -24,7 +23,7 @@ class FederationState:
     server_state: State = field(default_factory=dict)
     client_states: dict[str, State] = field(default_factory=dict)
     best_client_states: dict[str, State] = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
 
     @property
     def params(self) -> Params:
@@ -47,9 +46,10 @@ class FederationState:
             move(self.server_state), {c: move(s) for c, s in self.client_states.items()},
             {c: move(s) for c, s in self.best_client_states.items()}, self.history)
 
-    def select(self, record: dict) -> None:
+    def select(self, record: RoundRecord) -> None:
         """Apply the one best-round rule to an evaluated round."""
         if is_better(record, self.best_val):
-            self.best_round, self.best_val = record["round"], record["mean_val_accuracy"]
+            assert record.mean_val_accuracy is not None  # is_better: evaluated
+            self.best_round, self.best_val = record.round, record.mean_val_accuracy
             self.best_params = self.global_params
             self.best_client_states = {c: dict(s) for c, s in self.client_states.items()}

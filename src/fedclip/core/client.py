@@ -1,26 +1,34 @@
-"""What a client does, as plain functions on tensors: train locally, evaluate.
+"""What a client does, as plain functions on tensors: train locally, evaluate, personalize;
+and the values that cross the algorithm contract (a round's configuration, a client's job
+and its update).
 
-Both the in-process runner and Flower's ClientApp call these, so the two agree bit for bit.
+Every runtime calls these (the in-process runner, Flower's ClientApp, the SecAgg+ client, the
+clients trained together), so they agree bit for bit. The functions take the algorithm as a
+:class:`Model`: the hooks of :class:`fedclip.algorithms.base.Algorithm` that training needs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclip.adapters import Params, class_logits, get_params
-from fedclip.algorithms.base import Algorithm, RoundConfig
+from fedclip.adapters import class_logits, get_params
+from fedclip.config import RunConfig
 from fedclip.errors import TrainingError
+from fedclip.tensors import Params, State
 
 
 @dataclass(frozen=True)
 class Split:
+    """Inputs and labels of one split (train, val, test or a held-out domain)."""
+
     x: torch.Tensor  # [n, d] raw image features
     y: torch.Tensor  # [n] class indices
 
@@ -28,6 +36,7 @@ class Split:
         return len(self.y)
 
     def to(self, device: str | torch.device) -> Split:
+        """The same split on ``device``."""
         return Split(self.x.to(device), self.y.to(device))
 
 
@@ -42,8 +51,91 @@ class ClientData:
     class_mask: torch.Tensor  # [C] bool
 
     def to(self, device: str | torch.device) -> ClientData:
+        """The same client on ``device``."""
         return ClientData(self.name, self.train.to(device), self.val.to(device),
                           self.test.to(device), self.class_mask.to(device))
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the server tells every client about a round: the round and its hyperparameters.
+
+    Clients train with these values, never with their own configuration, so a server-side
+    schedule (``lr_decay``) reaches every client in every runtime."""
+
+    server_round: int
+    lr: float
+    local_epochs: int
+    values: dict[str, bool | int | float | str] = field(default_factory=dict)  # the options
+
+    def record(self) -> dict[str, Any]:
+        """As flat scalars (a Flower ConfigRecord, a legacy fit config)."""
+        return {"server-round": self.server_round, "lr": self.lr,
+                "local-epochs": self.local_epochs,
+                **{f"option.{k}": v for k, v in self.values.items()}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RoundConfig:
+        """Back from :meth:`record`."""
+        values = {k.removeprefix("option."): v for k, v in record.items()
+                  if k.startswith("option.")}
+        return cls(int(record["server-round"]), float(record["lr"]),
+                   int(record["local-epochs"]), values)
+
+
+@dataclass
+class ClientJob:
+    """One client's round: where it starts, what came with the round, what it keeps."""
+
+    name: str
+    train: Split
+    params: Params  # the global parameters, with this client's personal ones in place
+    global_params: Params  # the global parameters as the server sent them (+ personal)
+    extras: dict[str, torch.Tensor]
+    config: RoundConfig
+    state: State  # this client's own state; hooks update it in place
+    class_text: torch.Tensor  # normalised class prompts
+    logit_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: its shared parameters, extras and a few numbers."""
+
+    params: Params
+    extras: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float
+    seconds: float = 0.0
+    steps: int = 0
+    weight: float = 1.0  # set by the server (declared train size, or 1): never by a client
+
+
+class Model(Protocol):
+    """The hooks of an algorithm that the client functions call."""
+
+    cfg: RunConfig
+
+    @property
+    def eval_batch(self) -> int:
+        """Inputs per forward when evaluating."""
+
+    def build_module(self, dim: int) -> nn.Module:
+        """The trainable module for features of size ``dim``."""
+
+    def embed(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings of inputs ``x`` through ``module``."""
+
+    def class_text(self, module: Any, class_text: torch.Tensor) -> torch.Tensor:
+        """Normalised class-prompt embeddings."""
+
+    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+                  logit_scale: float) -> torch.Tensor:
+        """The loss of a batch."""
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        """The hyperparameters of a round."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +177,35 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], fresh: dict) -> dict:
     return {"state": state, "param_groups": fresh["param_groups"]}
 
 
+def batch_schedule(cfg: RunConfig, n: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """A client's batches (index tensors) for ``epochs`` epochs, from a generator seeded with
+    ``seed``; with the contrastive loss a batch of one sample is skipped (reference code)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)  # CPU generator: the same everywhere
+        batches += [b for b in order.split(cfg.batch_size)
+                    if not (len(b) < 2 and cfg.loss == "clip")]
+    return batches
+
+
+def diverged(config: RoundConfig, value: float | None = None) -> TrainingError:
+    """The error of a client whose training diverged (the run keeps its last checkpoint)."""
+    what = "non-finite weights" if value is None else f"a local loss of {value}"
+    return TrainingError(f"training diverged: {what} in round {config.server_round} (lr "
+                         f"{config.lr:g}); lower the learning rate. The last good checkpoint "
+                         f"is kept")
+
+
+def adam(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Adam:
+    """torch's Adam with the run's betas, eps and L2 weight decay (the reference recipe);
+    torch picks its multi-tensor kernels where they exist (CUDA)."""
+    return torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
 def train_local(
-    algorithm: Algorithm,
+    algorithm: Model,
     start_params: Params,
     train: Split,
     class_text: torch.Tensor,
@@ -110,40 +229,31 @@ def train_local(
     module = algorithm.build_module(train.x.shape[1]).to(device)
     module.load_state_dict(start_params)
     module.train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, betas=(cfg.beta1, cfg.beta2),
-                                 eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = adam(cfg, [{"params": list(module.parameters()), "lr": config.lr}])
     if optimizer_state:
         optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
-    generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    for _ in range(config.local_epochs):
-        order = torch.randperm(len(train), generator=generator).to(device)  # CPU generator
-        for batch in order.split(cfg.batch_size):
-            if len(batch) < 2 and cfg.loss == "clip":
-                continue
-            emb = algorithm.embed(module, train.x[batch])
-            text = algorithm.class_text(module, class_text)
-            loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
-            total = objective(loss, module) if objective is not None else loss
-            if not torch.isfinite(total):
-                raise TrainingError(f"training diverged: the local loss became {float(total)} "
-                                    f"(lr {config.lr:g}, round {config.server_round}); lower "
-                                    f"the learning rate. The last good checkpoint is kept")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+    for batch in batch_schedule(cfg, len(train), config.local_epochs, seed):
+        batch = batch.to(device)
+        emb = algorithm.embed(module, train.x[batch])
+        text = algorithm.class_text(module, class_text)
+        loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
+        total = objective(loss, module) if objective is not None else loss
+        if not torch.isfinite(total):
+            raise diverged(config, float(total))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
     params = get_params(module)
     if not all(torch.isfinite(v).all() for v in params.values()):
-        raise TrainingError(f"training diverged: non-finite weights after round "
-                            f"{config.server_round} (lr {config.lr:g}); lower the learning rate. "
-                            f"The last good checkpoint is kept")
+        raise diverged(config)
     return TrainResult(params, len(train), float(np.mean(losses)) if losses else
                        float("nan"), time.perf_counter() - start,
                        flatten_optimizer(optimizer.state_dict()), len(losses))
 
 
-def load_module(algorithm: Algorithm, params: Params | None, dim: int) -> nn.Module | None:
+def load_module(algorithm: Model, params: Params | None, dim: int) -> nn.Module | None:
     """The algorithm's module holding ``params``, in eval mode (None: no adapter)."""
     if params is None:
         return None
@@ -153,7 +263,7 @@ def load_module(algorithm: Algorithm, params: Params | None, dim: int) -> nn.Mod
 
 
 def evaluate(
-    algorithm: Algorithm,
+    algorithm: Model,
     params: Params | None,
     split: Split,
     class_text: torch.Tensor,
@@ -167,7 +277,7 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_module(
-    algorithm: Algorithm,
+    algorithm: Model,
     module: nn.Module | None,
     split: Split,
     class_text: torch.Tensor,
@@ -189,7 +299,7 @@ def evaluate_module(
 PERSONAL_ROUNDS = 10**6  # seeds of personalization epochs never collide with rounds
 
 
-def personalize(algorithm: Algorithm, params: Params, data: ClientData, class_text: torch.Tensor,
+def personalize(algorithm: Model, params: Params, data: ClientData, class_text: torch.Tensor,
                 logit_scale: float, epochs: int) -> tuple[float, int]:
     """Fine-tune a copy of ``params`` on the client's train split for up to ``epochs`` epochs,
     keep the epoch (0 = ``params`` itself) with the best val accuracy; return its test

@@ -14,16 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedclip.config import RunConfig
+from fedclip.core.records import RecordError, RoundRecord
+from fedclip.core.state import FederationState
 from fedclip.errors import ResumeError
 from fedclip.io import atomic_save_tensors, atomic_write_text
-from fedclip.runtime.state import FederationState
+from fedclip.tensors import checksum
 
 FLAT = ("global", "best", "server")  # prefix/<name>
 PER_CLIENT = ("client", "bestclient")  # prefix/<client>/<name>
@@ -38,11 +39,13 @@ def fingerprint_fields(cfg: RunConfig, heldout: str, data: str | None = None) ->
 
 
 def config_fingerprint(cfg: RunConfig, heldout: str, data: str | None = None) -> str:
+    """A short hash of :func:`fingerprint_fields`: equal iff a resume may continue."""
     blob = json.dumps(fingerprint_fields(cfg, heldout, data), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def state_tensors(state: FederationState) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state`` under its generic prefix."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, flat in zip(FLAT, (state.global_params, state.best_params, state.server_state),
                             strict=True):
@@ -54,39 +57,31 @@ def state_tensors(state: FederationState) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
+def _read_history(path: Path) -> list[RoundRecord]:
+    if not path.is_file():
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
-        except ValueError:  # a torn last line (killed while appending)
+            records.append(RoundRecord.from_json(json.loads(line)))
+        except (ValueError, RecordError):  # a torn last line (killed while appending)
             break
     return records
 
 
-def _append_history(path: Path, history: list[dict]) -> None:
+def _append_history(path: Path, history: list[RoundRecord]) -> None:
     """Append the records after the file's last round (the file holds rounds in order)."""
     done = _read_last_round(path)
-    new = [r for r in history if r["round"] > done]
+    new = [r for r in history if r.round > done]
     if new:
         with path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in new)
+            f.writelines(json.dumps(r.to_json()) + "\n" for r in new)
             f.flush()
             os.fsync(f.fileno())
 
 
 def _read_last_round(path: Path) -> int:
-    if not path.exists() or path.stat().st_size == 0:
+    if not path.is_file() or path.stat().st_size == 0:
         return -1
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 65536))
@@ -101,6 +96,7 @@ def _read_last_round(path: Path) -> int:
 
 def save_checkpoint(path: Path, state: FederationState, fingerprint: str,
                     fields: dict[str, Any] | None = None) -> None:
+    """Append the new history, then write ``state`` atomically with its checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _append_history(path.with_name(HISTORY), state.history)  # first: never behind the file
     tensors = state_tensors(state)
@@ -108,7 +104,7 @@ def save_checkpoint(path: Path, state: FederationState, fingerprint: str,
             "round": str(state.round), "best_round": str(state.best_round),
             "best_val": repr(state.best_val), "clients": json.dumps(sorted(state.client_states)),
             "config": json.dumps(fields or {}, sort_keys=True)}
-    meta["checksum"] = _checksum(tensors, meta)
+    meta["checksum"] = checksum(tensors, meta)
     atomic_save_tensors(path, tensors, meta)
 
 
@@ -119,8 +115,12 @@ def _differences(saved: dict, current: dict) -> str:
 
 def load_checkpoint(path: Path, fingerprint: str, fields: dict[str, Any] | None = None
                     ) -> FederationState:
+    """The state saved at ``path``, refused (:class:`ResumeError`, naming what differs) when
+    it was written by another configuration, is damaged, or its history does not match."""
     from safetensors import safe_open
 
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {path} is not a regular file; delete it to start over")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -135,19 +135,19 @@ def load_checkpoint(path: Path, fingerprint: str, fields: dict[str, Any] | None 
                           + "; resume with the same settings, or use another --out")
     if "checksum" in meta:
         saved = meta.pop("checksum")
-        if _checksum(tensors, meta) != saved:
+        if checksum(tensors, meta) != saved:
             raise ResumeError(f"checkpoint {path} is damaged (checksum mismatch); delete it to "
                               f"start over, or restore it from a copy")
     try:
         last = int(meta["round"])
-        history = (json.loads(meta["history"]) if "history" in meta
-                   else _read_history(path.with_name(HISTORY)))
-        kept = [r for r in history if r["round"] <= last]
+        history = ([RoundRecord.from_json(r) for r in json.loads(meta["history"])]
+                   if "history" in meta else _read_history(path.with_name(HISTORY)))
+        kept = [r for r in history if r.round <= last]
         if "history" not in meta and len(kept) != len(history):  # rounds after the checkpoint
-            atomic_write_text(path.with_name(HISTORY), "".join(json.dumps(r) + "\n"
+            atomic_write_text(path.with_name(HISTORY), "".join(json.dumps(r.to_json()) + "\n"
                                                                for r in kept))
-        if not kept or kept[-1]["round"] != last:
-            raise ValueError(f"history ends at round {kept[-1]['round'] if kept else None}")
+        if not kept or kept[-1].round != last:
+            raise ValueError(f"history ends at round {kept[-1].round if kept else None}")
 
         def flat(prefix: str) -> dict[str, torch.Tensor]:
             return {k.split("/", 1)[1]: v for k, v in tensors.items()
@@ -168,22 +168,6 @@ def load_checkpoint(path: Path, fingerprint: str, fields: dict[str, Any] | None 
             best_params=flat("best") or None, server_state=flat("server"),
             client_states=per_client("client"), best_client_states=per_client("bestclient"),
             history=kept)
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, RecordError) as exc:
         raise ResumeError(f"checkpoint {path} has damaged metadata or history ({exc}); "
                           f"delete it to start over") from None
-
-
-class CheckpointPolicy:
-    """When to write a checkpoint: every ``every`` rounds, at the last round, or once
-    ``seconds`` have passed since the last write."""
-
-    def __init__(self, every: int, seconds: float, last_round: int) -> None:
-        self.every, self.seconds, self.last_round = every, seconds, last_round
-        self._saved = time.monotonic()
-
-    def due(self, server_round: int) -> bool:
-        if (server_round % self.every == 0 or server_round == self.last_round
-                or time.monotonic() - self._saved >= self.seconds):
-            self._saved = time.monotonic()
-            return True
-        return False

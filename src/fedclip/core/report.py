@@ -1,0 +1,122 @@
+"""Results for people: the markdown table and the plots (the run folder writes them)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from fedclip.config import RunConfig
+from fedclip.core.records import RunResult
+from fedclip.io import atomic_write
+
+
+def backbone_note(spec: str) -> str | None:
+    """The provider's warning to print with every result (the stand-in's: not CLIP)."""
+    from fedclip.backbones import backbone_traits
+
+    return backbone_traits(spec).note
+
+
+COLUMNS = ("held out", "best rnd", "gen", "gen 0-shot", "pers", "pers 0-shot",
+           "pers (own)", "params", "MB/round", "s/round")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _own(r: RunResult) -> float | None:
+    return r.personalized.mean if r.personalized is not None else None
+
+
+def table_rows(results: list[RunResult]) -> list[tuple[str, ...]]:
+    """One row per held-out domain, then the mean."""
+    rows: list[tuple[str, ...]] = []
+    for r in results:
+        rows.append((r.heldout, f"{r.best_round}/{r.rounds}", _pct(r.generalization),
+                     _pct(r.zeroshot.generalization), _pct(r.personalization),
+                     _pct(r.zeroshot.personalization), _pct(_own(r)),
+                     f"{r.trainable_params:,}", f"{r.bytes_per_round / 1e6:.2f}",
+                     f"{r.seconds_per_round:.3f}"))
+    if len(results) > 1:
+        def mean(get: Callable[[RunResult], float | None]) -> float | None:
+            vals = [v for r in results if (v := get(r)) is not None and not math.isnan(v)]
+            return sum(vals) / len(vals) if vals else None
+        rows.append(("mean", "", _pct(mean(lambda r: r.generalization)),
+                     _pct(mean(lambda r: r.zeroshot.generalization)),
+                     _pct(mean(lambda r: r.personalization)),
+                     _pct(mean(lambda r: r.zeroshot.personalization)), _pct(mean(_own)),
+                     "", "", ""))
+    return rows
+
+
+def markdown_table(results: list[RunResult]) -> str:
+    """The results table as markdown."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    return "\n".join(lines)
+
+
+def markdown_report(cfg: RunConfig, results: list[RunResult]) -> str:
+    """results.md: the table, the backbone's note and a line per held-out run."""
+    parts = [f"# fedclip run: {cfg.algorithm} on {results[0].dataset if results else '?'}", ""]
+    note = backbone_note(cfg.backbone)
+    if note:
+        parts += [f"> {note}", ""]
+    parts += [f"Backbone `{cfg.backbone}`, loss `{cfg.loss}`, aggregation `{cfg.aggregation}`, "
+              f"seed {cfg.seed}. Accuracies in %: generalization on the held-out domain, "
+              f"personalization as the mean over clients' own test splits, both at the round "
+              f"with the best mean validation accuracy; pers (own): each client's copy of the "
+              f"selected adapter fine-tuned locally for up to {cfg.personalize_epochs} epochs "
+              f"(chosen on its val split).", "", markdown_table(results), ""]
+    for r in results:
+        clients = ", ".join(f"{k} {_pct(v)}" for k, v in r.best.per_client.items())
+        parts.append(f"- held-out **{r.heldout}**: per client {clients}; at the last round "
+                     f"gen. {_pct(r.last.generalization)}, pers. "
+                     f"{_pct(r.last.personalization)}"
+                     + (f"; skipped images: {sum(map(len, r.skipped_images.values()))}"
+                        if r.skipped_images else ""))
+    return "\n".join(parts) + "\n"
+
+
+def _num(value: float | None) -> float:
+    """A plotted value: 0 stays 0 (a client stuck at 0 % is a line at 0); None is a gap."""
+    return float("nan") if value is None else float(value)
+
+
+def plot_history(result: RunResult, path: Path) -> None:
+    """Accuracy per round (each client's test split, the held-out domain) and training loss;
+    each client in one colour and marker in both panels."""
+    from fedclip.plots import pyplot, styles
+
+    plt = pyplot()
+    if plt is None:
+        return
+
+    evaluated = [r for r in result.history if r.test_accuracy is not None]
+    rounds = [r.round for r in evaluated]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    clients = sorted({c for r in evaluated for c in r.test_accuracy or {}})
+    style = styles(clients)
+    every = max(1, len(rounds) // 10)
+    nan = float("nan")
+    for client in clients:  # a client missing from a round (it left) leaves a gap
+        ax_acc.plot(rounds, [100 * _num((r.test_accuracy or {}).get(client)) for r in evaluated],
+                    label=f"{client} (test)", markevery=every, markersize=4, **style[client])
+    ax_acc.plot(rounds, [100 * _num(r.heldout_accuracy) for r in evaluated], "k-", lw=2,
+                label=f"{result.heldout} (held out)")
+    ax_acc.axvline(result.best_round, color="grey", ls=":", label="selected round")
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result.heldout}")
+    trained = [r for r in result.history if r.round > 0]
+    for client in clients:
+        ax_loss.plot([r.round for r in trained],
+                     [r.train_loss.get(client, nan) for r in trained], label=client,
+                     markevery=every, markersize=4, **style[client])
+    ax_loss.set(xlabel="round", ylabel=f"train loss ({result.loss})", title="training loss")
+    # one legend for both panels (a client has the same colour and marker in each), outside
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)

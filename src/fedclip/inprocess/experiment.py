@@ -1,0 +1,190 @@
+"""The Python API: leave-one-domain-out experiments, end to end.
+
+>>> from fedclip import RunConfig, run
+>>> results = run(RunConfig.build(backbone="standin", rounds=20), out="runs/demo")
+
+``run`` validates the data, extracts (or loads cached) features, then for each held-out
+domain trains the federation with the other domains as clients and writes everything into
+the run folder. Progress goes to an optional :class:`Reporter`; round callbacks
+(:mod:`fedclip.callbacks`: loggers, your own code) see every round; nothing is printed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from fedclip import callbacks as cb
+from fedclip.algorithms import get_algorithm
+from fedclip.backbones import resolve_device
+from fedclip.config import RunConfig
+from fedclip.core.records import ClientInfo, RoundRecord, RunResult, safe_name
+from fedclip.core.run_folder import HeldoutRun, RunFolder
+from fedclip.data.sources import data_source
+from fedclip.errors import RunFolderError
+from fedclip.inprocess.federation import Federation, FederationState
+from fedclip.task import (
+    Prepared,
+    cache_dir,
+    data_fingerprint,
+    heldout_tensors,
+    plan_clients,
+    prepare,
+    scan,
+    training_clients,
+)
+
+
+class Reporter(Protocol):
+    """Progress for people (the CLI's progress bars); the runner itself prints nothing."""
+
+    def extraction(self, domain: str, done: int, total: int) -> None:
+        """``done`` of ``total`` images of ``domain`` encoded."""
+
+    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
+        """A round of the ``heldout`` run ended."""
+
+    def info(self, message: str) -> None:
+        """A line for the user."""
+
+
+class SilentReporter(Reporter):
+    """A reporter that reports nothing."""
+
+    def extraction(self, domain: str, done: int, total: int) -> None:
+        pass
+
+    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+
+def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation:
+    """The clients (every domain but ``heldout``) and the held-out test set, as tensors."""
+    clients = training_clients(prep, heldout)
+    held_split, held_mask = heldout_tensors(prep.dataset.domains[heldout],
+                                            prep.features[heldout], len(prep.dataset.classes))
+    algorithm = get_algorithm(cfg)
+    device = resolve_device(cfg.device)
+    class_text = prep.class_text.to(device)
+    algorithm.setup(prep.prompts, class_text)
+    return Federation(algorithm, clients, class_text, prep.text.logit_scale, held_split,
+                      held_mask)
+
+
+def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, out: str | Path, *,
+                resume: bool = False, reporter: Reporter | None = None,
+                on_round: Callable[[FederationState, RoundRecord], None] | None = None,
+                callbacks: Sequence[cb.Callback] = ()) -> RunResult:
+    """One held-out run on features already prepared, into the run folder ``out`` (its
+    files in ``out/<heldout>/``); :func:`run` does the same for every held-out domain."""
+    folder = RunFolder(out, cfg, data_fingerprint(prep.dataset))
+    with folder.claimed():
+        resumed = folder.prepare([heldout], resume)[heldout]
+        folder.write_config()
+        return train_heldout(folder.start(heldout, resumed), cfg, prep, reporter=reporter,
+                             on_round=on_round, callbacks=callbacks)
+
+
+def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
+                  reporter: Reporter | None = None,
+                  on_round: Callable[[FederationState, RoundRecord], None] | None = None,
+                  callbacks: Sequence[cb.Callback] = ()) -> RunResult:
+    """Train with ``writer.heldout`` left out (continuing ``writer.resumed``); the run
+    folder writes checkpoints, adapters and results. Returns the result."""
+    reporter = reporter or SilentReporter()
+    heldout = writer.heldout
+    fed = build_federation(cfg, prep, heldout)
+    state = writer.resumed
+    if state is not None:
+        reporter.info(f"[{heldout}] resuming after round {state.round}")
+
+    def round_end(st: FederationState, record: RoundRecord) -> None:
+        reporter.round_end(heldout, record, cfg.rounds)
+        cb.round_end(callbacks, heldout, record)
+        writer.round_end(st)
+        if on_round is not None:
+            on_round(st, record)
+
+    start = time.perf_counter()
+    if state is None:  # a fresh run: round 0 (the initial model) is a round like any other
+        state = fed.initial_state()
+        cb.round_end(callbacks, heldout, state.history[0])
+    state = fed.run(state, callbacks=[round_end])
+    if state.round == 0:
+        writer.checkpoint(state)
+    algo = fed.algorithm
+    personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
+                    if state.best_params is not None and cfg.personalize_epochs > 0
+                    and algo.communicates and algo.inputs == "features" else None)
+    result = writer.result(
+        state, fed.zero_shot(), dataset=prep.dataset.name,
+        trainable_params=fed.trainable_parameters(), seconds=time.perf_counter() - start,
+        clients=[ClientInfo(c.name, len(c.train), len(c.val), len(c.test))
+                 for c in fed.clients],
+        heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
+        runtime="in-process", personalized=personalized,
+        skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
+        data_source=data_source(prep.dataset.root))
+    adapters = [("adapter", state.best_params, state.best_round),
+                ("adapter-last", state.global_params, state.round)]
+    if algo.keeps_own_models and state.best_params is not None:  # each client's own model
+        adapters += [(f"adapter-{safe_name(c.name)}", algo.eval_params(
+            state.best_params, state.best_client_states.get(c.name, {})), state.best_round)
+            for c in fed.clients]
+    if not algo.communicates:  # no global adapter at all
+        adapters = adapters[2:]
+    writer.finish(result, adapters, prep.dataset.classes, prep.text.logit_scale, fed.dim)
+    cb.run_end(callbacks, heldout, result)
+    return result
+
+
+def check_cache_writable(folder: Path) -> None:
+    """Refuse an unwritable feature cache before anything is extracted."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise RunFolderError(f"the feature cache {folder} is not writable ({exc.strerror}); "
+                             f"pass --cache-dir with a folder you can write to, or set "
+                             f"FEDCLIP_CACHE") from None
+
+
+def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
+        reporter: Reporter | None = None, callbacks: Sequence[cb.Callback] = ()
+        ) -> list[RunResult]:
+    """Run every requested held-out domain; write results.json, tables and plots to ``out``.
+
+    Everything that can be checked is checked before any feature is extracted (the
+    algorithm and its options, the data and its partitions, the run folder, the cache,
+    existing runs); a refused run writes nothing. ``callbacks`` see every round and every
+    held-out result, and are closed when the run ends."""
+    try:
+        return _run(cfg, Path(out), resume, reporter, callbacks)
+    finally:
+        cb.close(callbacks)
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
+         callbacks: Sequence[cb.Callback]) -> list[RunResult]:
+    get_algorithm(cfg)  # the algorithm and every option, before anything else
+    folder = RunFolder(out, cfg)
+    with folder.claimed():
+        dataset = scan(cfg)
+        splits = plan_clients(cfg, dataset)
+        folder.check_names(list(dataset.domains))
+        heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
+        folder.data = data_fingerprint(dataset)
+        starts = folder.prepare(heldouts, resume)  # every resume decided before any write
+        check_cache_writable(cache_dir(cfg))
+        prep = prepare(cfg, (reporter or SilentReporter()).extraction, dataset=dataset,
+                       splits=splits)
+        folder.write_config()
+        return [train_heldout(folder.start(h, starts[h]), cfg, prep, reporter=reporter,
+                              callbacks=callbacks) for h in heldouts]

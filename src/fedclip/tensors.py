@@ -1,0 +1,39 @@
+"""Named tensors, the one currency between the algorithms, the runtimes and the files.
+
+``Params`` are a model's parameters by name; ``State`` is whatever an algorithm keeps between
+rounds (server or client side). Both are plain dicts so that every runtime can encode them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+Params = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]
+BYTES_PER_VALUE = 4  # fp32 on the wire
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], bytes_per_value: int = BYTES_PER_VALUE
+                 ) -> int:
+    """The bytes ``tensors`` take on the wire at ``bytes_per_value`` per element."""
+    return sum(t.numel() for t in tensors.values()) * bytes_per_value
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values())
+
+
+def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """SHA-256 over metadata (sorted JSON; none for cached features) and tensors (sorted by
+    name, raw bytes): the one integrity check of checkpoints, adapter files and the cache."""
+    h = hashlib.sha256()
+    if meta is not None:
+        h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,157 @@
+"""The Flower strategy's rules on hand-built replies (Flower's own test pattern): build the
+``Message`` replies a round could bring, call ``aggregate_train``, compare with a result
+computed by hand. Honest, lying, malformed and duplicated replies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedclip.algorithms import get_algorithm
+from fedclip.config import RunConfig
+from fedclip.core.state import FederationState
+from fedclip.flower.codec import encode
+from fedclip.flower.strategy import FedClipStrategy, NodeInfo
+
+DIM = 4
+TRAIN = {1: ("a", 10), 2: ("b", 30), 3: ("c", 20)}  # node id -> (client, declared train size)
+
+
+@pytest.fixture(autouse=True)
+def _as_a_superlink():
+    """Messages are built as a SuperLink builds them (its run and task identity)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class Grid:
+    """What ``configure_train`` asks of a grid: which nodes are connected."""
+
+    def get_node_ids(self) -> list[int]:
+        return [*TRAIN, 9]
+
+
+def _strategy(aggregation: str = "weighted", norm_factor: float = 0.0) -> FedClipStrategy:
+    cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"),
+                          aggregation=aggregation)
+    algorithm = get_algorithm(cfg)
+    nodes = {n: NodeInfo(n, c, "train", c, 0, size, 5, 5, size + 10, DIM, 100.0)
+             for n, (c, size) in TRAIN.items()}
+    nodes[9] = NodeInfo(9, "d", "heldout", "d", 0, 0, 0, 40, 40, DIM, 100.0)
+    init = algorithm.init_global(DIM)
+    assert init is not None
+    state = FederationState(0, init, server_state=algorithm.init_server_state(init))
+    strategy = FedClipStrategy(algorithm, nodes, state, norm_factor=norm_factor)
+    list(strategy.configure_train(1, encode(init), ConfigRecord(), Grid()))
+    return strategy
+
+
+def _params(strategy: FedClipStrategy, value: float) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, value) for k, v in strategy.state.params.items()}
+
+
+def _reply(node: int, params: dict[str, torch.Tensor] | None, num_examples: float,
+           loss: float = 0.5) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                          dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples,
+                                                   "train-loss": loss, "steps": 1})})
+    if params is not None:
+        content["arrays"] = encode(params)
+    reply = Message(content, reply_to=instruction)
+    return reply
+
+
+def test_honest_replies_are_weighted_by_their_declared_sizes():
+    s = _strategy()
+    arrays, metrics = s.aggregate_train(1, [_reply(1, _params(s, 1.0), 10),
+                                            _reply(2, _params(s, 2.0), 30),
+                                            _reply(3, _params(s, 4.0), 20)])
+    expected = (10 * 1.0 + 30 * 2.0 + 20 * 4.0) / 60  # by hand
+    assert arrays is not None and metrics is not None
+    for value in arrays.to_torch_state_dict().values():
+        assert torch.allclose(value, torch.full_like(value, expected))
+    assert metrics["num-updates"] == 3
+    assert s._pending["train"].rejected == {}
+
+
+def test_uniform_ignores_the_sizes():
+    s = _strategy("uniform")
+    arrays, _ = s.aggregate_train(1, [_reply(1, _params(s, 1.0), 10),
+                                      _reply(2, _params(s, 2.0), 30)])
+    assert arrays is not None
+    assert all(torch.allclose(v, torch.full_like(v, 1.5))
+               for v in arrays.to_torch_state_dict().values())
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (lambda s: _reply(1, _params(s, 9.0), 10_000), "declared at discovery"),  # a lying size
+    (lambda s: _reply(1, _params(s, 9.0), 10, loss=float("nan")), "train-loss"),
+    (lambda s: _reply(1, None, 10), "no arrays"),
+    (lambda s: _reply(1, {k: v[..., :1] for k, v in _params(s, 9.0).items()}, 10), "shape"),
+    (lambda s: _reply(1, _params(s, float("inf")), 10), "NaN or inf"),
+    (lambda s: _reply(9, _params(s, 9.0), 0), "not a training node"),  # the held-out node
+    (lambda s: _reply(77, _params(s, 9.0), 10), "not a training node"),  # an unknown node
+])
+def test_a_bad_reply_is_rejected_and_the_rest_aggregate(make, why):
+    s = _strategy()
+    bad = make(s)
+    arrays, _ = s.aggregate_train(1, [bad, _reply(2, _params(s, 2.0), 30),
+                                      _reply(3, _params(s, 4.0), 20)])
+    expected = (30 * 2.0 + 20 * 4.0) / 50  # the bad reply counts for nothing
+    assert arrays is not None
+    assert all(torch.allclose(v, torch.full_like(v, expected))
+               for v in arrays.to_torch_state_dict().values())
+    assert any(why in reason for reason in s._pending["train"].rejected.values())
+
+
+def test_an_error_reply_is_recorded_not_raised():
+    s = _strategy()
+    instruction = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    from flwr.app import Error
+
+    error = Message(Error(code=0, reason="boom"), reply_to=instruction)
+    arrays, _ = s.aggregate_train(1, [error, _reply(2, _params(s, 2.0), 30)])
+    assert arrays is not None and "boom" in s._pending["train"].rejected["a"]
+
+
+def test_a_node_that_answers_twice_counts_for_nothing():
+    """One reply per node per round: a node that sends two cannot choose which one counts,
+    and the record says that neither did."""
+    s = _strategy()
+    arrays, _ = s.aggregate_train(1, [_reply(1, _params(s, 1.0), 10),
+                                      _reply(1, _params(s, 100.0), 10),
+                                      _reply(2, _params(s, 2.0), 30)])
+    assert arrays is not None
+    assert all(torch.allclose(v, torch.full_like(v, 2.0))
+               for v in arrays.to_torch_state_dict().values())
+    assert "twice" in s._pending["train"].rejected["a"]
+    assert set(s._pending["train"].train_loss) == {"b"}
+
+
+def test_no_valid_reply_leaves_the_global_parameters_unchanged():
+    s = _strategy()
+    before = {k: v.clone() for k, v in s.state.params.items()}
+    arrays, metrics = s.aggregate_train(1, [_reply(1, None, 10)])
+    assert arrays is None and metrics is None
+    assert all(torch.equal(before[k], s.state.params[k]) for k in before)
+
+
+def test_the_distance_rule_rejects_a_far_update():
+    s = _strategy(norm_factor=10.0)
+    far = {k: v + 1e4 for k, v in s.state.params.items()}
+    arrays, _ = s.aggregate_train(1, [_reply(1, far, 10), _reply(2, _params(s, 0.1), 30),
+                                      _reply(3, _params(s, 0.2), 20)])
+    assert arrays is not None and "from the global parameters" in \
+        s._pending["train"].rejected["a"]
+
+
+def test_an_array_record_with_extra_arrays_is_rejected():
+    s = _strategy()
+    params = {**_params(s, 1.0), "extra": torch.zeros(3)}
+    reply = _reply(1, None, 10)
+    reply.content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in params.items()})
+    s.aggregate_train(1, [reply, _reply(2, _params(s, 2.0), 30)])
+    assert "keys" in s._pending["train"].rejected["a"]

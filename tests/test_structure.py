@@ -1,0 +1,95 @@
+"""The package's shape: no import circle anywhere (function-level imports included), and the
+folders say which code is the shared core, the in-process runner and the Flower apps. The
+layer rules themselves are import-linter's contract in pyproject.toml (make lint)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import grimp
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fedclip"
+
+
+def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_no_import_circle():
+    graph = grimp.build_graph("fedclip", include_external_packages=False,
+                              exclude_type_checking_imports=True, cache_dir=None)
+    assert "fedclip.core.run_folder" in graph.modules  # the graph sees the whole package
+    assert "fedclip.core.report" in graph.find_modules_directly_imported_by(
+        "fedclip.core.run_folder")  # ... function-level imports included
+    assert _cycles(graph) == []
+
+
+def test_only_the_run_folder_writes_results():
+    """One writer of a run folder: results.json, result.json and adapters are written in
+    fedclip.core.run_folder alone (every runtime calls it)."""
+    writers = set()
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(
+                    node.func, "attr", "")) in ("save_adapter", "results_document"):
+                writers.add(path.relative_to(SRC).as_posix())
+    assert writers == {"core/run_folder.py"}
+
+
+def test_public_functions_say_what_they_do():
+    """Every public function and method that is not an override carries a docstring."""
+    import importlib
+
+    missing = []
+    for folder in ("core", "inprocess", "flower", "algorithms"):
+        for path in sorted((SRC / folder).glob("*.py")):
+            module = importlib.import_module(f"fedclip.{folder}.{path.stem}".removesuffix(
+                ".__init__"))
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.FunctionDef):
+                    items, bases = [node], ()
+                elif isinstance(node, ast.ClassDef):
+                    items = [n for n in node.body if isinstance(n, ast.FunctionDef)]
+                    bases = getattr(module, node.name).__mro__[1:]
+                else:
+                    continue
+                for fn in items:
+                    if fn.name.startswith("_") or ast.get_docstring(fn):
+                        continue
+                    if any(hasattr(b, fn.name) for b in bases):  # an override
+                        continue
+                    missing.append(f"{path.relative_to(SRC)}:{fn.name}")
+    assert missing == [], "\n".join(missing)
