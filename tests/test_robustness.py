@@ -127,8 +127,34 @@ def test_a_failing_client_is_recorded_not_raised(tiny_arch, toy_root, tmp_path, 
     run_config, nodes = _federation(toy_root, tiny_arch, tmp_path)
     result = server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)
     for r in result["history"][1:]:
-        assert "error reply" in r["rejected"]["alpha"] and "diverged" in r["rejected"]["alpha"]
+        assert "diverged" in r["rejected"]["alpha"]
         assert list(r["train_loss"]) == ["beta"]
+
+
+def test_a_run_that_diverges_on_every_client_fails_and_keeps_its_checkpoint(
+        tiny_arch, toy_root, tmp_path, monkeypatch):
+    """Divergence on every client is the run's failure (exit 2 on the command line), never a
+    completed run of unchanged parameters; the last checkpoint written stays."""
+    from fedclip.algorithms.base import Algorithm
+
+    real = Algorithm.train_client
+
+    def diverging(self, job):
+        if job.config.server_round >= 2:
+            raise TrainingError("training diverged: the local loss became nan")
+        return real(self, job)
+
+    monkeypatch.setattr(Algorithm, "train_client", diverging)
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, **{"checkpoint-every": 1})
+    run_config["rounds"] = 3
+    with pytest.raises(TrainingError, match="diverged on every client.*round 2"):
+        server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)
+    folder = tmp_path / "flower"
+    assert not (folder / "results.json").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "gamma" / "checkpoint.safetensors"), framework="pt") as f:
+        assert f.metadata()["round"] == "1"  # the last good round
 
 
 # --- run folders and checkpoints ------------------------------------------------------------
@@ -365,15 +391,50 @@ def test_predict_refuses_a_download_named_by_a_file(tiny_arch, toy_root, tmp_pat
     assert lines[0].startswith("file,rank") and len(lines) == 3  # header + top 2
 
 
-def test_interrupt_exits_130_with_a_hint(monkeypatch, capsys):
+def test_interrupt_exits_130_with_a_hint_only_where_resume_can_work(monkeypatch, capsys,
+                                                                    tmp_path):
     import fedclip.inprocess.experiment as experiment
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(experiment, "run", interrupted)
-    assert main(["run", "--backbone", "standin", "--rounds", "1", "--out", "/tmp/x"]) == 130
-    assert "continue with --resume" in capsys.readouterr().err
+    argv = ["run", "--backbone", "standin", "--rounds", "1", "--out", str(tmp_path / "x")]
+    assert main(argv) == 130
+    assert "nothing resumable" in capsys.readouterr().err  # no folder, no --resume hint
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")
+    assert main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_sigterm_is_handled_as_an_interrupt(tiny_arch, toy_root, tmp_path, capsys,
+                                           monkeypatch):
+    """SIGTERM mid-run: exit 143 with a line, the lock released, and --resume continues."""
+    import signal
+
+    from fedclip.callbacks import Callback
+
+    out = tmp_path / "r"
+
+    class Kill(Callback):
+        def on_round_end(self, heldout, record):  # noqa: ANN001, ANN201
+            if record.round == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    import fedclip.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks, "loggers_from_specs", lambda *a, **k: [Kill()])
+    argv = ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout",
+            "beta", "--rounds", "3", "--out", str(out), "--set", "checkpoint_seconds=0"]
+    assert main(argv) == 143
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "terminated" in err and "--resume" in err
+    assert not (out / ".fedclip.lock").exists()
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"][0]["history"][-1][
+        "round"] == 3
 
 
 def test_markup_in_paths_is_printed_as_text(tiny_arch, toy_root, tmp_path, capsys):

@@ -155,3 +155,125 @@ def test_an_array_record_with_extra_arrays_is_rejected():
     reply.content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in params.items()})
     s.aggregate_train(1, [reply, _reply(2, _params(s, 2.0), 30)])
     assert "keys" in s._pending["train"].rejected["a"]
+
+
+# --- what a reply's bytes may claim -----------------------------------------------------------
+def _forged(strategy: FedClipStrategy, **fields) -> Message:
+    """A reply whose first array declares ``fields`` (shape, dtype, stype, data) over its bytes."""
+    from flwr.app import Array
+
+    reply = _reply(1, _params(strategy, 1.0), 10)
+    arrays = reply.content["arrays"]
+    key = next(iter(arrays))
+    real = arrays[key]
+    values = {"dtype": real.dtype, "shape": tuple(real.shape), "stype": real.stype,
+              "data": real.data, **fields}
+    arrays[key] = Array(**values)
+    return reply
+
+
+@pytest.mark.parametrize(("fields", "why"), [
+    ({"shape": (10**9,), "data": b"12345678"}, "has shape"),  # a billion elements over 8 bytes
+    ({"data": b"\x93NUMPY" + b"\x00" * 10}, "bytes, not the"),  # too few bytes for its shape
+    ({"data": b"\x00" * (1 << 20)}, "bytes, not the"),  # far more bytes than its shape needs
+    ({"dtype": "object"}, "transfers fp32"),
+    ({"stype": "pickle"}, "transfers fp32"),
+])
+def test_an_array_is_judged_by_its_declared_metadata_before_any_decoding(fields, why,
+                                                                         monkeypatch):
+    """A reply that declares a shape its bytes do not hold is rejected from its metadata:
+    nothing is decoded (a decode would allocate the declared size, or fail deep inside)."""
+    from flwr.app import Array
+
+    s = _strategy()
+    forged = _forged(s, **fields)
+
+    def no_decoding(self):  # noqa: ANN001, ANN202
+        raise AssertionError("decoded an array that was not checked")
+
+    honest = [_reply(2, _params(s, 2.0), 30), _reply(3, _params(s, 4.0), 20)]
+    monkeypatch.setattr(Array, "numpy", no_decoding)
+    s._check(forged)  # rejected without decoding
+    assert why in s._check(forged)[2]
+    monkeypatch.undo()
+    arrays, _ = s.aggregate_train(1, [forged, *honest])
+    assert arrays is not None and why in s._pending["train"].rejected["a"]
+    assert s._pending["train"].bytes_received < (1 << 20) + 10_000  # counted, not decoded
+
+
+def test_a_discovery_reply_without_its_task_names_the_node():
+    from fedclip.flower.server_app import _node_info
+
+    content = RecordDict({"node": ConfigRecord({"client": "a", "role": "train", "domain": "a"}),
+                          "metrics": MetricRecord({"client-index": 0, "num-train": 3,
+                                                   "num-val": 1, "num-test": 1, "images": 5,
+                                                   "dim": 4, "logit-scale": 100.0})})
+    with pytest.raises(KeyError, match="task"):
+        _node_info(1, content)
+    content["node"]["task"] = "x" * 10_000  # bounded, not only present
+    with pytest.raises(ValueError, match="task"):
+        _node_info(1, content)
+
+
+# --- SCAFFOLD's control variates are bounded like parameters ---------------------------------
+def _scaffold() -> FedClipStrategy:
+    cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"),
+                          algorithm="scaffold", batch_size=4)
+    algorithm = get_algorithm(cfg)
+    nodes = {n: NodeInfo(n, c, "train", c, 0, size, 5, 5, size + 10, DIM, 100.0)
+             for n, (c, size) in TRAIN.items()}
+    nodes[9] = NodeInfo(9, "d", "heldout", "d", 0, 0, 0, 40, 40, DIM, 100.0)
+    init = algorithm.init_global(DIM)
+    assert init is not None
+    state = FederationState(0, init, server_state=algorithm.init_server_state(init))
+    strategy = FedClipStrategy(algorithm, nodes, state)
+    list(strategy.configure_train(1, encode(init), ConfigRecord(), Grid()))
+    return strategy
+
+
+def _scaffold_reply(s: FedClipStrategy, node: int, shift: float, steps: int,
+                    scale_dc: float = 1.0) -> Message:
+    """An honest SCAFFOLD reply computed by hand: y = x + shift, dc = -c + (x - y)/(K lr)."""
+    x = s.state.params
+    y = {k: v + shift for k, v in s.algorithm.shared(x).items()}
+    lr = s.algorithm.round_config(1).lr
+    dc = {f"dc/{k}": scale_dc * (-s.state.server_state[f"c/{k}"] + (x[k] - y[k]) / (steps * lr))
+          for k in y}
+    reply = _reply(node, y, TRAIN[node][1])
+    reply.content["metrics"]["steps"] = steps
+    reply.content["extras"] = encode(dc)
+    return reply
+
+
+def test_honest_control_variates_pass_and_a_huge_one_is_rejected():
+    s = _scaffold()
+    steps = {1: 3, 2: 8, 3: 5}  # ceil(size / batch 4) batches of one local epoch
+    honest = [_scaffold_reply(s, n, 1e-3 * n, steps[n]) for n in (2, 3)]
+    huge = _scaffold_reply(s, 1, 1e-3, steps[1], scale_dc=1e34)  # about 3e38 per entry
+    s.aggregate_train(1, [huge, *honest])
+    record = s._pending["train"]
+    assert set(record.train_loss) == {"b", "c"}
+    assert "control variate" in record.rejected["a"]
+    assert all(float(v.abs().max()) < 1e6 for v in s.state.server_state.values())
+
+
+def test_a_reply_that_misreports_its_local_steps_is_rejected():
+    s = _scaffold()
+    s.aggregate_train(1, [_scaffold_reply(s, 1, 1e-3, 1), _scaffold_reply(s, 2, 1e-3, 8)])
+    assert "local steps" in s._pending["train"].rejected["a"]
+
+
+def test_every_client_diverging_fails_the_round():
+    from fedclip.errors import TrainingError
+
+    s = _strategy()
+    replies = []
+    for node in (1, 2):
+        reply = _reply(node, None, TRAIN[node][1])
+        reply.content["metrics"] = MetricRecord({"diverged": 1})
+        replies.append(reply)
+    with pytest.raises(TrainingError, match="diverged on every client"):
+        s.aggregate_train(1, replies)
+    s = _strategy()  # one diverging client among honest ones: recorded, the rest aggregate
+    arrays, _ = s.aggregate_train(1, [replies[0], _reply(2, _params(s, 2.0), 30)])
+    assert arrays is not None and "diverged" in s._pending["train"].rejected["a"]

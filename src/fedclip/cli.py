@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -109,13 +111,15 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
               **flags: Any) -> RunConfig:
     """Defaults, then (``--resume``) the run folder's own config.json, then the preset, then
     ``--set``, then flags; one key set two ways to two values is an error that names it."""
-    saved: dict[str, Any] = {}
+    saved: Any = {}
     if resume_from is not None and (resume_from / "config.json").is_file():
         try:
-            saved = json.loads((resume_from / "config.json").read_text())
-        except ValueError:
-            raise ConfigError(f"{resume_from / 'config.json'} is not valid JSON; pass the "
-                              f"settings again, or start another --out") from None
+            saved = json.loads((resume_from / "config.json").read_text(encoding="utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{resume_from / 'config.json'} is not a JSON object of "
+                              f"settings; pass the settings again, or start another --out")
     values = _parse_set(items)
     for key, value in flags.items():
         if value is None:
@@ -439,10 +443,45 @@ def backbones_command() -> None:
     out_console.print(table)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (locks released, checkpoints kept), exit 143."""
+
+
+_signals: list[int] = []  # the signals this process received (click turns them into Abort)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _signals.append(signum)
+    raise Terminated
+
+
+def _interrupted_hint(argv: list[str] | None) -> str:
+    """What to do after an interrupt: ``--resume`` only where the run folder can resume
+    (it holds its settings), never during a command that has none."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command not in ("run", "compare"):
+        return "nothing to resume"
+    out = Path("runs/latest" if command == "run" else "runs/compare")
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            out = Path(args[i + 1])
+        elif a.startswith("--out="):
+            out = Path(a.split("=", 1)[1])
+    folders = [out] if command == "run" else [f for f in out.glob("*-seed*") if f.is_dir()]
+    if any((f / "config.json").is_file() for f in folders):
+        return (f"continue with the same command and --resume (--out {out}: what was done "
+                f"is kept)")
+    return "nothing resumable was written yet; run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(args=argv, prog_name="fedclip", standalone_mode=False)
     except FedclipError as exc:
@@ -453,8 +492,15 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (click.Abort, KeyboardInterrupt):
         code = 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code == 130 and signal.SIGTERM in _signals:
+        _signals.clear()
+        console.print(f"terminated (SIGTERM); {_interrupted_hint(argv)}")
+        return 143
     if code == 130:  # typer returns 130 for Ctrl-C when not standalone
-        console.print("interrupted; continue with --resume (the last checkpoint is kept)")
+        console.print(f"interrupted; {_interrupted_hint(argv)}")
         return 130
     return code if isinstance(code, int) else 0
 

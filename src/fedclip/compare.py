@@ -171,6 +171,29 @@ def plot(runs: Runs, out: Path) -> None:
     plt.close(fig)
 
 
+COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
+
+
+def check_compare_folder(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a folder holding anything but what compare
+    writes (``compare.*`` and ``<algorithm>-seed<k>`` run folders): the rule ``run`` follows."""
+    import re
+
+    from fedclip.errors import RunFolderError
+
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file; pass a folder for the comparison")
+    if not out.is_dir():
+        return
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in COMPARE_FILES
+                     and not (e.is_dir() and re.fullmatch(r".+-seed\d+", e.name))
+                     and not e.name.startswith("."))
+    if foreign:
+        raise RunFolderError(f"--out {out} holds other files ({', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}) and is not a fedclip "
+                             f"compare folder; choose a new or empty folder")
+
+
 def compare(base: RunConfig, algorithms: list[str], seeds: list[int], out: str | Path, *,
             resume: bool = False, reporter=None,  # noqa: ANN001
             backbone_params: Callable[[], int | None] | None = None,
@@ -195,6 +218,7 @@ def compare(base: RunConfig, algorithms: list[str], seeds: list[int], out: str |
     for a in algorithms:  # the whole plan is checked before the first run
         get_algorithm(base.replace(algorithm=a))
     loggers_from_specs(log_to, out)  # an unknown logger fails before any run
+    check_compare_folder(out)
     runs: Runs = {}
     for algorithm in algorithms:
         for seed in seeds:
@@ -212,10 +236,10 @@ def compare(base: RunConfig, algorithms: list[str], seeds: list[int], out: str |
             f"(mean ± std over seeds).", ""]
     for name, (header, rows) in tables.items():
         text += [f"## {name}", "", markdown(header, rows), ""]
-    atomic_write_text(out / "compare.md", "\n".join(text))
+    atomic_write_text(out / COMPARE_FILES[0], "\n".join(text))
     summary = {"schema": "fedclip-compare/1", "config": base.model_dump(),
                "algorithms": algorithms, "seeds": seeds, "backbone_params": n_params,
                "tables": {k: {"header": h, "rows": r} for k, (h, r) in tables.items()}}
-    atomic_write_json(out / "compare.json", summary)
+    atomic_write_json(out / COMPARE_FILES[1], summary)
     plot(runs, out)
     return summary

@@ -7,6 +7,7 @@ wrongly typed values are errors, never silently ignored.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,8 @@ class RunConfig(BaseModel):
         "'@openai-imagenet' or '@simple-imagenet' for open_clip's ImageNet ensembles. None: "
         "prompt_template alone (the reference).")
     train_fraction: float = Field(0.6, gt=0, lt=1)
-    val_fraction: float = Field(0.2, ge=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="> 0: the round reported is "
+                                "the one best on the clients' val splits.")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     clients_per_domain: int = Field(1, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
@@ -113,11 +115,14 @@ class RunConfig(BaseModel):
         total = self.train_fraction + self.val_fraction + self.test_fraction
         if total > 1.0 + 1e-9:
             raise ValueError(f"train+val+test fractions add up to {total:.3f} > 1")
-        if "{}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain '{}' where the class name goes")
+        check_template(self.prompt_template)
         for t in self.prompt_templates or ():
-            if "{}" not in t and not t.startswith("@"):
-                raise ValueError(f"prompt template {t!r} must contain '{{}}'")
+            if t.startswith("@"):
+                if t not in PROMPT_ENSEMBLES:
+                    raise ValueError(f"unknown prompt ensemble {shorten(t)}; use one of "
+                                     f"{', '.join(PROMPT_ENSEMBLES)} or templates with '{{}}'")
+            else:
+                check_template(t)
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct")
         return self  # algorithm options are checked by the algorithm (get_algorithm)
@@ -159,6 +164,52 @@ class RunConfig(BaseModel):
 
 
 EXTRACT_BATCH_SIZE = 64  # images per forward when neither the run nor the backbone says
+
+# --- limits on what files, folders and other machines tell a run (README: reliability) ------
+MAX_TEMPLATE_CHARS = 300  # a prompt template's length
+PROMPT_ENSEMBLES = ("@openai-imagenet", "@simple-imagenet")  # open_clip's template lists
+MAX_ASPECT_RATIO = 50.0  # an image's longer side over its shorter one (a 1 x 100000 PNG is
+# 475 bytes and would resize to about 5 G pixels); longer ones are skipped with a warning
+SKIPPED_SHOWN = 5  # unreadable files named per folder in a warning (results.json has all)
+
+
+def env_path(name: str) -> Path | None:
+    """An environment variable naming a folder, as users write one: unset or blank is None,
+    ``~`` is expanded."""
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def env_flag(name: str) -> bool:
+    """An environment variable as a switch: unset, blank, 0, false, no and off are off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``repr(text)`` of at most about ``limit`` characters (for messages about input)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
+def check_template(template: str) -> str:
+    """``template`` when it is a prompt with exactly one ``{}`` for the class name and no
+    other replacement field (no field names, conversions or format specs: a template from a
+    file must not read attributes or pad to gigabytes), at most ``MAX_TEMPLATE_CHARS`` long;
+    otherwise ValueError saying why. ``{{`` and ``}}`` are literal braces."""
+    import string
+
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"prompt template {shorten(template)} is longer than "
+                         f"{MAX_TEMPLATE_CHARS} characters")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in
+                  string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"prompt template {shorten(template)} has unbalanced braces ({exc}); "
+                         f"write literal braces as '{{{{' and '}}}}'") from None
+    if fields != [("", "", None)]:
+        raise ValueError(f"prompt template {shorten(template)} must hold exactly one '{{}}' "
+                         f"(where the class name goes) and no other field, name or format")
+    return template
 
 
 class FlowerSettings(BaseModel):
@@ -225,9 +276,15 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     """A TOML preset's values (a one-line ConfigError if missing or not TOML)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"preset {path} does not exist; pass a TOML file (see configs/)")
+        raise ConfigError(f"preset {path} does not exist or is not a regular file; pass a TOML "
+                          f"file (see configs/)")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"preset {path} is not UTF-8 text (byte {exc.start}); save it as "
+                          f"UTF-8 TOML") from None
+    except OSError as exc:
+        raise ConfigError(f"preset {path} cannot be read ({exc.strerror})") from None

@@ -89,18 +89,19 @@ def collate_bytes(batch: list[tuple[int, bytes | None]]):  # noqa: ANN201
     return [i for i, _ in batch], [b for _, b in batch]  # bytes: tensors are made in decode
 
 
-def decode_batch(raw: list[bytes | None], pre: DevicePreprocess, device: str
-                 ) -> tuple[torch.Tensor | None, list[bool]]:
+def decode_batch(raw: list[bytes | None], pre: DevicePreprocess, device: str,
+                 max_aspect: float = float("inf")) -> tuple[torch.Tensor | None, list[bool]]:
     """Decode, resize, crop and normalise a batch of files' bytes on ``device``; (pixels of
-    the readable images, which were readable)."""
+    the readable images, which were readable). An image whose sides differ by more than
+    ``max_aspect`` counts as unreadable (its resize would be enormous)."""
     data = [None if b is None else torch.frombuffer(bytearray(b), dtype=torch.uint8)
             for b in raw]
     with _quiet():
-        return _decode(data, pre, device)
+        return _decode(data, pre, device, max_aspect)
 
 
-def _decode(data: list[torch.Tensor | None], pre: DevicePreprocess, device: str
-            ) -> tuple[torch.Tensor | None, list[bool]]:
+def _decode(data: list[torch.Tensor | None], pre: DevicePreprocess, device: str,
+            max_aspect: float) -> tuple[torch.Tensor | None, list[bool]]:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
@@ -130,6 +131,12 @@ def _decode(data: list[torch.Tensor | None], pre: DevicePreprocess, device: str
     mode = InterpolationMode(pre.interpolation)
     mean = torch.tensor(pre.mean, device=device).view(3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(3, 1, 1)
+    for i, img in enumerate(images):
+        if img is not None and (min(img.shape[-2:]) < 1
+                                or max(img.shape[-2:]) / min(img.shape[-2:]) > max_aspect):
+            images[i] = None
+        elif img is not None and img.dtype == torch.uint16:  # 16-bit PNG: scale to 8 bits
+            images[i] = (img.to(torch.float32) * (255 / 65535)).round().to(torch.uint8)
     out = []
     for img in images:
         if img is None:

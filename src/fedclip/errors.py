@@ -30,3 +30,7 @@ class TrainingError(FedclipError):
 
 class RunFolderError(FedclipError):
     """A run folder that cannot be used: not writable, not a run, or in use by another run."""
+
+
+class StorageError(FedclipError):
+    """A file could not be written: the disk is full or read-only (nothing partial is left)."""

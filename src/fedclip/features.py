@@ -12,18 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from fedclip.backbones import LazyBackbone
-from fedclip.config import EXTRACT_BATCH_SIZE
+from fedclip.config import EXTRACT_BATCH_SIZE, MAX_ASPECT_RATIO, SKIPPED_SHOWN, env_path
 from fedclip.data.folder import Domain
 from fedclip.io import atomic_save_tensors
 from fedclip.tensors import checksum
@@ -35,7 +35,8 @@ Progress = Callable[[int, int], None]  # (images done, images total)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDCLIP_CACHE", Path.home() / ".cache" / "fedclip"))
+    """``$FEDCLIP_CACHE`` (``~`` expanded; blank counts as unset), else ~/.cache/fedclip."""
+    return env_path("FEDCLIP_CACHE") or Path.home() / ".cache" / "fedclip"
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,18 @@ class TextFeatures:
 
 
 # --- keys and entries ---------------------------------------------------------------------
+def file_identity(path: Path) -> tuple[int, int]:
+    """(size, modification time) of a file; (-1, -1) once it is gone (deleted after the scan:
+    it is then skipped as unreadable, not a crash)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
 def image_cache_key(fingerprint: str, domain: Domain) -> str:
-    files = []
-    for f in domain.files:
-        st = f.stat()
-        files.append([str(f.relative_to(domain.root)), st.st_size, st.st_mtime_ns])
+    files = [[str(f.relative_to(domain.root)), *file_identity(f)] for f in domain.files]
     blob = json.dumps({"v": CACHE_VERSION, "backbone": fingerprint, "files": files})
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -97,6 +105,49 @@ def _save_entry(path: Path, key: str, tensors: dict[str, torch.Tensor], **meta: 
 
 
 # --- images -------------------------------------------------------------------------------
+def check_aspect(width: int, height: int) -> str | None:
+    """Why an image of this size is skipped (resizing its shorter side to the backbone's
+    input would make billions of pixels), or None."""
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        return (f"{width} x {height} pixels: aspect ratio over {MAX_ASPECT_RATIO:g}, "
+                f"fedclip's limit")
+    return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit grey ('I;16', or 'I' with 16-bit values) is scaled to 8
+    bits (PIL's own conversion clips it to near white); a float or 32-bit image is a
+    ValueError (skipped, with the reason)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"a 32-bit image (values {values.min():g}..{values.max():g})")
+        return Image.fromarray(np.round(values * (255 / 65535)).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        raise ValueError("a floating-point image (no 8-bit scale is implied)")
+    return img.convert("RGB")
+
+
+def read_image(path: Path, preprocess: Callable) -> tuple[torch.Tensor | None, str | None]:
+    """``preprocess(image)``, or (None, why the file is skipped)."""
+    try:
+        with Image.open(path) as img:
+            why = check_aspect(*img.size)
+            if why is not None:
+                return None, why
+            return preprocess(to_rgb(img)), None
+    except FileNotFoundError:
+        return None, "deleted while the run read it"
+    except Image.DecompressionBombError:
+        return None, "too many pixels (PIL's decompression-bomb limit)"
+    except Image.UnidentifiedImageError:
+        return None, "not an image PIL can read"
+    except ValueError as exc:  # to_rgb's reasons
+        return None, str(exc)[:100]
+    except (OSError, SyntaxError) as exc:
+        return None, f"unreadable ({type(exc).__name__})"
+
+
 class _ImageFiles(torch.utils.data.Dataset):
     def __init__(self, files: tuple[Path, ...], preprocess: Callable) -> None:
         self.files, self.preprocess = files, preprocess
@@ -104,19 +155,28 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
-        try:
-            with Image.open(self.files[i]) as img:
-                return i, self.preprocess(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return i, None
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        return i, *read_image(self.files[i], self.preprocess)
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None]]):  # noqa: ANN202
-    ok = [(i, t) for i, t in batch if t is not None]
-    bad = [i for i, t in batch if t is None]
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):  # noqa: ANN202
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, why or "unreadable") for i, t, why in batch if t is None]
     pixels = torch.stack([t for _, t in ok]) if ok else None
     return [i for i, _ in ok], pixels, bad
+
+
+def warn_skipped(domain: str, skipped: list[tuple[str, str]]) -> None:
+    """One warning per folder: how many files were skipped there, the first few with their
+    reason (the whole list goes into results.json, ``skipped_images``)."""
+    by_folder: dict[str, list[tuple[str, str]]] = {}
+    for name, why in skipped:
+        by_folder.setdefault(str(Path(name).parent), []).append((name, why))
+    for folder, items in by_folder.items():
+        shown = "; ".join(f"{Path(n).name} ({why})" for n, why in items[:SKIPPED_SHOWN])
+        more = f"; and {len(items) - SKIPPED_SHOWN} more" if len(items) > SKIPPED_SHOWN else ""
+        log.warning("skipped %d image(s) in %s/%s: %s%s (all listed in results.json)",
+                    len(items), domain, folder, shown, more)
 
 
 def image_features(
@@ -157,19 +217,19 @@ def image_features(
     loader = _loader(domain, model, batch_size, workers, pre, backbone.device)
     feats = torch.zeros(len(domain), model.embed_dim)
     valid = torch.zeros(len(domain), dtype=torch.bool)
-    skipped: list[str] = []
+    bad_files: list[tuple[str, str]] = []
     done, start = 0, time.perf_counter()
     for idx, pixels, bad in loader:
         if pixels is not None:
             feats[idx] = backbone.encode_images(pixels).float().cpu()
             valid[idx] = True
-        skipped += [str(domain.files[i].relative_to(domain.root)) for i in bad]
+        bad_files += [(str(domain.files[i].relative_to(domain.root)), why) for i, why in bad]
         done += len(idx) + len(bad)
         if progress:
             progress(done, len(domain))
     rate = len(domain) / max(time.perf_counter() - start, 1e-9)
-    for s in skipped:
-        log.warning("skipped unreadable image %s/%s", domain.name, s)
+    warn_skipped(domain.name, bad_files)
+    skipped = [name for name, _ in bad_files]
     _save_entry(path, key, {"features": feats, "valid": valid.to(torch.uint8)},
                 skipped=json.dumps(skipped), backbone=backbone.spec, domain=domain.name)
     return ImageFeatures(feats, valid, tuple(skipped), from_cache=False, images_per_second=rate)
@@ -192,9 +252,10 @@ def _loader(domain: Domain, model, batch_size: int | None, workers: int,  # noqa
 
     def batches():  # noqa: ANN202
         for ids, data in raw:
-            pixels, ok = decode_batch(data, pre, device)
+            pixels, ok = decode_batch(data, pre, device, MAX_ASPECT_RATIO)
             yield ([i for i, good in zip(ids, ok, strict=True) if good], pixels,
-                   [i for i, good in zip(ids, ok, strict=True) if not good])
+                   [(i, "unreadable, or its aspect ratio is over the limit")
+                    for i, good in zip(ids, ok, strict=True) if not good])
     return batches()
 
 
@@ -214,7 +275,7 @@ def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None 
         num_workers=workers, collate_fn=_collate)
     pixels: torch.Tensor | None = None
     valid = torch.zeros(len(domain), dtype=torch.bool)
-    skipped: list[str] = []
+    bad_files: list[tuple[str, str]] = []
     done = 0
     for idx, batch, bad in loader:
         if batch is not None:
@@ -222,13 +283,14 @@ def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None 
                 pixels = torch.zeros(len(domain), *batch.shape[1:])
             pixels[idx] = batch
             valid[idx] = True
-        skipped += [str(domain.files[i].relative_to(domain.root)) for i in bad]
+        bad_files += [(str(domain.files[i].relative_to(domain.root)), why) for i, why in bad]
         done += len(idx) + len(bad)
         if progress:
             progress(done, len(domain))
     if pixels is None:
         pixels = torch.zeros(len(domain), 3, 1, 1)
-    return ImageFeatures(pixels, valid, tuple(skipped))
+    warn_skipped(domain.name, bad_files)
+    return ImageFeatures(pixels, valid, tuple(name for name, _ in bad_files))
 
 
 # --- class prompts ------------------------------------------------------------------------

@@ -58,6 +58,14 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
         raise BackboneError(f"the adapter names backbone {adapter.backbone!r}, which downloads "
                             f"weights; confirm it with --backbone {adapter.backbone} or pass "
                             f"--allow-download")
+    # the adapter's own backbone: an algorithm that loads a backbone (fedavg-full, promptfl)
+    # loads this one, which the download guard above covered, never the default
+    try:
+        run = RunConfig(algorithm=adapter.algorithm, backbone=adapter.backbone,
+                        options={adapter.algorithm: adapter.options})
+    except ValueError as exc:
+        raise FedclipError(f"{adapter_path} has settings fedclip cannot use ({exc})") from None
+    algorithm = get_algorithm(run)
     lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
     files = [f.resolve() for f in list_images(inputs)]
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
@@ -74,8 +82,6 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
         raise BackboneError(f"backbone {adapter.backbone} gives {text.features.shape[1]}-d "
                             f"features but the adapter expects {adapter.dim}")
     class_text = F.normalize(text.features, dim=-1)
-    algorithm = get_algorithm(RunConfig(algorithm=adapter.algorithm,
-                                        options={adapter.algorithm: adapter.options}))
     algorithm.setup(tuple(prompts), class_text)
     module = algorithm.build_module(adapter.dim)
     try:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fedclip.algorithms import get_algorithm
 from fedclip.backbones import LazyBackbone, resolve_device
-from fedclip.config import RunConfig
+from fedclip.config import PROMPT_ENSEMBLES, RunConfig
 from fedclip.core.client import ClientData, Split
 from fedclip.data.folder import Domain, DomainDataset, scan_dataset, scan_domain
 from fedclip.data.sources import resolve_data_root
@@ -74,8 +74,9 @@ def prompts(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(cfg.prompt_template.format(class_to_text(c)) for c in classes)
 
 
-ENSEMBLES = {"@openai-imagenet": "OPENAI_IMAGENET_TEMPLATES",
-             "@simple-imagenet": "SIMPLE_IMAGENET_TEMPLATES"}
+# "@openai-imagenet" -> open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+ENSEMBLES = {name: name[1:].replace("-", "_").upper() + "_TEMPLATES"
+             for name in PROMPT_ENSEMBLES}
 
 
 def templates(names: tuple[str, ...]) -> list[str]:
@@ -129,7 +130,7 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
 
 def cache_dir(cfg: RunConfig) -> Path:
     """The feature cache of this run."""
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
 def backbone(cfg: RunConfig) -> LazyBackbone:

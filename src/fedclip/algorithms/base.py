@@ -160,6 +160,14 @@ class Algorithm:
         """Names and shapes of the extras a client must send back (checked by the server)."""
         return {}
 
+    def check_extras(self, current: Params, update: ClientUpdate, server_state: State,
+                     config: RoundConfig, quantum: float) -> str | None:
+        """Why a reply's extras are out of the bounds its parameters allow, or None (the
+        server calls this after the parameters passed its own rules; ``quantum`` is the
+        transfer's relative rounding: fp16 ~1e-3). Extras are otherwise checked only for
+        names, shapes and finiteness, so an algorithm that declares extras bounds them here."""
+        return None
+
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
                   ) -> tuple[Params, State]:
         """The next global parameters (and server state) from this round's updates."""

@@ -11,7 +11,7 @@ an approximation; with SGD it is exact.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, State
 from fedclip.algorithms.registry import register
+from fedclip.core.client import RoundConfig, steps_per_round
 from fedclip.tensors import Params
 
 C, CI, DC = "c/", "ci/", "dc/"  # server variate (sent), client variate (kept), its change (sent)
@@ -38,6 +39,34 @@ class Scaffold(Algorithm):
 
     def reply_extras(self, global_params: Params) -> dict[str, torch.Size]:
         return {DC + k: v.shape for k, v in self.shared(global_params).items()}
+
+    def check_extras(self, current: Params, update: ClientUpdate, server_state: State,
+                     config: RoundConfig, quantum: float) -> str | None:
+        """``dc_i = c_i+ - c_i = -c + (x - y_i) / (K lr)``: the client's own variate cancels,
+        so the server bounds ``||dc_i + c||`` by what the (already accepted) parameters allow,
+        ``||x - y_i|| / (K lr)``, with K counted from the declared train size (not from the
+        reply) and slack for the transfer's rounding. A variate change of 3e38 is refused
+        however its parameters look."""
+        steps = steps_per_round(self.cfg, update.num_examples, config.local_epochs)
+        if update.steps != steps:
+            return f"reported {update.steps} local steps, its train size gives {steps}"
+
+        def norm(tensors: Iterable[torch.Tensor]) -> float:
+            return float(torch.sqrt(sum(((v.double() ** 2).sum() for v in tensors),
+                                        torch.zeros((), dtype=torch.float64))))
+
+        moved = norm(current[k] - y for k, y in update.params.items())
+        rounding = quantum * (norm(update.params.values()) + norm(current[k] for k in
+                                                                  update.params))
+        drift = norm(update.extras[DC + k] + server_state[C + k] for k in update.params)
+        change = norm(update.extras.values())
+        variate = norm(server_state[C + k] for k in update.params)
+        bound = (moved + rounding) / (max(steps, 1) * config.lr) * (1 + quantum) \
+            + quantum * (change + variate) + 1e-6
+        if drift > bound:
+            return (f"control variate change of norm {change:.3g} is not what its parameters "
+                    f"imply (off by {drift:.3g}, bound {bound:.3g})")
+        return None
 
     def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
         named = dict(module.named_parameters())

@@ -28,7 +28,6 @@ dependencies only when a backbone of that kind is built. A provider module has
 from __future__ import annotations
 
 import importlib
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from typing import Any, Protocol, cast, runtime_checkable
 import torch
 from PIL import Image
 
-from fedclip.errors import BackboneError
+from fedclip.config import env_flag
+from fedclip.errors import BackboneError, ConfigError
 
 
 @runtime_checkable
@@ -188,7 +188,7 @@ def check_available(spec: str) -> None:
     if source is None:
         return
     host = source.split("://", 1)[-1].split("/", 1)[0]
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and "huggingface" in host:
+    if env_flag("HF_HUB_OFFLINE") and "huggingface" in host:
         why = "HF_HUB_OFFLINE is set"
     else:
         failure = _reachable(host)
@@ -239,7 +239,26 @@ class LazyBackbone:
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def available_devices() -> list[str]:
+    """The devices torch can use here."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())
+                       if torch.cuda.is_available()]
+    mps = getattr(torch.backends, "mps", None)
+    return found + (["mps"] if mps is not None and mps.is_available() else [])
+
+
 def resolve_device(device: str) -> str:
+    """``device`` ("auto": cuda when there is one), checked: a device this machine lacks is
+    a one-line ConfigError that lists those it has (not a driver's stack trace)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    here = available_devices()
+    kind, _, index = device.partition(":")
+    known = kind in ("cpu", "cuda", "mps") and (not index or (kind == "cuda" and index.isdigit()))
+    present = device in here or (device == "cuda" and "cuda:0" in here) or (
+        kind == "cpu" and not index)
+    if not known or not present:
+        what = "is not a device torch knows" if not known else "is not available here"
+        raise ConfigError(f"device {device!r} {what}; this machine has {', '.join(here)} "
+                          f"(or pass --device auto)")
     return device

@@ -8,6 +8,8 @@ initialised from a fixed seed so that feature caches stay valid across processes
 from __future__ import annotations
 
 import hashlib
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +31,13 @@ FINETUNABLE = True  # the -full baselines and PromptFL train open_clip models
 
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, at most 200 characters (libraries' messages run
+    to pages)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 class OpenClipBackbone:
     default_batch_size = EXTRACT_BATCH_SIZE
 
@@ -39,15 +48,22 @@ class OpenClipBackbone:
         self.arch, self.tag, self.device = arch, tag, device
         pretrained = _validate(arch, tag)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 torch.manual_seed(0)  # `@none`: the same random weights in every process
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=pretrained, device=device
                 )
-        except (OSError, RuntimeError, ValueError) as exc:
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) refused it; its
+            # text suggests weights_only=False: never for a file from elsewhere
+            raise BackboneError(f"{tag} is not a plain weights file (safe loading refused "
+                                f"it: it holds Python objects, not only tensors); pass a "
+                                f"checkpoint of tensors only") from None
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
             hint = (f". Offline? Download the weights once and pass the file: "
                     f"open_clip:{arch}@/path/to/checkpoint.pt" if pretrained else "")
-            raise BackboneError(f"could not build {self.spec}: {exc}{hint}") from None
+            raise BackboneError(f"could not build {self.spec}: {first_line(exc)}{hint}"
+                                ) from None
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fedclip.config import RunConfig
+from fedclip.config import PROMPT_ENSEMBLES, RunConfig, check_template
 from fedclip.errors import FedclipError
 from fedclip.io import atomic_save_tensors
 from fedclip.tensors import Params, checksum
@@ -82,6 +82,15 @@ def load_adapter(path: str | Path) -> Adapter:
     except (KeyError, ValueError, TypeError) as exc:
         raise FedclipError(f"{path} has damaged adapter metadata ({type(exc).__name__}: "
                            f"{exc}); re-export it from its run folder") from None
+    try:  # a template is a format string: one from a file is checked before any use
+        for template in (adapter.prompt_template, *adapter.prompt_templates):
+            if not isinstance(template, str) or not (
+                    template in PROMPT_ENSEMBLES or check_template(template)):
+                raise ValueError(f"prompt template {template!r} is not a string")
+    except ValueError as exc:
+        raise FedclipError(f"{path}: {exc}; it cannot be used safely") from None
+    if not all(isinstance(c, str) and 0 < len(c) <= 256 for c in adapter.classes):
+        raise FedclipError(f"{path} has class names that are not short strings")
     if not adapter.classes or not adapter.logit_scale > 0:
         raise FedclipError(f"{path} has no classes or no logit scale; it cannot classify")
     if not all(torch.isfinite(v).all() for v in params.values()):

@@ -22,8 +22,8 @@ import torch
 from fedclip.config import RunConfig
 from fedclip.core.records import RecordError, RoundRecord
 from fedclip.core.state import FederationState
-from fedclip.errors import ResumeError
-from fedclip.io import atomic_save_tensors, atomic_write_text
+from fedclip.errors import ResumeError, StorageError
+from fedclip.io import atomic_save_tensors, atomic_write_text, storage_problem
 from fedclip.tensors import checksum
 
 FLAT = ("global", "best", "server")  # prefix/<name>
@@ -74,10 +74,20 @@ def _append_history(path: Path, history: list[RoundRecord]) -> None:
     done = _read_last_round(path)
     new = [r for r in history if r.round > done]
     if new:
-        with path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r.to_json()) + "\n" for r in new)
-            f.flush()
-            os.fsync(f.fileno())
+        text = "".join(json.dumps(r.to_json()) + "\n" for r in new).encode("utf-8")
+        with path.open("ab") as f:
+            before = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:  # a full disk: no torn line is left behind
+                f.truncate(before)
+                if storage_problem(exc):
+                    raise StorageError(f"cannot write {path}: the disk is {storage_problem(exc)}"
+                                       f" ({len(text)} bytes needed); free space or choose "
+                                       f"another folder") from None
+                raise
 
 
 def _read_last_round(path: Path) -> int:

@@ -189,6 +189,14 @@ def batch_schedule(cfg: RunConfig, n: int, epochs: int, seed: int) -> list[torch
     return batches
 
 
+def steps_per_round(cfg: RunConfig, n: int, epochs: int) -> int:
+    """How many batches :func:`batch_schedule` gives a client of ``n`` examples (what the
+    server can know from a declared train size, without the data)."""
+    full, rest = divmod(n, cfg.batch_size)
+    last = 1 if rest >= 2 or (rest == 1 and cfg.loss != "clip") else 0
+    return epochs * (full + last)
+
+
 def diverged(config: RoundConfig, value: float | None = None) -> TrainingError:
     """The error of a client whose training diverged (the run keeps its last checkpoint)."""
     what = "non-finite weights" if value is None else f"a local loss of {value}"

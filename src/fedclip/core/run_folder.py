@@ -198,6 +198,26 @@ class HeldoutRun:
             (self.dir / HISTORY).unlink(missing_ok=True)  # a fresh run: no stale history
         self._saved = time.monotonic()
 
+    def check_shapes(self, init: Params | None) -> None:
+        """Refuse a resumed state whose parameters are not those of this run's model (the
+        names and shapes of ``init``, the algorithm's fresh parameters), in one line, before
+        they reach a module (a checkpoint edited and its checksum recomputed)."""
+        if self.resumed is None or init is None:
+            return
+        for what, params in (("global", self.resumed.global_params),
+                             ("best", self.resumed.best_params)):
+            if params is None:
+                continue
+            wrong = sorted(set(params) ^ set(init)) or [
+                k for k in init if tuple(params[k].shape) != tuple(init[k].shape)]
+            if wrong:
+                key = wrong[0]
+                got = tuple(params[key].shape) if key in params else "missing"
+                want = tuple(init[key].shape) if key in init else "none"
+                raise ResumeError(f"checkpoint {self.dir / CHECKPOINT} does not fit this run's "
+                                  f"model ({what} {key}: {got}, expected {want}); delete it "
+                                  f"to start over")
+
     def checkpoint(self, state: FederationState) -> None:
         """Write ``state`` now."""
         save_checkpoint(self.dir / CHECKPOINT, state, self.fingerprint, self.fields)

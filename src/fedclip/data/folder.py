@@ -57,14 +57,19 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def _hidden(path: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and e.name.startswith("."))
+
+
+def _image_files(class_dir: Path, seen_files: dict[tuple[int, int], str] | None = None
+                 ) -> list[Path]:
     """Image files under a class folder, sorted as ImageFolder walks. Symbolic links are
     followed, but a folder is visited once (a link loop cannot multiply images) and a file
     reached twice through links counts once; dangling links and anything that is not a
     regular file (a FIFO named .jpg would hang a reader) are skipped, with a warning."""
     files: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
+    seen_files = {} if seen_files is None else seen_files  # file -> the class it counts for
     skipped: list[str] = []
     walked = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
@@ -92,9 +97,11 @@ def _image_files(class_dir: Path) -> list[Path]:
                 continue
             real_file = (st.st_dev, st.st_ino)  # from the stat above: no extra system call
             if real_file in seen_files:
-                skipped.append(f"{path} (the same file as another one, through a link)")
+                skipped.append(f"{path} (the same file as one in class "
+                               f"{seen_files[real_file]!r}, through a link: counted there "
+                               f"only)")
                 continue
-            seen_files.add(real_file)
+            seen_files[real_file] = class_dir.name
             files.append(path)
     if skipped:
         log.warning("skipped %d entries under %s: %s", len(skipped), class_dir,
@@ -119,6 +126,9 @@ def scan_dataset(root: str | Path, dataset: str = "auto",
         raise DataError(f"data root {root} does not exist or is not a folder; "
                         f"pass --data-root pointing at a folder laid out as {LAYOUT}")
     domain_names = _subdirs(root)
+    if _hidden(root):
+        _warn_once(root, [f"ignored hidden folder(s) {', '.join(_hidden(root))} under {root} "
+                          f"(names starting with '.'): not domains"])
     if not domain_names:
         raise DataError(f"data root {root} has no domain folders; expected {LAYOUT}")
     _check_depth(root, domain_names)
@@ -158,10 +168,24 @@ def _read_domain(droot: Path, name: str, classes: tuple[str, ...], class_dirs: l
     index = {c: i for i, c in enumerate(classes)}
     files: list[Path] = []
     labels: list[int] = []
+    seen: dict[tuple[int, int], str] = {}  # a file reached from two classes gets one label
+    real_dirs: dict[str, str] = {}
     for c in class_dirs:
-        found = _image_files(droot / c)
+        real = os.path.realpath(droot / c)
+        if real in real_dirs:  # a class folder that links to another class's folder
+            _warn_once(droot, [f"class folder {name}/{c} is a link to class "
+                               f"{real_dirs[real]!r}: its images are counted under "
+                               f"{real_dirs[real]!r} only"])
+            continue
+        real_dirs[real] = c
+        found = _image_files(droot / c, seen)
         files += found
         labels += [index[c]] * len(found)
+    hidden = _hidden(droot)
+    if hidden:
+        _warn_once(droot, [f"ignored hidden folder(s) {', '.join(hidden)} in domain "
+                           f"{name!r} (names starting with '.'); rename them to use their "
+                           f"images"])
     if not files:
         raise DataError(f"domain {name!r} has no images under {droot}; expected "
                         f"<class>/<image> with one of {', '.join(IMG_EXTENSIONS)}; "

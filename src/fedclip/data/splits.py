@@ -92,6 +92,11 @@ def domain_clients(domain: Domain, *, seed: int, fractions: tuple[float, float, 
     for p_index, members in enumerate(parts):
         train, val, test = reference_split(len(members), seed, fractions)
         name = domain.name if clients_per_domain == 1 else f"{domain.name}#{p_index}"
+        if len(train) == 0:
+            raise DataError(f"client {name!r} gets no training image: {len(members)} images "
+                            f"x train fraction {fractions[0]:g} < 1; raise train_fraction"
+                            + (" or lower clients_per_domain" if clients_per_domain > 1
+                               else ""))
         clients.append(ClientSplit(name, domain.name, members[train], members[val],
                                    members[test]))
     return clients

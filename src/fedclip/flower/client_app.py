@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import torch
@@ -19,12 +20,14 @@ from fedclip.algorithms.base import Algorithm
 from fedclip.config import FlowerSettings
 from fedclip.core.client import ClientJob, RoundConfig, personalize, round_seed
 from fedclip.core.client import evaluate as evaluate_split
+from fedclip.errors import TrainingError
 from fedclip.flower.codec import decode, encode, run_config_to_cfg
 from fedclip.flower.node import node_for
 from fedclip.task import Site
 from fedclip.tensors import State
 
 STATE_KEY = "fedclip.client-state"
+log = logging.getLogger(__name__)
 
 
 def task_fingerprint(site: Site) -> str:
@@ -82,7 +85,11 @@ def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer
     job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
                     site.class_text, site.logit_scale,
                     round_seed(algorithm.cfg.seed, config.server_round, site.name))
-    update = algorithm.train_client(job)
+    try:
+        update = algorithm.train_client(job)
+    except TrainingError as exc:  # the server decides what a divergence means for the run
+        log.warning("%s: %s", site.name, exc)
+        return RecordDict({"metrics": MetricRecord({"diverged": 1})})
     save_state(context_state, state)
     metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss,
                             "train-seconds": update.seconds, "steps": update.steps})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from pydantic import ValidationError
 
 from fedclip.config import FlowerSettings, RunConfig
@@ -15,6 +16,7 @@ from fedclip.tensors import Params
 
 TRANSFER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
+HEADER_BYTES = 4096  # the most an array's wire header may add to its data (numpy's .npy: 128)
 FLOWER_KEYS = FlowerSettings.keys()  # run-config keys of the Flower layer, with defaults
 
 
@@ -29,31 +31,81 @@ def decode(record: ArrayRecord, device: str | torch.device = "cpu") -> Params:
     return {k: v.to(device, torch.float32) for k, v in record.to_torch_state_dict().items()}
 
 
+def _declared_nbytes(array: Array) -> int | None:
+    """The bytes an array's declared shape and dtype need, or None when they are not a
+    plain numeric array's (read from the metadata only: nothing is decoded)."""
+    try:
+        itemsize = np.dtype(str(array.dtype)).itemsize
+        shape = tuple(int(n) for n in array.shape)
+    except (TypeError, ValueError):
+        return None
+    if any(n < 0 for n in shape) or len(shape) > 32:
+        return None
+    return itemsize * math.prod(shape)
+
+
 def payload_bytes(record: ArrayRecord) -> int:
-    """The bytes of a record's arrays."""
-    return sum(int(a.numpy().nbytes) for a in record.values())
+    """The bytes of a record's arrays: the declared size where the data holds it (the wire
+    format adds a small header), else the bytes that came. Nothing is decoded."""
+    total = 0
+    for array in record.values():
+        declared, came = _declared_nbytes(array), len(array.data)
+        total += declared if declared is not None and 0 <= came - declared <= HEADER_BYTES \
+            else came
+    return total
+
+
+def well_formed(record: ArrayRecord, max_bytes: int) -> str | None:
+    """Why ``record`` cannot be decoded safely (an array whose bytes do not hold its declared
+    shape, or more than ``max_bytes`` in all), or None; nothing is decoded."""
+    total = 0
+    for key, array in record.items():
+        need = _declared_nbytes(array)
+        if str(array.stype) != "numpy.ndarray" or need is None \
+                or not 0 <= len(array.data) - need <= HEADER_BYTES:
+            return f"array {key} does not hold the shape and dtype it declares"
+        total += need
+    return f"arrays of {total} bytes, over the {max_bytes} allowed" if total > max_bytes else None
 
 
 def check_arrays(record: ArrayRecord, expected: dict[str, torch.Size], transfer: str,
                  what: str = "update") -> tuple[Params | None, str | None]:
     """Decode ``record`` if it holds exactly ``expected`` (names, shapes, the run's transfer
-    dtype, finite values); else return why not."""
-    try:
-        arrays = record.to_torch_state_dict()
-    except Exception as exc:  # a malformed record: never let it reach the aggregate
-        return None, f"{what} is not decodable ({type(exc).__name__})"
-    if set(arrays) != set(expected):
-        return None, f"{what} keys {sorted(set(arrays) ^ set(expected))} differ from the expected"
+    dtype, finite values); else return why not.
+
+    Names, dtype, shape, storage type and byte length are checked on the arrays' metadata
+    **before** anything is decoded, so a reply declaring a shape its bytes do not hold (or
+    a billion elements) costs nothing: the largest allocation is what ``expected`` needs."""
+    if set(record) != set(expected):
+        return None, f"{what} keys {sorted(set(record) ^ set(expected))} differ from the expected"
     dtype = TRANSFER_DTYPES[transfer]
-    for key, value in arrays.items():
+    wire = str(dtype).removeprefix("torch.")
+    for key, array in record.items():
+        if str(array.stype) != "numpy.ndarray" or str(array.dtype) != wire:
+            return None, (f"{what} {key} is {array.stype} of {array.dtype}, this run "
+                          f"transfers {transfer} arrays")
+        try:
+            shape = tuple(int(n) for n in array.shape)
+        except (TypeError, ValueError):
+            shape = ()
+        if shape != tuple(expected[key]):
+            return None, f"{what} {key} has shape {array.shape}, expected {tuple(expected[key])}"
+        need = _declared_nbytes(array) or 0
+        if not 0 <= len(array.data) - need <= HEADER_BYTES:
+            return None, (f"{what} {key} holds {len(array.data)} bytes, not the {need} its "
+                          f"shape and dtype need")
+    params: Params = {}
+    for key, array in record.items():
+        try:
+            value = torch.from_numpy(np.array(array.numpy(), dtype=np.dtype(wire), copy=True))
+        except Exception as exc:  # noqa: BLE001 - a malformed payload of the right length
+            return None, f"{what} {key} is not decodable ({type(exc).__name__})"
         if tuple(value.shape) != tuple(expected[key]):
-            return None, (f"{what} {key} has shape {tuple(value.shape)}, expected "
-                          f"{tuple(expected[key])}")
-        if value.dtype != dtype:
-            return None, f"{what} {key} is {value.dtype}, this run transfers {transfer}"
+            return None, f"{what} {key} decodes to shape {tuple(value.shape)}"
         if not torch.isfinite(value).all():
             return None, f"{what} {key} contains NaN or inf"
-    return {k: v.float() for k, v in arrays.items()}, None
+        params[key] = value.float()
+    return params, None
 
 
 def finite_number(value: Any, low: float = -math.inf, high: float = math.inf) -> float | None:

@@ -38,9 +38,13 @@ from fedclip.flower.codec import (
     finite_number,
     require_one_heldout,
     run_config_to_cfg,
+    well_formed,
 )
 from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.task import prompts, run_classes
+
+MAX_INIT_BYTES = 1 << 30  # initial parameters a node may send at discovery
+MAX_SKIPPED_LISTED = 10_000  # unreadable files a node may list
 
 
 def planned_domains(cfg: RunConfig) -> list[str] | None:
@@ -50,8 +54,17 @@ def planned_domains(cfg: RunConfig) -> list[str] | None:
     return [d for d in spec.domains if d != cfg.heldout] if spec else None
 
 
-def _node_info(node_id: int, content: RecordDict) -> NodeInfo:
+def _node_info(node_id: int, content: RecordDict) -> tuple[NodeInfo, str]:
+    """A discovery reply as (the node's identity, its task fingerprint); KeyError, ValueError
+    or TypeError for anything missing, malformed or out of bounds (names of at most 256
+    characters, at most ``MAX_SKIPPED_LISTED`` skipped files listed)."""
     info, metrics = content["node"], content["metrics"]
+    names: dict[str, str] = {}
+    for key in ("client", "role", "domain", "task"):
+        value = info[key]
+        if not isinstance(value, str) or not 0 < len(value) <= 256:
+            raise ValueError(f"{key} missing or not a short string")
+        names[key] = value
     numbers = {k: finite_number(metrics.get(k), 0) for k in
                ("client-index", "num-train", "num-val", "num-test", "images", "dim")}
     scale = finite_number(metrics.get("logit-scale"), 1e-6)
@@ -59,10 +72,13 @@ def _node_info(node_id: int, content: RecordDict) -> NodeInfo:
     bad = [k for k in numbers if k not in ints]
     if bad or scale is None:
         raise ValueError(f"invalid {', '.join(bad) or 'logit-scale'}")
-    return NodeInfo(node_id, str(info["client"]), str(info["role"]), str(info["domain"]),
+    skipped = json.loads(str(info.get("skipped", "[]"))[:MAX_SKIPPED_LISTED * 300])
+    if not isinstance(skipped, list) or not all(isinstance(f, str) for f in skipped):
+        raise TypeError("skipped must list file names")
+    return NodeInfo(node_id, names["client"], names["role"], names["domain"],
                     ints["client-index"], ints["num-train"], ints["num-val"], ints["num-test"],
                     ints["images"], ints["dim"], float(scale),
-                    tuple(json.loads(str(info.get("skipped", "[]")))))
+                    tuple(f[:300] for f in skipped[:MAX_SKIPPED_LISTED])), names["task"]
 
 
 def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
@@ -94,14 +110,21 @@ def discover(grid: Grid, cfg: RunConfig, min_nodes: int, timeout: float,
             problems.append(f"node {node_id} failed: {reason}")
             continue
         try:
-            info = _node_info(node_id, reply.content)
+            info, task = _node_info(node_id, reply.content)
         except (KeyError, ValueError, TypeError) as exc:
-            problems.append(f"node {node_id} sent a malformed identity ({exc})")
+            problems.append(f"node {node_id} sent a malformed identity "
+                            f"({type(exc).__name__}: {exc})")
             continue
         nodes[node_id] = info
         if inits is not None and "init" in reply.content.array_records:
-            inits[node_id] = decode(reply.content.array_records["init"])
-        tasks.setdefault(str(reply.content["node"]["task"]), []).append(info.client)
+            record = reply.content.array_records["init"]
+            why = well_formed(record, MAX_INIT_BYTES)
+            if why is not None:
+                problems.append(f"node {node_id} ({info.client}) sent malformed initial "
+                                f"parameters: {why}")
+                continue
+            inits[node_id] = decode(record)
+        tasks.setdefault(task, []).append(info.client)
     problems += check_federation(cfg, nodes, planned, len(tasks))
     if inits is not None:
         ref = next(iter(inits.values()), None)
@@ -207,6 +230,7 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
         raise ConfigError(f"algorithm {cfg.algorithm!r} has no global parameters to federate")
     folder.write_config()
     writer = folder.start(cfg.heldout, resumed)
+    writer.check_shapes(init)
     if resumed is not None:
         log(INFO, "resuming after round %d", resumed.round)
     state = resumed or FederationState(0, init, server_state=algorithm.init_server_state(init))

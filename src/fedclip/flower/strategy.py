@@ -37,9 +37,12 @@ from fedclip.config import FlowerSettings
 from fedclip.core.client import ClientUpdate
 from fedclip.core.records import Personalized, RoundRecord
 from fedclip.core.state import FederationState
+from fedclip.errors import TrainingError
 from fedclip.flower.codec import check_arrays, decode, encode, finite_number, payload_bytes
 from fedclip.sampling import sample_clients
 
+DIVERGED = "its training diverged (a non-finite loss or weights)"
+QUANTUM = {"fp32": 1e-6, "fp16": 2.0 ** -10}  # a transfer's relative rounding, with slack
 Evaluation = tuple[dict[str, float], dict[str, float], float | None]  # val, test, held-out
 
 
@@ -131,6 +134,9 @@ class FedClipStrategy(FedAvg):
         if msg.has_error():
             return info.client, None, f"error reply: {msg.error.reason}", 0
         content = msg.content
+        if "metrics" in content.metric_records and \
+                content.metric_records["metrics"].get("diverged") == 1:
+            return info.client, None, DIVERGED, 0
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
             return info.client, None, "malformed reply (no arrays or no metrics)", 0
         received = sum(payload_bytes(r) for r in content.array_records.values())
@@ -155,9 +161,15 @@ class FedClipStrategy(FedAvg):
         loss = finite_number(metrics.get("train-loss"))
         if loss is None:
             return info.client, None, "train-loss missing or not a finite number", received
-        steps = finite_number(metrics.get("steps"), 0) or 0
-        return info.client, ClientUpdate(params, extras, info.num_train, loss,
-                                         steps=int(steps)), None, received
+        steps = finite_number(metrics.get("steps"), 0, 1e12) or 0
+        update = ClientUpdate(params, extras, info.num_train, loss, steps=int(steps))
+        if extras:
+            why = self.algorithm.check_extras(
+                self.state.params, update, self.state.server_state,
+                self.algorithm.round_config(self._pending["round"]), QUANTUM[self.transfer])
+            if why is not None:
+                return info.client, None, why, received
+        return info.client, update, None, received
 
     def _outliers(self, updates: dict[str, ClientUpdate]) -> dict[str, str]:
         """Updates too far from the global parameters: farther than ``norm_factor`` x the
@@ -216,6 +228,12 @@ class FedClipStrategy(FedAvg):
             self._pending["round"], {c: u.loss for c, u in updates.items()}, 0.0,
             self._pending["sent"], received, missing=missing, rejected=rejected)
         if not updates:
+            if rejected and set(rejected.values()) == {DIVERGED}:
+                raise TrainingError(
+                    f"training diverged on every client that answered in round "
+                    f"{self._pending['round']} (lr "
+                    f"{self.algorithm.round_config(self._pending['round']).lr:g}); lower the "
+                    f"learning rate. The last good checkpoint is kept")
             log(WARNING, "round %d: no valid update; the global parameters are unchanged",
                 self._pending["round"])
             return None, None

@@ -102,6 +102,8 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
     fed = build_federation(cfg, prep, heldout)
     state = writer.resumed
     if state is not None:
+        writer.check_shapes(fed.algorithm.init_global(fed.dim))
+    if state is not None:
         reporter.info(f"[{heldout}] resuming after round {state.round}")
 
     def round_end(st: FederationState, record: RoundRecord) -> None:
@@ -174,6 +176,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
 def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
          callbacks: Sequence[cb.Callback]) -> list[RunResult]:
     get_algorithm(cfg)  # the algorithm and every option, before anything else
+    resolve_device(cfg.device)  # a device this machine lacks: one line, now
     folder = RunFolder(out, cfg)
     with folder.claimed():
         dataset = scan(cfg)
@@ -183,8 +186,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
         folder.data = data_fingerprint(dataset)
         starts = folder.prepare(heldouts, resume)  # every resume decided before any write
         check_cache_writable(cache_dir(cfg))
+        folder.write_config()  # before extraction: an interrupted run resumes with --resume
         prep = prepare(cfg, (reporter or SilentReporter()).extraction, dataset=dataset,
                        splits=splits)
-        folder.write_config()
         return [train_heldout(folder.start(h, starts[h]), cfg, prep, reporter=reporter,
                               callbacks=callbacks) for h in heldouts]
