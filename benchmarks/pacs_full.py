@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 
 class PrintReporter:
-    def extraction(self, domain: str, done: int, total: int) -> None:
+    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
         if done == total:
             print(f"features {domain}: {total} images", flush=True)
 

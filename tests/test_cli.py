@@ -4,6 +4,7 @@ a backbone that must download fails at once offline."""
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -263,6 +264,17 @@ def test_compare_plot_keeps_one_style_per_algorithm_and_draws_no_missing_bar(tmp
     assert len(bars["fedclip"].patches) == 2  # a and the average; b has no result, no bar
     assert any(t.get_text() == "n/a" for t in ax_bar.texts)
     assert fig.legends and not ax_round.get_legend() and not ax_bar.get_legend()
+    from matplotlib.ticker import MaxNLocator
+
+    locator = ax_round.xaxis.get_major_locator()  # rounds are whole numbers
+    assert isinstance(locator, MaxNLocator) and locator._integer
+    assert all(c.errorbar is None for c in ax_bar.containers)  # one seed: no error bars
+    figures.clear()
+    runs["fedprox"][1] = [_fake("a", 0.5), _fake("b", 0.6)]  # a second seed: a spread to show
+    plot(runs, tmp_path)
+    (fig,) = figures
+    bars = {c.get_label(): c for c in fig.axes[1].containers}
+    assert bars["fedprox"].errorbar is not None
 
 
 def test_flower_heldout_all_is_one_line_before_any_node_is_asked(tmp_path):
@@ -288,3 +300,80 @@ def test_compare_logs_each_run_apart(tiny_arch, toy_root, tmp_path):
             assert [s for s, _ in _scalars(folder / "gamma", "accuracy/val")] == [0, 1]
     assert main(["compare", "--out", str(tmp_path / "x"), "--log-to", "wandb"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_verbosity_raises_fedclips_own_logging_only(capsys):
+    import logging
+
+    assert main(["-vv", "algorithms"]) == 0
+    assert logging.getLogger("fedclip").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.WARNING
+    assert main(["-v", "algorithms"]) == 0
+    assert logging.getLogger("fedclip").getEffectiveLevel() == logging.INFO
+    assert main(["algorithms"]) == 0
+    logging.getLogger("fedclip").setLevel(logging.NOTSET)
+
+
+def test_help_at_80_columns_cuts_no_option_name(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--clients-per-domain" in out and "\u2026" not in out and "\\[" not in out
+    assert main(["--help"]) == 0
+    assert "INTEGER" not in capsys.readouterr().out  # -v counts; it takes no value
+
+
+def test_piped_output_is_plain_lines_and_a_cache_hit_says_so(tiny_arch, toy_root, tmp_path,
+                                                              capsys):
+    argv = ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout", "beta",
+            "--rounds", "2", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\u2501" not in err  # no progress bar drawn into a pipe, at the end or anywhere
+    assert err.count("features alpha: 30/30") == 1
+    argv[-1] = str(tmp_path / "b")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "features alpha: 30 images from the cache" in err and "img/s" not in err
+
+
+def test_a_run_selected_at_round_zero_says_why_its_generalization_is_not_zero_shot():
+    import dataclasses
+
+    from fedclip.core.report import round_zero_note
+
+    at_zero = _fake("a", 0.6)
+    assert at_zero.best_round == 0 and at_zero.rounds == 3
+    assert round_zero_note([dataclasses.replace(at_zero, best_round=2)]) is None
+    note = round_zero_note([at_zero])
+    assert note is not None and "not zero-shot" in note and "(a)" in note
+
+
+def test_flower_run_names_a_misspelled_run_config_key():
+    from fedclip.errors import FedclipError
+    from fedclip.flower.launch import app_config_keys, check_run_config
+
+    keys = app_config_keys(Path(__file__).resolve().parents[1])
+    check_run_config(["heldout='sketch' rounds=20", "fedprox.mu=0.1"], keys)
+    with pytest.raises(FedclipError, match="'heldot'; did you mean 'heldout'"):
+        check_run_config(["heldot='sketch' rounds=20"], keys)
+
+
+def test_flower_logs_a_refusal_in_one_line_and_a_bug_with_its_traceback(caplog):
+    import logging
+
+    from flwr.common import log
+
+    from fedclip.errors import ConfigError
+    from fedclip.flower.codec import one_line_refusals
+
+    one_line_refusals()
+    one_line_refusals()  # once per process, however often the app starts
+    assert sum(type(f).__name__ == "OneLineRefusals"
+               for f in logging.getLogger("flwr").filters) == 1
+    with caplog.at_level(logging.ERROR, logger="flwr"):
+        log(logging.ERROR, "ServerApp raised an exception", exc_info=ConfigError("bad key"))
+        log(logging.ERROR, "ServerApp raised an exception", exc_info=KeyError("bug"))
+    refusal, bug = caplog.records[-2:]
+    assert refusal.getMessage() == "fedclip refused the run: bad key" and not refusal.exc_info
+    assert bug.exc_info is not None

@@ -151,3 +151,43 @@ def test_simulation_with_ray_matches_the_in_process_runner(tmp_path, cache):
     assert max((ws[k] - wl[k]).abs().max().item() for k in wl) < 1e-5
     assert [r["heldout_accuracy"] for r in sim["history"]] == [
         r["heldout_accuracy"] for r in local["history"]]
+
+
+def test_the_readmes_localhost_recipe_works_as_written(tmp_path):
+    """The README's one-machine deployment, run as a user copies it (in a copy of the
+    project, with free ports in place of the README's and two rounds instead of five)."""
+    import os
+    import re
+    import shutil
+    from pathlib import Path
+
+    from tests.deployment import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("```bash\n", readme.index("**On one machine first**")) + 8
+    recipe = readme[start:readme.index("```\n", start)]
+    link, first = free_port(), free_port()
+    recipe = recipe.replace("9093", str(link)).replace("port=9101", f"port={first}")
+    recipe = recipe.replace("rounds=5", "rounds=2")
+    assert "--port \"$port\"" in recipe and f"127.0.0.1:{link}" in recipe
+    project = tmp_path / "fedclip"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, project / name)
+    shutil.copytree(root / "src", project / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        done = subprocess.run(["bash", "-c", f"set -e\n{recipe}"], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:  # whatever happened, no SuperLink or SuperNode of this test survives it
+        for port in (link, *range(first, first + 4)):
+            subprocess.run(["pkill", "-f", f"127.0.0.1:{port}"], check=False)
+            subprocess.run(["pkill", "-f", f"--port {port}"], check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"run \d+: finished:completed", done.stdout)
+    result = json.loads((project / "runs" / "deploy" / "results.json").read_text())
+    assert result["runs"][0]["heldout"] == "sketch" and result["runs"][0]["rounds"] == 2
+    for d in DOMAINS:  # each node's own log, each on its own port
+        assert "address already in use" not in (project / f"node-{d}.log").read_text()

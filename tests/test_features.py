@@ -142,3 +142,42 @@ def test_a_flower_node_holding_a_copy_of_its_domain_reuses_the_in_process_cache(
     server_main(LocalGrid(build_client_app(), nodes, rc), rc)
     assert encoded == []
     assert (tmp_path / "flower" / "sketch" / "adapter.safetensors").is_file()
+
+
+def test_an_interrupted_extraction_continues_where_it_stopped(tiny_arch, toy_root, tmp_path,
+                                                              monkeypatch):
+    """Ctrl-C mid-extraction keeps every finished chunk; the next extraction encodes only
+    the rest, and gives the features an uninterrupted one gives."""
+    import fedclip.features as features
+
+    (toy_root / "alpha" / "cat" / "broken.jpg").write_bytes(b"no image")  # skipped, kept
+    domain = scan_dataset(toy_root).domains["alpha"]
+    whole = image_features(LazyBackbone(tiny_arch), domain, tmp_path / "whole", batch_size=4,
+                           workers=0)
+    monkeypatch.setattr(features, "EXTRACT_CHUNK_IMAGES", 8)
+    backbone = LazyBackbone(tiny_arch)
+    real = backbone.encode_images
+    encoded: list[int] = []
+
+    def encode(pixels):  # noqa: ANN001, ANN202
+        if len(encoded) >= 4:  # the fifth batch: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        encoded.append(len(pixels))
+        return real(pixels)
+
+    monkeypatch.setattr(backbone, "encode_images", encode)
+    with pytest.raises(KeyboardInterrupt):
+        image_features(backbone, domain, tmp_path / "cut", batch_size=4, workers=0)
+    chunks = list((tmp_path / "cut" / "images").glob("*.partial/chunk-*.safetensors"))
+    assert len(chunks) == 2  # 16 images saved in two chunks of 8
+    encoded.clear()
+    resumed_backbone = LazyBackbone(tiny_arch)
+    monkeypatch.setattr(resumed_backbone, "encode_images",
+                        lambda p: (encoded.append(len(p)), real(p))[1])
+    resumed = image_features(resumed_backbone, domain, tmp_path / "cut", batch_size=4,
+                             workers=0)
+    assert sum(encoded) == len(domain) - 16  # only what was left (the broken file is first)
+    torch.testing.assert_close(resumed.features, whole.features, atol=1e-5, rtol=1e-5)
+    assert torch.equal(resumed.valid, whole.valid) and resumed.skipped == whole.skipped
+    assert not list((tmp_path / "cut" / "images").glob("*.partial"))  # tidied once complete
+    assert image_features(LazyBackbone(tiny_arch), domain, tmp_path / "cut").from_cache

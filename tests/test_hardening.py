@@ -384,3 +384,17 @@ def test_environment_values_are_parsed_as_people_write_them(monkeypatch, tmp_pat
         from fedclip.data.folder import scan_dataset
 
         scan_dataset(tmp_path / "nothing")
+
+
+def test_a_bug_is_said_to_be_one(monkeypatch, capsys, tmp_path):
+    """Bad input is one line; anything else is a bug, and the line after its traceback says
+    so (exit 1), so that a user reports it instead of hunting for a mistake of theirs."""
+    import fedclip.inprocess.experiment as experiment
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal invariant")
+
+    monkeypatch.setattr(experiment, "run", broken)
+    assert main(["run", "--backbone", "standin", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug in fedclip" in err

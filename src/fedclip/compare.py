@@ -123,6 +123,8 @@ def plot(runs: Runs, out: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
+    from matplotlib.ticker import MaxNLocator
+
     style = styles(list(runs))
     fig, (ax_round, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
     for a, seeds in runs.items():
@@ -145,6 +147,7 @@ def plot(runs: Runs, out: Path) -> None:
                                  else "--")
     ax_round.set(xlabel="round", ylabel="held-out accuracy (%)",
                  title="generalization per round (mean over held-out domains)")
+    ax_round.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     values = generalization_values(runs)
     groups = list(next(iter(values.values())))
     width = 0.8 / len(values)
@@ -152,10 +155,11 @@ def plot(runs: Runs, out: Path) -> None:
         xs = [g + i * width for g in range(len(groups))]
         means = [_stat(per[h])[0] for h in groups]
         stds = [_stat(per[h])[1] for h in groups]
+        spread = [100 * (s or 0.0) for s, m in zip(stds, means, strict=True) if m is not None]
         ax_bar.bar([x for x, m in zip(xs, means, strict=True) if m is not None],
                    [100 * m for m in means if m is not None], width,
-                   yerr=[100 * (s or 0.0) for s, m in zip(stds, means, strict=True)
-                         if m is not None],
+                   yerr=spread if any(len([v for v in per[h] if v is not None]) > 1
+                                      for h in groups) else None,  # one seed: no bar
                    color=style[a]["color"], label=a, capsize=2)
         for x, m in zip(xs, means, strict=True):  # no result: say so, never a 0 % bar
             if m is None:

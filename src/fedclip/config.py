@@ -164,6 +164,8 @@ class RunConfig(BaseModel):
 
 
 EXTRACT_BATCH_SIZE = 64  # images per forward when neither the run nor the backbone says
+EXTRACT_CHUNK_IMAGES = 1024  # extraction saves its progress every this many images: an
+# interrupted extraction continues there (--resume, or the same command again)
 
 # --- limits on what files, folders and other machines tell a run (README: reliability) ------
 MAX_TEMPLATE_CHARS = 300  # a prompt template's length

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ import torch
 from PIL import Image
 
 from fedclip.backbones import LazyBackbone
-from fedclip.config import EXTRACT_BATCH_SIZE, MAX_ASPECT_RATIO, SKIPPED_SHOWN, env_path
+from fedclip.config import (
+    EXTRACT_BATCH_SIZE,
+    EXTRACT_CHUNK_IMAGES,
+    MAX_ASPECT_RATIO,
+    SKIPPED_SHOWN,
+    env_path,
+)
 from fedclip.data.folder import Domain
 from fedclip.io import atomic_save_tensors
 from fedclip.tensors import checksum
@@ -31,7 +38,7 @@ from fedclip.tensors import checksum
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"
-Progress = Callable[[int, int], None]  # (images done, images total)
+Progress = Callable[[int, int, bool], None]  # (images done, images total, from the cache)
 
 
 def default_cache_dir() -> Path:
@@ -201,7 +208,7 @@ def image_features(
     if hit is not None:
         tensors, meta = hit
         if progress:
-            progress(len(domain), len(domain))
+            progress(len(domain), len(domain), True)
         return ImageFeatures(tensors["features"], tensors["valid"].bool(),
                              tuple(json.loads(meta.get("skipped", "[]"))), from_cache=True)
 
@@ -214,47 +221,99 @@ def image_features(
         if pre is None:
             log.warning("%s's preprocessing is not Resize/CenterCrop/Normalize: decoding on "
                         "the CPU", backbone.spec)
-    loader = _loader(domain, model, batch_size, workers, pre, backbone.device)
     feats = torch.zeros(len(domain), model.embed_dim)
     valid = torch.zeros(len(domain), dtype=torch.bool)
-    bad_files: list[tuple[str, str]] = []
-    done, start = 0, time.perf_counter()
-    for idx, pixels, bad in loader:
+    partial = path.with_suffix(".partial")  # chunks of an extraction in progress
+    bad_files, done_ids = _load_chunks(partial, key, feats, valid)  # an interrupted extraction
+    todo = [i for i in range(len(domain)) if i not in done_ids]
+    if done_ids:
+        log.info("%s: %d of %d images already extracted (continuing)", domain.name,
+                 len(done_ids), len(domain))
+    done, start = len(done_ids), time.perf_counter()
+    chunk: list[int] = []
+    chunk_bad: list[tuple[str, str]] = []
+    for idx, pixels, bad in _loader(domain, model, batch_size, workers, pre, backbone.device,
+                                    todo):
         if pixels is not None:
             feats[idx] = backbone.encode_images(pixels).float().cpu()
             valid[idx] = True
-        bad_files += [(str(domain.files[i].relative_to(domain.root)), why) for i, why in bad]
+        named = [(str(domain.files[i].relative_to(domain.root)), why) for i, why in bad]
+        chunk += [*idx, *(i for i, _ in bad)]
+        chunk_bad += named
         done += len(idx) + len(bad)
+        if len(chunk) >= EXTRACT_CHUNK_IMAGES and done < len(domain):
+            _save_chunk(partial, key, chunk, feats, valid, chunk_bad)  # kept if interrupted
+            bad_files += chunk_bad
+            chunk, chunk_bad = [], []
         if progress:
-            progress(done, len(domain))
-    rate = len(domain) / max(time.perf_counter() - start, 1e-9)
+            progress(done, len(domain), False)
+    bad_files += chunk_bad
+    rate = len(todo) / max(time.perf_counter() - start, 1e-9)
     warn_skipped(domain.name, bad_files)
     skipped = [name for name, _ in bad_files]
     _save_entry(path, key, {"features": feats, "valid": valid.to(torch.uint8)},
                 skipped=json.dumps(skipped), backbone=backbone.spec, domain=domain.name)
+    shutil.rmtree(partial, ignore_errors=True)
     return ImageFeatures(feats, valid, tuple(skipped), from_cache=False, images_per_second=rate)
 
 
+def _save_chunk(folder: Path, key: str, ids: list[int], feats: torch.Tensor,
+                valid: torch.Tensor, bad: list[tuple[str, str]]) -> None:
+    """One chunk of an extraction in progress (rows ``ids``), written atomically."""
+    index = torch.tensor(sorted(ids), dtype=torch.long)
+    _save_entry(folder / f"chunk-{int(index[0]):09d}.safetensors", key,
+                {"ids": index, "features": feats[index], "valid": valid[index].to(torch.uint8)},
+                skipped=json.dumps(bad))
+
+
+def _load_chunks(folder: Path, key: str, feats: torch.Tensor, valid: torch.Tensor
+                 ) -> tuple[list[tuple[str, str]], set[int]]:
+    """Fill ``feats``/``valid`` from the chunks an interrupted extraction of the same inputs
+    left (each checked like a cache entry; a damaged one is extracted again)."""
+    bad: list[tuple[str, str]] = []
+    done: set[int] = set()
+    if not folder.is_dir():
+        return bad, done
+    for path in sorted(folder.glob("chunk-*.safetensors")):
+        entry = _load_entry(path, key)
+        if entry is None:
+            continue
+        tensors, meta = entry
+        ids = tensors["ids"]
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(feats) \
+                or tensors["features"].shape != (len(ids), feats.shape[1]):
+            continue
+        feats[ids], valid[ids] = tensors["features"], tensors["valid"].bool()
+        bad += [(str(n), str(w)) for n, w in json.loads(meta.get("skipped", "[]"))]
+        done.update(int(i) for i in ids)
+    return bad, done
+
+
 def _loader(domain: Domain, model, batch_size: int | None, workers: int,  # noqa: ANN001
-            pre, device: str):  # noqa: ANN001, ANN202 - an iterable of (ids, pixels, bad ids)
+            pre, device: str, todo: list[int]):  # noqa: ANN001, ANN202
+    """Batches (ids, pixels, [(id, why skipped)]) of the images ``todo`` (ids index
+    ``domain.files``)."""
     batch = batch_size or model.default_batch_size
     cuda = str(device).startswith("cuda")
     extra: dict[str, Any] = {"pin_memory": cuda, "prefetch_factor": 4} if workers > 0 else {}
+    files = tuple(domain.files[i] for i in todo)
     if pre is None:
-        return torch.utils.data.DataLoader(
-            _ImageFiles(domain.files, model.preprocess), batch_size=batch,
+        plain = torch.utils.data.DataLoader(
+            _ImageFiles(files, model.preprocess), batch_size=batch,
             num_workers=workers, collate_fn=_collate, **extra)
+        return (([todo[j] for j in ok], pixels, [(todo[j], why) for j, why in bad])
+                for ok, pixels, bad in plain)
     from fedclip.decode import FileBytes, collate_bytes, decode_batch
 
     prefetch: dict[str, Any] = {"prefetch_factor": 4} if workers > 0 else {}
-    raw = torch.utils.data.DataLoader(FileBytes(domain.files), batch_size=batch,
+    raw = torch.utils.data.DataLoader(FileBytes(files), batch_size=batch,
                                       num_workers=workers, collate_fn=collate_bytes, **prefetch)
 
     def batches():  # noqa: ANN202
         for ids, data in raw:
             pixels, ok = decode_batch(data, pre, device, MAX_ASPECT_RATIO)
-            yield ([i for i, good in zip(ids, ok, strict=True) if good], pixels,
-                   [(i, "unreadable, or its aspect ratio is over the limit")
+            yield ([todo[i] for i, good in zip(ids, ok, strict=True) if good], pixels,
+                   [(todo[i], "unreadable, or its aspect ratio is over the limit")
                     for i, good in zip(ids, ok, strict=True) if not good])
     return batches()
 
@@ -286,7 +345,7 @@ def image_pixels(backbone: LazyBackbone, domain: Domain, batch_size: int | None 
         bad_files += [(str(domain.files[i].relative_to(domain.root)), why) for i, why in bad]
         done += len(idx) + len(bad)
         if progress:
-            progress(done, len(domain))
+            progress(done, len(domain), False)
     if pixels is None:
         pixels = torch.zeros(len(domain), 3, 1, 1)
     warn_skipped(domain.name, bad_files)

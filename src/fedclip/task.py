@@ -37,7 +37,7 @@ from fedclip.features import (
     text_features,
 )
 
-Progress = Callable[[str, int, int], None]  # (domain, done, total)
+Progress = Callable[[str, int, int, bool], None]  # (domain, done, total, from the cache)
 
 
 # --- the task definition ------------------------------------------------------------------
@@ -113,9 +113,9 @@ def class_text_features(lazy: LazyBackbone, classes: tuple[str, ...], template: 
 def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_dir: Path,
                   progress: Progress | None = None) -> ImageFeatures:
     """Cached features of a domain (or its pixels, for algorithms that train the backbone)."""
-    def report(done: int, total: int) -> None:
+    def report(done: int, total: int, cached: bool = False) -> None:
         if progress is not None:
-            progress(domain.name, done, total)
+            progress(domain.name, done, total, cached)
 
     algorithm = get_algorithm(cfg)
     if algorithm.inputs == "pixels":

@@ -51,6 +51,16 @@ def table_rows(results: list[RunResult]) -> list[tuple[str, ...]]:
     return rows
 
 
+def round_zero_note(results: list[RunResult]) -> str | None:
+    """Why a row selected at round 0 shows a gen. other than zero-shot, when one does."""
+    at_zero = [r.heldout for r in results if r.best_round == 0 and r.rounds > 0]
+    if not at_zero:
+        return None
+    return (f"Best round 0 ({', '.join(at_zero)}): no trained round beat the untrained "
+            f"adapter on validation. Round 0 is the adapter as initialised (it re-weights the "
+            f"features), not zero-shot CLIP, so its gen. differs from the 0-shot column.")
+
+
 def markdown_table(results: list[RunResult]) -> str:
     """The results table as markdown."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -70,6 +80,8 @@ def markdown_report(cfg: RunConfig, results: list[RunResult]) -> str:
               f"with the best mean validation accuracy; pers (own): each client's copy of the "
               f"selected adapter fine-tuned locally for up to {cfg.personalize_epochs} epochs "
               f"(chosen on its val split).", "", markdown_table(results), ""]
+    if (zero := round_zero_note(results)) is not None:
+        parts += [zero, ""]
     for r in results:
         clients = ", ".join(f"{k} {_pct(v)}" for k, v in r.best.per_client.items())
         parts.append(f"- held-out **{r.heldout}**: per client {clients}; at the last round "
@@ -108,6 +120,10 @@ def plot_history(result: RunResult, path: Path) -> None:
                 label=f"{result.heldout} (held out)")
     ax_acc.axvline(result.best_round, color="grey", ls=":", label="selected round")
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result.heldout}")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     trained = [r for r in result.history if r.round > 0]
     for client in clients:
         ax_loss.plot([r.round for r in trained],

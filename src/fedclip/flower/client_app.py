@@ -21,7 +21,7 @@ from fedclip.config import FlowerSettings
 from fedclip.core.client import ClientJob, RoundConfig, personalize, round_seed
 from fedclip.core.client import evaluate as evaluate_split
 from fedclip.errors import TrainingError
-from fedclip.flower.codec import decode, encode, run_config_to_cfg
+from fedclip.flower.codec import decode, encode, one_line_refusals, run_config_to_cfg
 from fedclip.flower.node import node_for
 from fedclip.task import Site
 from fedclip.tensors import State
@@ -152,6 +152,7 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
 
     def resolve(context: Context) -> tuple[Site, Algorithm, FlowerSettings]:
+        one_line_refusals()  # a node whose data does not fit: one line in its log
         cfg, flower = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
         site, algorithm = node_for(cfg, dict(context.node_config))
         return site, algorithm, flower

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -11,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 from pydantic import ValidationError
 
 from fedclip.config import FlowerSettings, RunConfig
-from fedclip.errors import ConfigError
+from fedclip.errors import ConfigError, FedclipError
 from fedclip.tensors import Params
 
 TRANSFER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -114,6 +115,26 @@ def finite_number(value: Any, low: float = -math.inf, high: float = math.inf) ->
         return None
     value = float(value)
     return value if math.isfinite(value) and low <= value <= high else None
+
+
+class OneLineRefusals(logging.Filter):
+    """Flower logs an app's exception with its traceback; a refusal of fedclip's own (bad
+    settings, a run folder in use, data that does not fit) is one line, like on the command
+    line. Any other exception keeps its traceback: it is a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, FedclipError):
+            record.msg, record.args = "fedclip refused the run: %s", (str(exc),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_refusals() -> None:
+    """Install :class:`OneLineRefusals` on Flower's logger (once per process)."""
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, OneLineRefusals) for f in logger.filters):
+        logger.addFilter(OneLineRefusals())
 
 
 def require_one_heldout(cfg: RunConfig) -> None:

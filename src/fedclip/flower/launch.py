@@ -7,12 +7,15 @@ but ``finished:completed`` is an error. No ``flwr`` import: it drives the CLI.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,17 +44,58 @@ def run_status(superlink: str | None, run_id: str, env: dict[str, str]) -> str:
         return f"unknown (flwr ls said: {out.strip()[:200]})"
 
 
+def app_config_keys(app_dir: str | Path) -> set[str]:
+    """The run-config keys the app declares (``[tool.flwr.app.config]``, tables flattened to
+    ``NAME.KEY`` as Flower flattens them): the only keys ``flwr run -c`` accepts."""
+    path = Path(app_dir) / "pyproject.toml"
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FedclipError(f"{path} declares no Flower app config ({type(exc).__name__}); "
+                           f"pass --app pointing at the fedclip checkout") from None
+
+    def flat(d: dict, prefix: str = "") -> set[str]:
+        keys: set[str] = set()
+        for k, v in d.items():
+            keys |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return keys
+    return flat(table)
+
+
+def check_run_config(items: list[str], known: set[str]) -> None:
+    """Refuse, in one line naming the key and the closest known one, a run-config key the
+    app does not declare (Flower says only ``[code: 15] Invalid run configuration``)."""
+    for item in items:
+        try:
+            pairs = shlex.split(item)
+        except ValueError as exc:
+            raise FedclipError(f"run config {item!r} cannot be parsed ({exc})") from None
+        for pair in pairs:
+            key, sep, _ = pair.partition("=")
+            if not sep:
+                raise FedclipError(f"run config expects key=value pairs (got {pair!r})")
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise FedclipError(f"unknown run-config key {key!r}{hint} (the keys are those "
+                                   f"of [tool.flwr.app.config] in pyproject.toml)")
+
+
 def flower_run(app_dir: str | Path = ".", superlink: str | None = None,
                run_config: list[str] | None = None,
-               echo: Callable[[str], None] | None = None) -> tuple[str, str]:
+               echo: Callable[[str], None] | None = None,
+               federation_config: list[str] | None = None) -> tuple[str, str]:
     """Run the app, stream its log through ``echo``, return (run id, final status).
 
     Raises :class:`FedclipError` when the run did not complete."""
+    check_run_config(run_config or [], app_config_keys(app_dir))
     env = {**os.environ, **QUIET_FLOWER}
     env["PATH"] = f"{Path(_flwr()).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [_flwr(), "run", str(app_dir), *([superlink] if superlink else []), "--stream"]
     for item in run_config or []:
         cmd += ["--run-config", item]
+    for item in federation_config or []:  # simulation: num-supernodes=4, ...
+        cmd += ["--federation-config", item]
     run_id = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env) as proc:

@@ -36,6 +36,7 @@ from fedclip.flower.codec import (
     decode,
     encode,
     finite_number,
+    one_line_refusals,
     require_one_heldout,
     run_config_to_cfg,
     well_formed,
@@ -184,6 +185,7 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
+        one_line_refusals()
         main(grid, {**(defaults or {}), **dict(context.run_config)})
 
     return app

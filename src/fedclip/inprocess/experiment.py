@@ -41,8 +41,9 @@ from fedclip.task import (
 class Reporter(Protocol):
     """Progress for people (the CLI's progress bars); the runner itself prints nothing."""
 
-    def extraction(self, domain: str, done: int, total: int) -> None:
-        """``done`` of ``total`` images of ``domain`` encoded."""
+    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
+        """``done`` of ``total`` images of ``domain`` encoded (``cached``: all of them read
+        from the feature cache at once)."""
 
     def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
         """A round of the ``heldout`` run ended."""
@@ -54,7 +55,7 @@ class Reporter(Protocol):
 class SilentReporter(Reporter):
     """A reporter that reports nothing."""
 
-    def extraction(self, domain: str, done: int, total: int) -> None:
+    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
         pass
 
     def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
