@@ -109,3 +109,18 @@ def test_unknown_algorithm_and_bad_config_are_clear():
         RunConfig.build(not_a_key=1)
     with pytest.raises(ConfigError, match="fractions"):
         RunConfig.build(train_fraction=0.8, val_fraction=0.2, test_fraction=0.2)
+
+
+def test_client_weights_are_sizes_capped_at_a_multiple_of_the_median():
+    """The one rule every runtime weighs clients by: train size, at most max_weight_ratio x
+    the median size (by hand: sizes 10, 20, 30, 10^9 have median 25, so the cap is 50)."""
+    from fedclip.core.client import client_weights
+    from fedclip.errors import ConfigError
+
+    sizes = {"a": 10, "b": 30, "c": 20, "d": 10**9}
+    assert client_weights(sizes, RunConfig.build()) == {"a": 10.0, "b": 30.0, "c": 20.0,
+                                                        "d": 50.0}
+    assert client_weights(sizes, RunConfig.build(max_weight_ratio=0.0))["d"] == 1e9
+    assert set(client_weights(sizes, RunConfig.build(aggregation="uniform")).values()) == {1.0}
+    with pytest.raises(ConfigError, match="max_weight_ratio"):
+        RunConfig.build(max_weight_ratio=0.5)

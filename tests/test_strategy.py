@@ -33,9 +33,10 @@ class Grid:
         return [*TRAIN, 9]
 
 
-def _strategy(aggregation: str = "weighted", norm_factor: float = 0.0) -> FedClipStrategy:
+def _strategy(aggregation: str = "weighted", norm_factor: float = 0.0, **settings
+              ) -> FedClipStrategy:
     cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"),
-                          aggregation=aggregation)
+                          aggregation=aggregation, **settings)
     algorithm = get_algorithm(cfg)
     nodes = {n: NodeInfo(n, c, "train", c, 0, size, 5, 5, size + 10, DIM, 100.0)
              for n, (c, size) in TRAIN.items()}
@@ -139,13 +140,66 @@ def test_no_valid_reply_leaves_the_global_parameters_unchanged():
     assert all(torch.equal(before[k], s.state.params[k]) for k in before)
 
 
+def _moved(s: FedClipStrategy, node: int, fraction: float) -> dict[str, torch.Tensor]:
+    """The global parameters moved by ``fraction`` x the most node's local steps move."""
+    from fedclip.core.client import RoundConfig
+
+    x = s.algorithm.shared(s.state.params)
+    unit = s.algorithm.update_bound(x, TRAIN[node][1], s.algorithm.round_config(1))
+    assert isinstance(unit, float) and isinstance(s.algorithm.round_config(1), RoundConfig)
+    size = sum(v.numel() for v in x.values())
+    return {k: v + fraction * unit / size ** 0.5 for k, v in x.items()}  # norm: fraction x unit
+
+
 def test_the_distance_rule_rejects_a_far_update():
     s = _strategy(norm_factor=10.0)
     far = {k: v + 1e4 for k, v in s.state.params.items()}
-    arrays, _ = s.aggregate_train(1, [_reply(1, far, 10), _reply(2, _params(s, 0.1), 30),
-                                      _reply(3, _params(s, 0.2), 20)])
-    assert arrays is not None and "from the global parameters" in \
+    arrays, _ = s.aggregate_train(1, [_reply(1, far, 10), _reply(2, _moved(s, 2, 0.5), 30),
+                                      _reply(3, _moved(s, 3, 0.8), 20)])
+    assert arrays is not None and "the most its local steps move" in \
         s._pending["train"].rejected["a"]
+    assert set(s._pending["train"].train_loss) == {"b", "c"}
+
+
+def test_the_ceiling_does_not_grow_with_the_global_parameters():
+    """With two clients a round there is no median; the ceiling is what K Adam steps of the
+    round's lr move, so an attacker who grew the global parameters (here to a norm of 1e6)
+    still cannot move them by 9x their norm, which the old rule (10 x the norm) allowed."""
+    s = _strategy(norm_factor=10.0)
+    s.state.global_params = {k: v * 1e6 for k, v in s.state.params.items()}
+    flipped = {k: -8.0 * v for k, v in s.state.params.items()}  # 9 x the norm away
+    s.aggregate_train(1, [_reply(1, flipped, 10), _reply(2, _moved(s, 2, 0.9), 30)])
+    assert "the most its local steps move" in s._pending["train"].rejected["a"]
+    assert set(s._pending["train"].train_loss) == {"b"}
+
+
+def test_colluders_echoing_the_global_parameters_cannot_exclude_an_honest_update():
+    """Two nodes send the global parameters back unchanged: the round's median distance is
+    0, but the median rule is floored at the honest client's own bound, so its update counts."""
+    s = _strategy(norm_factor=10.0)
+    echo = dict(s.algorithm.shared(s.state.params))
+    s.aggregate_train(1, [_reply(1, echo, 10), _reply(2, _moved(s, 2, 0.9), 30),
+                          _reply(3, echo, 20)])
+    assert s._pending["train"].rejected == {}
+
+
+def test_one_declared_size_cannot_own_the_average():
+    """A node that declared 10^9 training examples at discovery weighs at most
+    max_weight_ratio (2) x the median declared size; the aggregate is computed by hand."""
+    global TRAIN
+    saved, TRAIN = TRAIN, {1: ("a", 10**9), 2: ("b", 30), 3: ("c", 20)}
+    try:
+        s = _strategy()
+        arrays, _ = s.aggregate_train(1, [_reply(1, _params(s, 9.0), 10**9),
+                                          _reply(2, _params(s, 1.0), 30),
+                                          _reply(3, _params(s, 1.0), 20)])
+    finally:
+        TRAIN = saved
+    cap = 2 * 30  # 2 x the median of (10^9, 30, 20)
+    expected = (cap * 9.0 + 30 * 1.0 + 20 * 1.0) / (cap + 50)
+    assert arrays is not None
+    assert all(torch.allclose(v, torch.full_like(v, expected))
+               for v in arrays.to_torch_state_dict().values())
 
 
 def test_an_array_record_with_extra_arrays_is_rejected():
@@ -217,18 +271,7 @@ def test_a_discovery_reply_without_its_task_names_the_node():
 
 # --- SCAFFOLD's control variates are bounded like parameters ---------------------------------
 def _scaffold() -> FedClipStrategy:
-    cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"),
-                          algorithm="scaffold", batch_size=4)
-    algorithm = get_algorithm(cfg)
-    nodes = {n: NodeInfo(n, c, "train", c, 0, size, 5, 5, size + 10, DIM, 100.0)
-             for n, (c, size) in TRAIN.items()}
-    nodes[9] = NodeInfo(9, "d", "heldout", "d", 0, 0, 0, 40, 40, DIM, 100.0)
-    init = algorithm.init_global(DIM)
-    assert init is not None
-    state = FederationState(0, init, server_state=algorithm.init_server_state(init))
-    strategy = FedClipStrategy(algorithm, nodes, state)
-    list(strategy.configure_train(1, encode(init), ConfigRecord(), Grid()))
-    return strategy
+    return _strategy(norm_factor=10.0, algorithm="scaffold", batch_size=4)
 
 
 def _scaffold_reply(s: FedClipStrategy, node: int, shift: float, steps: int,
@@ -248,8 +291,8 @@ def _scaffold_reply(s: FedClipStrategy, node: int, shift: float, steps: int,
 def test_honest_control_variates_pass_and_a_huge_one_is_rejected():
     s = _scaffold()
     steps = {1: 3, 2: 8, 3: 5}  # ceil(size / batch 4) batches of one local epoch
-    honest = [_scaffold_reply(s, n, 1e-3 * n, steps[n]) for n in (2, 3)]
-    huge = _scaffold_reply(s, 1, 1e-3, steps[1], scale_dc=1e34)  # about 3e38 per entry
+    honest = [_scaffold_reply(s, n, 1e-4 * n, steps[n]) for n in (2, 3)]
+    huge = _scaffold_reply(s, 1, 1e-4, steps[1], scale_dc=1e35)  # far past what it implies
     s.aggregate_train(1, [huge, *honest])
     record = s._pending["train"]
     assert set(record.train_loss) == {"b", "c"}
@@ -259,7 +302,7 @@ def test_honest_control_variates_pass_and_a_huge_one_is_rejected():
 
 def test_a_reply_that_misreports_its_local_steps_is_rejected():
     s = _scaffold()
-    s.aggregate_train(1, [_scaffold_reply(s, 1, 1e-3, 1), _scaffold_reply(s, 2, 1e-3, 8)])
+    s.aggregate_train(1, [_scaffold_reply(s, 1, 1e-4, 1), _scaffold_reply(s, 2, 1e-4, 8)])
     assert "local steps" in s._pending["train"].rejected["a"]
 
 

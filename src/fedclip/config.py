@@ -82,6 +82,10 @@ class RunConfig(BaseModel):
         "weighted", description="'weighted' by train samples (declared at discovery); "
         "'uniform' as in the reference; 'median' / 'trimmed-mean' (coordinate-wise, robust "
         "to a few bad clients).")
+    max_weight_ratio: float = Field(
+        2.0, ge=0, description="weighted: a client's weight is at most this x the median "
+        "train size of the training clients (on Flower, as declared at discovery), so that "
+        "one declaration cannot own the average; 0: no bound.")
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: fraction of "
                                  "clients cut at each end, per coordinate.")
     options: dict[str, dict[str, bool | int | float | str]] = Field(
@@ -123,6 +127,9 @@ class RunConfig(BaseModel):
                                      f"{', '.join(PROMPT_ENSEMBLES)} or templates with '{{}}'")
             else:
                 check_template(t)
+        if 0 < self.max_weight_ratio < 1:
+            raise ValueError("max_weight_ratio must be 0 (no bound) or at least 1 (the median "
+                             "client's own weight)")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct")
         return self  # algorithm options are checked by the algorithm (get_algorithm)
@@ -235,8 +242,9 @@ class FlowerSettings(BaseModel):
     cache_dir: str = ""
     resume: bool = Field(False, description="Continue from out/<heldout>/checkpoint.")
     norm_factor: float = Field(10.0, ge=0, description="Reject an update farther from the "
-                               "global parameters than this x the round's median distance "
-                               "(or x their norm); 0: off.")
+                               "global parameters than this x what its local steps can move "
+                               "(K lr sqrt(P)), or x the round's median distance (floored); "
+                               "0: off.")
     dp_clipping_norm: float = Field(0.0, ge=0, description="Central DP with client-side "
                                     "fixed clipping (Flower's wrapper); 0: off.")
     dp_noise_multiplier: float = Field(0.0, ge=0)

@@ -25,6 +25,7 @@ What an algorithm may keep and send:
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -35,7 +36,13 @@ from torch import nn
 from fedclip.adapters import AttentionAdapter, build_adapter, embed, get_params
 from fedclip.aggregation import combine
 from fedclip.config import RunConfig
-from fedclip.core.client import ClientJob, ClientUpdate, RoundConfig, train_local
+from fedclip.core.client import (
+    ClientJob,
+    ClientUpdate,
+    RoundConfig,
+    steps_per_round,
+    train_local,
+)
 from fedclip.errors import ConfigError
 from fedclip.losses import class_ce_loss, clip_loss
 from fedclip.tensors import Params, State
@@ -159,6 +166,18 @@ class Algorithm:
     def reply_extras(self, global_params: Params) -> dict[str, torch.Size]:
         """Names and shapes of the extras a client must send back (checked by the server)."""
         return {}
+
+    def update_bound(self, current: Params, num_examples: int, config: RoundConfig
+                     ) -> float | None:
+        """About the farthest an honest client of ``num_examples`` train examples moves the
+        shared parameters in one round: Adam moves each coordinate by about ``lr`` per step,
+        so K steps move the P shared parameters by about ``K lr sqrt(P)`` (K from the declared
+        size, lr from the round). The server's distance rule scales it by ``norm-factor``; it
+        depends on no reply, so an attacker cannot grow it. None: no such bound."""
+        shared = self.shared(current)
+        size = sum(v.numel() for v in shared.values())
+        return steps_per_round(self.cfg, num_examples, config.local_epochs) * config.lr \
+            * math.sqrt(size)
 
     def check_extras(self, current: Params, update: ClientUpdate, server_state: State,
                      config: RoundConfig, quantum: float) -> str | None:

@@ -10,7 +10,7 @@ clients trained together), so they agree bit for bit. The functions take the alg
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -187,6 +187,18 @@ def batch_schedule(cfg: RunConfig, n: int, epochs: int, seed: int) -> list[torch
         batches += [b for b in order.split(cfg.batch_size)
                     if not (len(b) < 2 and cfg.loss == "clip")]
     return batches
+
+
+def client_weights(sizes: Mapping[str, int], cfg: RunConfig) -> dict[str, float]:
+    """Every training client's aggregation weight: its train size under ``weighted`` (capped
+    at ``max_weight_ratio`` x the median size of all training clients, so that no single
+    declaration owns the average), 1 otherwise. The same in every runtime."""
+    if cfg.aggregation != "weighted":
+        return {c: 1.0 for c in sizes}
+    if cfg.max_weight_ratio <= 0 or not sizes:
+        return {c: float(n) for c, n in sizes.items()}
+    cap = cfg.max_weight_ratio * float(np.median(list(sizes.values())))
+    return {c: min(float(n), cap) for c, n in sizes.items()}
 
 
 def steps_per_round(cfg: RunConfig, n: int, epochs: int) -> int:

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedclip.algorithms.base import Algorithm
 from fedclip.callbacks import Callback, round_end
 from fedclip.config import FlowerSettings
-from fedclip.core.client import ClientUpdate
+from fedclip.core.client import ClientUpdate, client_weights
 from fedclip.core.records import Personalized, RoundRecord
 from fedclip.core.state import FederationState
 from fedclip.errors import TrainingError
@@ -82,6 +82,9 @@ class FedClipStrategy(FedAvg):
         self.offset = state.round  # rounds done before this start (resume)
         self.total_rounds, self.norm_factor = total_rounds, norm_factor
         self.on_round = on_round
+        # weights from the sizes declared at discovery, capped (core.client.client_weights)
+        self.weights = client_weights({nodes[n].client: nodes[n].num_train
+                                       for n in self.train_ids}, algorithm.cfg)
         self.callbacks = list(callbacks)  # fedclip.callbacks: the same hooks as in-process
         self._pending: dict = {}
         self._expected: set[str] = set()
@@ -172,27 +175,45 @@ class FedClipStrategy(FedAvg):
         return info.client, update, None, received
 
     def _outliers(self, updates: dict[str, ClientUpdate]) -> dict[str, str]:
-        """Updates too far from the global parameters: farther than ``norm_factor`` x the
-        global parameters' own norm (any round), or than ``norm_factor`` x the round's median
-        distance (three updates or more)."""
+        """Updates too far from the global parameters, by two rules that no reply can widen:
+
+        * a ceiling, any round: ``norm_factor`` x the most an honest client moves
+          (``Algorithm.update_bound``: K Adam steps of the round's lr over the shared
+          parameters, K from the size declared at discovery). It does not grow with the
+          global parameters, so an attacker cannot raise it round after round. (For an
+          algorithm without such a bound: ``norm_factor`` x the global parameters' norm.)
+        * with three updates or more: ``norm_factor`` x the round's median distance, floored
+          at the client's own bound / ``norm_factor`` (an honest update is never rejected
+          because colluders echo the global parameters and pull the median to zero)."""
         if self.norm_factor <= 0 or not updates:
             return {}
         current = self.state.params
+        config = self.algorithm.round_config(self._pending["round"])
 
         def norm(tensors: dict) -> float:
             return float(torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())))
 
         dist = {c: norm({k: u.params[k] - current[k] for k in u.params})
                 for c, u in updates.items()}
+        bound = {c: self.algorithm.update_bound(current, u.num_examples, config)
+                 for c, u in updates.items()}
         scale = max(norm(self.algorithm.shared(current)), 1.0)
-        out = {c: f"update moved {d:.3g} from the global parameters, over {self.norm_factor:g}"
-                  f" x their norm {scale:.3g}" for c, d in dist.items()
-               if d > self.norm_factor * scale}
+        out = {}
+        for c, d in dist.items():
+            unit = bound[c]
+            if unit is not None and d > self.norm_factor * unit:
+                out[c] = (f"update moved {d:.3g} from the global parameters, over "
+                          f"{self.norm_factor:g} x {unit:.3g}, the most its local steps move")
+            elif unit is None and d > self.norm_factor * scale:
+                out[c] = (f"update moved {d:.3g} from the global parameters, over "
+                          f"{self.norm_factor:g} x their norm {scale:.3g}")
         if len(updates) >= 3:
             median = float(torch.tensor(list(dist.values())).median())
-            limit = self.norm_factor * max(median, 1e-12)
-            out |= {c: f"update norm {d:.3g} is over {self.norm_factor:g} x the round's median "
-                       f"{median:.3g}" for c, d in dist.items() if d > limit and c not in out}
+            for c, d in dist.items():
+                floor = (bound[c] or 0.0) / self.norm_factor
+                if c not in out and d > self.norm_factor * max(median, floor, 1e-12):
+                    out[c] = (f"update norm {d:.3g} is over {self.norm_factor:g} x the round's "
+                              f"median {median:.3g}")
         return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -237,9 +258,7 @@ class FedClipStrategy(FedAvg):
             log(WARNING, "round %d: no valid update; the global parameters are unchanged",
                 self._pending["round"])
             return None, None
-        weighted = self.algorithm.cfg.aggregation == "weighted"
-        ordered = [replace(u, weight=float(u.num_examples) if weighted else 1.0)
-                   for _, u in sorted(updates.items())]
+        ordered = [replace(u, weight=self.weights[c]) for c, u in sorted(updates.items())]
         self.state.global_params, self.state.server_state = self.algorithm.aggregate(
             self.state.params, ordered, self.state.server_state)
         self._pending["train"].seconds = time.perf_counter() - self._started

@@ -22,6 +22,7 @@ from fedclip.core.client import (
     ClientData,
     ClientJob,
     Split,
+    client_weights,
     evaluate_module,
     load_module,
     personalize,
@@ -56,6 +57,7 @@ class Federation:
         self.together = (self.cfg.train_clients_together and algorithm.batchable
                          and self.cfg.optimizer_state == "reset")
         self._trainable: int | None = None
+        self.weights = client_weights({c.name: len(c.train) for c in self.clients}, self.cfg)
 
     @property
     def dim(self) -> int:
@@ -149,8 +151,7 @@ class Federation:
         else:
             trained = [algo.train_client(job) for job in jobs]
         for client, job, update in zip(clients, jobs, trained, strict=True):
-            weight = float(len(client.train)) if self.cfg.aggregation == "weighted" else 1.0
-            updates.append(replace(update, weight=weight))
+            updates.append(replace(update, weight=self.weights[client.name]))
             losses[client.name] = update.loss
             if algo.communicates:
                 sent += tensor_bytes(algo.shared(state.params)) + tensor_bytes(job.extras)
