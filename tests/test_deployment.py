@@ -184,7 +184,7 @@ def test_the_readmes_localhost_recipe_works_as_written(tmp_path):
     finally:  # whatever happened, no SuperLink or SuperNode of this test survives it
         for port in (link, *range(first, first + 4)):
             subprocess.run(["pkill", "-f", f"127.0.0.1:{port}"], check=False)
-            subprocess.run(["pkill", "-f", f"--port {port}"], check=False)
+            subprocess.run(["pkill", "-f", "--", f"--port {port}"], check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert re.search(r"run \d+: finished:completed", done.stdout)
     result = json.loads((project / "runs" / "deploy" / "results.json").read_text())

@@ -234,3 +234,38 @@ def test_app_config_in_pyproject_agrees_with_the_defaults():
     from fedclip.algorithms import algorithm_class
 
     assert options["fedprox"]["mu"] == algorithm_class("fedprox").Options().mu
+
+
+def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
+    """Under SecAgg+ clients weigh themselves inside the secure sum: the server sends the cap
+    (max_weight_ratio x the median of the sizes reported at round 0) with the round, and a
+    client that holds more examples weighs no more than it (hand-computed: sizes 10, 30 and
+    1000 have median 30, so the cap is 60)."""
+    from types import SimpleNamespace
+
+    from fedclip.algorithms import get_algorithm
+    from fedclip.core.client import ClientUpdate
+    from fedclip.flower.secagg import AdapterClient, SecureStrategy
+
+    algorithm = get_algorithm(RunConfig.build(backbone="standin", heldout="d",
+                                              classes=("x", "y")))
+    server = SimpleNamespace(algorithm=algorithm, sizes={
+        "train:a": {"num-train": 10}, "train:b": {"num-train": 30},
+        "train:c": {"num-train": 1000}, "heldout:d": {"num-test": 40}})
+    config = SecureStrategy.fit_config(server, 3)
+    assert config["weight-cap"] == 60.0 and config["server-round"] == 3
+
+    class Big(AdapterClient):
+        def __init__(self) -> None:  # a site of 1000 train examples, no backbone needed
+            self.algorithm, self.keys = algorithm, ["w"]
+            self.site = SimpleNamespace(data=SimpleNamespace(train=None), name="c",
+                                        class_text=torch.zeros(1, 4), logit_scale=1.0)
+
+        def _params(self, arrays):  # noqa: ANN001, ANN202
+            return {"w": torch.zeros(1)}
+
+    algorithm.train_client = lambda job: ClientUpdate({"w": torch.zeros(1)}, {}, 1000, 0.1)
+    _, weight, _ = Big().fit([torch.zeros(1).numpy()], config)
+    assert weight == 60
+    _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 5000.0})
+    assert weight == 1000

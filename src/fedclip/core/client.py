@@ -195,10 +195,16 @@ def client_weights(sizes: Mapping[str, int], cfg: RunConfig) -> dict[str, float]
     declaration owns the average), 1 otherwise. The same in every runtime."""
     if cfg.aggregation != "weighted":
         return {c: 1.0 for c in sizes}
+    cap = weight_cap(sizes, cfg)
+    return {c: float(n) if cap is None else min(float(n), cap) for c, n in sizes.items()}
+
+
+def weight_cap(sizes: Mapping[str, int], cfg: RunConfig) -> float | None:
+    """The largest weight a client may have: ``max_weight_ratio`` x the median train size
+    (None: no bound). SecAgg+ sends it to the clients, which weigh themselves."""
     if cfg.max_weight_ratio <= 0 or not sizes:
-        return {c: float(n) for c, n in sizes.items()}
-    cap = cfg.max_weight_ratio * float(np.median(list(sizes.values())))
-    return {c: min(float(n), cap) for c, n in sizes.items()}
+        return None
+    return cfg.max_weight_ratio * float(np.median(list(sizes.values())))
 
 
 def steps_per_round(cfg: RunConfig, n: int, epochs: int) -> int:

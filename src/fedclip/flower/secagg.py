@@ -57,6 +57,7 @@ from fedclip.core.client import (
     evaluate,
     personalize,
     round_seed,
+    weight_cap,
 )
 from fedclip.core.records import ClientInfo, Personalized, RoundRecord, RunResult
 from fedclip.core.run_folder import RunFolder
@@ -122,7 +123,10 @@ class AdapterClient(NumPyClient):
                         round_seed(self.algorithm.cfg.seed, round_config.server_round,
                                    self.site.name))
         update = self.algorithm.train_client(job)
-        weight = update.num_examples if self.algorithm.cfg.aggregation == "weighted" else 1
+        weight = 1
+        if self.algorithm.cfg.aggregation == "weighted":  # capped as in every runtime (a
+            cap = finite_number(config.get("weight-cap"), 0)  # whole number: a legacy count)
+            weight = update.num_examples if cap is None else min(update.num_examples, int(cap))
         return ([update.params[k].cpu().numpy() for k in self.keys], weight,
                 {"train-loss": update.loss})
 
@@ -178,8 +182,7 @@ class SecureStrategy(LegacyFedAvg):
 
     def __init__(self, algorithm: Algorithm, grid: Grid, callbacks: list[Callback],
                  timeout: float, **kwargs: Any) -> None:
-        super().__init__(on_fit_config_fn=lambda r: algorithm.round_config(r).record(),
-                         **kwargs)
+        super().__init__(on_fit_config_fn=self.fit_config, **kwargs)
         self.algorithm, self.grid, self.callbacks, self.timeout = (algorithm, grid, callbacks,
                                                                    timeout)
         self.state = FederationState(0, None)
@@ -188,6 +191,16 @@ class SecureStrategy(LegacyFedAvg):
         self.sizes: dict[str, dict[str, int]] = {}
         self.logit_scale, self.dim = float("nan"), 0
         self.started = time.perf_counter()
+
+    def fit_config(self, server_round: int) -> dict[str, Any]:
+        """The round's ``RoundConfig`` and the weight cap (``core.client.weight_cap`` of the
+        train sizes the nodes reported at round 0): clients weigh themselves inside the secure
+        sum, so the cap travels to them."""
+        sizes = {k.removeprefix("train:"): v["num-train"] for k, v in self.sizes.items()
+                 if k.startswith("train:") and "num-train" in v}
+        cap = weight_cap(sizes, self.algorithm.cfg)
+        return {**self.algorithm.round_config(server_round).record(),
+                **({"weight-cap": cap} if cap is not None else {})}
 
     # --- parameters -----------------------------------------------------------------------
     def as_params(self, arrays: list[np.ndarray]) -> Params:
