@@ -32,6 +32,7 @@ from fedclip.features import (
     ImageFeatures,
     TextFeatures,
     default_cache_dir,
+    file_identity,
     image_features,
     image_pixels,
     text_features,
@@ -201,9 +202,8 @@ def data_fingerprint(dataset: DomainDataset) -> str:
     h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
     for name, domain in dataset.domains.items():
         for f in domain.files:
-            st = f.stat()
-            h.update(f"{name}/{f.relative_to(domain.root)}|{st.st_size}|{st.st_mtime_ns}\n"
-                     .encode())
+            size, mtime = file_identity(f)  # a file deleted since the scan: (-1, -1)
+            h.update(f"{name}/{f.relative_to(domain.root)}|{size}|{mtime}\n".encode())
     return h.hexdigest()[:16]
 
 
