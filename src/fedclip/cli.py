@@ -299,6 +299,7 @@ def run_command(
     from fedclip.core.report import COLUMNS, round_zero_note, table_rows
     from fedclip.inprocess.experiment import run
 
+    _outs.append(out)
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
                     **_flags(locals()))
     _threads(threads)
@@ -351,6 +352,7 @@ def compare_command(
     """Every algorithm on the same splits and seeds: the paper's comparison tables."""
     from fedclip.compare import compare, markdown
 
+    _outs.append(out)
     cfg = _settings(config, set_ or [], **_flags(locals()))
     _threads(threads)
     try:
@@ -486,20 +488,16 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def _interrupted_hint(argv: list[str] | None) -> str:
+_outs: list[Path] = []  # the run folder of the command running (for the interrupt hint)
+
+
+def _interrupted_hint() -> str:
     """What to do after an interrupt: ``--resume`` only where the run folder can resume
     (it holds its settings), never during a command that has none."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in args if not a.startswith("-")), "")
-    if command not in ("run", "compare"):
+    if not _outs:
         return "nothing to resume"
-    out = Path("runs/latest" if command == "run" else "runs/compare")
-    for i, a in enumerate(args):
-        if a == "--out" and i + 1 < len(args):
-            out = Path(args[i + 1])
-        elif a.startswith("--out="):
-            out = Path(a.split("=", 1)[1])
-    folders = [out] if command == "run" else [f for f in out.glob("*-seed*") if f.is_dir()]
+    out = _outs[-1]
+    folders = [out, *(f for f in out.glob("*-seed*") if f.is_dir())] if out.is_dir() else []
     if any((f / "config.json").is_file() for f in folders):
         return (f"continue with the same command and --resume (--out {out}: what was done "
                 f"is kept)")
@@ -510,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
+    _outs.clear()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -535,10 +534,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     if code == 130 and signal.SIGTERM in _signals:
         _signals.clear()
-        console.print(f"terminated (SIGTERM); {_interrupted_hint(argv)}")
+        console.print(f"terminated (SIGTERM); {_interrupted_hint()}")
         return 143
     if code == 130:  # typer returns 130 for Ctrl-C when not standalone
-        console.print(f"interrupted; {_interrupted_hint(argv)}")
+        console.print(f"interrupted; {_interrupted_hint()}")
         return 130
     return code if isinstance(code, int) else 0
 

@@ -170,7 +170,7 @@ def plot(runs: Runs, out: Path) -> None:
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                title="algorithm")
     fig.tight_layout()
-    atomic_write(out / "compare.png",
+    atomic_write(out / COMPARE_FILES[2],
                  lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 

@@ -31,7 +31,8 @@ def storage_problem(exc: BaseException) -> str | None:
     return None
 
 
-def _storage_error(path: Path, exc: BaseException, size: int | None) -> StorageError:
+def storage_error(path: Path, exc: BaseException, size: int | None) -> StorageError:
+    """The one-line error for ``exc`` (a full or read-only disk) while writing ``path``."""
     problem = storage_problem(exc)
     if problem == "read-only":
         return StorageError(f"cannot write {path}: the file system is read-only; choose a "
@@ -56,7 +57,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], size: int | 
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         if storage_problem(exc):
-            raise _storage_error(path, exc, size) from None
+            raise storage_error(path, exc, size) from None
         raise
     os.close(fd)
     try:
@@ -68,7 +69,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], size: int | 
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, Exception) and storage_problem(exc):
-            raise _storage_error(path, exc, size) from None
+            raise storage_error(path, exc, size) from None
         raise
     return path
 

@@ -22,8 +22,13 @@ import torch
 from fedclip.config import RunConfig
 from fedclip.core.records import RecordError, RoundRecord
 from fedclip.core.state import FederationState
-from fedclip.errors import ResumeError, StorageError
-from fedclip.io import atomic_save_tensors, atomic_write_text, storage_problem
+from fedclip.errors import ResumeError
+from fedclip.io import (
+    atomic_save_tensors,
+    atomic_write_text,
+    storage_error,
+    storage_problem,
+)
 from fedclip.tensors import checksum
 
 FLAT = ("global", "best", "server")  # prefix/<name>
@@ -84,9 +89,7 @@ def _append_history(path: Path, history: list[RoundRecord]) -> None:
             except OSError as exc:  # a full disk: no torn line is left behind
                 f.truncate(before)
                 if storage_problem(exc):
-                    raise StorageError(f"cannot write {path}: the disk is {storage_problem(exc)}"
-                                       f" ({len(text)} bytes needed); free space or choose "
-                                       f"another folder") from None
+                    raise storage_error(path, exc, len(text)) from None
                 raise
 
 

@@ -126,8 +126,8 @@ def scan_dataset(root: str | Path, dataset: str = "auto",
         raise DataError(f"data root {root} does not exist or is not a folder; "
                         f"pass --data-root pointing at a folder laid out as {LAYOUT}")
     domain_names = _subdirs(root)
-    if _hidden(root):
-        _warn_once(root, [f"ignored hidden folder(s) {', '.join(_hidden(root))} under {root} "
+    if hidden := _hidden(root):
+        _warn_once(root, [f"ignored hidden folder(s) {', '.join(hidden)} under {root} "
                           f"(names starting with '.'): not domains"])
     if not domain_names:
         raise DataError(f"data root {root} has no domain folders; expected {LAYOUT}")

@@ -45,15 +45,20 @@ def _declared_nbytes(array: Array) -> int | None:
     return itemsize * math.prod(shape)
 
 
+def _held_nbytes(array: Array) -> int | None:
+    """The declared size of a plain numpy array whose bytes hold exactly that (plus the wire
+    header), or None; from the metadata alone."""
+    need = _declared_nbytes(array)
+    if str(array.stype) != "numpy.ndarray" or need is None \
+            or not 0 <= len(array.data) - need <= HEADER_BYTES:
+        return None
+    return need
+
+
 def payload_bytes(record: ArrayRecord) -> int:
     """The bytes of a record's arrays: the declared size where the data holds it (the wire
     format adds a small header), else the bytes that came. Nothing is decoded."""
-    total = 0
-    for array in record.values():
-        declared, came = _declared_nbytes(array), len(array.data)
-        total += declared if declared is not None and 0 <= came - declared <= HEADER_BYTES \
-            else came
-    return total
+    return sum(n if (n := _held_nbytes(a)) is not None else len(a.data) for a in record.values())
 
 
 def well_formed(record: ArrayRecord, max_bytes: int) -> str | None:
@@ -61,9 +66,8 @@ def well_formed(record: ArrayRecord, max_bytes: int) -> str | None:
     shape, or more than ``max_bytes`` in all), or None; nothing is decoded."""
     total = 0
     for key, array in record.items():
-        need = _declared_nbytes(array)
-        if str(array.stype) != "numpy.ndarray" or need is None \
-                or not 0 <= len(array.data) - need <= HEADER_BYTES:
+        need = _held_nbytes(array)
+        if need is None:
             return f"array {key} does not hold the shape and dtype it declares"
         total += need
     return f"arrays of {total} bytes, over the {max_bytes} allowed" if total > max_bytes else None
@@ -79,22 +83,16 @@ def check_arrays(record: ArrayRecord, expected: dict[str, torch.Size], transfer:
     a billion elements) costs nothing: the largest allocation is what ``expected`` needs."""
     if set(record) != set(expected):
         return None, f"{what} keys {sorted(set(record) ^ set(expected))} differ from the expected"
-    dtype = TRANSFER_DTYPES[transfer]
-    wire = str(dtype).removeprefix("torch.")
+    wire = str(TRANSFER_DTYPES[transfer]).removeprefix("torch.")
     for key, array in record.items():
         if str(array.stype) != "numpy.ndarray" or str(array.dtype) != wire:
             return None, (f"{what} {key} is {array.stype} of {array.dtype}, this run "
                           f"transfers {transfer} arrays")
-        try:
-            shape = tuple(int(n) for n in array.shape)
-        except (TypeError, ValueError):
-            shape = ()
-        if shape != tuple(expected[key]):
+        if list(array.shape) != list(expected[key]):
             return None, f"{what} {key} has shape {array.shape}, expected {tuple(expected[key])}"
-        need = _declared_nbytes(array) or 0
-        if not 0 <= len(array.data) - need <= HEADER_BYTES:
-            return None, (f"{what} {key} holds {len(array.data)} bytes, not the {need} its "
-                          f"shape and dtype need")
+        if _held_nbytes(array) is None:
+            return None, (f"{what} {key} holds {len(array.data)} bytes, not the "
+                          f"{_declared_nbytes(array)} its shape and dtype need")
     params: Params = {}
     for key, array in record.items():
         try:

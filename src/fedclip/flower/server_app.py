@@ -45,7 +45,8 @@ from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.task import prompts, run_classes
 
 MAX_INIT_BYTES = 1 << 30  # initial parameters a node may send at discovery
-MAX_SKIPPED_LISTED = 10_000  # unreadable files a node may list
+MAX_SKIPPED_LISTED = 10_000  # unreadable files a node's identity keeps (the first ones)
+MAX_SKIPPED_CHARS = 16 << 20  # the longest skipped-file list (JSON) a node may send
 
 
 def planned_domains(cfg: RunConfig) -> list[str] | None:
@@ -73,7 +74,10 @@ def _node_info(node_id: int, content: RecordDict) -> tuple[NodeInfo, str]:
     bad = [k for k in numbers if k not in ints]
     if bad or scale is None:
         raise ValueError(f"invalid {', '.join(bad) or 'logit-scale'}")
-    skipped = json.loads(str(info.get("skipped", "[]"))[:MAX_SKIPPED_LISTED * 300])
+    listed = str(info.get("skipped", "[]"))
+    if len(listed) > MAX_SKIPPED_CHARS:
+        raise ValueError(f"its skipped-file list is over {MAX_SKIPPED_CHARS} characters")
+    skipped = json.loads(listed)
     if not isinstance(skipped, list) or not all(isinstance(f, str) for f in skipped):
         raise TypeError("skipped must list file names")
     return NodeInfo(node_id, names["client"], names["role"], names["domain"],
