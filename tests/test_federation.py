@@ -48,8 +48,8 @@ def flower_config(tiny_arch, tmp_path, heldout="sketch", **extra):
 
 
 def in_process(tiny_arch, root, tmp_path, heldout="sketch", name="local", **extra):
-    cfg = RunConfig.build(backbone=tiny_arch, data_root=str(root), heldout=heldout, rounds=3,
-                          lr=1e-3, **extra)
+    cfg = RunConfig.build(**{"backbone": tiny_arch, "data_root": str(root), "heldout": heldout,
+                             "rounds": 3, "lr": 1e-3, **extra})
     return run(cfg, tmp_path / name)[0]
 
 

@@ -116,8 +116,9 @@ def test_client_side_clipping_bounds_each_round_and_noise_changes_the_result(
     from fedclip.adapters import build_adapter, get_params
 
     clip = 0.01
-    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=2,
-                                    **{"dp-clipping-norm": clip})
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=2, dp="client",
+                                    aggregation="uniform", **{"dp-clipping-norm": clip,
+                                                              "dp-noise-multiplier": 1e-9})
     clipped = server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)
     final = load_file(tmp_path / "flower" / "gamma" / "adapter-last.safetensors")
     init = get_params(build_adapter(32, seed=0))

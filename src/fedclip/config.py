@@ -78,16 +78,41 @@ class RunConfig(BaseModel):
     loss: Literal["clip", "ce"] = "clip"
     lr_decay: float = Field(1.0, gt=0, le=1, description="Server-side schedule: round r "
                             "trains with lr * lr_decay**(r-1) (sent to clients each round).")
-    aggregation: Literal["weighted", "uniform", "median", "trimmed-mean"] = Field(
-        "weighted", description="'weighted' by train samples (declared at discovery); "
-        "'uniform' as in the reference; 'median' / 'trimmed-mean' (coordinate-wise, robust "
-        "to a few bad clients).")
+    aggregation: Literal["weighted", "uniform", "median", "trimmed-mean", "krum", "multikrum",
+                         "bulyan"] = Field(
+        "weighted", description="'weighted' by train samples (declared at discovery, capped); "
+        "'uniform' as in the reference; robust to a few bad clients: 'median' / "
+        "'trimmed-mean' (coordinate-wise), 'krum' / 'multikrum' / 'bulyan' (Flower's, by "
+        "distances between updates; need the flower extra).")
     max_weight_ratio: float = Field(
         2.0, ge=0, description="weighted: a client's weight is at most this x the median "
         "train size of the training clients (on Flower, as declared at discovery), so that "
         "one declaration cannot own the average; 0: no bound.")
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: fraction of "
                                  "clients cut at each end, per coordinate.")
+    norm_factor: float = Field(10.0, ge=0, le=1e6, description="Reject an update farther "
+                               "from the global parameters than this x what its local steps "
+                               "can move (K lr sqrt(P)), or x the round's median distance "
+                               "(floored); every runtime; 0: off.")
+    byzantine: int = Field(0, ge=0, le=10**6, description="krum, multikrum, bulyan: f, the "
+                           "bad updates per round the rule assumes (krum and multikrum need "
+                           "2f+3 updates a round, bulyan 4f+3).")
+    multikrum_keep: int = Field(0, ge=0, le=10**7, description="multikrum: m, the best-scored "
+                                "updates averaged; 0: n - f.")
+    dp: Literal["off", "server", "client"] = Field(
+        "off", description="Central differential privacy at the client level (McMahan et al., "
+        "2018): each update is clipped to dp_clipping_norm (by the server, or also by each "
+        "client before it leaves: 'client', needed with SecAgg+), the clipped updates are "
+        "summed and Gaussian noise of std dp_noise_multiplier x dp_clipping_norm is added, "
+        "then divided by the clients sampled; Flower's RDP accountant reports the epsilon.")
+    dp_clipping_norm: float = Field(0.0, ge=0, le=1e6, description="dp: the L2 bound on one "
+                                    "client's update (the change of its shared parameters).")
+    dp_noise_multiplier: float = Field(0.0, ge=0, le=1e6, description="dp: z, noise std over "
+                                       "the clipping norm; 0 with dp_epsilon: the smallest z "
+                                       "that spends dp_epsilon in `rounds` rounds.")
+    dp_epsilon: float = Field(0.0, ge=0, le=1e6, description="dp: the privacy budget; the run "
+                              "stops (cleanly) before a round would spend more; 0: none.")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="dp: the delta of (epsilon, delta).")
     options: dict[str, dict[str, bool | int | float | str]] = Field(
         default_factory=dict, description="Per-algorithm hyperparameters, e.g. "
         "{'fedprox': {'mu': 0.01}} (--set fedprox.mu=0.01); checked against the algorithm.")
@@ -130,6 +155,17 @@ class RunConfig(BaseModel):
         if 0 < self.max_weight_ratio < 1:
             raise ValueError("max_weight_ratio must be 0 (no bound) or at least 1 (the median "
                              "client's own weight)")
+        if self.dp != "off":
+            if self.dp_clipping_norm <= 0:
+                raise ValueError("dp needs dp_clipping_norm > 0 (the bound on one client's "
+                                 "update)")
+            if self.dp_noise_multiplier <= 0 and self.dp_epsilon <= 0:
+                raise ValueError("dp needs dp_noise_multiplier > 0 or a dp_epsilon budget (the "
+                                 "noise multiplier is then calibrated to it)")
+            if self.aggregation != "uniform":
+                raise ValueError(f"dp adds noise calibrated to a uniform mean of clipped "
+                                 f"updates; aggregation={self.aggregation!r} weighs or selects "
+                                 f"updates: set aggregation=uniform")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct")
         return self  # algorithm options are checked by the algorithm (get_algorithm)
@@ -241,13 +277,6 @@ class FlowerSettings(BaseModel):
                            "node-config overrides it.")
     cache_dir: str = ""
     resume: bool = Field(False, description="Continue from out/<heldout>/checkpoint.")
-    norm_factor: float = Field(10.0, ge=0, description="Reject an update farther from the "
-                               "global parameters than this x what its local steps can move "
-                               "(K lr sqrt(P)), or x the round's median distance (floored); "
-                               "0: off.")
-    dp_clipping_norm: float = Field(0.0, ge=0, description="Central DP with client-side "
-                                    "fixed clipping (Flower's wrapper); 0: off.")
-    dp_noise_multiplier: float = Field(0.0, ge=0)
     log_to: str = Field("", description="Loggers: 'tensorboard' (into out/tensorboard) or "
                         "'tensorboard:DIR', comma-separated; paths are the server's.")
     secagg_max_weight: float = Field(10_000.0, gt=0, description="SecAgg+: the largest "

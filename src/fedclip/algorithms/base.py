@@ -167,6 +167,11 @@ class Algorithm:
         """Names and shapes of the extras a client must send back (checked by the server)."""
         return {}
 
+    def sends_extras(self) -> bool:
+        """Whether its replies carry per-client extras (``reply_extras``), which a rule that
+        selects whole updates (Krum) or DP's clipping would have to cover too."""
+        return type(self).reply_extras is not Algorithm.reply_extras
+
     def update_bound(self, current: Params, num_examples: int, config: RoundConfig
                      ) -> float | None:
         """About the farthest an honest client of ``num_examples`` train examples moves the
@@ -190,8 +195,9 @@ class Algorithm:
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
                   ) -> tuple[Params, State]:
         """The next global parameters (and server state) from this round's updates."""
+        cfg = self.cfg
         params = combine([u.params for u in updates], [u.weight for u in updates],
-                         self.cfg.aggregation, self.cfg.trim_fraction)
+                         cfg.aggregation, cfg.trim_fraction, cfg.byzantine, cfg.multikrum_keep)
         return {**current, **params}, server_state
 
     # --- client ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 from fedclip.adapters import class_logits, get_params
 from fedclip.config import RunConfig
 from fedclip.errors import TrainingError
+from fedclip.privacy import clip_update
 from fedclip.tensors import Params, State
 
 
@@ -205,6 +206,15 @@ def weight_cap(sizes: Mapping[str, int], cfg: RunConfig) -> float | None:
     if cfg.max_weight_ratio <= 0 or not sizes:
         return None
     return cfg.max_weight_ratio * float(np.median(list(sizes.values())))
+
+
+def client_clip(cfg: RunConfig, params: Params, start: Params) -> Params:
+    """``dp=client``: the client clips its own update to ``dp_clipping_norm`` before it
+    leaves (so no unclipped update is ever sent; SecAgg+ needs this). Otherwise unchanged:
+    the server clips every update in any case (``fedclip.core.server.aggregate_round``)."""
+    if cfg.dp != "client":
+        return params
+    return clip_update(params, start, cfg.dp_clipping_norm)
 
 
 def steps_per_round(cfg: RunConfig, n: int, epochs: int) -> int:

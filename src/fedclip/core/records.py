@@ -10,6 +10,7 @@ file that does not follow it.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -79,6 +80,7 @@ class RoundRecord:
     missing: list[str] | None = None  # Flower: sampled clients that did not answer
     rejected: dict[str, str] | None = None  # Flower: client -> why its update was refused
     eval_missing: list[str] | None = None  # Flower: nodes whose evaluation did not come
+    epsilon: float | None = None  # dp: the privacy spent after this round (accountant's)
 
     @property
     def evaluated(self) -> bool:
@@ -89,6 +91,14 @@ class RoundRecord:
     def mean_val_accuracy(self) -> float | None:
         """The mean over clients' val splits (the selection criterion); None if not evaluated."""
         return None if self.val_accuracy is None else nanmean(self.val_accuracy.values())
+
+    def val_score(self, rule: str = "mean") -> float | None:
+        """What the best-round rule compares: the mean (or, ``rule="median"``, the median)
+        of the clients' val accuracies; None if not evaluated."""
+        if self.val_accuracy is None or rule == "mean":
+            return self.mean_val_accuracy
+        values = [v for v in self.val_accuracy.values() if not math.isnan(v)]
+        return float(statistics.median(values)) if values else math.nan
 
     @property
     def mean_test_accuracy(self) -> float | None:
@@ -134,6 +144,8 @@ class RoundRecord:
                     "heldout_accuracy": self.heldout_accuracy}
         if self.round_seconds is not None:
             out["round_seconds"] = self.round_seconds
+        if self.epsilon is not None:
+            out["epsilon"] = self.epsilon
         return json_safe(out)
 
     @classmethod
@@ -150,7 +162,8 @@ class RoundRecord:
                          int(data.get("bytes_sent", 0)), int(data.get("bytes_received", 0)),
                          round_seconds=_num(data.get("round_seconds")),
                          missing=data.get("missing"), rejected=data.get("rejected"),
-                         eval_missing=data.get("eval_missing"))
+                         eval_missing=data.get("eval_missing"),
+                         epsilon=_num(data.get("epsilon")))
             if "val_accuracy" in data:
                 record.set_evaluation(_accuracies(data["val_accuracy"]),
                                       _accuracies(data["test_accuracy"]),
@@ -162,10 +175,12 @@ class RoundRecord:
         return record
 
 
-def is_better(record: RoundRecord, best_val: float) -> bool:
-    """The one selection rule: a round (round 0 included) is selected when its mean val
-    accuracy is strictly higher than every earlier round's; a NaN is never better."""
-    val = record.mean_val_accuracy
+def is_better(record: RoundRecord, best_val: float, rule: str = "mean") -> bool:
+    """The one selection rule: a round (round 0 included) is selected when its val score
+    (the mean of the clients' val accuracies, or their median with a robust aggregator:
+    ``fedclip.core.server.selection_rule``) is strictly higher than every earlier round's; a
+    NaN is never better."""
+    val = record.val_score(rule)
     return val is not None and not math.isnan(val) and val > best_val
 
 

@@ -46,10 +46,12 @@ class FederationState:
             move(self.server_state), {c: move(s) for c, s in self.client_states.items()},
             {c: move(s) for c, s in self.best_client_states.items()}, self.history)
 
-    def select(self, record: RoundRecord) -> None:
-        """Apply the one best-round rule to an evaluated round."""
-        if is_better(record, self.best_val):
-            assert record.mean_val_accuracy is not None  # is_better: evaluated
-            self.best_round, self.best_val = record.round, record.mean_val_accuracy
+    def select(self, record: RoundRecord, rule: str = "mean") -> None:
+        """Apply the one best-round rule (``rule``: mean or median of the val accuracies) to
+        an evaluated round."""
+        if is_better(record, self.best_val, rule):
+            score = record.val_score(rule)
+            assert score is not None  # is_better: evaluated
+            self.best_round, self.best_val = record.round, score
             self.best_params = self.global_params
             self.best_client_states = {c: dict(s) for c, s in self.client_states.items()}

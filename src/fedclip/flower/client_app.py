@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedclip.algorithms.base import Algorithm
 from fedclip.config import FlowerSettings
-from fedclip.core.client import ClientJob, RoundConfig, personalize, round_seed
+from fedclip.core.client import ClientJob, RoundConfig, client_clip, personalize, round_seed
 from fedclip.core.client import evaluate as evaluate_split
 from fedclip.errors import TrainingError
 from fedclip.flower.codec import decode, encode, one_line_refusals, run_config_to_cfg
@@ -91,10 +92,12 @@ def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer
         log.warning("%s: %s", site.name, exc)
         return RecordDict({"metrics": MetricRecord({"diverged": 1})})
     save_state(context_state, state)
+    update = replace(update, params=client_clip(algorithm.cfg, update.params,
+                                                algorithm.shared(start)))
     metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss,
                             "train-seconds": update.seconds, "steps": update.steps})
     reply = RecordDict({"arrays": encode(update.params, transfer), "metrics": metrics})
-    if update.extras:  # only algorithms that declare extras (DP's clipping mod wants one record)
+    if update.extras:  # only algorithms that declare extras
         reply["extras"] = encode(update.extras, transfer)
     return reply
 
@@ -136,17 +139,6 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     return RecordDict({"metrics": MetricRecord(values)})
 
 
-def dp_clipping_mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN201
-    """Flower's ``fixedclipping_mod`` when the server asks for clipping (DP runs), else a
-    pass-through, so one ClientApp serves runs with and without DP."""
-    from flwr.clientapp.mod import fixedclipping_mod
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
-    if KEY_CLIPPING_NORM in msg.content["config"]:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
 def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` sit under the run config (``run_simulation`` passes none)."""
     app = ClientApp()
@@ -163,7 +155,7 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
         return Message(handle_query(site, algorithm, dict(msg.content["config"])),
                        reply_to=msg)
 
-    @app.train(mods=[dp_clipping_mod])
+    @app.train()
     def train(msg: Message, context: Context) -> Message:
         site, algorithm, flower = resolve(context)
         return Message(handle_train(site, algorithm, msg.content, flower.transfer,

@@ -31,6 +31,7 @@ security section states.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ from fedclip.core.client import (
     ClientJob,
     ClientUpdate,
     RoundConfig,
+    client_clip,
     evaluate,
     personalize,
     round_seed,
@@ -61,11 +63,13 @@ from fedclip.core.client import (
 )
 from fedclip.core.records import ClientInfo, Personalized, RoundRecord, RunResult
 from fedclip.core.run_folder import RunFolder
+from fedclip.core.server import server_rules
 from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError
 from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
 from fedclip.flower.node import node_for
 from fedclip.flower.server_app import dataset_name
+from fedclip.privacy import noise_generator, noisy_mean
 from fedclip.task import Site, prompts, run_classes
 from fedclip.tensors import Params, all_finite
 
@@ -88,6 +92,9 @@ def refusal(algorithm: Algorithm, flower: FlowerSettings) -> str | None:
     if cfg.aggregation not in SECURE_AGGREGATIONS:
         return (f"aggregation={cfg.aggregation!r} needs the individual updates, which SecAgg+ "
                 f"hides; use {' or '.join(SECURE_AGGREGATIONS)}")
+    if cfg.dp == "server":
+        return ("dp=server clips the individual updates, which SecAgg+ hides; use dp=client "
+                "(each client clips its own update, the server noises the secure sum)")
     if flower.resume:
         return ("resume=true is not available with SecAgg+ (Flower's legacy workflow cannot "
                 "start from a checkpoint); start the run again into a new out")
@@ -123,6 +130,7 @@ class AdapterClient(NumPyClient):
                         round_seed(self.algorithm.cfg.seed, round_config.server_round,
                                    self.site.name))
         update = self.algorithm.train_client(job)
+        update = replace(update, params=client_clip(self.algorithm.cfg, update.params, start))
         weight = 1
         if self.algorithm.cfg.aggregation == "weighted":  # capped as in every runtime (a
             cap = finite_number(config.get("weight-cap"), 0)  # whole number: a legacy count)
@@ -186,6 +194,8 @@ class SecureStrategy(LegacyFedAvg):
         self.algorithm, self.grid, self.callbacks, self.timeout = (algorithm, grid, callbacks,
                                                                    timeout)
         self.state = FederationState(0, None)
+        # the same rules as every runtime (rounds under a DP budget, DP, the best-round rule)
+        self.rules = server_rules(algorithm.cfg, algorithm, algorithm.num_clients)
         self.keys: list[str] = []
         self.names: dict[int, tuple[str, str]] = {}  # node id -> (client, role)
         self.sizes: dict[str, dict[str, int]] = {}
@@ -228,7 +238,7 @@ class SecureStrategy(LegacyFedAvg):
         record.set_evaluation(*self.record_metrics(evaluate_all(self.grid, initial, {},
                                                                 self.timeout)))
         self.state.history.append(record)
-        self.state.select(record)
+        self.state.select(record, self.rules.selection)
         round_end(self.callbacks, self.algorithm.cfg.heldout, record)
 
     # --- the legacy hooks -----------------------------------------------------------------
@@ -245,7 +255,15 @@ class SecureStrategy(LegacyFedAvg):
         losses = {self.names.get(p.node_id, (str(p.node_id), ""))[0]: loss
                   for p, r in results if r.num_examples > 0
                   and (loss := finite_number(r.metrics.get("train-loss"))) is not None}
-        record = RoundRecord(server_round, losses)
+        record = RoundRecord(server_round, losses, epsilon=self.rules.epsilon(server_round))
+        plan = self.rules.privacy
+        if plan is not None and all_finite(mean):  # clients clipped (dp=client): noise the sum
+            answered = sum(1 for _, r in results if r.num_examples > 0)
+            shared = self.state.params
+            total = {k: shared[k] + (v - shared[k]) * answered for k, v in mean.items()}
+            mean = noisy_mean(shared, [total], plan.sampled, plan.clipping_norm,
+                              plan.noise_multiplier,
+                              noise_generator(self.algorithm.cfg.seed, server_round))
         if not all_finite(mean):
             record.rejected = {"secure mean": "not finite; the global parameters are unchanged"}
             new, server_state = self.state.params, self.state.server_state
@@ -261,7 +279,7 @@ class SecureStrategy(LegacyFedAvg):
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         cfg = self.algorithm.cfg
-        if server_round % cfg.eval_every and server_round != cfg.rounds:
+        if server_round % cfg.eval_every and server_round != self.rules.rounds:
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
@@ -270,7 +288,7 @@ class SecureStrategy(LegacyFedAvg):
         record.set_evaluation(*self.record_metrics(
             [(p.node_id, dict(r.metrics)) for p, r in results]))
         record.round_seconds = time.perf_counter() - self.started
-        self.state.select(record)
+        self.state.select(record, self.rules.selection)
         round_end(self.callbacks, self.algorithm.cfg.heldout, record)
         return super().aggregate_evaluate(server_round, results, failures)
 
@@ -347,11 +365,14 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, flower: FlowerSettings,
     folder.write_config()
     writer = folder.start(cfg.heldout, None)
     start = time.perf_counter()
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds),
+    legacy = LegacyContext(context=context,
+                           config=ServerConfig(num_rounds=strategy.rules.rounds),
                            strategy=strategy)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
         num_shares=nodes, reconstruction_threshold=max(2, nodes - 1),
-        max_weight=flower.secagg_max_weight))
+        # uniform: every weight is 1, so a scale of 1 keeps them exact (at 10,000 a weight of
+        # 1 is quantized to a few levels and the mean is off by percents)
+        max_weight=1.0 if cfg.aggregation == "uniform" else flower.secagg_max_weight))
     workflow(grid, legacy)
     state = strategy.state
     if state.global_params is None:
@@ -383,7 +404,7 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, flower: FlowerSettings,
         clients=[ClientInfo(c, *(strategy.sizes.get(f"train:{c}", {}).get(f"num-{s}")
                                  for s in ("train", "val", "test"))) for c in train],
         heldout_images=held.get("num-test", 0), runtime="flower-secagg+",
-        personalized=personalized, transfer="fp32")
+        personalized=personalized, transfer="fp32", **strategy.rules.extra(state.round))
     writer.finish(result, [("adapter", state.best_params, state.best_round),
                            ("adapter-last", state.params, state.round)],
                   classes, strategy.logit_scale, strategy.dim)

@@ -249,16 +249,19 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
             writer.round_end(st)
 
     strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower.transfer,
-                               total_rounds=cfg.rounds, norm_factor=flower.norm_factor,
+                               total_rounds=cfg.rounds,
                                on_round=on_round, callbacks=callbacks)
-    runner = with_privacy(strategy, flower)
     start = time.perf_counter()
     zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)
     if state.round == 0:
         writer.checkpoint(state)
-    remaining = cfg.rounds - state.round
+    plan = strategy.rules.privacy
+    if plan is not None and plan.stopped_by_budget:
+        log(INFO, "dp: the budget epsilon=%g (delta %g) allows %d of %d rounds; the run stops "
+            "after round %d", plan.budget, plan.delta, plan.rounds, cfg.rounds, plan.rounds)
+    remaining = strategy.rules.rounds - state.round
     if remaining > 0:
-        runner.start(grid, encode(algorithm.shared(state.params)), num_rounds=remaining,
+        strategy.start(grid, encode(algorithm.shared(state.params)), num_rounds=remaining,
                      timeout=timeout)
     personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
     train_nodes = [nodes[n] for n in strategy.train_ids]
@@ -272,7 +275,7 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
         skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
         transfer=flower.transfer,
         missing_clients=sorted({c for r in state.history for c in r.missing or []}),
-        discovery_seconds=discovery)
+        discovery_seconds=discovery, **strategy.rules.extra(state.round))
     adapters = [("adapter", state.best_params, state.best_round),
                 ("adapter-last", state.params, state.round)]
     writer.finish(result, adapters, classes, heldout_node.logit_scale, heldout_node.dim)
@@ -287,22 +290,6 @@ def dataset_name(cfg: RunConfig) -> str:
     """The dataset a Flower run names (its spec, or 'custom' when it lists its classes)."""
     spec = SPECS.get(cfg.dataset) or detect_spec([cfg.heldout])
     return spec.name if spec and cfg.classes is None else "custom"
-
-
-def with_privacy(strategy: FedClipStrategy, flower: FlowerSettings):  # noqa: ANN201
-    """Flower's central-DP wrapper (client-side fixed clipping) when dp-clipping-norm > 0."""
-    clip = flower.dp_clipping_norm
-    if clip <= 0:
-        return strategy
-    if strategy.algorithm.reply_extras(strategy.state.params):
-        raise ConfigError(f"central DP clips one array record per reply; algorithm "
-                          f"{strategy.algorithm.name!r} sends extras too: run it without DP")
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    return DifferentialPrivacyClientSideFixedClipping(
-        strategy, noise_multiplier=flower.dp_noise_multiplier, clipping_norm=clip,
-        num_sampled_clients=min(len(strategy.train_ids), strategy.algorithm.cfg.clients_per_round
-                                or len(strategy.train_ids)))
 
 
 app = build_server_app()

@@ -31,11 +31,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedclip.aggregation import TooFewUpdates
 from fedclip.algorithms.base import Algorithm
 from fedclip.callbacks import Callback, round_end
-from fedclip.config import FlowerSettings
 from fedclip.core.client import ClientUpdate, client_weights
 from fedclip.core.records import Personalized, RoundRecord
+from fedclip.core.server import ServerRules, aggregate_round, outliers, server_rules
 from fedclip.core.state import FederationState
 from fedclip.errors import TrainingError
 from fedclip.flower.codec import check_arrays, decode, encode, finite_number, payload_bytes
@@ -69,7 +70,7 @@ class FedClipStrategy(FedAvg):
 
     def __init__(self, algorithm: Algorithm, nodes: dict[int, NodeInfo], state: FederationState,
                  *, transfer: str = "fp32", total_rounds: int = 0,
-                 norm_factor: float = FlowerSettings().norm_factor,
+                 norm_factor: float | None = None,
                  on_round: Callable[[FederationState, RoundRecord], None] | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
         self.train_ids = sorted((n for n, i in nodes.items() if i.role == "train"),
@@ -80,12 +81,17 @@ class FedClipStrategy(FedAvg):
         self.algorithm, self.nodes, self.transfer = algorithm, nodes, transfer
         self.state = state  # global parameters, server state, history, best round
         self.offset = state.round  # rounds done before this start (resume)
-        self.total_rounds, self.norm_factor = total_rounds, norm_factor
+        self.total_rounds = total_rounds
+        self.norm_factor = algorithm.cfg.norm_factor if norm_factor is None else norm_factor
         self.on_round = on_round
         # weights from the sizes declared at discovery, capped (core.client.client_weights)
         self.weights = client_weights({nodes[n].client: nodes[n].num_train
                                        for n in self.train_ids}, algorithm.cfg)
         self.callbacks = list(callbacks)  # fedclip.callbacks: the same hooks as in-process
+        # the same rules as in-process: rounds (a DP budget), DP, the best-round rule
+        self.rules: ServerRules = server_rules(algorithm.cfg, algorithm, len(self.train_ids))
+        if total_rounds:  # the last round (evaluated): fewer when a DP budget ends the run
+            self.total_rounds = min(total_rounds, self.rules.rounds)
         self._pending: dict = {}
         self._expected: set[str] = set()
         self._started = 0.0
@@ -174,48 +180,6 @@ class FedClipStrategy(FedAvg):
                 return info.client, None, why, received
         return info.client, update, None, received
 
-    def _outliers(self, updates: dict[str, ClientUpdate]) -> dict[str, str]:
-        """Updates too far from the global parameters, by two rules that no reply can widen:
-
-        * a ceiling, any round: ``norm_factor`` x the most an honest client moves
-          (``Algorithm.update_bound``: K Adam steps of the round's lr over the shared
-          parameters, K from the size declared at discovery). It does not grow with the
-          global parameters, so an attacker cannot raise it round after round. (For an
-          algorithm without such a bound: ``norm_factor`` x the global parameters' norm.)
-        * with three updates or more: ``norm_factor`` x the round's median distance, floored
-          at the client's own bound / ``norm_factor`` (an honest update is never rejected
-          because colluders echo the global parameters and pull the median to zero)."""
-        if self.norm_factor <= 0 or not updates:
-            return {}
-        current = self.state.params
-        config = self.algorithm.round_config(self._pending["round"])
-
-        def norm(tensors: dict) -> float:
-            return float(torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())))
-
-        dist = {c: norm({k: u.params[k] - current[k] for k in u.params})
-                for c, u in updates.items()}
-        bound = {c: self.algorithm.update_bound(current, u.num_examples, config)
-                 for c, u in updates.items()}
-        scale = max(norm(self.algorithm.shared(current)), 1.0)
-        out = {}
-        for c, d in dist.items():
-            unit = bound[c]
-            if unit is not None and d > self.norm_factor * unit:
-                out[c] = (f"update moved {d:.3g} from the global parameters, over "
-                          f"{self.norm_factor:g} x {unit:.3g}, the most its local steps move")
-            elif unit is None and d > self.norm_factor * scale:
-                out[c] = (f"update moved {d:.3g} from the global parameters, over "
-                          f"{self.norm_factor:g} x their norm {scale:.3g}")
-        if len(updates) >= 3:
-            median = float(torch.tensor(list(dist.values())).median())
-            for c, d in dist.items():
-                floor = (bound[c] or 0.0) / self.norm_factor
-                if c not in out and d > self.norm_factor * max(median, floor, 1e-12):
-                    out[c] = (f"update norm {d:.3g} is over {self.norm_factor:g} x the round's "
-                              f"median {median:.3g}")
-        return out
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates: dict[str, ClientUpdate] = {}
@@ -235,7 +199,9 @@ class FedClipStrategy(FedAvg):
                 updates.pop(client, None)
                 rejected[client] = f"answered {count} times in one round (twice or more): " \
                                    f"no reply of it counts"
-        for client, why in self._outliers(updates).items():
+        for client, why in outliers(self.algorithm, self.state.params, updates,
+                                    self.algorithm.round_config(self._pending["round"]),
+                                    self.norm_factor).items():
             rejected[client] = why
             del updates[client]
         for client, why in rejected.items():
@@ -247,7 +213,8 @@ class FedClipStrategy(FedAvg):
                 ", ".join(missing))
         self._pending["train"] = RoundRecord(
             self._pending["round"], {c: u.loss for c, u in updates.items()}, 0.0,
-            self._pending["sent"], received, missing=missing, rejected=rejected)
+            self._pending["sent"], received, missing=missing, rejected=rejected,
+            epsilon=self.rules.epsilon(self._pending["round"]))
         if not updates:
             if rejected and set(rejected.values()) == {DIVERGED}:
                 raise TrainingError(
@@ -259,8 +226,14 @@ class FedClipStrategy(FedAvg):
                 self._pending["round"])
             return None, None
         ordered = [replace(u, weight=self.weights[c]) for c, u in sorted(updates.items())]
-        self.state.global_params, self.state.server_state = self.algorithm.aggregate(
-            self.state.params, ordered, self.state.server_state)
+        rnd = self._pending["round"]
+        try:
+            self.state.global_params, self.state.server_state = aggregate_round(
+                self.algorithm, self.state.params, ordered, self.state.server_state,
+                self.rules, self.algorithm.cfg.seed, rnd)
+        except TooFewUpdates as exc:  # rejections left too few for the rule's guarantee
+            log(WARNING, "round %d: the global parameters are unchanged: %s", rnd, exc)
+            return None, None
         self._pending["train"].seconds = time.perf_counter() - self._started
         shared = self.algorithm.shared(self.state.global_params)
         return ArrayRecord({k: v.contiguous() for k, v in shared.items()}), MetricRecord(
@@ -324,7 +297,7 @@ class FedClipStrategy(FedAvg):
             self.state.round = rnd
         self.state.history.append(record)
         if record.evaluated:
-            self.state.select(record)
+            self.state.select(record, self.rules.selection)
         if self.on_round is not None:
             self.on_round(self.state, record)
         round_end(self.callbacks, self.algorithm.cfg.heldout, record)

@@ -23,6 +23,7 @@ from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
 from fedclip.core.records import ClientInfo, RoundRecord, RunResult, safe_name
 from fedclip.core.run_folder import HeldoutRun, RunFolder
+from fedclip.core.server import server_rules
 from fedclip.data.sources import data_source
 from fedclip.errors import RunFolderError
 from fedclip.inprocess.federation import Federation, FederationState
@@ -118,6 +119,11 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
     if state is None:  # a fresh run: round 0 (the initial model) is a round like any other
         state = fed.initial_state()
         cb.round_end(callbacks, heldout, state.history[0])
+    plan = fed.rules.privacy
+    if plan is not None and plan.stopped_by_budget:
+        reporter.info(f"[{heldout}] dp: the budget epsilon={plan.budget:g} (delta "
+                      f"{plan.delta:g}) allows {plan.rounds} of {cfg.rounds} rounds; the run "
+                      f"stops after round {plan.rounds}")
     state = fed.run(state, callbacks=[round_end])
     if state.round == 0:
         writer.checkpoint(state)
@@ -133,7 +139,7 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
         heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
         runtime="in-process", personalized=personalized,
         skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
-        data_source=data_source(prep.dataset.root))
+        data_source=data_source(prep.dataset.root), **fed.rules.extra(state.round))
     adapters = [("adapter", state.best_params, state.best_round),
                 ("adapter-last", state.global_params, state.round)]
     if algo.keeps_own_models and state.best_params is not None:  # each client's own model
@@ -176,7 +182,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
 
 def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
          callbacks: Sequence[cb.Callback]) -> list[RunResult]:
-    get_algorithm(cfg)  # the algorithm and every option, before anything else
+    algorithm = get_algorithm(cfg)  # the algorithm and every option, before anything else
     resolve_device(cfg.device)  # a device this machine lacks: one line, now
     folder = RunFolder(out, cfg)
     with folder.claimed():
@@ -184,6 +190,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
         splits = plan_clients(cfg, dataset)
         folder.check_names(list(dataset.domains))
         heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
+        for h in heldouts:  # the aggregator's client count, the DP budget: before extraction
+            server_rules(cfg, algorithm, sum(len(s) for d, s in splits.items() if d != h))
         folder.data = data_fingerprint(dataset)
         starts = folder.prepare(heldouts, resume)  # every resume decided before any write
         check_cache_writable(cache_dir(cfg))

@@ -22,6 +22,7 @@ from fedclip.core.client import (
     ClientData,
     ClientJob,
     Split,
+    client_clip,
     client_weights,
     evaluate_module,
     load_module,
@@ -29,6 +30,7 @@ from fedclip.core.client import (
     round_seed,
 )
 from fedclip.core.records import Personalized, RoundRecord, nanmean
+from fedclip.core.server import aggregate_round, outliers, server_rules
 from fedclip.core.state import FederationState
 from fedclip.core.together import train_together
 from fedclip.errors import TrainingError
@@ -58,6 +60,8 @@ class Federation:
                          and self.cfg.optimizer_state == "reset")
         self._trainable: int | None = None
         self.weights = client_weights({c.name: len(c.train) for c in self.clients}, self.cfg)
+        # rounds (a DP budget may end the run early), DP, the best-round rule: as on Flower
+        self.rules = server_rules(self.cfg, algorithm, len(clients))
 
     @property
     def dim(self) -> int:
@@ -123,7 +127,7 @@ class Federation:
         server_state = self.algorithm.init_server_state(params) if params is not None else {}
         record = self.evaluate(RoundRecord(0), params)
         state = FederationState(0, params, server_state=server_state, history=[record])
-        state.select(record)
+        state.select(record, self.rules.selection)
         return state
 
     def client_job(self, state: FederationState, client: ClientData, server_round: int
@@ -141,7 +145,7 @@ class Federation:
         """One round: sample, train, aggregate, evaluate (when due); appended to history."""
         algo, server_round = self.algorithm, state.round + 1
         start = time.perf_counter()
-        updates, losses, sent, received = [], {}, 0, 0
+        losses, sent, received = {}, 0, 0
         chosen = set(sample_clients([c.name for c in self.clients], self.cfg.clients_per_round,
                                     self.cfg.seed, server_round))
         clients = [c for c in self.clients if c.name in chosen]
@@ -150,35 +154,48 @@ class Federation:
             trained = train_together(algo, jobs)
         else:
             trained = [algo.train_client(job) for job in jobs]
+        replies = {}
         for client, job, update in zip(clients, jobs, trained, strict=True):
-            updates.append(replace(update, weight=self.weights[client.name]))
+            if algo.communicates:
+                update = replace(update, params=client_clip(self.cfg, update.params,
+                                                            algo.shared(job.params)))
+            replies[client.name] = replace(update, weight=self.weights[client.name])
             losses[client.name] = update.loss
             if algo.communicates:
                 sent += tensor_bytes(algo.shared(state.params)) + tensor_bytes(job.extras)
                 received += tensor_bytes(update.params) + tensor_bytes(update.extras)
-        if algo.communicates:
-            new, server_state = algo.aggregate(state.params, updates, state.server_state)
+        rejected = {}
+        if algo.communicates:  # the server's distance rule, as on Flower
+            rejected = outliers(algo, state.params, replies, algo.round_config(server_round),
+                                self.cfg.norm_factor)
+        updates = [u for c, u in replies.items() if c not in rejected]
+        if algo.communicates and updates:
+            new, server_state = aggregate_round(algo, state.params, updates,
+                                                state.server_state, self.rules, self.cfg.seed,
+                                                server_round)
             if not all_finite(new):
                 raise TrainingError(f"round {server_round}: the aggregate is not finite; lower "
                                     f"the learning rate (or the server's). The last good "
                                     f"checkpoint is kept")
             state.global_params, state.server_state = new, server_state
         state.round = server_round
-        record = RoundRecord(server_round, losses, time.perf_counter() - start, sent, received)
-        if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds:
+        record = RoundRecord(server_round, losses, time.perf_counter() - start, sent, received,
+                             rejected=rejected or None, epsilon=self.rules.epsilon(server_round))
+        if server_round % self.cfg.eval_every == 0 or server_round == self.rules.rounds:
             self.evaluate(record, state.global_params, state.client_states)
-            state.select(record)
+            state.select(record, self.rules.selection)
         record.round_seconds = time.perf_counter() - start  # train, aggregate, evaluate
         state.history.append(record)
         return record
 
     def run(self, state: FederationState | None = None,
             callbacks: Sequence[RoundCallback] = ()) -> FederationState:
-        """Train until ``cfg.rounds`` (continuing ``state`` when given)."""
+        """Train until ``cfg.rounds``, or the last round a DP budget allows (continuing
+        ``state`` when given)."""
         state = state.to(self.device) if state is not None else self.initial_state()
         if not self.algorithm.trains:
             return state
-        while state.round < self.cfg.rounds:
+        while state.round < self.rules.rounds:
             record = self.run_round(state)
             for callback in callbacks:
                 callback(state, record)
