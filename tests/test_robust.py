@@ -63,6 +63,15 @@ def test_bulyan_selects_by_krum_then_averages_the_values_nearest_the_median():
     assert out["w"].item() == 2.0 and out["b"].item() == 4.0
 
 
+def test_multikrum_weighs_clients_by_their_capped_sizes_and_krum_does_not():
+    from fedclip.core.client import client_weights
+
+    sizes = {"a": 10, "b": 30, "c": 20, "d": 10**9}
+    capped = client_weights(sizes, RunConfig.build(aggregation="multikrum"))
+    assert capped == {"a": 10.0, "b": 30.0, "c": 20.0, "d": 50.0}  # 2 x the median 25
+    assert set(client_weights(sizes, RunConfig.build(aggregation="krum")).values()) == {1.0}
+
+
 @pytest.mark.parametrize(("mode", "n"), [("krum", 4), ("multikrum", 4), ("bulyan", 6)])
 def test_fewer_updates_than_the_rule_assumes_are_refused(mode, n):
     with pytest.raises(TooFewUpdates, match="needs at least"):

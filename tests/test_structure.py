@@ -93,3 +93,20 @@ def test_public_functions_say_what_they_do():
                         continue
                     missing.append(f"{path.relative_to(SRC)}:{fn.name}")
     assert missing == [], "\n".join(missing)
+
+
+def test_the_client_app_imports_only_what_a_message_needs():
+    """A deployed SuperNode starts a fresh process for every message: importing the
+    ClientApp must not pull the backbones' libraries, plotting, Ray or the DP accountant (flwr
+    itself imports typer, rich and click, so those are not fedclip's to avoid)."""
+    import subprocess
+    import sys
+
+    heavy = ("open_clip", "transformers", "torchvision", "timm", "matplotlib", "pandas",
+             "tensorboard", "ray", "datasets", "scipy", "dp_accounting", "sentence_transformers")
+    script = ("import sys, fedclip.flower.client_app; "
+              f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -296,7 +296,7 @@ def run_command(
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.callbacks import loggers_from_specs
-    from fedclip.core.report import COLUMNS, round_zero_note, table_rows
+    from fedclip.core.report import COLUMNS, privacy_note, round_zero_note, table_rows
     from fedclip.inprocess.experiment import run
 
     _outs.append(out)
@@ -318,8 +318,9 @@ def run_command(
     for row in table_rows(results):
         table.add_row(*map(escape, row))
     out_console.print(table)
-    if (zero := round_zero_note(results)) is not None:
-        out_console.print(zero, markup=False, highlight=False)
+    for note in (round_zero_note(results), privacy_note(results)):
+        if note is not None:
+            out_console.print(note, markup=False, highlight=False)
     out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/",
                       markup=False, soft_wrap=True)
 

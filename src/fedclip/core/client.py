@@ -191,10 +191,11 @@ def batch_schedule(cfg: RunConfig, n: int, epochs: int, seed: int) -> list[torch
 
 
 def client_weights(sizes: Mapping[str, int], cfg: RunConfig) -> dict[str, float]:
-    """Every training client's aggregation weight: its train size under ``weighted`` (capped
+    """Every training client's aggregation weight: its train size under ``weighted`` and
+    ``multikrum`` (capped
     at ``max_weight_ratio`` x the median size of all training clients, so that no single
     declaration owns the average), 1 otherwise. The same in every runtime."""
-    if cfg.aggregation != "weighted":
+    if cfg.aggregation not in ("weighted", "multikrum"):  # multikrum averages its kept ones
         return {c: 1.0 for c in sizes}
     cap = weight_cap(sizes, cfg)
     return {c: float(n) if cap is None else min(float(n), cap) for c, n in sizes.items()}

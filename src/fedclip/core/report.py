@@ -61,6 +61,22 @@ def round_zero_note(results: list[RunResult]) -> str | None:
             f"features), not zero-shot CLIP, so its gen. differs from the 0-shot column.")
 
 
+def privacy_note(results: list[RunResult]) -> str | None:
+    """The privacy each DP run spent (and where a budget stopped it), when any used DP."""
+    lines = []
+    for r in results:
+        p = r.extra.get("privacy")
+        if not isinstance(p, dict):
+            continue
+        stop = (f"; the budget {p.get('epsilon_budget')} stopped it after round {r.rounds}"
+                if p.get("stopped_by_budget") else "")
+        lines.append(f"DP ({r.heldout}): epsilon {p.get('epsilon', float('nan')):.3g} spent at "
+                     f"delta {p.get('delta')} over {r.rounds} rounds (noise multiplier "
+                     f"{p.get('noise_multiplier', float('nan')):.3g}, clipping norm "
+                     f"{p.get('clipping_norm')}){stop}.")
+    return "\n".join(lines) or None
+
+
 def markdown_table(results: list[RunResult]) -> str:
     """The results table as markdown."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -77,11 +93,13 @@ def markdown_report(cfg: RunConfig, results: list[RunResult]) -> str:
     parts += [f"Backbone `{cfg.backbone}`, loss `{cfg.loss}`, aggregation `{cfg.aggregation}`, "
               f"seed {cfg.seed}. Accuracies in %: generalization on the held-out domain, "
               f"personalization as the mean over clients' own test splits, both at the round "
-              f"with the best mean validation accuracy; pers (own): each client's copy of the "
+              f"with the best validation accuracy (the clients' mean; their median under a "
+              f"robust aggregation); pers (own): each client's copy of the "
               f"selected adapter fine-tuned locally for up to {cfg.personalize_epochs} epochs "
               f"(chosen on its val split).", "", markdown_table(results), ""]
-    if (zero := round_zero_note(results)) is not None:
-        parts += [zero, ""]
+    for note in (round_zero_note(results), privacy_note(results)):
+        if note is not None:
+            parts += [note, ""]
     for r in results:
         clients = ", ".join(f"{k} {_pct(v)}" for k, v in r.best.per_client.items())
         parts.append(f"- held-out **{r.heldout}**: per client {clients}; at the last round "

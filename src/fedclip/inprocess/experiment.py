@@ -109,7 +109,7 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
         reporter.info(f"[{heldout}] resuming after round {state.round}")
 
     def round_end(st: FederationState, record: RoundRecord) -> None:
-        reporter.round_end(heldout, record, cfg.rounds)
+        reporter.round_end(heldout, record, fed.rules.rounds)
         cb.round_end(callbacks, heldout, record)
         writer.round_end(st)
         if on_round is not None:
