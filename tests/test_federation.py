@@ -340,3 +340,25 @@ def test_every_adapter_file_predicts(tiny_arch, pacs_like, tmp_path):
     secure = json.loads((tmp_path / "secagg" / "results.json").read_text())["runs"][0]
     assert secure["runtime"] == "flower-secagg+" and secure["history"][0]["round"] == 0
     assert 0 <= secure["generalization"] <= 1 and secure["zeroshot"]["generalization"] > 0
+
+
+def test_a_node_rescans_only_when_its_folders_change(tiny_arch, pacs_like, tmp_path,
+                                                     monkeypatch):
+    """A node keeps its site between messages (no rescan while nothing changed: one stat per
+    folder) and rebuilds it when an image was added since the last message."""
+    from fedclip.flower import node
+
+    site_config = own_sites(pacs_like, tmp_path)[0]  # art_painting, a training domain
+    cfg = RunConfig.build(backbone=tiny_arch, heldout="sketch")
+    loads = []
+    real = node.load_site
+    monkeypatch.setattr(node, "load_site", lambda *a, **k: loads.append(a) or real(*a, **k))
+    first, _ = node.node_for(cfg, site_config)
+    again, _ = node.node_for(cfg, site_config)
+    assert len(loads) == 1 and again is first  # unchanged: no rescan, the same site
+    folder = tmp_path / "sites" / "art_painting" / "art_painting" / "dog"
+    shutil.copy(next(folder.iterdir()), folder / "copy.png")
+    changed, _ = node.node_for(cfg, site_config)
+    assert len(loads) == 2 and changed.images == first.images + 1
+    node.node_for(cfg, site_config)
+    assert len(loads) == 2

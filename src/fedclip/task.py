@@ -268,6 +268,7 @@ class Site:
     heldout_mask: torch.Tensor | None = None
     images: int = 0
     skipped: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()  # every folder its images came from (a change: rescan)
 
     def to(self, device: str | torch.device) -> Site:
         """The same site with its tensors on ``device`` (a node's own GPU)."""
@@ -304,11 +305,13 @@ def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
     feats = domain_inputs(cfg, lazy, found, cache)
     text = class_text_features(lazy, classes, cfg.prompt_template, cfg.prompt_templates, cache)
     class_text = F.normalize(text.features, dim=-1)
+    folders = tuple(sorted({str(found.root), *(str(f.parent) for f in found.files)}))
     if role == "heldout":
         held, mask = heldout_tensors(found, feats, len(classes))
         return Site(role, domain, domain, 0, classes, class_text, text.logit_scale,
-                    heldout=held, heldout_mask=mask, images=len(found), skipped=feats.skipped)
+                    heldout=held, heldout_mask=mask, images=len(found), skipped=feats.skipped,
+                    folders=folders)
     split = clients_of(cfg, found)[index]
     return Site(role, split.name, domain, index, classes, class_text, text.logit_scale,
                 data=client_tensors(found, feats, split, len(classes)), images=len(found),
-                skipped=feats.skipped)
+                skipped=feats.skipped, folders=folders)

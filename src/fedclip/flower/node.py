@@ -15,6 +15,8 @@ The task (classes, prompts, splits) comes from the run config, the same for ever
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,20 @@ from fedclip.errors import ConfigError
 from fedclip.flower.codec import require_one_heldout
 from fedclip.task import Site, cache_dir, load_site, prompts, run_classes
 
-_SITES: dict[str, tuple[Site, Algorithm]] = {}
+log = logging.getLogger(__name__)
+_SITES: dict[str, tuple[Site, Algorithm, tuple[int, ...]]] = {}
+
+
+def folder_stamp(folders: tuple[str, ...]) -> tuple[int, ...]:
+    """The modification times of a site's folders: adding, removing or renaming an image or
+    a class folder changes one of them (-1: the folder is gone). One stat per folder."""
+    stamps = []
+    for folder in folders:
+        try:
+            stamps.append(os.stat(folder).st_mtime_ns)
+        except OSError:
+            stamps.append(-1)
+    return tuple(stamps)
 
 
 def plan(cfg: RunConfig, domains: list[str]) -> list[tuple[str, int]]:
@@ -68,17 +83,23 @@ def identify(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[str, int]:
 
 def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorithm]:
     """The site this process serves and its algorithm, built once and kept for later
-    messages (a deployed node starts a fresh process per message: its feature cache makes
-    the rebuild cheap)."""
+    messages while its folders are unchanged (a stat per folder per message: a file added
+    or removed since makes it rebuild, the feature cache extracting only what is new). A
+    deployed node starts a fresh process per message: its feature cache makes the rebuild
+    cheap."""
     require_one_heldout(cfg)
     if node_config.get("data-root"):
         cfg = cfg.replace(data_root=str(node_config["data-root"]))
     key = f"{cfg.model_dump_json()}|{sorted(node_config.items())}"
+    if key in _SITES and folder_stamp(_SITES[key][0].folders) != _SITES[key][2]:
+        log.info("the data of this node changed since its last message: rescanning")
+        del _SITES[key]
     if key not in _SITES:
         domain, index = identify(cfg, node_config)
         device = resolve_device(str(node_config.get("device", cfg.device)))
         site = load_site(cfg, _root(cfg), domain, index).to(device)
         algorithm = get_algorithm(cfg)
         algorithm.setup(prompts(cfg, run_classes(cfg)), site.class_text)
-        _SITES[key] = (site, algorithm)
-    return _SITES[key]
+        _SITES[key] = (site, algorithm, folder_stamp(site.folders))
+    site, algorithm, _ = _SITES[key]
+    return site, algorithm
