@@ -38,10 +38,14 @@ from fedclip.errors import ConfigError
 from fedclip.tensors import Params
 
 
+def tensor_norm(tensors: Params) -> float:
+    """The L2 norm of all of ``tensors`` as one vector (float64)."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in tensors.values()))
+
+
 def update_norm(params: Params, current: Params) -> float:
     """``||params - current||`` over the keys of ``params`` (float64)."""
-    return math.sqrt(sum(float(((params[k].double() - current[k].double()) ** 2).sum())
-                         for k in params))
+    return tensor_norm({k: params[k].double() - current[k].double() for k in params})
 
 
 def clip_update(params: Params, current: Params, norm: float) -> Params:

@@ -164,14 +164,10 @@ def outliers(algorithm: Aggregator, current: Params, updates: Mapping[str, Clien
     if norm_factor <= 0 or not updates:
         return {}
 
-    def norm(tensors: Mapping[str, torch.Tensor]) -> float:
-        return float(sum(float((v.double() ** 2).sum()) for v in tensors.values()) ** 0.5)
-
-    dist = {c: norm({k: u.params[k] - current[k] for k in u.params})
-            for c, u in updates.items()}
+    dist = {c: privacy.update_norm(u.params, current) for c, u in updates.items()}
     bound = {c: algorithm.update_bound(current, u.num_examples, config)
              for c, u in updates.items()}
-    scale = max(norm(algorithm.shared(current)), 1.0)
+    scale = max(privacy.tensor_norm(algorithm.shared(current)), 1.0)
     out = {}
     for c, d in dist.items():
         unit = bound[c]
