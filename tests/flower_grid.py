@@ -27,6 +27,7 @@ class LocalGrid(Grid):
         self.drop = drop or {}  # node id -> rounds in which it does not answer train
         self.tamper = tamper  # (node id, reply) -> reply: a misbehaving client
         self.sent: list[Message] = []
+        self.received: list[Message] = []  # every reply, as a server would see it
 
     def set_run(self, run) -> None:  # noqa: ANN001
         self._run = run
@@ -66,5 +67,6 @@ class LocalGrid(Grid):
                                       reason=reason), reply_to=wire)
             if self.tamper:
                 reply = self.tamper(node, reply)
+            self.received.append(reply)
             replies.append(reply)
         return replies

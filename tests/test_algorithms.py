@@ -18,7 +18,8 @@ run_heldout = as_written(_experiment.run_heldout)
 server_main = as_written(_server_main)
 
 FLOWER_ALGORITHMS = ["scaffold", "ditto", "fedadam", "fedyogi", "fedavgm", "linear-probe",
-                     "clip-adapter", "promptfl"]
+                     "clip-adapter", "promptfl", "prototypes", "fedpft", "personal-transform",
+                     "promptfolio"]
 
 
 def config(root, arch, **extra):
@@ -67,7 +68,9 @@ def test_flower_equals_in_process(tiny_arch, skewed, tmp_path, algorithm):
     for key in ("val_accuracy", "test_accuracy", "heldout_accuracy"):
         assert [r[key] for r in flower["history"]] == [r[key] for r in local["history"]]
     assert flower["bytes_per_round"] == local["bytes_per_round"]
-    assert flower["personalized"]["per_client"] == local["personalized"]["per_client"]
+    personalized = [(r["personalized"] or {}).get("per_client") for r in (flower, local)]
+    assert personalized[0] == personalized[1]
+    assert (personalized[0] is None) == (algorithm == "prototypes")  # nothing to fine-tune
 
 
 def test_scaffold_differs_from_fedavg_and_its_control_variates_move(tiny_arch, skewed,

@@ -54,7 +54,11 @@ def embed(adapter: nn.Module | None, image_features: torch.Tensor) -> torch.Tens
 def class_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float,
                  class_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``s * I @ T.T``; classes outside ``class_mask`` get -inf (never predicted)."""
-    logits = logit_scale * image_emb @ text_emb.T
+    return mask_classes(logit_scale * image_emb @ text_emb.T, class_mask)
+
+
+def mask_classes(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the classes outside ``class_mask`` at -inf (never predicted)."""
     if class_mask is not None:
         logits = logits.masked_fill(~class_mask, float("-inf"))
     return logits

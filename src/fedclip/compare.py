@@ -89,24 +89,36 @@ def personalization_table(runs: Runs) -> tuple[list[str], list[list[str]]]:
 
 
 def resource_table(runs: Runs, backbone_params: int | None) -> tuple[list[str], list[list[str]]]:
-    header = ["algorithm", "trainable params", "bytes / client / round", "s / round",
-              "total s", "vs backbone FedAvg"]
+    """Per algorithm: parameters, bytes per training client (per round it trains in, and in
+    total over the run), seconds, the ratio to backbone FedAvg and what it uses of the text
+    side (``Algorithm.uses_text``)."""
+    from fedclip.algorithms import ALGORITHMS, names
+
+    names()  # the registry, loaded
+    header = ["algorithm", "trainable params", "bytes / client / round",
+              "bytes / client, total", "rounds", "s / round", "total s",
+              "vs backbone FedAvg", "text"]
     rows = []
     for a, seeds in runs.items():
         results = [r for rs in seeds.values() for r in rs]
         first = results[0]
-        clients = max(len(first.clients), 1)
+        trained = [r for r in first.history if r.round > 0 and r.bytes]
+        per_round = statistics.fmean(r.bytes / max(len(r.train_loss), 1)
+                                     for r in trained) if trained else 0.0
+        total = sum(r.bytes for r in trained) / max(len(first.clients), 1)
         params = first.trainable_params
         ratio = "-"
         if backbone_params and params:
             ratio = (f"{backbone_params / params:,.0f}x fewer"
                      if backbone_params / params > 1.5 else "1x")
-        rows.append([a, f"{params:,}", f"{first.bytes_per_round // clients:,}",
+        text = ALGORITHMS[a].uses_text if a in ALGORITHMS else "?"
+        rows.append([a, f"{params:,}", f"{per_round:,.0f}", f"{total:,.0f}",
+                     f"{first.rounds}",
                      f"{statistics.fmean(r.seconds_per_round for r in results):.3f}",
-                     f"{sum(r.train_seconds for r in results):.0f}", ratio])
+                     f"{sum(r.train_seconds for r in results):.0f}", ratio, text])
     if backbone_params:
         rows.append(["backbone FedAvg (both encoders)", f"{backbone_params:,}",
-                     f"{2 * 4 * backbone_params:,}", "-", "-", "1x"])
+                     f"{2 * 4 * backbone_params:,}", "-", "-", "-", "-", "1x", "tower"])
     return header, rows
 
 

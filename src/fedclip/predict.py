@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedclip.adapters import class_logits
 from fedclip.algorithms import get_algorithm
 from fedclip.backbones import LazyBackbone, resolve_device, weights_source
 from fedclip.config import RunConfig
@@ -92,7 +91,8 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     module.eval()
     with torch.no_grad():
         emb = algorithm.embed(module, feats.features)
-        logits = class_logits(emb, algorithm.class_text(module, class_text), text.logit_scale)
+        logits = algorithm.logits(module, emb, algorithm.class_text(module, class_text),
+                                  text.logit_scale)
     probs = logits.softmax(dim=-1)
     rows: list[dict[str, Any]] = []
     for i, f in enumerate(files):

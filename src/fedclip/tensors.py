@@ -18,8 +18,10 @@ BYTES_PER_VALUE = 4  # fp32 on the wire
 
 def tensor_bytes(tensors: dict[str, torch.Tensor], bytes_per_value: int = BYTES_PER_VALUE
                  ) -> int:
-    """The bytes ``tensors`` take on the wire at ``bytes_per_value`` per element."""
-    return sum(t.numel() for t in tensors.values()) * bytes_per_value
+    """The bytes ``tensors`` take on the wire at ``bytes_per_value`` per element (16-bit
+    floats, which an algorithm sends as such: 2)."""
+    return sum(t.numel() * (2 if t.dtype in (torch.float16, torch.bfloat16)
+                            else bytes_per_value) for t in tensors.values())
 
 
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:

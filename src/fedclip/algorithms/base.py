@@ -70,18 +70,28 @@ class Algorithm:
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
     init_needs_text: ClassVar[bool] = False  # init_global uses the class prompts' features
     has_zero_shot: ClassVar[bool] = True  # False: its inputs never meet the class prompts
+    # what it uses of the text side: "features" (the class prompts' text features, computed
+    # once), "tower" (runs the text encoder while training), "none"
+    uses_text: ClassVar[str] = "features"
     # clients minimise the task loss + proximal_weight(job) * prox term, so
     # fedclip.core.together can train many of them at once (train_clients_together)
     batchable: ClassVar[bool] = False
     # aggregate() depends on the updates only through their weighted mean (no per-client
     # extras), so it can run on a secure sum (SecAgg+)
     aggregates_mean: ClassVar[bool] = True
+    # False: a reply carries no parameters, only its declared extras (statistics such as
+    # per-class feature sums), from which ``aggregate`` builds the global parameters
+    sends_params: ClassVar[bool] = True
+    # False: the selected global model is not fine-tuned per client afterwards (nothing in
+    # it is trained by gradient steps: the training-free prototypes)
+    fine_tunes: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.options = self.parse_options(cfg.options.get(self.name, {}))
         self.num_clients = 0  # set by the runtime: the planned training clients
+        self.logit_scale: float | None = None  # set by the runtime: the backbone's
         self.prompts: tuple[str, ...] = ()
         self.text: torch.Tensor | None = None
 
@@ -114,6 +124,17 @@ class Algorithm:
         """Whether the Flower apps can run it (it communicates, on cached features)."""
         return self.communicates and self.inputs == "features"
 
+    @property
+    def personalizes(self) -> bool:
+        """Whether clients fine-tune the selected global model afterwards
+        (``personalize_epochs``): it communicates, on cached features, by gradient steps."""
+        return self.communicates and self.inputs == "features" and self.fine_tunes
+
+    def planned_rounds(self, configured: int) -> int:
+        """The rounds this algorithm trains when ``rounds`` = ``configured`` (one-shot
+        methods: fewer)."""
+        return configured
+
     # --- model ----------------------------------------------------------------------------
     def setup(self, prompts: tuple[str, ...], class_text: torch.Tensor | None = None) -> None:
         """Called once before any training with the class prompts and their normalised
@@ -140,6 +161,18 @@ class Algorithm:
     def shared(self, params: Params) -> Params:
         """The parameters that travel (everything but the personal ones)."""
         return {k: v for k, v in params.items() if not self.is_personal(k)}
+
+    def complete(self, received: Params, dim: int) -> Params:
+        """Parameters as a client received them (the shared ones) with the personal ones at
+        their initial values (``init_global``, seeded: the same on every node), which the
+        client's own state then replaces (:meth:`with_personal`) once it has trained."""
+        if not self.personal:
+            return received
+        if getattr(self, "_personal_init", None) is None:
+            self._personal_init = {k: v for k, v in (self.init_global(dim) or {}).items()
+                                   if self.is_personal(k)}
+        device = next(iter(received.values())).device if received else "cpu"
+        return {**{k: v.to(device) for k, v in self._personal_init.items()}, **received}
 
     def with_personal(self, params: Params, state: State) -> Params:
         """``params`` with this client's personal parameters (if it has any yet) in place."""
@@ -208,6 +241,19 @@ class Algorithm:
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         """Normalised class-prompt embeddings (fixed, unless the module changes them)."""
         return class_text
+
+    def logits(self, module: nn.Module | None, emb: torch.Tensor, class_text: torch.Tensor,
+               logit_scale: float) -> torch.Tensor:
+        """Class scores of normalised image embeddings ``emb`` against the normalised class
+        embeddings (``class_text(module, ...)``): ``s * emb @ class_text.T`` unless the
+        module scores otherwise (a cache model)."""
+        return logit_scale * emb @ class_text.T
+
+    def reply_shapes(self, global_params: Params) -> dict[str, torch.Size]:
+        """Names and shapes of the parameters a reply carries (the shared ones, or none)."""
+        if not self.sends_params:
+            return {}
+        return {k: v.shape for k, v in self.shared(global_params).items()}
 
     def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
                   logit_scale: float) -> torch.Tensor:

@@ -48,6 +48,7 @@ def _resize_normalise(size: int) -> Callable:
 
 
 class TorchvisionClassifier(Algorithm):
+    uses_text = "none"  # class logits from the network, no prompt
     inputs = "pixels"
     eval_batch = 64
     has_zero_shot = False

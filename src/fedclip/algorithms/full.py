@@ -27,6 +27,7 @@ from fedclip.tensors import Params
 
 
 class FullFineTuning(Algorithm):
+    uses_text = "tower"  # both encoders train
     inputs = "pixels"
     eval_batch = 32
 

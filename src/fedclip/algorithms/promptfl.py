@@ -35,6 +35,7 @@ class PromptContext(nn.Module):
 
 @register
 class PromptFL(Algorithm):
+    uses_text = "tower"  # the context runs through the text encoder at every step
     name = "promptfl"
     summary = "learned prompt context (CoOp) through the frozen text encoder, averaged"
     init_needs_text = True  # the context starts at the template words' embeddings (nodes')
@@ -85,12 +86,17 @@ class PromptFL(Algorithm):
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         if module is None:
             return class_text
+        return self.encode_context(cast(torch.Tensor, module.ctx))
+
+    def encode_context(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Normalised class embeddings with the context vectors ``ctx`` [M, width] in place of
+        the template words, through the frozen text tower."""
         from open_clip.transformer import text_global_pool
 
         model = self.backbone.model
         tokens, n_ctx = self._tokens()
         x = model.token_embedding(tokens)
-        ctx = cast(torch.Tensor, module.ctx).unsqueeze(0).expand(len(tokens), -1, -1).to(x.dtype)
+        ctx = ctx.unsqueeze(0).expand(len(tokens), -1, -1).to(x.dtype)
         x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
         x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
         x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclip.adapters import class_logits, get_params
+from fedclip.adapters import get_params, mask_classes
 from fedclip.config import RunConfig
 from fedclip.errors import TrainingError
 from fedclip.privacy import clip_update
@@ -130,6 +130,10 @@ class Model(Protocol):
 
     def class_text(self, module: Any, class_text: torch.Tensor) -> torch.Tensor:
         """Normalised class-prompt embeddings."""
+
+    def logits(self, module: Any, emb: torch.Tensor, class_text: torch.Tensor,
+               logit_scale: float) -> torch.Tensor:
+        """Class scores of normalised embeddings."""
 
     def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
                   logit_scale: float) -> torch.Tensor:
@@ -327,7 +331,7 @@ def evaluate_module(
     chunks = split.x.split(algorithm.eval_batch)
     emb = torch.cat([algorithm.embed(module, chunk) for chunk in chunks])
     text = algorithm.class_text(module, class_text)
-    logits = class_logits(emb, text, logit_scale, class_mask)
+    logits = mask_classes(algorithm.logits(module, emb, text, logit_scale), class_mask)
     accuracy = float((logits.argmax(dim=1) == split.y).float().mean())
     loss = float(F.cross_entropy(logits.masked_fill(torch.isinf(logits), -1e4), split.y))
     return EvalResult(accuracy, loss, len(split))

@@ -36,8 +36,15 @@ class Aggregator(Protocol):
     def communicates(self) -> bool:
         """Whether anything is averaged by a server."""
 
+    @property
+    def sends_params(self) -> bool:
+        """Whether its replies carry parameters (False: statistics in extras only)."""
+
     def sends_extras(self) -> bool:
         """Whether its replies carry per-client extras."""
+
+    def planned_rounds(self, configured: int) -> int:
+        """The rounds it trains when ``configured`` are asked for."""
 
     def shared(self, params: Params) -> Params:
         """The parameters that travel (everything but the personal ones)."""
@@ -92,6 +99,14 @@ def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> Serv
     """The rules of a run with ``population`` training clients; a one-line ConfigError when
     the aggregator or DP cannot apply (checked before anything is extracted or trained)."""
     sampled = sampled_per_round(cfg, population)
+    rounds = algorithm.planned_rounds(cfg.rounds)
+    if algorithm.communicates and not algorithm.sends_params and (
+            cfg.aggregation in ROBUST or cfg.dp != "off"):
+        what = f"aggregation={cfg.aggregation!r}" if cfg.dp == "off" else f"dp={cfg.dp!r}"
+        raise ConfigError(
+            f"algorithm {algorithm.name!r} sends statistics, not parameter updates, so "
+            f"{what} does not apply to it; run it with aggregation=weighted (or "
+            f"uniform) and dp=off (its own options say what privacy it offers)")
     if algorithm.communicates and cfg.aggregation in SELECTING:
         if algorithm.sends_extras():
             raise ConfigError(
@@ -116,8 +131,8 @@ def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> Serv
                 f"{algorithm.name!r} also sends per-client extras, which would leak: run it "
                 f"without dp")
         plan = privacy.plan(cfg.dp, cfg.dp_clipping_norm, cfg.dp_noise_multiplier,
-                            cfg.dp_epsilon, cfg.dp_delta, cfg.rounds, sampled, population)
-    return ServerRules(plan.rounds if plan else cfg.rounds, sampled, selection_rule(cfg), plan)
+                            cfg.dp_epsilon, cfg.dp_delta, rounds, sampled, population)
+    return ServerRules(plan.rounds if plan else rounds, sampled, selection_rule(cfg), plan)
 
 
 def aggregate_round(algorithm: Aggregator, current: Params, updates: Sequence[ClientUpdate],

@@ -81,7 +81,9 @@ def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer
     device = site.class_text.device
     state = load_state(context_state, device)
     records = content.array_records
-    start = algorithm.with_personal(decode(records["arrays"], device), state)
+    dim = int(site.class_text.shape[1])
+    start = algorithm.with_personal(algorithm.complete(decode(records["arrays"], device), dim),
+                                    state)
     extras = decode(records["extras"], device) if "extras" in records else {}
     job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
                     site.class_text, site.logit_scale,
@@ -109,7 +111,8 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     adapter too; ``personalize-epochs``: fine-tune a copy and report its test accuracy."""
     arrays = content.array_records["arrays"]
     config = dict(content.config_records["config"])
-    params = decode(arrays, site.class_text.device) if len(arrays) else None
+    params = (algorithm.complete(decode(arrays, site.class_text.device),
+                                 int(site.class_text.shape[1])) if len(arrays) else None)
     args = (site.class_text, site.logit_scale)
     epochs = config.get("personalize-epochs", 0)
     epochs = int(epochs) if isinstance(epochs, int | float) else 0

@@ -383,7 +383,7 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, flower: FlowerSettings,
         evaluate_all(grid, strategy.as_arrays(state.params), {"zeroshot": True},
                      flower.round_timeout)))
     personalized = None
-    if state.best_params is not None and cfg.personalize_epochs > 0:
+    if state.best_params is not None and cfg.personalize_epochs > 0 and algorithm.personalizes:
         replies = evaluate_all(grid, strategy.as_arrays(state.best_params),
                                {"personalize-epochs": cfg.personalize_epochs},
                                flower.round_timeout)

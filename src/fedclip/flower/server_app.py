@@ -231,6 +231,7 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
     first = next(iter(nodes.values()))
     algorithm.setup(prompts(cfg, classes))
     algorithm.num_clients = sum(i.role == "train" for i in nodes.values())
+    algorithm.logit_scale = first.logit_scale  # every node's (checked at discovery)
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
     if init is None:  # refused above (runs_on_flower); a plugin that breaks the contract
         raise ConfigError(f"algorithm {cfg.algorithm!r} has no global parameters to federate")

@@ -149,7 +149,7 @@ class FedClipStrategy(FedAvg):
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
             return info.client, None, "malformed reply (no arrays or no metrics)", 0
         received = sum(payload_bytes(r) for r in content.array_records.values())
-        shapes = {k: v.shape for k, v in self.algorithm.shared(self.state.params).items()}
+        shapes = self.algorithm.reply_shapes(self.state.params)
         params, why = check_arrays(content.array_records["arrays"], shapes, self.transfer)
         if params is None:
             return info.client, None, why, received
@@ -322,7 +322,7 @@ class FedClipStrategy(FedAvg):
     def personalize(self, grid: Grid, epochs: int, timeout: float) -> Personalized | None:
         """Each training node fine-tunes its own copy of the selected parameters (as
         in-process); the global parameters are untouched."""
-        if epochs <= 0 or self.state.best_params is None:
+        if epochs <= 0 or self.state.best_params is None or not self.algorithm.personalizes:
             return None
         payload = encode(self.algorithm.shared(self.state.best_params), self.transfer)
         config = ConfigRecord({"personalize-epochs": epochs})

@@ -130,7 +130,7 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
     algo = fed.algorithm
     personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
                     if state.best_params is not None and cfg.personalize_epochs > 0
-                    and algo.communicates and algo.inputs == "features" else None)
+                    and algo.personalizes else None)
     result = writer.result(
         state, fed.zero_shot(), dataset=prep.dataset.name,
         trainable_params=fed.trainable_parameters(), seconds=time.perf_counter() - start,

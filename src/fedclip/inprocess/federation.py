@@ -56,6 +56,7 @@ class Federation:
         self.heldout_mask = heldout_mask.to(self.device) if heldout_mask is not None else None
         self.cfg = algorithm.cfg
         algorithm.num_clients = len(clients)
+        algorithm.logit_scale = logit_scale
         self.together = (self.cfg.train_clients_together and algorithm.batchable
                          and self.cfg.optimizer_state == "reset")
         self._trainable: int | None = None
