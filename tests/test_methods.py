@@ -263,7 +263,8 @@ def test_predict_reproduces_the_heldout_accuracy_of_each_head(tiny_arch, toy_roo
 
 @pytest.mark.parametrize(("algorithm", "why"), [
     ("prototypes", "per-client extras"), ("fedpft", "per-client extras"),
-    ("personal-transform", "keeps a model per client"), ("promptfolio", "keeps a model per client")])
+    ("personal-transform", "keeps a model per client"),
+    ("promptfolio", "keeps a model per client")])
 def test_secagg_refuses_each_method_in_one_line(algorithm, why):
     from fedclip.config import FlowerSettings
     from fedclip.flower.secagg import refusal
