@@ -222,7 +222,9 @@ def flower_rows(base: RunConfig, data_root: str, out: Path, log: Callable[[str],
                 for m in messages:  # what the attacker's node received (its start)
                     if "arrays" in m.content.array_records and len(m.content["arrays"]):
                         sent["params"] = decode(m.content["arrays"])
-                        sent["round"] = m.content["config"].get("server-round", 0)
+                        config = m.content["config"]  # the round whose params it scores
+                        sent["round"] = config.get("evaluate-round",
+                                                   config.get("server-round", 0))
                 return honest(messages, timeout=timeout)
 
             grid.send_and_receive = send_and_receive  # type: ignore[method-assign]

@@ -60,45 +60,121 @@ def simulation(rounds: int, out: Path, transfer: str = "fp32") -> dict:
             "bytes": r["bytes_per_round"], "gen": r["generalization"]}
 
 
-def deployment(rounds: int, work: Path, transfer: str = "fp32") -> dict:
-    from tests.deployment import LocalDeployment
+def deployment(rounds: int, work: Path, transfer: str = "fp32", label: str = "",
+               env: dict[str, str] | None = None, extra: tuple[str, ...] = (),
+               app: Path | None = None) -> dict:
+    """A localhost deployment, 4 SuperNodes; ``env``: for the SuperLink and SuperNodes (a
+    Flower setting, or PYTHONPATH to measure another checkout); ``app``: that checkout."""
+    from tests.deployment import PROJECT, LocalDeployment
 
     out = work / "out"
     nodes = [f"domain='{d}'" for d in ("art_painting", "cartoon", "photo", "sketch")]
+    saved = dict(os.environ)
+    os.environ.update(env or {})
     start = time.perf_counter()
-    with LocalDeployment(work, nodes) as dep:
-        dep.run([f"rounds={rounds}", f"out='{out}'", f"heldout='{HELDOUT}'", "min-nodes=4",
-                 f"transfer='{transfer}'", f"cache-dir='{os.environ['FEDCLIP_CACHE']}'"])
+    try:
+        with LocalDeployment(work, nodes) as dep:
+            dep.run([f"rounds={rounds}", f"out='{out}'", f"heldout='{HELDOUT}'", "min-nodes=4",
+                     f"transfer='{transfer}'", f"cache-dir='{os.environ['FEDCLIP_CACHE']}'",
+                     "personalize-epochs=0", *extra], app=app or PROJECT)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     wall = time.perf_counter() - start
     r = json.loads((out / "results.json").read_text())["runs"][0]
-    return {"runtime": f"Flower deployment, localhost ({transfer})", "wall": wall,
-            "startup": wall - r["train_seconds"],
+    costs = [h["node_seconds"] for h in r["history"] if h["round"] > 1 and "node_seconds" in h]
+    parts = {k: sum(c.get(k, 0.0) for c in costs) / len(costs) for k in
+             ("start", "site", "evaluation", "training")} if costs else {}
+    return {"runtime": f"Flower deployment, localhost, 4 SuperNodes ({transfer}){label}",
+            "wall": wall, "startup": wall - r["train_seconds"],
             "round": steady(r["history"], "round_seconds"), "bytes": r["bytes_per_round"],
-            "gen": r["generalization"]}
+            "gen": r["generalization"], "discovery": r.get("discovery_seconds"),
+            "parts": parts}
+
+
+FRESH = """
+import json, time, sys
+t0 = time.perf_counter()
+import fedclip.flower.client_app
+t1 = time.perf_counter()
+from fedclip.config import RunConfig
+from fedclip.flower.node import node_for
+cfg = RunConfig.build(backbone="standin", heldout="sketch", cache_dir=sys.argv[1])
+node_for(cfg, {"domain": "art_painting"})
+print(json.dumps({"import": t1 - t0, "site": time.perf_counter() - t1}))
+"""
+
+
+def fresh_process(pythonpath: str | None, cache: str, repeats: int = 3) -> dict:
+    """What a deployed node's fresh process pays before its work: importing the ClientApp
+    and loading its site (the embedded sample's art_painting), median of ``repeats``."""
+    import statistics
+    import subprocess
+
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", FRESH, cache], env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+            for _ in range(repeats + 1)][1:]  # the first one may build the site file
+    return {k: statistics.median(r[k] for r in runs) for k in ("import", "site")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-deployment", action="store_true")
+    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--before", help="a checkout of an earlier fedclip (its src/ and "
+                        "pyproject.toml), deployed side by side in the same run")
     args = parser.parse_args()
     os.environ.setdefault("FEDCLIP_CACHE", str(Path(tempfile.mkdtemp()) / "cache"))
+    cache = os.environ["FEDCLIP_CACHE"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows.append(in_process(args.rounds, tmp / "inproc"))  # also fills the feature cache
-        rows.append(simulation(args.rounds, tmp / "sim32"))
-        rows.append(simulation(args.rounds, tmp / "sim16", "fp16"))
+        if not args.skip_simulation:
+            rows.append(simulation(args.rounds, tmp / "sim32"))
+            rows.append(simulation(args.rounds, tmp / "sim16", "fp16"))
         if not args.skip_deployment:
-            for transfer in ("fp32", "fp16"):
-                (tmp / f"dep-{transfer}").mkdir()
-                rows.append(deployment(args.rounds, tmp / f"dep-{transfer}", transfer))
-    print(f"| runtime ({args.rounds} rounds) | start-up s | s/round (steady) | bytes/round "
-          f"| held-out acc |")
-    print("|---|---|---|---|---|")
+            fast = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+            runs = [("fp32", "", {}, ()), ("fp16", "", {}, ()),
+                    ("fp32", ", superexec poll 0.1 s", fast, ()),
+                    ("fp32", ", poll-interval 3 s (Flower's grid wait)", {},
+                     ("poll-interval=3.0",))]
+            if args.before:
+                before = Path(args.before).resolve()
+                runs.insert(0, ("fp32", f", before ({before.name})",
+                                {"PYTHONPATH": str(before / "src")}, ()))
+            for i, (transfer, label, env, extra) in enumerate(runs):
+                (tmp / f"dep-{i}").mkdir()
+                app = Path(args.before).resolve() if "before" in label else None
+                rows.append(deployment(args.rounds, tmp / f"dep-{i}", transfer, label, env,
+                                       extra, app))
+    print(f"| runtime ({args.rounds} rounds) | start-up s | discovery s | s/round (steady) "
+          f"| bytes/round | held-out acc |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['runtime']} | {r['startup']:.1f} | {r['round']:.2f} | {r['bytes']:,} | "
-              f"{100 * r['gen']:.1f} |")
+        disc = f"{r['discovery']:.1f}" if r.get("discovery") is not None else ""
+        print(f"| {r['runtime']} | {r['startup']:.1f} | {disc} | {r['round']:.2f} | "
+              f"{r['bytes']:,} | {100 * r['gen']:.1f} |")
+    if args.skip_deployment:
+        return
+    paths = [("after", None)] + ([("before", str(Path(args.before).resolve() / "src"))]
+                                 if args.before else [])
+    print("\n| checkout | fresh process: import s | site load s |")
+    print("|---|---|---|")
+    for name, path in paths:
+        f = fresh_process(path, cache)
+        print(f"| {name} | {f['import']:.2f} | {f['site']:.3f} |")
+    print("\n| deployment | s/round | slowest node: start + imports | site | evaluation "
+          "| training | transfer + waiting |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("parts"):
+            p = r["parts"]
+            rest = r["round"] - sum(p.values())
+            print(f"| {r['runtime']} | {r['round']:.2f} | {p['start']:.2f} | {p['site']:.3f} "
+                  f"| {p['evaluation']:.3f} | {p['training']:.3f} | {rest:.2f} |")
 
 
 if __name__ == "__main__":

@@ -131,9 +131,12 @@ def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: 
     return rows
 
 
-def flower_rounds(cfg, clients: tuple[int, ...], rounds: int = 3) -> list[dict]:  # noqa: ANN001
+def flower_rounds(cfg, clients: tuple[int, ...], rounds: int = 5,  # noqa: ANN001
+                  cpus_per_node: float = 1.0) -> list[dict]:
     """The same federations as Flower simulations (Ray; one SuperNode per client + the
-    held-out one): steady seconds per round, messages included."""
+    held-out one): steady seconds per round (rounds 2 to the one before last, which is
+    evaluated on every node), messages included, and discovery. ``cpus_per_node``: Ray's
+    ``client_resources`` (1.0: one actor per CPU)."""
     from flwr.simulation import run_simulation
 
     from fedclip.flower.client_app import build_client_app
@@ -155,12 +158,13 @@ def flower_rounds(cfg, clients: tuple[int, ...], rounds: int = 3) -> list[dict]:
                         "cache-dir": cfg.cache_dir or ""}
             run_simulation(build_server_app(defaults), build_client_app(defaults),
                            num_supernodes=per_domain * training + 1,
-                           backend_config={"client_resources": {"num_cpus": 1}})
+                           backend_config={"client_resources": {"num_cpus": cpus_per_node}})
             r = json.loads((Path(tmp) / "results.json").read_text())["runs"][0]
-        steady = [h["round_seconds"] for h in r["history"] if h["round"] > 1 and
+        steady = [h["round_seconds"] for h in r["history"] if 1 < h["round"] < rounds and
                   "round_seconds" in h]
         rows.append({"clients": per_domain * training, "per_round": participate or
-                     per_domain * training, "mode": "Flower simulation",
+                     per_domain * training,
+                     "mode": f"Flower simulation (Ray, {cpus_per_node:g} CPU per actor)",
                      "seconds": sorted(steady)[len(steady) // 2],
                      "discovery": r.get("discovery_seconds")})
     return rows
@@ -191,6 +195,8 @@ def main() -> None:
     parser.add_argument("--no-extraction", action="store_true")
     parser.add_argument("--flower", default="", help="client counts to also run as Flower "
                                                      "simulations, e.g. 4,40")
+    parser.add_argument("--ray-cpus", type=float, default=1.0,
+                        help="Ray client_resources num_cpus per simulated node's actor")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     args = parser.parse_args()
     from fedclip.backbones import resolve_device
@@ -210,7 +216,8 @@ def main() -> None:
               "rounds": rounds(cfg, tuple(int(c) for c in args.clients.split(",")),
                                args.repeats)}
     if args.flower:
-        report["rounds"] += flower_rounds(cfg, tuple(int(c) for c in args.flower.split(",")))
+        report["rounds"] += flower_rounds(cfg, tuple(int(c) for c in args.flower.split(",")),
+                                          cpus_per_node=args.ray_cpus)
     if args.lodo:
         report["lodo"] = lodo(cfg)
     print(f"device: {name}, backbone: {backbone}\n")
@@ -222,7 +229,8 @@ def main() -> None:
     print("\n| clients | trained per round | mode | s/round (train + aggregate) |")
     print("|---|---|---|---|")
     for r in report["rounds"]:
-        print(f"| {r['clients']} | {r['per_round']} | {r['mode']} | {r['seconds']:.3f} |")
+        disc = f" (discovery {r['discovery']:.1f} s)" if r.get("discovery") else ""
+        print(f"| {r['clients']} | {r['per_round']} | {r['mode']}{disc} | {r['seconds']:.3f} |")
     if "lodo" in report:
         print(f"\nleave-one-domain-out, 200 rounds each, extraction included: "
               f"{report['lodo']['seconds']:.0f} s (mean generalization "

@@ -107,7 +107,8 @@ class LocalDeployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def run(self, run_config: list[str], on_line=None) -> tuple[str, str]:  # noqa: ANN001
+    def run(self, run_config: list[str], on_line=None, app: Path = PROJECT  # noqa: ANN001
+            ) -> tuple[str, str]:
         run_log = open(self.workdir / "run.log", "a")  # noqa: SIM115
 
         def echo(line: str) -> None:
@@ -120,7 +121,7 @@ class LocalDeployment:
         old = os.environ.get("FLWR_HOME")
         os.environ["FLWR_HOME"] = str(self.home)
         try:
-            return flower_run(PROJECT, "deploy", run_config, echo=echo)
+            return flower_run(app, "deploy", run_config, echo=echo)
         finally:
             run_log.close()
             if old is None:

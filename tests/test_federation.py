@@ -1,7 +1,9 @@
 """A real federation: sites that hold only their own data, identities checked, a server that
 trusts no client, and a Flower run as complete as an in-process one (in-memory grid)."""
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,13 +238,15 @@ def test_median_bounds_one_scaled_up_client(tiny_arch, pacs_like, tmp_path):
 
 
 def test_metrics_are_accepted_only_for_the_senders_role(tiny_arch, pacs_like, tmp_path):
+    """A node's accuracies count only for its role, whichever message carries them (an
+    evaluate reply, or a train reply that evaluates the previous round)."""
     nodes = own_sites(pacs_like, tmp_path)
 
     def tamper(node, reply):
-        if node == 1000 and reply.metadata.message_type == "evaluate" and reply.has_content():
+        if node == 1000 and reply.has_content() and "metrics" in reply.content:
             reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]),
                                                      "heldout-accuracy": 0.99})
-        if node == 1001 and reply.metadata.message_type == "evaluate" and reply.has_content():
+        if node == 1001 and reply.has_content() and "metrics" in reply.content:
             metrics = dict(reply.content["metrics"])
             if "val-accuracy" in metrics:
                 reply.content["metrics"] = MetricRecord({**metrics, "val-accuracy": 7.0})
@@ -351,8 +355,8 @@ def test_a_node_rescans_only_when_its_folders_change(tiny_arch, pacs_like, tmp_p
     site_config = own_sites(pacs_like, tmp_path)[0]  # art_painting, a training domain
     cfg = RunConfig.build(backbone=tiny_arch, heldout="sketch")
     loads = []
-    real = node.load_site
-    monkeypatch.setattr(node, "load_site", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = node.load_domain
+    monkeypatch.setattr(node, "load_domain", lambda *a, **k: loads.append(a) or real(*a, **k))
     first, _ = node.node_for(cfg, site_config)
     again, _ = node.node_for(cfg, site_config)
     assert len(loads) == 1 and again is first  # unchanged: no rescan, the same site
@@ -362,3 +366,69 @@ def test_a_node_rescans_only_when_its_folders_change(tiny_arch, pacs_like, tmp_p
     assert len(loads) == 2 and changed.images == first.images + 1
     node.node_for(cfg, site_config)
     assert len(loads) == 2
+
+
+def _fresh_process(node):  # noqa: ANN001, ANN202
+    """What a deployed node's next message sees: a new process, nothing in memory."""
+    node._SITES.clear()
+    node._DOMAINS.clear()
+
+
+def test_a_fresh_process_reads_its_site_file_and_notices_changed_data(
+        tiny_arch, pacs_like, tmp_path, monkeypatch):
+    """A deployed node starts a process per message: it reads its site file (no scan, no
+    partition) while the data's fingerprint is unchanged, and rebuilds when an image was
+    added, rewritten, or the file is damaged."""
+    from fedclip.flower import node
+
+    site_config = own_sites(pacs_like, tmp_path)[0]
+    cfg = RunConfig.build(backbone=tiny_arch, heldout="sketch")
+    loads = []
+    real = node.load_domain
+    monkeypatch.setattr(node, "load_domain", lambda *a, **k: loads.append(a) or real(*a, **k))
+    _fresh_process(node)
+    built, _ = node.node_for(cfg, site_config)
+    _fresh_process(node)
+    read, _ = node.node_for(cfg, site_config)
+    assert len(loads) == 1 and read is not built  # from the file: no scan
+    assert (read.name, read.role, read.images, read.folders) == (
+        built.name, built.role, built.images, built.folders)
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(read.data, part).x, getattr(built.data, part).x)
+        assert torch.equal(getattr(read.data, part).y, getattr(built.data, part).y)
+    assert torch.equal(read.class_text, built.class_text)
+    folder = tmp_path / "sites" / "art_painting" / "art_painting" / "dog"
+    image = next(folder.iterdir())
+    shutil.copy(image, folder / "copy.png")
+    _fresh_process(node)
+    assert node.node_for(cfg, site_config)[0].images == built.images + 1 and len(loads) == 2
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    _fresh_process(node)
+    node.node_for(cfg, site_config)  # an image rewritten in place: its mtime changed
+    assert len(loads) == 3
+    path = node.site_file(cfg, Path(site_config["data-root"]), "art_painting", 0)
+    path.write_bytes(path.read_bytes()[:100])  # damaged: rebuilt, never trusted
+    _fresh_process(node)
+    node.node_for(cfg, site_config)
+    assert len(loads) == 4
+    _fresh_process(node)
+    node.node_for(cfg.replace(seed=1), site_config)  # another task: its own split
+    assert len(loads) == 5
+
+
+def test_every_client_of_a_domain_shares_one_scan(tiny_arch, toy_root, tmp_path, monkeypatch):
+    """In one process (a simulation's worker) the clients of a domain reuse its scan,
+    features and partition: 400 simulated clients cost a scan per domain, not per client."""
+    from fedclip.flower import node
+
+    cfg = RunConfig.build(backbone=tiny_arch, data_root=str(toy_root), heldout="gamma",
+                          classes=("cat", "dog", "red_car"), clients_per_domain=3,
+                          cache_dir=str(tmp_path / "cache"))
+    loads = []
+    real = node.load_domain
+    monkeypatch.setattr(node, "load_domain", lambda *a, **k: loads.append(a[2]) or real(*a, **k))
+    _fresh_process(node)
+    names = [node.node_for(cfg, {"partition-id": i, "num-partitions": 7})[0].name
+             for i in range(7)]
+    assert names == ["alpha#0", "alpha#1", "alpha#2", "beta#0", "beta#1", "beta#2", "gamma"]
+    assert loads == ["alpha", "beta", "gamma"]

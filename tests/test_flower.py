@@ -111,6 +111,41 @@ def test_messages_are_well_formed_flower_messages(tiny_arch, toy_root, tmp_path)
     assert all(isinstance(m, Message) for m in grid.sent)
 
 
+def test_a_round_is_one_exchange_with_one_message_per_node(tiny_arch, toy_root, tmp_path):
+    """Round r's parameters are evaluated inside round r + 1's train messages (the held-out
+    node in an evaluate message of the same exchange): rounds cost one exchange each, and the
+    records still equal the in-process ones (test_flower_matches_in_process_runner)."""
+    run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, rounds=3)
+    grid = LocalGrid(build_client_app(), nodes, run_config)
+    exchanges = []
+    honest = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout=None):  # noqa: ANN001, ANN202
+        messages = list(messages)
+        exchanges.append([(m.metadata.dst_node_id, m.metadata.message_type,
+                           dict(m.content["config"]) if "config" in m.content else {})
+                          for m in messages])
+        return honest(messages, timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+    result = server_main(grid, run_config)
+    exchanges = [e for e in exchanges if e]
+    for exchange in exchanges:  # never two messages to one node in one exchange
+        assert len({node for node, _, _ in exchange}) == len(exchange)
+    kinds = [sorted(kind for _, kind, _ in e) for e in exchanges]
+    # discovery, round 0, rounds 1-3 (2 trainers; from round 2 also the held-out node's
+    # evaluation of the previous round), round 3's own evaluation, personalization
+    assert kinds == [["query"] * 3, ["evaluate"] * 3, ["train"] * 2,
+                     ["evaluate", "train", "train"], ["evaluate", "train", "train"],
+                     ["evaluate"] * 3, ["evaluate"] * 2]
+    for rnd, exchange in ((2, exchanges[3]), (3, exchanges[4])):
+        assert all(c["evaluate-round"] == rnd - 1 for _, k, c in exchange if k == "train")
+        assert all(c["server-round"] == rnd - 1 for _, k, c in exchange if k == "evaluate")
+    assert [r["round"] for r in result["history"]] == [0, 1, 2, 3]
+    assert all(len(r["val_accuracy"]) == 2 and r["heldout_accuracy"] is not None
+               for r in result["history"])
+
+
 def test_client_side_clipping_bounds_each_round_and_noise_changes_the_result(
         tiny_arch, toy_root, tmp_path):
     from fedclip.adapters import build_adapter, get_params

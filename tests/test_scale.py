@@ -42,6 +42,10 @@ def test_partial_participation_is_the_same_in_both_runtimes(tiny_arch, toy_root,
     adapter = 2 * (32 * 32 + 32)
     assert local["bytes_per_round"] == flower["bytes_per_round"] == 2 * 2 * adapter * 4
     assert all(r["missing"] == [] for r in flower["history"][1:])
+    # the nodes not sampled in a round evaluate in its exchange: the same records
+    for key in ("val_accuracy", "test_accuracy", "heldout_accuracy"):
+        assert [r[key] for r in flower["history"]] == [r[key] for r in local["history"]]
+    assert flower["best_round"] == local["best_round"]
 
 
 def test_dirichlet_has_no_empty_client_and_skews_more_as_alpha_falls():

@@ -279,6 +279,8 @@ class FlowerSettings(BaseModel):
     resume: bool = Field(False, description="Continue from out/<heldout>/checkpoint.")
     log_to: str = Field("", description="Loggers: 'tensorboard' (into out/tensorboard) or "
                         "'tensorboard:DIR', comma-separated; paths are the server's.")
+    poll_interval: float = Field(0.2, ge=0.01, le=60, description="Seconds between the "
+                                 "server's checks for replies (Flower's own grid waits 3 s).")
     secagg_max_weight: float = Field(10_000.0, gt=0, description="SecAgg+: the largest "
                                      "weight a client may send (weights are quantized).")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -288,30 +288,61 @@ class Site:
                 "test": len(self.data.test)}
 
 
-def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
-    """A site's own domain under ``root``, as the run defines the task. Nothing but this
-    domain's folder has to exist on the machine."""
-    classes = run_classes(cfg)
-    role = "heldout" if domain == cfg.heldout else "train"
-    if role == "heldout" and index != 0:
+@dataclass(frozen=True)
+class DomainSites:
+    """A domain as the run defines it, before it is one node's: its files, features, class
+    prompts and client splits (computed once, shared by every client of the domain)."""
+
+    domain: Domain
+    feats: ImageFeatures
+    class_text: torch.Tensor  # normalised
+    logit_scale: float
+    splits: tuple[ClientSplit, ...]  # empty for the held-out domain
+    folders: tuple[str, ...]  # every folder its images came from (a change: rescan)
+
+
+def check_index(cfg: RunConfig, domain: str, index: int) -> None:
+    """Refuse, in one line, a client index the run does not have for ``domain``."""
+    if domain == cfg.heldout and index != 0:
         raise ConfigError(f"the held-out domain {domain!r} is one evaluation-only node; "
                           f"client-index {index} is not valid for it")
-    if role == "train" and not 0 <= index < cfg.clients_per_domain:
+    if domain != cfg.heldout and not 0 <= index < cfg.clients_per_domain:
         raise ConfigError(f"client-index {index} is out of range: this run splits each domain "
                           f"into {cfg.clients_per_domain} client(s) (0..."
                           f"{cfg.clients_per_domain - 1})")
+
+
+def load_domain(cfg: RunConfig, root: Path, domain: str) -> DomainSites:
+    """What every site of ``domain`` shares: the scan, its cached features, the class
+    prompts' features and the partition into clients."""
+    classes = run_classes(cfg)
     found = scan_domain(root, domain, classes)
     lazy, cache = backbone(cfg), cache_dir(cfg)
     feats = domain_inputs(cfg, lazy, found, cache)
     text = class_text_features(lazy, classes, cfg.prompt_template, cfg.prompt_templates, cache)
-    class_text = F.normalize(text.features, dim=-1)
     folders = tuple(sorted({str(found.root), *(str(f.parent) for f in found.files)}))
-    if role == "heldout":
+    splits = tuple(clients_of(cfg, found)) if domain != cfg.heldout else ()
+    return DomainSites(found, feats, F.normalize(text.features, dim=-1), text.logit_scale,
+                       splits, folders)
+
+
+def site_of(cfg: RunConfig, sites: DomainSites, index: int = 0) -> Site:
+    """Client ``index`` of a loaded domain (of the held-out domain: its one node)."""
+    classes, found, feats = run_classes(cfg), sites.domain, sites.feats
+    check_index(cfg, found.name, index)
+    site = Site("heldout", found.name, found.name, 0, classes, sites.class_text,
+                sites.logit_scale, images=len(found), skipped=feats.skipped,
+                folders=sites.folders)
+    if found.name == cfg.heldout:
         held, mask = heldout_tensors(found, feats, len(classes))
-        return Site(role, domain, domain, 0, classes, class_text, text.logit_scale,
-                    heldout=held, heldout_mask=mask, images=len(found), skipped=feats.skipped,
-                    folders=folders)
-    split = clients_of(cfg, found)[index]
-    return Site(role, split.name, domain, index, classes, class_text, text.logit_scale,
-                data=client_tensors(found, feats, split, len(classes)), images=len(found),
-                skipped=feats.skipped, folders=folders)
+        return replace(site, heldout=held, heldout_mask=mask)
+    split = sites.splits[index]
+    return replace(site, role="train", name=split.name, index=index,
+                   data=client_tensors(found, feats, split, len(classes)))
+
+
+def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
+    """A site's own domain under ``root``, as the run defines the task. Nothing but this
+    domain's folder has to exist on the machine."""
+    check_index(cfg, domain, index)  # before any scan
+    return site_of(cfg, load_domain(cfg, root, domain), index)

@@ -81,6 +81,9 @@ class RoundRecord:
     rejected: dict[str, str] | None = None  # Flower: client -> why its update was refused
     eval_missing: list[str] | None = None  # Flower: nodes whose evaluation did not come
     epsilon: float | None = None  # dp: the privacy spent after this round (accountant's)
+    # Flower: what the slowest training node says each part of its message took (process
+    # start and imports, loading its site, evaluating the previous round, training)
+    node_seconds: dict[str, float] | None = None
 
     @property
     def evaluated(self) -> bool:
@@ -134,7 +137,7 @@ class RoundRecord:
             "mean_train_loss": self.mean_train_loss, "seconds": self.seconds,
             "bytes": self.bytes, "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received}
-        for name in ("missing", "rejected", "eval_missing"):
+        for name in ("missing", "rejected", "eval_missing", "node_seconds"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.evaluated:
@@ -163,7 +166,9 @@ class RoundRecord:
                          round_seconds=_num(data.get("round_seconds")),
                          missing=data.get("missing"), rejected=data.get("rejected"),
                          eval_missing=data.get("eval_missing"),
-                         epsilon=_num(data.get("epsilon")))
+                         epsilon=_num(data.get("epsilon")),
+                         node_seconds=(_accuracies(data["node_seconds"])
+                                       if "node_seconds" in data else None))
             if "val_accuracy" in data:
                 record.set_evaluation(_accuracies(data["val_accuracy"]),
                                       _accuracies(data["test_accuracy"]),

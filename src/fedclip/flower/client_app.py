@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -25,10 +27,27 @@ from fedclip.errors import TrainingError
 from fedclip.flower.codec import decode, encode, one_line_refusals, run_config_to_cfg
 from fedclip.flower.node import node_for
 from fedclip.task import Site
-from fedclip.tensors import State
+from fedclip.tensors import Params, State
 
 STATE_KEY = "fedclip.client-state"
 log = logging.getLogger(__name__)
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# a deployed SuperNode starts a process per message: what starting it and importing this
+# module cost, reported by the first message the process serves (0 after that)
+_STARTUP = [_process_age()]
 
 
 def task_fingerprint(site: Site) -> str:
@@ -72,18 +91,39 @@ def save_state(context_state: RecordDict | None, state: State) -> None:
             {k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
+def own_accuracies(site: Site, algorithm: Algorithm, params: Params | None, state: State,
+                   prefix: str = "") -> dict[str, float]:
+    """A training node's val and test accuracy of ``params`` (with its own state: personal
+    parameters, a personal model), as the in-process runner scores that client."""
+    assert site.data is not None  # a training node
+    own = algorithm.eval_params(params, state) if params is not None else None
+    args = (site.class_text, site.logit_scale, site.data.class_mask)
+    return {f"{prefix}val-accuracy": evaluate_split(algorithm, own, site.data.val, *args).accuracy,
+            f"{prefix}test-accuracy": evaluate_split(algorithm, own, site.data.test,
+                                                     *args).accuracy}
+
+
 def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer: str,
                  context_state: RecordDict | None = None) -> RecordDict:
-    """One round of local training (``Algorithm.train_client``, as in-process)."""
+    """One round of local training (``Algorithm.train_client``, as in-process). With
+    ``evaluate-round`` in the config, the node first scores the parameters it received (the
+    previous round's, on its val and test splits) and sends the accuracies with its update:
+    one message per round instead of two."""
     if site.data is None:
         raise RuntimeError(f"node {site.name!r} holds the held-out domain and never trains")
-    config = RoundConfig.from_record(dict(content["config"]))
+    raw = dict(content["config"])
+    config = RoundConfig.from_record(raw)
     device = site.class_text.device
     state = load_state(context_state, device)
     records = content.array_records
     dim = int(site.class_text.shape[1])
-    start = algorithm.with_personal(algorithm.complete(decode(records["arrays"], device), dim),
-                                    state)
+    received = algorithm.complete(decode(records["arrays"], device), dim)
+    evaluation: dict[str, float] = {}
+    if "evaluate-round" in raw:
+        began = time.perf_counter()
+        evaluation = own_accuracies(site, algorithm, received, state)
+        evaluation["eval-seconds"] = time.perf_counter() - began
+    start = algorithm.with_personal(received, state)
     extras = decode(records["extras"], device) if "extras" in records else {}
     job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
                     site.class_text, site.logit_scale,
@@ -92,12 +132,13 @@ def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer
         update = algorithm.train_client(job)
     except TrainingError as exc:  # the server decides what a divergence means for the run
         log.warning("%s: %s", site.name, exc)
-        return RecordDict({"metrics": MetricRecord({"diverged": 1})})
+        return RecordDict({"metrics": MetricRecord({"diverged": 1, **evaluation})})
     save_state(context_state, state)
     update = replace(update, params=client_clip(algorithm.cfg, update.params,
                                                 algorithm.shared(start)))
     metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss,
-                            "train-seconds": update.seconds, "steps": update.steps})
+                            "train-seconds": update.seconds, "steps": update.steps,
+                            **evaluation})
     reply = RecordDict({"arrays": encode(update.params, transfer), "metrics": metrics})
     if update.extras:  # only algorithms that declare extras
         reply["extras"] = encode(update.extras, transfer)
@@ -128,13 +169,8 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     values: dict[str, Any] = {}  # MetricRecord values
     for prefix, p in variants:
         if site.data is not None:
-            own = (algorithm.eval_params(p, load_state(context_state, site.class_text.device))
-                   if p is not None else None)
-            mask = site.data.class_mask
-            val = evaluate_split(algorithm, own, site.data.val, *args, mask)
-            test = evaluate_split(algorithm, own, site.data.test, *args, mask)
-            values |= {f"{prefix}val-accuracy": val.accuracy,
-                       f"{prefix}test-accuracy": test.accuracy}
+            state = load_state(context_state, site.class_text.device)
+            values |= own_accuracies(site, algorithm, p, state, prefix)
         else:
             assert site.heldout is not None  # a site is a training or the held-out one
             held = evaluate_split(algorithm, p, site.heldout, *args, site.heldout_mask)
@@ -146,27 +182,32 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` sit under the run config (``run_simulation`` passes none)."""
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[Site, Algorithm, FlowerSettings]:
+    def resolve(context: Context) -> tuple[Site, Algorithm, FlowerSettings, dict[str, float]]:
         one_line_refusals()  # a node whose data does not fit: one line in its log
+        began = time.perf_counter()
         cfg, flower = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
         site, algorithm = node_for(cfg, dict(context.node_config))
-        return site, algorithm, flower
+        costs = {"start-seconds": _STARTUP[0], "site-seconds": time.perf_counter() - began}
+        _STARTUP[0] = 0.0
+        return site, algorithm, flower, costs
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        site, algorithm, _ = resolve(context)
+        site, algorithm, _, _ = resolve(context)
         return Message(handle_query(site, algorithm, dict(msg.content["config"])),
                        reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site, algorithm, flower = resolve(context)
-        return Message(handle_train(site, algorithm, msg.content, flower.transfer,
-                                    context.state), reply_to=msg)
+        site, algorithm, flower, costs = resolve(context)
+        reply = handle_train(site, algorithm, msg.content, flower.transfer, context.state)
+        if "metrics" in reply.metric_records:  # where the message's time went
+            reply.metric_records["metrics"].update(costs)
+        return Message(reply, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site, algorithm, _ = resolve(context)
+        site, algorithm, _, _ = resolve(context)
         return Message(handle_evaluate(site, algorithm, msg.content, context.state),
                        reply_to=msg)
 

@@ -67,6 +67,7 @@ from fedclip.core.server import server_rules
 from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError
 from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
+from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
 from fedclip.flower.server_app import dataset_name
 from fedclip.privacy import noise_generator, noisy_mean
@@ -177,7 +178,7 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run(grid, context, {**(defaults or {}), **dict(context.run_config)})
+        run(grid, context, {**(defaults or {}), **dict(context.run_config)}, poll=True)
 
     return app
 
@@ -334,9 +335,13 @@ def evaluate_all(grid: Grid, arrays: list[np.ndarray], config: dict, timeout: fl
     return replies
 
 
-def run(grid: Grid, context: Context, run_config: dict[str, Any]) -> RunResult:
-    """Train with SecAgg+; the run folder writes the adapters and results.json."""
+def run(grid: Grid, context: Context, run_config: dict[str, Any], poll: bool = False
+        ) -> RunResult:
+    """Train with SecAgg+; the run folder writes the adapters and results.json (``poll``:
+    as :func:`fedclip.flower.server_app.main`)."""
     cfg, flower = run_config_to_cfg(run_config)
+    if poll:
+        grid = PollingGrid(grid, flower.poll_interval)
     require_one_heldout(cfg)
     algorithm = get_algorithm(cfg)
     why = refusal(algorithm, flower)

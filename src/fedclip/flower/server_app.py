@@ -41,6 +41,7 @@ from fedclip.flower.codec import (
     run_config_to_cfg,
     well_formed,
 )
+from fedclip.flower.grid import PollingGrid
 from fedclip.flower.strategy import FedClipStrategy, NodeInfo
 from fedclip.task import prompts, run_classes
 
@@ -190,16 +191,20 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         one_line_refusals()
-        main(grid, {**(defaults or {}), **dict(context.run_config)})
+        main(grid, {**(defaults or {}), **dict(context.run_config)}, poll=True)
 
     return app
 
 
-def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] = ()
-         ) -> RunResult:
+def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] = (),
+         poll: bool = False) -> RunResult:
     """One Flower run; ``callbacks`` (and the loggers the run config's ``log-to`` names) see
-    every round and the result, as in-process (:mod:`fedclip.callbacks`)."""
+    every round and the result, as in-process (:mod:`fedclip.callbacks`). ``poll``: check
+    for replies every ``poll-interval`` seconds (:class:`~fedclip.flower.grid.PollingGrid`;
+    the ServerApp's entry point does)."""
     cfg, flower = run_config_to_cfg(run_config)
+    if poll:
+        grid = PollingGrid(grid, flower.poll_interval)
     require_one_heldout(cfg)  # before any node is asked anything: one line, no node errors
     algorithm = get_algorithm(cfg)
     if not algorithm.runs_on_flower:
@@ -250,7 +255,7 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
             writer.round_end(st)
 
     strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower.transfer,
-                               total_rounds=cfg.rounds,
+                               total_rounds=cfg.rounds, timeout=timeout,
                                on_round=on_round, callbacks=callbacks)
     start = time.perf_counter()
     zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)

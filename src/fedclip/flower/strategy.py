@@ -13,9 +13,17 @@ The server trusts no client:
   of the round's updates (with at least three updates). Rejected replies are logged and
   recorded, never raised. The rest are weighted by their **declared** train size and
   combined by the algorithm's own ``aggregate`` (the in-process runner's code);
-* ``aggregate_evaluate`` accepts val/test accuracies only from training nodes and the
-  held-out accuracy only from the held-out node, each a number in [0, 1]; it builds the
-  round in the in-process history format and applies the one best-round rule.
+* evaluation accepts val/test accuracies only from training nodes and the held-out accuracy
+  only from the held-out node, each a number in [0, 1], and only from a node asked for it;
+  it builds the round in the in-process history format and applies the one best-round rule.
+
+**One message per node per round.** Round ``r``'s parameters are evaluated in round
+``r + 1``: a node sampled to train evaluates the parameters it receives (its val and test
+splits, with its own state, before training) inside its train message and sends the
+accuracies with its update; the held-out node and the training nodes not sampled get an
+evaluate message in the same exchange. Round ``r``'s record is completed then (the same
+numbers, in the same round, as in-process) and checkpointed. Round 0 and the last round are
+evaluated in their own exchange, as is personalization.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ class FedClipStrategy(FedAvg):
 
     def __init__(self, algorithm: Algorithm, nodes: dict[int, NodeInfo], state: FederationState,
                  *, transfer: str = "fp32", total_rounds: int = 0,
-                 norm_factor: float | None = None,
+                 norm_factor: float | None = None, timeout: float = 600.0,
                  on_round: Callable[[FederationState, RoundRecord], None] | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
         self.train_ids = sorted((n for n, i in nodes.items() if i.role == "train"),
@@ -84,6 +92,7 @@ class FedClipStrategy(FedAvg):
         self.total_rounds = total_rounds
         self.norm_factor = algorithm.cfg.norm_factor if norm_factor is None else norm_factor
         self.on_round = on_round
+        self.timeout = timeout  # bounds what a node may say its message took
         # weights from the sizes declared at discovery, capped (core.client.client_weights)
         self.weights = client_weights({nodes[n].client: nodes[n].num_train
                                        for n in self.train_ids}, algorithm.cfg)
@@ -95,6 +104,8 @@ class FedClipStrategy(FedAvg):
         self._pending: dict = {}
         self._expected: set[str] = set()
         self._started = 0.0
+        self._unevaluated: RoundRecord | None = None  # trained, evaluated in the next round
+        self._asked: set[int] = set()  # the nodes asked to evaluate it
 
     def server_round(self, flower_round: int) -> int:
         """fedclip's round of Flower's ``flower_round`` (a resumed run continues counting)."""
@@ -123,7 +134,17 @@ class FedClipStrategy(FedAvg):
         chosen = sample_clients(list(by_name), self.algorithm.cfg.clients_per_round,
                                 self.algorithm.cfg.seed, rnd)
         self._expected = set(chosen)
-        for node in self._online([by_name[c] for c in chosen], grid):
+        training = self._online([by_name[c] for c in chosen], grid)
+        if self._unevaluated is not None:  # the previous round, evaluated in this exchange
+            previous = self._unevaluated.round
+            round_config["evaluate-round"] = previous
+            others = self._online([n for n in sorted(self.nodes) if n not in training], grid)
+            self._asked = set(training) | set(others)
+            evaluate = ConfigRecord({"server-round": previous})
+            messages += [Message(RecordDict({"arrays": payload, "config": evaluate}),
+                                 dst_node_id=n, message_type=MessageType.EVALUATE)
+                         for n in others]
+        for node in training:
             content = RecordDict({"arrays": payload, "config": ConfigRecord(round_config)})
             extras = self.algorithm.client_extras(self.state.server_state,
                                                   self.nodes[node].client)
@@ -182,6 +203,14 @@ class FedClipStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self._unevaluated is not None:  # the previous round's record is complete now
+            record, self._unevaluated = self._unevaluated, None
+            self._evaluated(record, [m for m in replies
+                                     if m.metadata.src_node_id in self._asked])
+            self._finish(record)
+        replies = [m for m in replies if m.metadata.message_type == MessageType.TRAIN]
+        costs = self.node_seconds(replies)
         updates: dict[str, ClientUpdate] = {}
         rejected: dict[str, str] = {}
         received = 0
@@ -214,7 +243,7 @@ class FedClipStrategy(FedAvg):
         self._pending["train"] = RoundRecord(
             self._pending["round"], {c: u.loss for c, u in updates.items()}, 0.0,
             self._pending["sent"], received, missing=missing, rejected=rejected,
-            epsilon=self.rules.epsilon(self._pending["round"]))
+            epsilon=self.rules.epsilon(self._pending["round"]), node_seconds=costs)
         if not updates:
             if rejected and set(rejected.values()) == {DIVERGED}:
                 raise TrainingError(
@@ -239,16 +268,39 @@ class FedClipStrategy(FedAvg):
         return ArrayRecord({k: v.contiguous() for k, v in shared.items()}), MetricRecord(
             {"train-loss": self._pending["train"].mean_train_loss, "num-updates": len(updates)})
 
+    NODE_COSTS = {"start-seconds": "start", "site-seconds": "site",
+                  "eval-seconds": "evaluation", "train-seconds": "training"}
+
+    def node_seconds(self, replies: list[Message]) -> dict[str, float] | None:
+        """Where the round's slowest training node says its message's time went (each part
+        the maximum over nodes; values outside [0, round timeout] are ignored): what a
+        deployment's round costs beyond the arithmetic, for the operator."""
+        out: dict[str, float] = {}
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content.metric_records or \
+                    msg.metadata.src_node_id not in self.nodes:
+                continue
+            metrics = msg.content.metric_records["metrics"]
+            for key, name in self.NODE_COSTS.items():
+                value = finite_number(metrics.get(key), 0.0, self.timeout)
+                if value is not None:
+                    out[name] = round(max(out.get(name, 0.0), value), 4)
+        return out or None
+
     # --- evaluation -----------------------------------------------------------------------
     def evaluates(self, rnd: int) -> bool:
         """Whether round ``rnd`` is evaluated (``eval_every``, and the last round)."""
         return rnd % self.algorithm.cfg.eval_every == 0 or rnd == self.total_rounds
 
+    def last(self, rnd: int) -> bool:
+        """Whether ``rnd`` is the run's last round (evaluated in an exchange of its own)."""
+        return rnd >= self.rules.rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         rnd = self.server_round(server_round) if server_round > 0 else 0
-        if server_round > 0 and not self.evaluates(rnd):
-            return []
+        if server_round > 0 and not (self.evaluates(rnd) and self.last(rnd)):
+            return []  # evaluated inside the next round's exchange (or not at all)
         if server_round > 0:
             self.state.global_params = {**(self.state.global_params or {}), **decode(arrays)}
         payload = encode(self.algorithm.shared(self.state.global_params), self.transfer) \
@@ -281,20 +333,31 @@ class FedClipStrategy(FedAvg):
                 heldout = values[0]
         return val, test, heldout
 
+    def _evaluated(self, record: RoundRecord, replies: list[Message]) -> None:
+        """``record`` with the accuracies the nodes sent (and who did not answer)."""
+        record.set_evaluation(*self.metrics_of(replies))
+        answered = {self.nodes[m.metadata.src_node_id].client for m in replies
+                    if m.metadata.src_node_id in self.nodes and not m.has_error()}
+        record.eval_missing = sorted({i.client for i in self.nodes.values()} - answered)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         rnd = self.server_round(server_round) if server_round > 0 else 0
         replies = list(replies)
         record: RoundRecord = self._pending.pop("train", None) or RoundRecord(rnd)
         self._pending = {}
-        if server_round == 0 or self.evaluates(rnd):
-            record.set_evaluation(*self.metrics_of(replies))
-            answered = {self.nodes[m.metadata.src_node_id].client for m in replies
-                        if m.metadata.src_node_id in self.nodes and not m.has_error()}
-            record.eval_missing = sorted({i.client for i in self.nodes.values()} - answered)
         if server_round > 0:
             record.round_seconds = time.perf_counter() - self._started
             self.state.round = rnd
+        if server_round > 0 and self.evaluates(rnd) and not self.last(rnd):
+            self._unevaluated = record  # completed by the next round's replies
+            return None
+        if server_round == 0 or self.evaluates(rnd):
+            self._evaluated(record, replies)
+        return self._finish(record)
+
+    def _finish(self, record: RoundRecord) -> MetricRecord | None:
+        """A complete round: history, the best-round rule, the run folder, callbacks."""
         self.state.history.append(record)
         if record.evaluated:
             self.state.select(record, self.rules.selection)
