@@ -28,7 +28,10 @@ HELDOUT = "sketch"
 
 
 def steady(history: list[dict], key: str) -> float:
-    rounds = [r[key] for r in history if r["round"] > 1 and key in r]  # round 1 warms up
+    """The mean of ``key`` over rounds 2 to the one before last (round 1 warms up; the last
+    round is also evaluated on every node in an exchange of its own)."""
+    last = max(r["round"] for r in history)
+    rounds = [r[key] for r in history if 1 < r["round"] < last and key in r]
     return sum(rounds) / len(rounds) if rounds else float("nan")
 
 
@@ -82,7 +85,9 @@ def deployment(rounds: int, work: Path, transfer: str = "fp32", label: str = "",
         os.environ.update(saved)
     wall = time.perf_counter() - start
     r = json.loads((out / "results.json").read_text())["runs"][0]
-    costs = [h["node_seconds"] for h in r["history"] if h["round"] > 1 and "node_seconds" in h]
+    last = max(h["round"] for h in r["history"])
+    costs = [h["node_seconds"] for h in r["history"] if 1 < h["round"] < last and
+             "node_seconds" in h]
     parts = {k: sum(c.get(k, 0.0) for c in costs) / len(costs) for k in
              ("start", "site", "evaluation", "training")} if costs else {}
     return {"runtime": f"Flower deployment, localhost, 4 SuperNodes ({transfer}){label}",

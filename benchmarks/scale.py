@@ -99,8 +99,10 @@ def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
 
 
 def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: ANN001
+    from dataclasses import replace
+
     from fedclip.inprocess.experiment import build_federation
-    from fedclip.task import prepare
+    from fedclip.task import plan_clients, prepare
 
     prep = prepare(cfg)
     heldout = list(prep.dataset.domains)[-1]
@@ -114,7 +116,9 @@ def rounds(cfg, clients: tuple[int, ...], repeats: int) -> list[dict]:  # noqa: 
                                   dirichlet_alpha=0.5, clients_per_round=participate,
                                   train_clients_together=together, eval_every=10**6,
                                   rounds=repeats + 1)
-            fed = build_federation(run_cfg, prep, heldout)
+            # the clients of this count (prepare planned the default one client per domain)
+            fed = build_federation(run_cfg, replace(prep, splits=plan_clients(
+                run_cfg, prep.dataset)), heldout)
             state = fed.initial_state()
             fed.run_round(state)  # warm up
             sync(fed.device.type)

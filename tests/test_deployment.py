@@ -52,8 +52,10 @@ def own_data_nodes(tmp_path):
 
 
 def test_deployment_on_localhost(tmp_path, cache):
-    """Four SuperNodes that each hold only their own domain: the run completes and its final
-    adapter equals the in-process runner's on the same seed."""
+    """Four SuperNodes that each hold only their own domain: the run completes, its records,
+    best round, personalization and final adapter equal the in-process runner's on the same
+    seed, and each node gets one message per round (a training node evaluates the previous
+    round inside its train message)."""
     from safetensors.torch import load_file
 
     from fedclip.config import RunConfig
@@ -70,7 +72,15 @@ def test_deployment_on_localhost(tmp_path, cache):
     assert max((wd[k] - wl[k]).abs().max().item() for k in wl) < 1e-5
     (r,) = json.loads((out / "results.json").read_text())["runs"]
     assert r["personalized"]["per_client"] == pytest.approx(local["personalized"]["per_client"])
-    (r,) = json.loads((out / "results.json").read_text())["runs"]
+    for key in ("val_accuracy", "test_accuracy", "heldout_accuracy"):
+        assert [h[key] for h in r["history"]] == [h[key] for h in local["history"]]
+    assert r["best_round"] == local["best_round"]
+    received = [dep.node_log(f"node{i}").count("Received successfully") for i in range(4)]
+    # query, round 0, rounds 1-3, round 3's evaluation, personalization (training nodes);
+    # the held-out node: query, round 0, rounds 1-3 evaluated (in rounds 2, 3 and apart)
+    assert received == [7, 7, 7, 5]
+    assert all(set(h["node_seconds"]) >= {"start", "site", "training"}
+               for h in r["history"][1:])
     assert [h["round"] for h in r["history"]] == [0, 1, 2, 3]
     assert r["runtime"] == "flower" and set(r["personalization"]["per_client"]) == set(
         DOMAINS[:3])

@@ -110,3 +110,48 @@ def test_the_client_app_imports_only_what_a_message_needs():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+DYNAMO_SCRIPT = """
+import sys, torch
+from fedclip.flower.client_app import defer_dynamo_import
+deferred = defer_dynamo_import() if sys.argv[1] == "defer" else False
+torch.manual_seed(0)
+p = torch.nn.Parameter(torch.randn(64, 64))
+opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+for _ in range(3):
+    opt.zero_grad()
+    (p.tanh() * p).sum().backward()
+    opt.step()
+opt.load_state_dict(opt.state_dict())
+loaded = "sympy" in sys.modules
+if sys.argv[2] == "submodule":  # as torchvision.ops does
+    from torch._dynamo.utils import is_compile_supported
+    assert callable(is_compile_supported)
+    import torch._dynamo.testing  # one the package does not import itself
+torch._dynamo.config  # anything else loads the real module
+print(deferred, loaded, type(sys.modules["torch._dynamo"].config).__name__,
+      type(sys.modules["torch._dynamo"]).__name__, sys.modules["torch._dynamo"].__file__,
+      p.detach().double().sum().item())
+"""
+
+
+def test_a_clientapp_process_trains_without_importing_torch_dynamo():
+    """torch.optim imports torch._dynamo (and sympy) only to mark itself untraceable; a
+    deployed node's fresh process skips that import and trains to the same bits, and
+    anything else asked of torch._dynamo still gets the real module."""
+    import subprocess
+    import sys
+
+    def run(mode, then=""):
+        done = subprocess.run([sys.executable, "-c", DYNAMO_SCRIPT, mode, then],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    deferred, plain = run("defer"), run("plain")
+    assert deferred[:2] == ["True", "False"] and plain[:2] == ["False", "True"]
+    assert deferred[2:5] == plain[2:5]  # the real module (and its config), when asked
+    assert deferred[4].endswith("__init__.py")
+    assert deferred[5] == plain[5]  # bit for bit
+    assert run("defer", "submodule")[2:] == deferred[2:]  # submodules load the real package
