@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -354,7 +355,10 @@ def main() -> None:
     began = time.perf_counter()
     rows = robust_rows(base, args.quick, args.many_lr, print)
     if not args.no_flower:
-        rows += flower_rows(base, args.data_root, Path("runs/bench-attacks-flower"), print)
+        # a fresh folder per invocation: a --quick run and a full one never meet
+        out = Path(tempfile.mkdtemp(prefix="bench-attacks-flower-", dir="runs")) if \
+            Path("runs").is_dir() else Path(tempfile.mkdtemp(prefix="bench-attacks-flower-"))
+        rows += flower_rows(base, args.data_root, out, print)
     dp = dp_rows(base, args.quick, print)
     write(rows, dp, args, time.perf_counter() - began,
           "attacks" if not args.quick else "attacks-quick")
