@@ -409,11 +409,20 @@ def test_a_fresh_process_reads_its_site_file_and_notices_changed_data(
     path = node.site_file(cfg, Path(site_config["data-root"]), "art_painting", 0)
     path.write_bytes(path.read_bytes()[:100])  # damaged: rebuilt, never trusted
     _fresh_process(node)
-    node.node_for(cfg, site_config)
+    current, _ = node.node_for(cfg, site_config)
     assert len(loads) == 4
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:  # well-formed, with a wrong label type
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file({**tensors, "train.y": tensors["train.y"].float()}, str(path), metadata=header)
+    _fresh_process(node)
+    assert torch.equal(node.node_for(cfg, site_config)[0].data.train.y, current.data.train.y)
+    assert len(loads) == 5
     _fresh_process(node)
     node.node_for(cfg.replace(seed=1), site_config)  # another task: its own split
-    assert len(loads) == 5
+    assert len(loads) == 6
 
 
 def test_every_client_of_a_domain_shares_one_scan(tiny_arch, toy_root, tmp_path, monkeypatch):

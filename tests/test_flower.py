@@ -305,3 +305,32 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
     assert weight == 60
     _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 5000.0})
     assert weight == 1000
+
+
+def test_the_polling_grid_waits_for_every_reply_and_stops_at_the_timeout():
+    """PollingGrid: Flower's send_and_receive semantics through push/pull, a shorter wait."""
+    import time
+    from types import SimpleNamespace
+
+    from fedclip.flower.grid import PollingGrid
+
+    class SlowGrid:  # one reply per pull; "lost" never answers
+        pulls = 0
+
+        def push_messages(self, messages):
+            return list(messages)
+
+        def pull_messages(self, waiting):
+            self.pulls += 1
+            ready = sorted(i for i in waiting if i != "lost")[:1]
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                    for i in ready]
+
+    inner = SlowGrid()
+    replies = PollingGrid(inner, 0.01).send_and_receive(["a", "b", "c"])
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b", "c"]
+    assert inner.pulls == 3
+    start = time.monotonic()
+    replies = PollingGrid(SlowGrid(), 0.01).send_and_receive(["a", "lost"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 0.2 <= time.monotonic() - start < 2

@@ -22,24 +22,24 @@ class PollingGrid(Grid):
     def __init__(self, grid: Grid, interval: float) -> None:
         self.grid, self.interval = grid, interval
 
-    def set_run(self, run):  # noqa: ANN001, ANN201, D102
+    def set_run(self, run):  # noqa: ANN001, ANN201
         self.grid.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201, D102
+    def run(self):  # noqa: ANN201
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,  # noqa: D102
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+    def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *,

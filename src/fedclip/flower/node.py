@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
 from fedclip.backbones import resolve_device
@@ -143,7 +145,7 @@ def read_site(path: Path, cfg: RunConfig) -> Site | None:
         else:
             site = replace(site, heldout=Split(t["heldout.x"], t["heldout.y"]),
                            heldout_mask=t["class_mask"])
-        _check_site(site)
+        _check_site(site, run_classes(cfg))
         return site
     except Exception as exc:  # noqa: BLE001 (a damaged file is rebuilt, never trusted)
         if path.exists():
@@ -151,27 +153,43 @@ def read_site(path: Path, cfg: RunConfig) -> Site | None:
         return None
 
 
-def _check_site(site: Site) -> None:
-    """A site file's tensors agree with each other (rows, feature size, labels in range)."""
-    n_classes, dim = len(site.classes), site.class_text.shape[1]
-    if site.class_text.shape != (n_classes, dim):
-        raise ValueError("class_text does not match the classes")
+def _check_site(site: Site, classes: tuple[str, ...]) -> None:
+    """A site file holds the run's classes and tensors that agree with each other: float32
+    features of the prompts' size, one int64 label in range per row, a boolean class mask."""
+    n_classes = len(classes)
+    if site.classes != classes or site.class_text.ndim != 2 or \
+            site.class_text.shape[0] != n_classes or site.class_text.dtype != torch.float32:
+        raise ValueError("its classes or class prompts are not this run's")
+    dim = site.class_text.shape[1]
+    mask = site.data.class_mask if site.data is not None else site.heldout_mask
+    if mask is None or mask.dtype != torch.bool or mask.shape != (n_classes,):
+        raise ValueError("its class mask is not one flag per class")
     splits = ([site.data.train, site.data.val, site.data.test] if site.data is not None
               else [site.heldout] if site.heldout is not None else [])
+    if not splits or site.role not in ("train", "heldout"):
+        raise ValueError("it holds no split")
     for split in splits:
         assert split is not None
-        if split.x.ndim != 2 or split.x.shape[1] != dim or split.y.shape != (len(split.x),):
-            raise ValueError("a split's shape does not match its labels or the feature size")
+        if split.x.dtype != torch.float32 or split.y.dtype != torch.int64 or \
+                split.x.ndim != 2 or split.x.shape[1] != dim or split.y.shape != (len(split.x),):
+            raise ValueError("a split's features or labels have the wrong type or shape")
         if len(split.y) and not 0 <= int(split.y.min()) <= int(split.y.max()) < n_classes:
             raise ValueError("labels out of range")
+
+
+def _drop_if_changed(store: dict[str, Any], key: str) -> None:
+    """Forget what this process built under ``key`` once its folders changed (its first
+    item has ``folders``, its last the stamp taken when it was built)."""
+    if key in store and folder_stamp(store[key][0].folders) != store[key][-1]:
+        log.info("the data of this node changed since its last message: rescanning")
+        del store[key]
 
 
 def domain_of(cfg: RunConfig, root: Path, domain: str) -> DomainSites:
     """The domain's shared part, built once per process while its folders are unchanged
     (every client of a domain reuses its scan, features and partition)."""
     key = f"{cfg.model_dump_json()}|{root}|{domain}"
-    if key in _DOMAINS and folder_stamp(_DOMAINS[key][0].folders) != _DOMAINS[key][1]:
-        del _DOMAINS[key]
+    _drop_if_changed(_DOMAINS, key)
     if key not in _DOMAINS:
         sites = load_domain(cfg, root, domain)
         _DOMAINS[key] = (sites, folder_stamp(sites.folders))
@@ -235,9 +253,7 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorit
     if node_config.get("data-root"):
         cfg = cfg.replace(data_root=str(node_config["data-root"]))
     key = f"{cfg.model_dump_json()}|{sorted(node_config.items())}"
-    if key in _SITES and folder_stamp(_SITES[key][0].folders) != _SITES[key][2]:
-        log.info("the data of this node changed since its last message: rescanning")
-        del _SITES[key]
+    _drop_if_changed(_SITES, key)
     if key not in _SITES:
         domain, index = identify(cfg, node_config)
         device = resolve_device(str(node_config.get("device", cfg.device)))
