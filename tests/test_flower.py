@@ -281,15 +281,17 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
 
     from fedclip.algorithms import get_algorithm
     from fedclip.core.client import ClientUpdate
+    from fedclip.core.server import Server
     from fedclip.flower.secagg import AdapterClient, SecureStrategy
 
     algorithm = get_algorithm(RunConfig.build(backbone="standin", heldout="d",
                                               classes=("x", "y")))
-    server = SimpleNamespace(algorithm=algorithm, sizes={
-        "train:a": {"num-train": 10}, "train:b": {"num-train": 30},
-        "train:c": {"num-train": 1000}, "heldout:d": {"num-test": 40}})
-    config = SecureStrategy.fit_config(server, 3)
-    assert config["weight-cap"] == 60.0 and config["server-round"] == 3
+    server = Server(algorithm, {"a": 10, "b": 30, "c": 1000})
+    server.start(algorithm.init_global(4))
+    strategy = SecureStrategy(server, {}, None, 1.0)
+    strategy.plan = server.plan()
+    config = strategy.fit_config(1)
+    assert config["weight-cap"] == 60.0 and config["server-round"] == 1
 
     class Big(AdapterClient):
         def __init__(self) -> None:  # a site of 1000 train examples, no backbone needed
@@ -305,6 +307,8 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
     assert weight == 60
     _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 5000.0})
     assert weight == 1000
+    _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 60.5})
+    assert weight == 60.5  # a float cap is not truncated (as every runtime weighs)
 
 
 def test_the_polling_grid_waits_for_every_reply_and_stops_at_the_timeout():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fedclip.algorithms import get_algorithm
-from fedclip.algorithms.base import ClientJob
+from fedclip.algorithms.base import ClientJob, Runtime
 from fedclip.algorithms.fedpft import dp_noise_std, sample_mixtures
 from fedclip.config import RunConfig
 from fedclip.core.client import ClientData, Split
@@ -58,9 +58,8 @@ def test_prototypes_with_mixing_weight_zero_are_the_zero_shot_classifier(tiny_ar
     assert result["history"][1]["heldout_accuracy"] == result["zeroshot"]["generalization"]
     assert result["history"][1]["test_accuracy"] == \
         result["zeroshot"]["personalization"]["per_client"]
-    algorithm = get_algorithm(cfg)
     text = F.normalize(torch.randn(3, 8), dim=-1)
-    algorithm.setup(("a", "b", "c"), text)
+    algorithm = get_algorithm(cfg, Runtime(("a", "b", "c"), text))
     module = algorithm.build_module(8)
     module.prototypes.copy_(torch.randn(3, 8))
     emb = F.normalize(torch.randn(5, 8), dim=-1)
@@ -212,8 +211,7 @@ def _swapped_federation(algorithm_name, **options):
     cfg = RunConfig.build(algorithm=algorithm_name, backbone="standin", rounds=20, lr=1e-2,
                           batch_size=16, weight_decay=0.0, loss="ce", personalize_epochs=0,
                           options={algorithm_name: options} if options else {})
-    algorithm = get_algorithm(cfg)
-    algorithm.setup(("x", "y"), text)
+    algorithm = get_algorithm(cfg, Runtime(("x", "y"), text, 10.0, len(clients)))
     return Federation(algorithm, clients, text, 10.0)
 
 

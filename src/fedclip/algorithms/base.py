@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -48,9 +49,78 @@ from fedclip.losses import class_ce_loss, clip_loss
 from fedclip.tensors import Params, State
 
 __all__ = ["Algorithm", "ClientJob", "ClientUpdate", "NoOptions", "Objective", "Params",
-           "RoundConfig", "State"]
+           "RoundConfig", "Runtime", "State"]
 PERSONAL = "personal/"  # client-state prefix of personal parameters
 OPTIMIZER = "optimizer/"  # client-state prefix of the optimizer's tensors (optimizer_state=keep)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the runtime knows and tells an algorithm when it builds it (never written into
+    the algorithm afterwards): the class prompts and their normalised text features (where a
+    backbone runs), the backbone's logit scale, the number of planned training clients."""
+
+    prompts: tuple[str, ...] = ()
+    class_text: torch.Tensor | None = None
+    logit_scale: float | None = None
+    num_clients: int = 0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """An algorithm's capabilities: the declared ones and those derived from its hooks."""
+
+    trains: bool
+    inputs: str
+    uses_text: str
+    personal: tuple[str, ...]
+    init_needs_text: bool
+    has_zero_shot: bool
+    sends_params: bool
+    fine_tunes: bool
+    aggregates_mean: bool
+    batchable: bool
+    sends_extras: bool  # derived: it declares reply extras
+    overrides: frozenset[str]  # derived: the hooks it overrides
+
+
+HOOKS = ("train_client", "local_loss", "proximal_weight", "embed", "class_text", "logits",
+         "aggregate", "reply_extras", "check_extras", "eval_params")
+
+
+def _defined_in(cls: type, hook: str) -> type | None:
+    return next((k for k in cls.__mro__ if hook in vars(k)), None)
+
+
+# (the rule, as the refusal names it; when a class breaks it)
+RULES: tuple[tuple[str, Callable[[type, Capabilities], bool]], ...] = (
+    ("inputs must be 'features' or 'pixels'",
+     lambda cls, c: c.inputs not in ("features", "pixels")),
+    ("uses_text must be 'features', 'tower' or 'none'",
+     lambda cls, c: c.uses_text not in ("features", "tower", "none")),
+    ("init_needs_text = True needs uses_text other than 'none'",
+     lambda cls, c: c.init_needs_text and c.uses_text == "none"),
+    ("fine_tunes = True needs trains = True",
+     lambda cls, c: c.fine_tunes and not c.trains),
+    ("trains = False must not override train_client or aggregate (nothing would call them)",
+     lambda cls, c: not c.trains and bool({"train_client", "aggregate"} & c.overrides)),
+    ("aggregates_mean = True cannot hold with reply extras (reply_extras is overridden): a "
+     "secure sum or DP mean cannot carry per-client extras",
+     lambda cls, c: c.aggregates_mean and c.sends_extras),
+    ("sends_params = False needs aggregates_mean = False, declared reply_extras and its own "
+     "aggregate (the server builds the parameters from the statistics)",
+     lambda cls, c: not c.sends_params and (c.aggregates_mean or not c.sends_extras
+                                            or "aggregate" not in c.overrides)),
+    ("batchable = True needs the objective that clients trained together compute: no own "
+     "train_client, embed, class_text or logits, and a local_loss only beside the "
+     "proximal_weight that states it",
+     lambda cls, c: c.batchable and (
+         bool({"train_client", "embed", "class_text", "logits"} & c.overrides)
+         or ("local_loss" in c.overrides
+             and _defined_in(cls, "local_loss") is not _defined_in(cls, "proximal_weight")))),
+    ("batchable = True needs inputs = 'features' and no personal parameters",
+     lambda cls, c: c.batchable and (c.inputs != "features" or bool(c.personal))),
+)
 
 
 class NoOptions(BaseModel):
@@ -87,13 +157,57 @@ class Algorithm:
     fine_tunes: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = NoOptions
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.options = self.parse_options(cfg.options.get(self.name, {}))
-        self.num_clients = 0  # set by the runtime: the planned training clients
-        self.logit_scale: float | None = None  # set by the runtime: the backbone's
-        self.prompts: tuple[str, ...] = ()
-        self.text: torch.Tensor | None = None
+        self.runtime = runtime or Runtime()
+
+    # what the runtime told it (read-only: a runtime never writes into an algorithm)
+    @property
+    def num_clients(self) -> int:
+        """The planned training clients (0 where unknown: on a node)."""
+        return self.runtime.num_clients
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The backbone's logit scale (None where unknown)."""
+        return self.runtime.logit_scale
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The class prompts, in label order."""
+        return self.runtime.prompts
+
+    @property
+    def text(self) -> torch.Tensor | None:
+        """The class prompts' normalised text features (None where no backbone runs: the
+        server)."""
+        return self.runtime.class_text
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        """What the algorithm declares and what follows from the hooks it overrides, in one
+        typed value (help, tables and the runtimes read this)."""
+        def overrides(hook: str) -> bool:
+            return getattr(cls, hook) is not getattr(Algorithm, hook)
+
+        return Capabilities(
+            trains=cls.trains, inputs=cls.inputs, uses_text=cls.uses_text,
+            personal=cls.personal, init_needs_text=cls.init_needs_text,
+            has_zero_shot=cls.has_zero_shot, sends_params=cls.sends_params,
+            fine_tunes=cls.fine_tunes, aggregates_mean=cls.aggregates_mean,
+            batchable=cls.batchable, sends_extras=overrides("reply_extras"),
+            overrides=frozenset(h for h in HOOKS if overrides(h)))
+
+    @classmethod
+    def contradiction(cls) -> str | None:
+        """The first rule the class's declarations break (None: they agree). The registry
+        refuses such a class, naming the rule."""
+        caps = cls.capabilities()
+        for rule, broken in RULES:
+            if broken(cls, caps):
+                return rule
+        return None
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> BaseModel:
@@ -136,11 +250,6 @@ class Algorithm:
         return configured
 
     # --- model ----------------------------------------------------------------------------
-    def setup(self, prompts: tuple[str, ...], class_text: torch.Tensor | None = None) -> None:
-        """Called once before any training with the class prompts and their normalised
-        text features (algorithms that start from them, or train the text side)."""
-        self.prompts, self.text = prompts, class_text
-
     def preprocess(self) -> Callable | None:
         """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
         backbone's)."""

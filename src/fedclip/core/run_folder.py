@@ -31,6 +31,7 @@ from fedclip.config import RunConfig
 from fedclip.core.adapter_file import save_adapter
 from fedclip.core.checkpoint import (
     HISTORY,
+    append_history,
     config_fingerprint,
     fingerprint_fields,
     load_checkpoint,
@@ -223,13 +224,18 @@ class HeldoutRun:
         save_checkpoint(self.dir / CHECKPOINT, state, self.fingerprint, self.fields)
         self._saved = time.monotonic()
 
-    def round_end(self, state: FederationState) -> None:
-        """Checkpoint when due: every ``checkpoint_every`` rounds, at the last round, or when
-        ``checkpoint_seconds`` have passed since the last write."""
+    def round_end(self, state: FederationState, last: bool = False) -> None:
+        """Checkpoint when due: every ``checkpoint_every`` rounds, at the last round (``last``,
+        or ``rounds``), or when ``checkpoint_seconds`` have passed since the last write."""
         cfg = self.folder.cfg
-        if (state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds
+        if (last or state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds
                 or time.monotonic() - self._saved >= cfg.checkpoint_seconds):
             self.checkpoint(state)
+
+    def write_history(self, state: FederationState) -> None:
+        """Append ``state``'s rounds not yet in the history file (a refused round, recorded
+        when the run stops; the checkpoint stays at the last good round)."""
+        append_history(self.dir / HISTORY, state.history)
 
     def result(self, state: FederationState, zero: RoundRecord, *, dataset: str,
                trainable_params: int, seconds: float, clients: Sequence[ClientInfo],

@@ -6,19 +6,26 @@ strategy and SecAgg+ share one implementation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
 from fedclip import privacy
-from fedclip.aggregation import ROBUST, SELECTING, flower_aggregate, min_updates
+from fedclip.aggregation import ROBUST, SELECTING, TooFewUpdates, flower_aggregate, min_updates
 from fedclip.config import RunConfig
-from fedclip.core.client import ClientUpdate, RoundConfig
-from fedclip.errors import ConfigError
+from fedclip.core.client import ClientUpdate, RoundConfig, client_weights, weight_cap
+from fedclip.core.records import RoundRecord, RunResult, safe_name
+from fedclip.core.state import FederationState
+from fedclip.errors import ConfigError, TrainingError
 from fedclip.privacy import PrivacyPlan
-from fedclip.tensors import Params, State
+from fedclip.sampling import sample_clients
+from fedclip.tensors import Params, State, all_finite
+
+logger = logging.getLogger(__name__)
+Evaluation = tuple[dict[str, float], dict[str, float], float | None]  # val, test, held-out
 
 
 class Aggregator(Protocol):
@@ -200,3 +207,288 @@ def outliers(algorithm: Aggregator, current: Params, updates: Mapping[str, Clien
                 out[c] = (f"update norm {d:.3g} is over {norm_factor:g} x the round's "
                           f"median {median:.3g}")
     return out
+
+
+# --- the one server ------------------------------------------------------------------------
+DIVERGED = "its training diverged (a non-finite loss or weights)"
+RoundObserver = Callable[[FederationState, RoundRecord], None]
+
+
+class AggregateNotFinite(TrainingError):
+    """A round's aggregate has a non-finite value: the round is refused and recorded, and the
+    run stops with the last good checkpoint kept (the same in every runtime)."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server decided for one round before any client trains."""
+
+    round: int
+    clients: tuple[str, ...]  # the training clients sampled for it, sorted
+    config: RoundConfig  # the hyperparameters every client trains with
+    weights: Mapping[str, float]  # each sampled client's aggregation weight (capped)
+    weight_cap: float | None  # the largest weight (SecAgg+ clients weigh themselves under it)
+    evaluated: bool  # whether the round's parameters are evaluated
+    last: bool  # whether it is the run's last round
+
+    def extras(self, server: Server, client: str) -> dict[str, torch.Tensor]:
+        """What travels down to ``client`` beside the global parameters."""
+        return server.algorithm.client_extras(server.state.server_state, client)
+
+
+class Server:
+    """Every decision a server makes about a held-out run, for every runtime.
+
+    The drivers (the in-process runner, the Flower strategy, the SecAgg+ workflow) only move
+    messages: they ask :meth:`plan` what a round is, hand the clients' updates to
+    :meth:`accept` (after their own transport checks: shapes, dtypes, who answered), hand the
+    round's evaluation to :meth:`complete`, and end with :meth:`finish`. Everything else
+    (sampling, the round's configuration, weights and their cap, the distance rule, the
+    extras' bounds, differential privacy, aggregation, the one policy for a non-finite
+    aggregate, which rounds are evaluated, the best-round rule, checkpoints, callbacks, the
+    DP budget, the result and the adapter files) is decided here, once.
+
+    Parameters
+    ----------
+    algorithm
+        The run's algorithm, told what the runtime knows (``Runtime``).
+    sizes
+        Every training client's train size, as declared (discovery, or the local data).
+    run
+        The held-out run's files (:class:`fedclip.core.run_folder.HeldoutRun`); None: none.
+    callbacks
+        :mod:`fedclip.callbacks` objects: every completed round and the result.
+    observers
+        Functions called with the state and each completed round (progress, tests).
+    noise
+        The generator of DP noise (None: a secret one, drawn from the OS's entropy).
+    """
+
+    def __init__(self, algorithm: Any, sizes: Mapping[str, int], run: Any = None, *,
+                 callbacks: Sequence[Any] = (), observers: Sequence[RoundObserver] = (),
+                 noise: torch.Generator | None = None, quantum: float = 1e-6) -> None:
+        self.algorithm, self.cfg = algorithm, algorithm.cfg
+        self.sizes = dict(sizes)
+        self.run, self.callbacks, self.observers = run, list(callbacks), list(observers)
+        self.noise, self.quantum = noise, quantum
+        self.rules = server_rules(self.cfg, algorithm, len(self.sizes))
+        self.weights = client_weights(self.sizes, self.cfg)
+        self.cap = weight_cap(self.sizes, self.cfg) if self.cfg.aggregation in (
+            "weighted", "multikrum") else None
+        self.state = FederationState(0, None)
+        self.pending: RoundRecord | None = None  # accepted, not yet completed
+        self.log: list[str] = []  # warnings of the run, in order (drivers log them too)
+
+    # --- start ----------------------------------------------------------------------------
+    def start(self, init: Params | None, resumed: FederationState | None = None
+              ) -> FederationState:
+        """The state the run starts from: ``resumed`` (its parameters checked against
+        ``init``, the algorithm's fresh ones), or round 0 with ``init`` (not yet evaluated:
+        round 0 is completed like any other round, through :meth:`complete`)."""
+        if resumed is not None:
+            if self.run is not None:
+                self.run.check_shapes(init)
+            self.state = resumed
+        else:
+            server_state = self.algorithm.init_server_state(init) if init is not None else {}
+            self.state = FederationState(0, init, server_state=server_state)
+        return self.state
+
+    @property
+    def started(self) -> bool:
+        """Whether round 0 is recorded (a fresh run records it first)."""
+        return bool(self.state.history)
+
+    @property
+    def trains(self) -> bool:
+        """Whether rounds remain to train."""
+        return self.algorithm.trains and self.state.round < self.rules.rounds
+
+    def evaluated(self, server_round: int) -> bool:
+        """The one rule of which rounds are evaluated: every ``eval_every``-th, round 0 and
+        the run's last round (``rules.rounds``: fewer under a DP budget)."""
+        return (server_round == 0 or server_round % self.cfg.eval_every == 0
+                or server_round == self.rules.rounds)
+
+    # --- a round --------------------------------------------------------------------------
+    def plan(self) -> RoundPlan | None:
+        """The next round (None: the run has trained every round it may)."""
+        if not self.trains:
+            return None
+        rnd = self.state.round + 1
+        chosen = tuple(sorted(sample_clients(sorted(self.sizes), self.cfg.clients_per_round,
+                                             self.cfg.seed, rnd)))
+        return RoundPlan(rnd, chosen, self.algorithm.round_config(rnd),
+                         {c: self.weights[c] for c in chosen}, self.cap, self.evaluated(rnd),
+                         rnd >= self.rules.rounds)
+
+    def warn(self, message: str) -> None:
+        """A warning of the run (logged; drivers may show it)."""
+        self.log.append(message)
+        logger.warning("%s", message)
+
+    def accept(self, plan: RoundPlan, updates: Mapping[str, ClientUpdate], *,
+               rejected: Mapping[str, str] | None = None,
+               missing: Sequence[str] | None = None,
+               sent: int = 0, received: int = 0, seconds: float = 0.0,
+               node_seconds: dict[str, float] | None = None) -> RoundRecord:
+        """The round's updates (``rejected``: what the driver's own checks refused) through
+        the server's rules: the extras' bounds, the distance rule, the weights, DP and the
+        algorithm's aggregate. Returns the round's record, to be completed with its
+        evaluation (:meth:`complete`).
+
+        A round whose every answer diverged stops the run (``TrainingError``); a round whose
+        aggregate is not finite is recorded as refused and stops the run
+        (:class:`AggregateNotFinite`); the last good checkpoint is kept either way."""
+        algo, rnd = self.algorithm, plan.round
+        rejected = dict(rejected or {})
+        kept: dict[str, ClientUpdate] = {}
+        for client, update in sorted(updates.items()):
+            if client not in plan.weights:
+                rejected[client] = "not a training client sampled for this round"
+                continue
+            if update.extras:
+                why = algo.check_extras(self.state.params, update, self.state.server_state,
+                                        plan.config, self.quantum)
+                if why is not None:
+                    rejected[client] = why
+                    continue
+            kept[client] = update
+        if algo.communicates:  # the distance rule (nothing is sent otherwise)
+            for client, why in outliers(algo, self.state.params, kept, plan.config,
+                                        self.cfg.norm_factor).items():
+                rejected[client] = why
+                del kept[client]
+        for client, why in sorted(rejected.items()):
+            self.warn(f"round {rnd}: rejected the update of {client}: {why}")
+        absent = sorted(set(plan.clients) - set(kept) - set(rejected) | set(missing or ()))
+        if absent:
+            self.warn(f"round {rnd}: no update from {', '.join(absent)}")
+        record = RoundRecord(rnd, {c: u.loss for c, u in kept.items()}, seconds, sent,
+                             received, missing=absent if missing is not None else None,
+                             rejected=rejected or None,
+                             epsilon=self.rules.epsilon(rnd), node_seconds=node_seconds)
+        if not kept and rejected and set(rejected.values()) == {DIVERGED}:
+            raise TrainingError(
+                f"training diverged on every client that answered in round {rnd} (lr "
+                f"{plan.config.lr:g}); lower the learning rate. The last good checkpoint is "
+                f"kept")
+        if not algo.communicates:
+            pass  # every parameter is personal: nothing to aggregate
+        elif kept:
+            ordered = [replace(u, weight=plan.weights[c]) for c, u in kept.items()]
+            try:
+                new, server_state = aggregate_round(algo, self.state.params, ordered,
+                                                    self.state.server_state, self.rules,
+                                                    self.cfg.seed, rnd)
+            except TooFewUpdates as exc:  # rejections left too few for the rule's guarantee
+                self.warn(f"round {rnd}: the global parameters are unchanged: {exc}")
+            else:
+                self._commit(record, new, server_state)
+        else:
+            self.warn(f"round {rnd}: no valid update; the global parameters are unchanged")
+        self.state.round = rnd
+        self.pending = record
+        return record
+
+    def accept_mean(self, plan: RoundPlan, mean: Params, answered: int,
+                    losses: Mapping[str, float], *, diverged: int = 0, seconds: float = 0.0
+                    ) -> RoundRecord:
+        """SecAgg+: the round as one securely computed weighted mean of ``answered`` clients'
+        parameters. With ``dp=client`` the clients clipped their own updates and the server
+        noises the sum (:func:`fedclip.privacy.noisy_mean`); the algorithm's ``aggregate``
+        takes its step on that one update."""
+        rnd, plan_dp = plan.round, self.rules.privacy
+        record = RoundRecord(rnd, dict(losses), seconds, epsilon=self.rules.epsilon(rnd))
+        if plan_dp is not None and all_finite(mean):
+            current = self.state.params
+            total = {k: current[k] + (v - current[k]) * answered for k, v in mean.items()}
+            mean = privacy.noisy_mean(current, [total], plan_dp.sampled, plan_dp.clipping_norm,
+                                      plan_dp.noise_multiplier,
+                                      privacy.noise_generator(self.cfg.seed, rnd))
+        if answered == 0 and diverged:
+            raise TrainingError(
+                f"training diverged on every client that answered in round {rnd} (lr "
+                f"{plan.config.lr:g}); lower the learning rate. The last good checkpoint is "
+                f"kept")
+        if answered == 0:
+            self.warn(f"round {rnd}: no valid update; the global parameters are unchanged")
+        else:
+            one = ClientUpdate(mean, {}, 0, float("nan"))
+            new, server_state = self.algorithm.aggregate(self.state.params, [one],
+                                                         self.state.server_state)
+            self._commit(record, new, server_state)
+        self.state.round = rnd
+        self.pending = record
+        return record
+
+    def _commit(self, record: RoundRecord, new: Params, server_state: State) -> None:
+        """The one policy for a non-finite aggregate: refused, recorded, the run stops."""
+        if not all_finite(new):
+            record.rejected = {**(record.rejected or {}),
+                               "aggregate": "not finite; the global parameters are unchanged"}
+            self.state.history.append(record)
+            if self.run is not None:
+                self.run.write_history(self.state)
+            raise AggregateNotFinite(
+                f"round {record.round}: the aggregate is not finite; lower the learning rate "
+                f"(or the server's). The last good checkpoint is kept")
+        self.state.global_params, self.state.server_state = new, server_state
+
+    def complete(self, record: RoundRecord, evaluation: Evaluation | None) -> RoundRecord:
+        """A round's record with its evaluation (val, test, held-out; None: not evaluated):
+        into the history, through the best-round rule, checkpointed when due, and to the
+        callbacks. Round 0 is completed the same way (``RoundRecord(0)``)."""
+        if evaluation is not None:
+            record.set_evaluation(*evaluation)
+        self.state.history.append(record)
+        if record.evaluated:
+            self.state.select(record, self.rules.selection)
+        if self.run is not None:
+            if record.round == 0:
+                self.run.checkpoint(self.state)
+            else:
+                self.run.round_end(self.state, last=record.round >= self.rules.rounds)
+        for callback in self.callbacks:
+            callback.on_round_end(self.cfg.heldout, record)
+        for observe in self.observers:
+            observe(self.state, record)
+        self.pending = None
+        return record
+
+    def budget_note(self) -> str | None:
+        """A line saying the DP budget ends the run early (None: it does not)."""
+        plan = self.rules.privacy
+        if plan is None or not plan.stopped_by_budget:
+            return None
+        return (f"dp: the budget epsilon={plan.budget:g} (delta {plan.delta:g}) allows "
+                f"{plan.rounds} of {self.cfg.rounds} rounds; the run stops after round "
+                f"{plan.rounds}")
+
+    # --- the end --------------------------------------------------------------------------
+    def finish(self, zero: RoundRecord, *, personalized: Any, clients: Sequence[Any],
+               heldout_images: int, runtime: str, dataset: str, classes: tuple[str, ...],
+               logit_scale: float, dim: int, seconds: float, trainable_params: int,
+               **extra: Any) -> RunResult:
+        """The result (zero-shot, personalization, every round) into the run folder with the
+        adapter files: the selected and the last global parameters, and each client's own
+        model where the algorithm keeps one and the runtime holds it (in-process)."""
+        state, algo = self.state, self.algorithm
+        if self.run is None:
+            raise RuntimeError("finish needs the run's files (Server(run=...))")
+        result = self.run.result(
+            state, zero, dataset=dataset, trainable_params=trainable_params, seconds=seconds,
+            clients=clients, heldout_images=heldout_images, runtime=runtime,
+            personalized=personalized, **extra, **self.rules.extra(state.round))
+        adapters = [("adapter", state.best_params, state.best_round),
+                    ("adapter-last", state.global_params, state.round)]
+        if algo.keeps_own_models and state.best_params is not None:
+            adapters += [(f"adapter-{safe_name(c)}", algo.eval_params(
+                state.best_params, state.best_client_states.get(c, {})), state.best_round)
+                for c in [info.name for info in clients]]
+        if not algo.communicates:  # no global adapter at all
+            adapters = adapters[2:]
+        self.run.finish(result, adapters, classes, logit_scale, dim)
+        for callback in self.callbacks:
+            callback.on_run_end(self.cfg.heldout, result)
+        return result

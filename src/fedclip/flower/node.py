@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fedclip.algorithms import get_algorithm
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, Runtime
 from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
 from fedclip.core.client import ClientData, Split
@@ -258,8 +258,8 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorit
         domain, index = identify(cfg, node_config)
         device = resolve_device(str(node_config.get("device", cfg.device)))
         site = build_site(cfg, _root(cfg), domain, index).to(device)
-        algorithm = get_algorithm(cfg)
-        algorithm.setup(prompts(cfg, run_classes(cfg)), site.class_text)
+        algorithm = get_algorithm(cfg, Runtime(prompts(cfg, run_classes(cfg)), site.class_text,
+                                               float(site.logit_scale)))
         _SITES[key] = (site, algorithm, folder_stamp(site.folders))
     site, algorithm, _ = _SITES[key]
     return site, algorithm

@@ -24,11 +24,12 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
-from fedclip.algorithms.base import Algorithm
-from fedclip.callbacks import Callback, close, loggers_from_specs, run_end
+from fedclip.algorithms.base import Algorithm, Runtime
+from fedclip.callbacks import Callback, close, loggers_from_specs
 from fedclip.config import FlowerSettings, RunConfig
 from fedclip.core.records import ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import RunFolder
+from fedclip.core.server import Server
 from fedclip.core.state import FederationState
 from fedclip.data.specs import SPECS, detect_spec
 from fedclip.errors import ConfigError
@@ -42,7 +43,7 @@ from fedclip.flower.codec import (
     well_formed,
 )
 from fedclip.flower.grid import PollingGrid
-from fedclip.flower.strategy import FedClipStrategy, NodeInfo
+from fedclip.flower.strategy import QUANTUM, FedClipStrategy, NodeInfo
 from fedclip.task import prompts, run_classes
 
 MAX_INIT_BYTES = 1 << 30  # initial parameters a node may send at discovery
@@ -226,66 +227,54 @@ def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] =
 def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Algorithm,
               classes: tuple[str, ...], folder: RunFolder, resumed: FederationState | None,
               callbacks: list[Callback]) -> RunResult:
-    timeout = flower.round_timeout
-    began = time.perf_counter()
+    """A held-out run on Flower, top to bottom: discovery, the server, round 0, the rounds,
+    personalization, the result (the server decides; the strategy moves the messages)."""
+    timeout, began = flower.round_timeout, time.perf_counter()
     inits: dict[int, dict] | None = {} if algorithm.init_needs_text else None
     nodes = discover(grid, cfg, flower.min_nodes, flower.discover_timeout,
                      planned_domains(cfg), inits)
     discovery = time.perf_counter() - began
     log(INFO, "discovered %d nodes in %.1f s", len(nodes), discovery)
     first = next(iter(nodes.values()))
-    algorithm.setup(prompts(cfg, classes))
-    algorithm.num_clients = sum(i.role == "train" for i in nodes.values())
-    algorithm.logit_scale = first.logit_scale  # every node's (checked at discovery)
+    train = sorted((i for i in nodes.values() if i.role == "train"), key=lambda i: i.client)
+    algorithm = get_algorithm(cfg, Runtime(prompts(cfg, classes), None, first.logit_scale,
+                                           len(train)))  # every node's scale (discovery)
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
     if init is None:  # refused above (runs_on_flower); a plugin that breaks the contract
         raise ConfigError(f"algorithm {cfg.algorithm!r} has no global parameters to federate")
     folder.write_config()
     writer = folder.start(cfg.heldout, resumed)
-    writer.check_shapes(init)
-    if resumed is not None:
-        log(INFO, "resuming after round %d", resumed.round)
-    state = resumed or FederationState(0, init, server_state=algorithm.init_server_state(init))
 
-    def on_round(st: FederationState, record: RoundRecord) -> None:
+    def progress(state: FederationState, record: RoundRecord) -> None:
         if record.evaluated:
             log(INFO, "round %d: mean val %.4f, held-out %.4f", record.round,
                 record.mean_val_accuracy, record.heldout_accuracy or float("nan"))
-        if st.round > 0:
-            writer.round_end(st)
 
-    strategy = FedClipStrategy(algorithm, nodes, state, transfer=flower.transfer,
-                               total_rounds=cfg.rounds, timeout=timeout,
-                               on_round=on_round, callbacks=callbacks)
+    server = Server(algorithm, {i.client: i.num_train for i in train}, writer,
+                    callbacks=callbacks, observers=[progress], quantum=QUANTUM[flower.transfer])
+    state = server.start(init, resumed)
+    if resumed is not None:
+        log(INFO, "resuming after round %d", resumed.round)
+    strategy = FedClipStrategy(server, nodes, transfer=flower.transfer, timeout=timeout)
     start = time.perf_counter()
-    zero = strategy.evaluate_initial(grid, timeout, record=state.round == 0)
-    if state.round == 0:
-        writer.checkpoint(state)
-    plan = strategy.rules.privacy
-    if plan is not None and plan.stopped_by_budget:
-        log(INFO, "dp: the budget epsilon=%g (delta %g) allows %d of %d rounds; the run stops "
-            "after round %d", plan.budget, plan.delta, plan.rounds, cfg.rounds, plan.rounds)
-    remaining = strategy.rules.rounds - state.round
-    if remaining > 0:
+    zero = strategy.evaluate_initial(grid, timeout)  # round 0 (a fresh run) and zero-shot
+    if (note := server.budget_note()) is not None:
+        log(INFO, "%s", note)
+    if (remaining := server.rules.rounds - state.round) > 0 and algorithm.trains:
         strategy.start(grid, encode(algorithm.shared(state.params)), num_rounds=remaining,
-                     timeout=timeout)
-    personalized = strategy.personalize(grid, cfg.personalize_epochs, timeout)
-    train_nodes = [nodes[n] for n in strategy.train_ids]
+                       timeout=timeout)
     heldout_node = next(n for n in nodes.values() if n.role == "heldout")
-    result = writer.result(
-        state, zero, dataset=dataset_name(cfg),
-        trainable_params=sum(v.numel() for v in state.params.values()),
+    result = server.finish(
+        zero, personalized=strategy.personalize(grid, cfg.personalize_epochs, timeout),
+        clients=[ClientInfo(n.client, n.num_train, n.num_val, n.num_test) for n in train],
+        heldout_images=heldout_node.num_test, runtime="flower", dataset=dataset_name(cfg),
+        classes=classes, logit_scale=heldout_node.logit_scale, dim=heldout_node.dim,
         seconds=time.perf_counter() - start,
-        clients=[ClientInfo(n.client, n.num_train, n.num_val, n.num_test) for n in train_nodes],
-        heldout_images=heldout_node.num_test, runtime="flower", personalized=personalized,
+        trainable_params=sum(v.numel() for v in state.params.values()),
         skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
         transfer=flower.transfer,
         missing_clients=sorted({c for r in state.history for c in r.missing or []}),
-        discovery_seconds=discovery, **strategy.rules.extra(state.round))
-    adapters = [("adapter", state.best_params, state.best_round),
-                ("adapter-last", state.params, state.round)]
-    writer.finish(result, adapters, classes, heldout_node.logit_scale, heldout_node.dim)
-    run_end(callbacks, cfg.heldout, result)
+        discovery_seconds=discovery)
     # an `out` relative to the SuperLink's working directory (a managed local SuperLink's is
     # wherever it was first started): say where the results are
     log(INFO, "results: %s", Path(flower.out).resolve() / "results.json")
