@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -28,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from typer.core import TyperCommand
 
-from fedclip.config import RunConfig
+from fedclip.config import RunConfig, parse_settings
 from fedclip.core.records import RoundRecord
 from fedclip.errors import ConfigError, FedclipError
 
@@ -134,7 +133,7 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
         if not isinstance(saved, dict):
             raise ConfigError(f"{resume_from / 'config.json'} is not a JSON object of "
                               f"settings; pass the settings again, or start another --out")
-    values = _parse_set(items)
+    values = parse_settings(items)
     for key, value in flags.items():
         if value is None:
             continue
@@ -148,21 +147,6 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
         return RunConfig.validated({**saved, **(load_preset(preset) if preset else {}),
                                     **values})
     return RunConfig.build(preset, **values)
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value (got {item!r})")
-        algo, dot, name = key.strip().rpartition(".")
-        key = f"{algo}.{name.replace('-', '_')}" if dot else name.replace("-", "_")
-        try:
-            values[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key] = raw
-    return values
 
 
 # --- options shared by `run` and `compare` (one definition each; help from RunConfig) -----

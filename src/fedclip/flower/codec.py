@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from pydantic import ValidationError
 
-from fedclip.config import FlowerSettings, RunConfig
+from fedclip.config import FlowerSettings, RunConfig, flat_settings
 from fedclip.errors import ConfigError, FedclipError
 from fedclip.tensors import Params
 
@@ -149,16 +149,8 @@ def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any
 
     ``NAME.KEY`` keys (Flower flattens a ``[tool.flwr.app.config.NAME]`` table to them) are
     algorithm options, as ``--set NAME.KEY=VALUE`` is on the command line."""
-    flower: dict[str, Any] = {}
-    values: dict[str, Any] = {}
-    for key, value in run_config.items():
-        if key in FLOWER_KEYS:
-            flower[key] = value
-        elif "." in key:
-            algo, _, name = key.partition(".")
-            values[f"{algo}.{name.replace('-', '_')}"] = value
-        else:
-            values[key.replace("-", "_")] = value
+    flower = {k: v for k, v in run_config.items() if k in FLOWER_KEYS}
+    values = flat_settings({k: v for k, v in run_config.items() if k not in FLOWER_KEYS})
     try:
         settings = FlowerSettings(**{k.replace("-", "_"): v for k, v in flower.items()})
     except ValidationError as exc:
@@ -169,11 +161,5 @@ def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any
         values["data_root"] = settings.data_root
     if settings.cache_dir:
         values["cache_dir"] = settings.cache_dir
-    if isinstance(values.get("classes"), str):  # a run-config value is a string
-        values["classes"] = tuple(c.strip() for c in values["classes"].split(",")
-                                  if c.strip()) or None
-    if isinstance(values.get("prompt_templates"), str):  # "|"-separated in a run config
-        values["prompt_templates"] = tuple(t for t in values["prompt_templates"].split("|")
-                                           if t.strip()) or None
     values.update(overrides)
     return RunConfig.validated(values), settings
