@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -124,15 +123,11 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
               **flags: Any) -> RunConfig:
     """Defaults, then (``--resume``) the run folder's own config.json, then the preset, then
     ``--set``, then flags; one key set two ways to two values is an error that names it."""
-    saved: Any = {}
-    if resume_from is not None and (resume_from / "config.json").is_file():
-        try:
-            saved = json.loads((resume_from / "config.json").read_text(encoding="utf-8"))
-        except ValueError:  # UnicodeDecodeError included
-            saved = None
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{resume_from / 'config.json'} is not a JSON object of "
-                              f"settings; pass the settings again, or start another --out")
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        from fedclip.core.run_folder import RunFolder
+
+        saved = RunFolder.saved_settings(resume_from)
     values = parse_settings(items)
     for key, value in flags.items():
         if value is None:
@@ -483,7 +478,9 @@ def _interrupted_hint() -> str:
         return "nothing to resume"
     out = _outs[-1]
     folders = [out, *(f for f in out.glob("*-seed*") if f.is_dir())] if out.is_dir() else []
-    if any((f / "config.json").is_file() for f in folders):
+    from fedclip.core.run_folder import RunFolder
+
+    if any(RunFolder.holds_settings(f) for f in folders):
         return (f"continue with the same command and --resume (--out {out}: what was done "
                 f"is kept)")
     return "nothing resumable was written yet; run the command again"

@@ -47,7 +47,7 @@ from fedclip.core.records import (
     safe_name,
 )
 from fedclip.core.state import FederationState
-from fedclip.errors import DataError, ResumeError, RunFolderError
+from fedclip.errors import ConfigError, DataError, ResumeError, RunFolderError
 from fedclip.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from fedclip.tensors import Params
 
@@ -162,6 +162,27 @@ class RunFolder:
     def write_config(self) -> None:
         """config.json: what ``--resume`` continues with."""
         atomic_write_json(self.out / CONFIG, self.cfg.model_dump(mode="json"))
+
+    @staticmethod
+    def saved_settings(out: str | Path) -> dict[str, Any]:
+        """The settings ``out`` was run with (its config.json, what ``--resume`` continues
+        with); empty when it holds none. One that is not a JSON object: a one-line error."""
+        path = Path(out) / CONFIG
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path} is not a JSON object of settings; pass the settings "
+                              f"again, or start another --out")
+        return saved
+
+    @staticmethod
+    def holds_settings(out: str | Path) -> bool:
+        """Whether ``out`` holds a run's settings (so that ``--resume`` can continue it)."""
+        return (Path(out) / CONFIG).is_file()
 
     def start(self, heldout: str, resumed: FederationState | None) -> HeldoutRun:
         """The writer of one held-out run (``resumed`` from :meth:`prepare`)."""
