@@ -192,10 +192,11 @@ class Prepared:
         return F.normalize(self.text.features, dim=-1)
 
 
-def data_fingerprint(dataset: DomainDataset) -> str:
-    """The identity of the data a run trains on: every file's path within its domain, size
-    and modification time (not the root's spelling: the same data under another path or
-    with a trailing slash is the same data)."""
+def dataset_identity(dataset: DomainDataset) -> str:
+    """The identity of the data a run trains on, which a resume must find unchanged (the
+    run folder's checkpoints hold it): every file's path within its domain, size and
+    modification time (not the root's spelling: the same data under another path or with a
+    trailing slash is the same data)."""
     import hashlib
     import json
 

@@ -68,7 +68,7 @@ class RunFolder:
 
     def __init__(self, out: str | Path, cfg: RunConfig, data: str | None = None) -> None:
         self.out, self.cfg = Path(out), cfg
-        self.data = data  # a fingerprint of the data itself (in-process), or None (Flower)
+        self.data = data  # the dataset's identity (in-process: task.dataset_identity), or None
         self._previous: list[RunResult] = []
 
     # --- paths ----------------------------------------------------------------------------

@@ -65,10 +65,11 @@ def folder_stamp(folders: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(stamps)
 
 
-def data_fingerprint(folders: tuple[str, ...]) -> str:
-    """Every entry of a site's folders with its size and modification time (what the
-    feature cache checks of each image): an image added, removed, renamed or rewritten
-    changes it. One directory listing per folder, no image opened."""
+def folders_fingerprint(folders: tuple[str, ...]) -> str:
+    """A fingerprint of a site's folders, which a site file must find unchanged: every entry
+    with its size and modification time (what the feature cache checks of each image), so
+    an image added, removed, renamed or rewritten changes it. One directory listing per
+    folder, no image opened."""
     digest = hashlib.sha256()
     for folder in folders:
         digest.update(f"{folder}\0".encode())
@@ -113,7 +114,7 @@ def save_site(path: Path, site: Site, cfg: RunConfig) -> None:
     try:
         atomic_save_tensors(path, tensors, {
             "format": SITE_FORMAT, "task": _task_key(cfg), "site": json.dumps(meta),
-            "fingerprint": data_fingerprint(site.folders)})
+            "fingerprint": folders_fingerprint(site.folders)})
     except OSError as exc:  # a read-only cache: the node still runs, rebuilding each time
         log.warning("could not keep this node's site in %s (%s)", path, exc)
 
@@ -130,7 +131,7 @@ def read_site(path: Path, cfg: RunConfig) -> Site | None:
                 return None
             meta = json.loads(header["site"])
             folders = tuple(str(x) for x in meta["folders"])
-            if data_fingerprint(folders) != header.get("fingerprint"):
+            if folders_fingerprint(folders) != header.get("fingerprint"):
                 return None
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open's API)
         name = str(meta["name"])
