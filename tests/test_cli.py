@@ -366,7 +366,7 @@ def test_flower_logs_a_refusal_in_one_line_and_a_bug_with_its_traceback(caplog):
     from flwr.common import log
 
     from fedclip.errors import ConfigError
-    from fedclip.flower.codec import one_line_refusals
+    from fedclip.flower.logs import one_line_refusals
 
     one_line_refusals()
     one_line_refusals()  # once per process, however often the app starts

@@ -19,7 +19,7 @@ def test_the_command_line_and_a_flower_run_config_read_settings_alike():
     """The same settings as ``--set`` strings and as a Flower run config (typed values, lists
     as one string) give the same RunConfig."""
     from fedclip.cli import _settings
-    from fedclip.flower.codec import run_config_to_cfg
+    from fedclip.flower.settings import run_config_to_cfg
 
     cli = _settings(None, ["train-fraction=0.5", "fedprox.mu=0.25", "algorithm='fedprox'",
                            "classes=dog, cat", "prompt-templates=a {}|the {} ", "seed=3",

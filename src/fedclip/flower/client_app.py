@@ -25,8 +25,10 @@ from fedclip.config import FlowerSettings
 from fedclip.core.client import ClientJob, RoundConfig, client_clip, personalize, round_seed
 from fedclip.core.client import evaluate as evaluate_split
 from fedclip.errors import TrainingError
-from fedclip.flower.codec import decode, encode, one_line_refusals, run_config_to_cfg
+from fedclip.flower.codec import decode, encode
+from fedclip.flower.logs import one_line_refusals
 from fedclip.flower.node import node_for
+from fedclip.flower.settings import run_config_to_cfg
 from fedclip.task import Site
 from fedclip.tensors import Params, State
 

@@ -33,7 +33,7 @@ from fedclip.core.client import ClientData, Split
 from fedclip.data.folder import _subdirs
 from fedclip.data.sources import resolve_data_root
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import require_one_heldout
+from fedclip.flower.settings import require_one_heldout
 from fedclip.io import atomic_save_tensors
 from fedclip.task import (
     DomainSites,

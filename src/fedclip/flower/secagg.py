@@ -66,10 +66,11 @@ from fedclip.core.run_folder import RunFolder
 from fedclip.core.server import server_rules
 from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
+from fedclip.flower.codec import finite_number
 from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
 from fedclip.flower.server_app import dataset_name
+from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
 from fedclip.privacy import noise_generator, noisy_mean
 from fedclip.task import Site, prompts, run_classes
 from fedclip.tensors import Params, all_finite
