@@ -29,7 +29,7 @@ from fedclip.flower.codec import decode, encode
 from fedclip.flower.logs import one_line_refusals
 from fedclip.flower.node import node_for
 from fedclip.flower.settings import run_config_to_cfg
-from fedclip.task import Site
+from fedclip.flower.site import Site
 from fedclip.tensors import Params, State
 
 STATE_KEY = "fedclip.client-state"

@@ -71,8 +71,9 @@ from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
 from fedclip.flower.server_app import dataset_name
 from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
+from fedclip.flower.site import Site
 from fedclip.privacy import noise_generator, noisy_mean
-from fedclip.task import Site, prompts, run_classes
+from fedclip.task import prompts, run_classes
 from fedclip.tensors import Params, all_finite
 
 SECURE_AGGREGATIONS = ("weighted", "uniform")
