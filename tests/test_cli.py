@@ -341,7 +341,7 @@ def test_piped_output_is_plain_lines_and_a_cache_hit_says_so(tiny_arch, toy_root
 def test_a_run_selected_at_round_zero_says_why_its_generalization_is_not_zero_shot():
     import dataclasses
 
-    from fedclip.core.report import round_zero_note
+    from fedclip.report import round_zero_note
 
     at_zero = _fake("a", 0.6)
     assert at_zero.best_round == 0 and at_zero.rounds == 3

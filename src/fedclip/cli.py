@@ -242,7 +242,7 @@ def _threads(threads: int) -> None:
 
 
 def _print_note(backbone: str) -> None:
-    from fedclip.core.report import backbone_note
+    from fedclip.report import backbone_note
 
     note = backbone_note(backbone)
     if note:
@@ -275,8 +275,8 @@ def run_command(
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.callbacks import loggers_from_specs
-    from fedclip.core.report import COLUMNS, privacy_note, round_zero_note, table_rows
     from fedclip.inprocess.experiment import run
+    from fedclip.report import COLUMNS, privacy_note, round_zero_note, table_rows
 
     _outs.append(out)
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,

@@ -192,7 +192,7 @@ class RunFolder:
     def merge(self, result: RunResult) -> list[RunResult]:
         """Every run of this configuration in the folder, ``result`` replacing its held-out
         domain's earlier run; written to results.json and results.md."""
-        from fedclip.core import report
+        from fedclip import report
 
         runs = [r for r in self._previous if r.heldout != result.heldout] + [result]
         self._previous = runs
@@ -285,7 +285,7 @@ class HeldoutRun:
         atomic_write_json(self.dir / RESULT, result.to_json())
         runs = self.folder.merge(result)
         if plots:
-            from fedclip.core import report
+            from fedclip import report
 
             report.plot_history(result, self.dir / PLOT)
         return runs
