@@ -341,7 +341,7 @@ def test_piped_output_is_plain_lines_and_a_cache_hit_says_so(tiny_arch, toy_root
 def test_a_run_selected_at_round_zero_says_why_its_generalization_is_not_zero_shot():
     import dataclasses
 
-    from fedclip.core.report import round_zero_note
+    from fedclip.report import round_zero_note
 
     at_zero = _fake("a", 0.6)
     assert at_zero.best_round == 0 and at_zero.rounds == 3
@@ -366,7 +366,7 @@ def test_flower_logs_a_refusal_in_one_line_and_a_bug_with_its_traceback(caplog):
     from flwr.common import log
 
     from fedclip.errors import ConfigError
-    from fedclip.flower.codec import one_line_refusals
+    from fedclip.flower.logs import one_line_refusals
 
     one_line_refusals()
     one_line_refusals()  # once per process, however often the app starts

@@ -244,7 +244,7 @@ def test_app_config_in_pyproject_agrees_with_the_defaults():
     import tomllib
     from pathlib import Path
 
-    from fedclip.flower.codec import FLOWER_KEYS, run_config_to_cfg
+    from fedclip.flower.settings import FLOWER_KEYS, run_config_to_cfg
 
     app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     config = app["tool"]["flwr"]["app"]["config"]

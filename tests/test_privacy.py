@@ -101,7 +101,7 @@ def test_a_budget_stops_the_run_at_the_round_the_accountant_says(tiny_arch, pacs
     assert result["privacy"]["stopped_by_budget"] is True
     assert "val_accuracy" in result["history"][-1]  # the last round run is evaluated
     from fedclip.core.records import RunResult
-    from fedclip.core.report import privacy_note
+    from fedclip.report import privacy_note
 
     note = privacy_note([RunResult.from_json(result)]) or ""  # the line the CLI prints
     assert f"epsilon {epsilons[allowed - 1]:.3g} spent" in note

@@ -460,7 +460,7 @@ def test_a_data_root_one_level_off_is_named_before_extraction(toy_root, tmp_path
 
 
 def test_a_client_at_zero_percent_is_drawn_at_zero():
-    from fedclip.core.report import _num
+    from fedclip.report import _num
 
     assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)
 

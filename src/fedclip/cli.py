@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -28,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from typer.core import TyperCommand
 
-from fedclip.config import RunConfig
+from fedclip.config import RunConfig, parse_settings
 from fedclip.core.records import RoundRecord
 from fedclip.errors import ConfigError, FedclipError
 
@@ -125,16 +123,12 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
               **flags: Any) -> RunConfig:
     """Defaults, then (``--resume``) the run folder's own config.json, then the preset, then
     ``--set``, then flags; one key set two ways to two values is an error that names it."""
-    saved: Any = {}
-    if resume_from is not None and (resume_from / "config.json").is_file():
-        try:
-            saved = json.loads((resume_from / "config.json").read_text(encoding="utf-8"))
-        except ValueError:  # UnicodeDecodeError included
-            saved = None
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{resume_from / 'config.json'} is not a JSON object of "
-                              f"settings; pass the settings again, or start another --out")
-    values = _parse_set(items)
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        from fedclip.core.run_folder import RunFolder
+
+        saved = RunFolder.saved_settings(resume_from)
+    values = parse_settings(items)
     for key, value in flags.items():
         if value is None:
             continue
@@ -148,21 +142,6 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
         return RunConfig.validated({**saved, **(load_preset(preset) if preset else {}),
                                     **values})
     return RunConfig.build(preset, **values)
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value (got {item!r})")
-        algo, dot, name = key.strip().rpartition(".")
-        key = f"{algo}.{name.replace('-', '_')}" if dot else name.replace("-", "_")
-        try:
-            values[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key] = raw
-    return values
 
 
 # --- options shared by `run` and `compare` (one definition each; help from RunConfig) -----
@@ -263,7 +242,7 @@ def _threads(threads: int) -> None:
 
 
 def _print_note(backbone: str) -> None:
-    from fedclip.core.report import backbone_note
+    from fedclip.report import backbone_note
 
     note = backbone_note(backbone)
     if note:
@@ -296,8 +275,8 @@ def run_command(
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
     from fedclip.callbacks import loggers_from_specs
-    from fedclip.core.report import COLUMNS, privacy_note, round_zero_note, table_rows
     from fedclip.inprocess.experiment import run
+    from fedclip.report import COLUMNS, privacy_note, round_zero_note, table_rows
 
     _outs.append(out)
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
@@ -499,7 +478,9 @@ def _interrupted_hint() -> str:
         return "nothing to resume"
     out = _outs[-1]
     folders = [out, *(f for f in out.glob("*-seed*") if f.is_dir())] if out.is_dir() else []
-    if any((f / "config.json").is_file() for f in folders):
+    from fedclip.core.run_folder import RunFolder
+
+    if any(RunFolder.holds_settings(f) for f in folders):
         return (f"continue with the same command and --resume (--out {out}: what was done "
                 f"is kept)")
     return "nothing resumable was written yet; run the command again"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -288,6 +289,49 @@ class FlowerSettings(BaseModel):
     def keys(cls) -> dict[str, Any]:
         """Every key as a run config spells it, with its default."""
         return {name.replace("_", "-"): f.default for name, f in cls.model_fields.items()}
+
+
+# --- flat settings: `--set key=value` on the command line, Flower's run config ------------
+LIST_SEPARATORS = {"classes": ",", "prompt_templates": "|"}  # a list as one flat value
+
+
+def setting_key(key: str) -> str:
+    """A flat setting's key as RunConfig spells it: ``train-fraction`` -> ``train_fraction``;
+    ``NAME.KEY`` is an algorithm option (``fedprox.mu``, ``NAME.some-key`` ->
+    ``NAME.some_key``)."""
+    algo, dot, name = key.strip().partition(".")
+    return f"{algo}.{name.replace('-', '_')}" if dot else algo.replace("-", "_")
+
+
+def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings (``key`` or ``NAME.KEY``, dashes or underscores) as the values
+    :meth:`RunConfig.validated` takes: the one reader of ``--set`` and of a Flower run config.
+    A list may come as one string (a Flower run config has no lists): ``classes``
+    comma-separated, ``prompt_templates`` "|"-separated; an empty one is None."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = setting_key(key)
+        if key in LIST_SEPARATORS and isinstance(value, str):
+            items = value.split(LIST_SEPARATORS[key])
+            value = (tuple(c.strip() for c in items if c.strip()) if key == "classes"
+                     else tuple(t for t in items if t.strip())) or None
+        out[key] = value
+    return out
+
+
+def parse_settings(items: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` strings (``--set``) as flat settings (:func:`flat_settings`); a value
+    is read as TOML (``1e-4``, ``true``, ``'text'``, ``["a", "b"]``), else as the text it is."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value (got {item!r})")
+        try:
+            values[setting_key(key)] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[setting_key(key)] = raw
+    return flat_settings(values)
 
 
 def nest_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, State
-from fedclip.algorithms.fedprox import proximal_term
 from fedclip.algorithms.registry import register
 from fedclip.core.client import round_seed, train_local
+from fedclip.losses import proximal_term
 from fedclip.tensors import Params
 
 PERSONAL_MODEL = "ditto/"
@@ -35,7 +35,8 @@ class Ditto(Algorithm):
         result = train_local(
             self, personal, job.train, job.class_text, job.logit_scale, config=job.config,
             seed=round_seed(self.cfg.seed, job.config.server_round, job.name + "/ditto"),
-            objective=lambda loss, module: loss + proximal_term(module, job.global_params, lam))
+            objective=lambda loss, module: loss + proximal_term(
+                dict(module.named_parameters()), job.global_params, lam))
         job.state.update({PERSONAL_MODEL + k: v for k, v in result.params.items()})
         return update
 

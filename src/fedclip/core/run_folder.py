@@ -48,7 +48,7 @@ from fedclip.core.records import (
     safe_name,
 )
 from fedclip.core.state import FederationState
-from fedclip.errors import DataError, ResumeError, RunFolderError
+from fedclip.errors import ConfigError, DataError, ResumeError, RunFolderError
 from fedclip.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from fedclip.tensors import Params
 
@@ -69,7 +69,7 @@ class RunFolder:
 
     def __init__(self, out: str | Path, cfg: RunConfig, data: str | None = None) -> None:
         self.out, self.cfg = Path(out), cfg
-        self.data = data  # a fingerprint of the data itself (in-process), or None (Flower)
+        self.data = data  # the dataset's identity (in-process: task.dataset_identity), or None
         self._previous: list[RunResult] = []
 
     # --- paths ----------------------------------------------------------------------------
@@ -164,6 +164,27 @@ class RunFolder:
         """config.json: what ``--resume`` continues with."""
         atomic_write_json(self.out / CONFIG, self.cfg.model_dump(mode="json"))
 
+    @staticmethod
+    def saved_settings(out: str | Path) -> dict[str, Any]:
+        """The settings ``out`` was run with (its config.json, what ``--resume`` continues
+        with); empty when it holds none. One that is not a JSON object: a one-line error."""
+        path = Path(out) / CONFIG
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path} is not a JSON object of settings; pass the settings "
+                              f"again, or start another --out")
+        return saved
+
+    @staticmethod
+    def holds_settings(out: str | Path) -> bool:
+        """Whether ``out`` holds a run's settings (so that ``--resume`` can continue it)."""
+        return (Path(out) / CONFIG).is_file()
+
     def start(self, heldout: str, resumed: FederationState | None) -> HeldoutRun:
         """The writer of one held-out run (``resumed`` from :meth:`prepare`)."""
         return HeldoutRun(self, heldout, resumed)
@@ -172,7 +193,7 @@ class RunFolder:
     def merge(self, result: RunResult) -> list[RunResult]:
         """Every run of this configuration in the folder, ``result`` replacing its held-out
         domain's earlier run; written to results.json and results.md."""
-        from fedclip.core import report
+        from fedclip import report
 
         runs = [r for r in self._previous if r.heldout != result.heldout] + [result]
         self._previous = runs
@@ -270,7 +291,7 @@ class HeldoutRun:
         atomic_write_json(self.dir / RESULT, result.to_json())
         runs = self.folder.merge(result)
         if plots:
-            from fedclip.core import report
+            from fedclip import report
 
             report.plot_history(result, self.dir / PLOT)
         return runs

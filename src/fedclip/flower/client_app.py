@@ -25,9 +25,11 @@ from fedclip.config import FlowerSettings
 from fedclip.core.client import ClientJob, RoundConfig, client_clip, personalize, round_seed
 from fedclip.core.client import evaluate as evaluate_split
 from fedclip.errors import TrainingError
-from fedclip.flower.codec import decode, encode, one_line_refusals, run_config_to_cfg
+from fedclip.flower.codec import decode, encode
+from fedclip.flower.logs import one_line_refusals
 from fedclip.flower.node import node_for
-from fedclip.task import Site
+from fedclip.flower.settings import run_config_to_cfg
+from fedclip.flower.site import Site
 from fedclip.tensors import Params, State
 
 STATE_KEY = "fedclip.client-state"
@@ -46,6 +48,16 @@ def _process_age() -> float:
         return 0.0
 
 
+# torch releases (major.minor) whose torch.optim the torch._dynamo stand-in is tested with
+# (tests/test_structure.py): on any other, torch._dynamo is imported as usual
+DYNAMO_STAND_IN_TORCH = ("2.14",)
+
+
+def torch_release(version: str) -> str:
+    """``major.minor`` of a torch version string (``2.14.1+cu130`` -> ``2.14``)."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def defer_dynamo_import() -> bool:
     """In a process that never compiles, keep torch.optim from importing ``torch._dynamo``.
 
@@ -56,7 +68,13 @@ def defer_dynamo_import() -> bool:
     it is outside compilation) and ``graph_break`` (nothing to break); any other attribute,
     and any import of a submodule (``from torch._dynamo.utils import ...``, as torchvision
     does), loads the real ``torch._dynamo`` in its place first. Returns whether the stand-in
-    was set (not when ``torch._dynamo`` is already loaded)."""
+    was set: not when ``torch._dynamo`` is already loaded, nor on a torch release the stand-in
+    is not tested with (:data:`DYNAMO_STAND_IN_TORCH`; said in the log at info level)."""
+    if torch_release(torch.__version__) not in DYNAMO_STAND_IN_TORCH:
+        log.info("torch %s: torch._dynamo is imported as usual (fedclip's stand-in, which "
+                 "spares a node's process that import, is tested with torch %s)",
+                 torch.__version__, ", ".join(DYNAMO_STAND_IN_TORCH))
+        return False
     import importlib
     import importlib.abc
     import importlib.machinery

@@ -67,12 +67,14 @@ from fedclip.core.records import ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import RunFolder
 from fedclip.core.server import RoundPlan, Server
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
+from fedclip.flower.codec import finite_number
 from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
 from fedclip.flower.replies import Reply, evaluation_of, personalized_of
 from fedclip.flower.server_app import dataset_name
-from fedclip.task import Site, prompts, run_classes
+from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
+from fedclip.flower.site import Site
+from fedclip.task import prompts, run_classes
 from fedclip.tensors import Params
 
 SECURE_AGGREGATIONS = ("weighted", "uniform")

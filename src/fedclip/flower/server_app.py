@@ -33,16 +33,10 @@ from fedclip.core.server import Server
 from fedclip.core.state import FederationState
 from fedclip.data.specs import SPECS, detect_spec
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import (
-    decode,
-    encode,
-    finite_number,
-    one_line_refusals,
-    require_one_heldout,
-    run_config_to_cfg,
-    well_formed,
-)
+from fedclip.flower.codec import decode, encode, finite_number, well_formed
 from fedclip.flower.grid import PollingGrid
+from fedclip.flower.logs import one_line_refusals
+from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
 from fedclip.flower.strategy import QUANTUM, FedClipStrategy, NodeInfo
 from fedclip.task import prompts, run_classes
 

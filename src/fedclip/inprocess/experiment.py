@@ -32,7 +32,7 @@ from fedclip.inprocess.federation import Federation
 from fedclip.task import (
     Prepared,
     cache_dir,
-    data_fingerprint,
+    dataset_identity,
     heldout_tensors,
     plan_clients,
     prepare,
@@ -88,7 +88,7 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, out: str | Path, *
                 callbacks: Sequence[cb.Callback] = ()) -> RunResult:
     """One held-out run on features already prepared, into the run folder ``out`` (its
     files in ``out/<heldout>/``); :func:`run` does the same for every held-out domain."""
-    folder = RunFolder(out, cfg, data_fingerprint(prep.dataset))
+    folder = RunFolder(out, cfg, dataset_identity(prep.dataset))
     with folder.claimed():
         resumed = folder.prepare([heldout], resume)[heldout]
         folder.write_config()
@@ -168,7 +168,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
         heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
         for h in heldouts:  # the aggregator's client count, the DP budget: before extraction
             server_rules(cfg, algorithm, sum(len(s) for d, s in splits.items() if d != h))
-        folder.data = data_fingerprint(dataset)
+        folder.data = dataset_identity(dataset)
         starts = folder.prepare(heldouts, resume)  # every resume decided before any write
         check_cache_writable(cache_dir(cfg))
         folder.write_config()  # before extraction: an interrupted run resumes with --resume
