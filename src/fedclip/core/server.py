@@ -136,16 +136,18 @@ def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> Serv
 
 
 def aggregate_round(algorithm: Aggregator, current: Params, updates: Sequence[ClientUpdate],
-                    server_state: State, rules: ServerRules, seed: int, server_round: int
-                    ) -> tuple[Params, State]:
+                    server_state: State, rules: ServerRules, seed: int, server_round: int,
+                    noise: torch.Generator | None = None) -> tuple[Params, State]:
     """The next global parameters (and server state) from the round's accepted updates.
 
     Without DP: the algorithm's ``aggregate``. With DP: every update is clipped to the
     clipping norm (again, when clients clipped already: the bound must not rest on them),
     the clipped updates are summed, noised and divided by the clients sampled
-    (:func:`fedclip.privacy.noisy_mean`, noise seeded by (seed, round)); that one private
-    mean is the round's update for the algorithm's ``aggregate`` (a server optimizer still
-    takes its step on it)."""
+    (:func:`fedclip.privacy.noisy_mean`); that one private mean is the round's update for the
+    algorithm's ``aggregate`` (a server optimizer still takes its step on it). The noise comes
+    from ``noise`` (tests inject one), by default :func:`fedclip.privacy.secret_generator`:
+    nothing written or sent, ``seed`` and ``server_round`` included, regenerates it (both are
+    kept for the callers; they no longer seed anything here)."""
     plan = rules.privacy
     if plan is None or not updates:
         return algorithm.aggregate(current, updates, server_state)
@@ -153,7 +155,7 @@ def aggregate_round(algorithm: Aggregator, current: Params, updates: Sequence[Cl
     clipped = [privacy.clip_update(u.params, shared, plan.clipping_norm) for u in updates]
     mean = privacy.noisy_mean(shared, clipped, plan.sampled, plan.clipping_norm,
                               plan.noise_multiplier,
-                              privacy.noise_generator(seed, server_round))
+                              noise if noise is not None else privacy.secret_generator())
     loss = sum(u.loss for u in updates) / len(updates)
     one = ClientUpdate(mean, {}, sum(u.num_examples for u in updates), loss, weight=1.0)
     return algorithm.aggregate(current, [one], server_state)

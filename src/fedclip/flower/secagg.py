@@ -47,6 +47,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from fedclip import privacy
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm
 from fedclip.callbacks import Callback, close, loggers_from_specs, round_end, run_end
@@ -70,7 +71,6 @@ from fedclip.flower.codec import finite_number, require_one_heldout, run_config_
 from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
 from fedclip.flower.server_app import dataset_name
-from fedclip.privacy import noise_generator, noisy_mean
 from fedclip.task import Site, prompts, run_classes
 from fedclip.tensors import Params, all_finite
 
@@ -190,8 +190,10 @@ class SecureStrategy(LegacyFedAvg):
     with ``FederationState.select``."""
 
     def __init__(self, algorithm: Algorithm, grid: Grid, callbacks: list[Callback],
-                 timeout: float, **kwargs: Any) -> None:
+                 timeout: float, noise: torch.Generator | None = None, **kwargs: Any) -> None:
         super().__init__(on_fit_config_fn=self.fit_config, **kwargs)
+        self.noise = noise  # the DP noise's source (None: privacy.secret_generator, a fresh
+        # secret each round; tests inject one)
         self.algorithm, self.grid, self.callbacks, self.timeout = (algorithm, grid, callbacks,
                                                                    timeout)
         self.state = FederationState(0, None)
@@ -262,9 +264,9 @@ class SecureStrategy(LegacyFedAvg):
             answered = sum(1 for _, r in results if r.num_examples > 0)
             shared = self.state.params
             total = {k: shared[k] + (v - shared[k]) * answered for k, v in mean.items()}
-            mean = noisy_mean(shared, [total], plan.sampled, plan.clipping_norm,
-                              plan.noise_multiplier,
-                              noise_generator(self.algorithm.cfg.seed, server_round))
+            mean = privacy.noisy_mean(shared, [total], plan.sampled, plan.clipping_norm,
+                                      plan.noise_multiplier, self.noise if self.noise
+                                      is not None else privacy.secret_generator())
         if not all_finite(mean):
             record.rejected = {"secure mean": "not finite; the global parameters are unchanged"}
             new, server_state = self.state.params, self.state.server_state
