@@ -89,9 +89,11 @@ def sampled_per_round(cfg: RunConfig, population: int) -> int:
 
 
 def selection_rule(cfg: RunConfig) -> str:
-    """How the best round is chosen: by the mean of the clients' val accuracies, or (with a
-    robust aggregator, which assumes some clients lie) by their median, which one client
-    cannot move outside the range of the others' values."""
+    """How the best round is chosen: by the mean of the clients' val accuracies, or by their
+    median, which one client cannot move outside the range of the others' values; ``selection``
+    says which ('auto': the median with a robust aggregator, which assumes some clients lie)."""
+    if cfg.selection != "auto":
+        return cfg.selection
     return "median" if cfg.aggregation in ROBUST else "mean"
 
 
