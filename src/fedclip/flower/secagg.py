@@ -44,7 +44,7 @@ from flwr.common import EvaluateIns, ndarrays_to_parameters, parameters_to_ndarr
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip import privacy
@@ -70,11 +70,13 @@ from fedclip.errors import ConfigError
 from fedclip.flower.codec import finite_number, require_one_heldout, run_config_to_cfg
 from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
+from fedclip.flower.secagg_guard import GuardedSecAggPlusWorkflow, implausible_mean
 from fedclip.flower.server_app import dataset_name
 from fedclip.task import Site, prompts, run_classes
 from fedclip.tensors import Params, all_finite
 
 SECURE_AGGREGATIONS = ("weighted", "uniform")
+SECAGG_CLIPPING_RANGE = 8.0  # SecAggPlusWorkflow's default clipping_range: values travel in it
 
 
 def refusal(algorithm: Algorithm, flower: FlowerSettings) -> str | None:
@@ -204,6 +206,20 @@ class SecureStrategy(LegacyFedAvg):
         self.sizes: dict[str, dict[str, int]] = {}
         self.logit_scale, self.dim = float("nan"), 0
         self.started = time.perf_counter()
+        self.drops: dict[str, str] = {}  # this round: client -> why the guard dropped it
+
+    def dropped(self, server_round: int, node_id: int, why: str) -> None:
+        """The SecAgg+ guard dropped a node's reply this round (recorded as rejected)."""
+        self.drops[self.names.get(node_id, (f"node {node_id}", ""))[0]] = why
+
+    def refused(self, server_round: int, why: str) -> None:
+        """The SecAgg+ guard ended a round without an aggregate: recorded, params unchanged."""
+        record = RoundRecord(server_round, epsilon=self.rules.epsilon(server_round),
+                             rejected={**self.drops, "secure aggregation": why})
+        self.drops = {}
+        self.state.round = server_round
+        record.seconds = time.perf_counter() - self.started
+        self.state.history.append(record)
 
     def fit_config(self, server_round: int) -> dict[str, Any]:
         """The round's ``RoundConfig`` and the weight cap (``core.client.weight_cap`` of the
@@ -247,6 +263,7 @@ class SecureStrategy(LegacyFedAvg):
     # --- the legacy hooks -----------------------------------------------------------------
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         self.started = time.perf_counter()
+        self.drops = {}
         if server_round == 1:
             self.start(parameters_to_ndarrays(parameters))
         return super().configure_fit(server_round, parameters, client_manager)
@@ -254,21 +271,25 @@ class SecureStrategy(LegacyFedAvg):
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         if not results:
             return None, {}
-        mean = self.as_params(parameters_to_ndarrays(results[0][1].parameters))
+        arrays = parameters_to_ndarrays(results[0][1].parameters)
+        mean = self.as_params(arrays)
+        wrong = implausible_mean(arrays, SECAGG_CLIPPING_RANGE)  # a wrong key share
         losses = {self.names.get(p.node_id, (str(p.node_id), ""))[0]: loss
                   for p, r in results if r.num_examples > 0
                   and (loss := finite_number(r.metrics.get("train-loss"))) is not None}
         record = RoundRecord(server_round, losses, epsilon=self.rules.epsilon(server_round))
         plan = self.rules.privacy
-        if plan is not None and all_finite(mean):  # clients clipped (dp=client): noise the sum
+        if plan is not None and all_finite(mean) and not wrong:  # dp=client: noise the sum
             answered = sum(1 for _, r in results if r.num_examples > 0)
             shared = self.state.params
             total = {k: shared[k] + (v - shared[k]) * answered for k, v in mean.items()}
             mean = privacy.noisy_mean(shared, [total], plan.sampled, plan.clipping_norm,
                                       plan.noise_multiplier, self.noise if self.noise
                                       is not None else privacy.secret_generator())
-        if not all_finite(mean):
-            record.rejected = {"secure mean": "not finite; the global parameters are unchanged"}
+        record.rejected, self.drops = dict(self.drops) or None, {}
+        if not all_finite(mean) or wrong:
+            record.rejected = {**(record.rejected or {}), "secure mean": wrong or
+                               "not finite; the global parameters are unchanged"}
             new, server_state = self.state.params, self.state.server_state
         else:  # the secure mean as the round's one update: aggregate() takes its own step
             new, server_state = self.algorithm.aggregate(
@@ -375,8 +396,9 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, flower: FlowerSettings,
     legacy = LegacyContext(context=context,
                            config=ServerConfig(num_rounds=strategy.rules.rounds),
                            strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=nodes, reconstruction_threshold=max(2, nodes - 1),
+    workflow = DefaultWorkflow(fit_workflow=GuardedSecAggPlusWorkflow(  # a bad reply drops
+        num_shares=nodes, reconstruction_threshold=max(2, nodes - 1),  # its client, or the
+        on_drop=strategy.dropped, on_refuse=strategy.refused,  # round is refused in one line
         # uniform: every weight is 1, so a scale of 1 keeps them exact (at 10,000 a weight of
         # 1 is quantized to a few levels and the mean is off by percents)
         max_weight=1.0 if cfg.aggregation == "uniform" else flower.secagg_max_weight))
