@@ -167,6 +167,29 @@ def test_fedpft_dp_release_spends_its_epsilon_and_adds_noise():
     assert (a["means"] - b["means"]).abs().max() < 1.0  # and still near (std / 100 samples)
 
 
+def test_fedpft_dp_noise_is_a_secret_of_the_client():
+    """The server FedPFT's DP protects against knows the run seed, the round and the client's
+    name (the job's seed comes from them): none of them regenerates the client's noise. Two
+    releases of the same job differ, and removing the noise regenerated from the job's seed
+    (the previous versions' source) leaves the noise in place; an injected generator is what
+    the noise then comes from."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 8, generator=gen), torch.arange(200) % 2
+    private = get_algorithm(RunConfig.build(algorithm="fedpft", backbone="standin",
+                                            options={"fedpft": {"dp_epsilon": 2.0}}))
+    job = _job(x, y, 2, seed=1234)
+    first, second = (private.train_client(job).extras["counts"] for _ in range(2))
+    assert not torch.equal(first, second)
+    exact = torch.bincount(y, minlength=2).float()
+    std = dp_noise_std(2.0, 1e-5)
+    regenerated = exact + std * torch.randn(2, generator=torch.Generator().manual_seed(1234))
+    assert not torch.allclose(first, regenerated.clamp(min=0), atol=1e-3)
+    injected = [private.train_client(job, noise=torch.Generator().manual_seed(1234))
+                .extras["counts"] for _ in range(2)]
+    assert torch.equal(injected[0], injected[1])
+    assert torch.allclose(injected[0], regenerated.clamp(min=0))
+
+
 # --- personal parts: never sent, and they pay off where label maps differ --------------------
 def test_personal_parts_never_leave_a_client(tiny_arch, toy_root, tmp_path):
     from fedclip.flower.client_app import build_client_app

@@ -154,9 +154,10 @@ def test_every_driver_gives_the_same_round_records(scenario, tiny_arch, data, tm
         got = _rounds(result, accuracies=not noisy)
         if driver == "secagg+" and scenario == "reject":
             # SecAgg+ hides the individual updates: no distance rule can see alpha's
-            # (so its round 2 averages alpha's far update: only the schedule can agree)
-            assert all(not r["rejected"] for r in got)
-            assert "alpha" in got[2]["train_loss"]
+            # by name: its round 2 either averages alpha's far update (clipped to SecAgg+'s
+            # range) or, when that mean sits at the edge of the range, refuses the round
+            assert got[2]["rejected"] in ([], ["secure mean"])
+            assert not got[1]["rejected"] and not got[3]["rejected"]
             assert [(r["round"], r["evaluated"]) for r in got] == \
                 [(r["round"], r["evaluated"]) for r in expected]
             continue

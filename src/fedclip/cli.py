@@ -186,6 +186,14 @@ Partition = Annotated[str | None, typer.Option(click_type=_choices("partition"),
 DirichletAlpha = Annotated[float | None, typer.Option(
     help=f"Dirichlet concentration: smaller is more skewed (default "
          f"{_default('dirichlet_alpha')}).")]
+Trust = Annotated[str | None, typer.Option(click_type=_choices("trust"), help=(
+    f"Whom the server trusts (default {_default('trust')}). untrusted, for a deployment: "
+    "where the reference defaults stand, aggregation=median, norm_factor=3, weights capped "
+    "at the median size, best round by the median val accuracy. Bad updates each rule "
+    "tolerates among the n of a round (--set aggregation=..., --set byzantine=f): weighted, "
+    "uniform 0 (one client moves the mean up to norm_factor x an honest reach); median "
+    "(n-1)//2; trimmed-mean int(trim_fraction x n); krum, multikrum, bulyan f, when n >= "
+    "2f+3 (bulyan 4f+3); results.json states the run's."))]
 Resume = Annotated[bool, typer.Option(
     help="Continue the run in --out where it stopped, with its own settings (flags given "
          "now override).")]
@@ -265,6 +273,7 @@ def run_command(
     clients_per_domain: ClientsPerDomain = None,
     partition: Partition = None,
     dirichlet_alpha: DirichletAlpha = None,
+    trust: Trust = None,
     out: Annotated[Path, typer.Option(help="Run folder for all outputs.")] = Path("runs/latest"),
     resume: Resume = False,
     config: Preset = None,
@@ -320,6 +329,7 @@ def compare_command(
     clients_per_domain: ClientsPerDomain = None,
     partition: Partition = None,
     dirichlet_alpha: DirichletAlpha = None,
+    trust: Trust = None,
     out: Annotated[Path, typer.Option(help="Folder for all runs and tables.")] = Path(
         "runs/compare"),
     resume: Resume = False,

@@ -96,8 +96,19 @@ class RunConfig(BaseModel):
                                "can move (K lr sqrt(P)), or x the round's median distance "
                                "(floored); every runtime; 0: off.")
     byzantine: int = Field(0, ge=0, le=10**6, description="krum, multikrum, bulyan: f, the "
-                           "bad updates per round the rule assumes (krum and multikrum need "
-                           "2f+3 updates a round, bulyan 4f+3).")
+                           "bad updates per round the rule assumes and tolerates (krum and "
+                           "multikrum need 2f+3 updates a round, bulyan 4f+3).")
+    trust: Literal["reference", "untrusted"] = Field(
+        "reference", description="'reference': the settings as given (the reference's "
+        "behaviour in-process). 'untrusted', for a deployment whose clients may lie: the "
+        "reference defaults of aggregation, norm_factor, max_weight_ratio and selection become "
+        "aggregation=median (uniform under dp, whose clipping bounds each client), "
+        "norm_factor=3, max_weight_ratio=1 and selection=median; values set to anything else "
+        "are kept.")
+    selection: Literal["auto", "mean", "median"] = Field(
+        "auto", description="How the best round is chosen from the clients' val accuracies: "
+        "their 'mean', or their 'median' (one lying client cannot move it outside the honest "
+        "clients' range); 'auto': median under a robust aggregator, else mean.")
     multikrum_keep: int = Field(0, ge=0, le=10**7, description="multikrum: m, the best-scored "
                                 "updates averaged; 0: n - f.")
     dp: Literal["off", "server", "client"] = Field(
@@ -139,6 +150,21 @@ class RunConfig(BaseModel):
     extract_decode: Literal["auto", "cpu", "device"] = Field(
         "auto", description="Where images are decoded and resized: 'cpu' (PIL in loader "
         "processes), 'device' (nvJPEG on the GPU, batched), 'auto' (device on CUDA).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trust_preset(cls, values: Any) -> Any:
+        """``trust=untrusted``: the reference defaults of the settings that bound one client's
+        influence become the untrusted ones (UNTRUSTED); other values are the user's."""
+        if not isinstance(values, dict) or values.get("trust") != "untrusted":
+            return values
+        out = dict(values)
+        untrusted = {**UNTRUSTED, **({"aggregation": "uniform"}
+                                     if out.get("dp", "off") != "off" else {})}
+        for key, value in untrusted.items():
+            if out.get(key, cls.model_fields[key].default) == cls.model_fields[key].default:
+                out[key] = value
+        return out
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> RunConfig:
@@ -206,6 +232,10 @@ class RunConfig(BaseModel):
                 "train_clients_together"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
+
+# trust=untrusted: what replaces the reference defaults (README: privacy and robustness)
+UNTRUSTED: dict[str, Any] = {"aggregation": "median", "norm_factor": 3.0,
+                             "max_weight_ratio": 1.0, "selection": "median"}
 
 EXTRACT_BATCH_SIZE = 64  # images per forward when neither the run nor the backbone says
 EXTRACT_CHUNK_IMAGES = 1024  # extraction saves its progress every this many images: an

@@ -24,6 +24,11 @@ them (the paper's server-side classifier training). Choices where the paper leav
   counts change by at most sqrt(3) in L2 when one feature is added or removed; one Gaussian
   release of that sensitivity with noise std z sqrt(3) is (``dp_epsilon``, ``dp_delta``)-DP
   for the client's data, z calibrated with Flower's RDP accountant (``fedclip.privacy``).
+  The noise is drawn on the client from :func:`fedclip.privacy.secret_generator` (the OS's
+  entropy; never written or sent), so the server it protects against cannot regenerate it
+  from the run seed, the round or the client's name. Not covered: the train size each client
+  declares (``num_examples``, an exact count the server uses to bound the reply) and the
+  val/test accuracies it reports.
 
 Bytes per client: one upload of C (K d + K cov + K + 1) values (cov: 1, d or d^2 per
 component) and the head sent down once; no loop. The server checks every reply's shapes and
@@ -47,6 +52,7 @@ from fedclip.algorithms.linear_probe import LinearProbe
 from fedclip.algorithms.registry import register
 from fedclip.core.client import Split, round_seed, train_local
 from fedclip.errors import ConfigError
+from fedclip.privacy import secret_generator
 from fedclip.tensors import Params
 
 SERVER = "fedpft/server"  # the seed key of the server's sampling and training
@@ -216,8 +222,10 @@ class FedPFT(LinearProbe):
             return "mixture means or variances out of any feature's range"
         return None
 
-    def _release(self, job: ClientJob) -> dict[str, torch.Tensor]:
-        """The mixtures (and counts) this client sends, noised under ``dp_epsilon``."""
+    def _release(self, job: ClientJob, noise: torch.Generator | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """The mixtures (and counts) this client sends, noised under ``dp_epsilon`` from
+        ``noise`` (None: a secret generator; tests inject one)."""
         opts = self.options
         x, y = job.train.x.detach().cpu().float(), job.train.y.cpu()
         classes, dim = job.class_text.shape[0], x.shape[1]
@@ -225,7 +233,8 @@ class FedPFT(LinearProbe):
         out = {k: torch.zeros(s) for k, s in shapes.items()}
         out["counts"] = torch.bincount(y, minlength=classes).float()
         if opts.dp_epsilon > 0:
-            return self._private_release(x, y, out, job)
+            return self._private_release(x, y, out,
+                                         noise if noise is not None else secret_generator())
         for c in range(classes):
             xc = x[y == c]
             if len(xc):
@@ -236,14 +245,13 @@ class FedPFT(LinearProbe):
         return out
 
     def _private_release(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor],
-                         job: ClientJob) -> dict[str, torch.Tensor]:
+                         gen: torch.Generator) -> dict[str, torch.Tensor]:
         opts = self.options
         classes = len(out["counts"])
         xn = F.normalize(x, dim=-1)
         sums = torch.zeros(classes, x.shape[1]).index_add_(0, y, xn)
         squares = torch.zeros(classes, x.shape[1]).index_add_(0, y, xn ** 2)
         std = dp_noise_std(opts.dp_epsilon, opts.dp_delta)
-        gen = torch.Generator().manual_seed(job.seed)
         counts = out["counts"] + std * torch.randn(classes, generator=gen)
         sums = sums + std * torch.randn(sums.shape, generator=gen)
         squares = squares + std * torch.randn(squares.shape, generator=gen)
@@ -258,9 +266,11 @@ class FedPFT(LinearProbe):
         out["counts"] = counts.clamp(min=0)
         return out
 
-    def train_client(self, job: ClientJob) -> ClientUpdate:
+    def train_client(self, job: ClientJob, noise: torch.Generator | None = None
+                     ) -> ClientUpdate:
+        """The client's release (``noise``: the DP noise's source; None: a secret one)."""
         start = time.perf_counter()
-        release = self._release(job)
+        release = self._release(job, noise)
         half = self.options.half
         release = {k: v.to(torch.float16) if half and k != "counts" else v
                    for k, v in release.items()}

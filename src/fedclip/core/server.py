@@ -96,9 +96,11 @@ def sampled_per_round(cfg: RunConfig, population: int) -> int:
 
 
 def selection_rule(cfg: RunConfig) -> str:
-    """How the best round is chosen: by the mean of the clients' val accuracies, or (with a
-    robust aggregator, which assumes some clients lie) by their median, which one client
-    cannot move outside the range of the others' values."""
+    """How the best round is chosen: by the mean of the clients' val accuracies, or by their
+    median, which one client cannot move outside the range of the others' values; ``selection``
+    says which ('auto': the median with a robust aggregator, which assumes some clients lie)."""
+    if cfg.selection != "auto":
+        return cfg.selection
     return "median" if cfg.aggregation in ROBUST else "mean"
 
 
@@ -143,16 +145,18 @@ def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> Serv
 
 
 def aggregate_round(algorithm: Aggregator, current: Params, updates: Sequence[ClientUpdate],
-                    server_state: State, rules: ServerRules, seed: int, server_round: int
-                    ) -> tuple[Params, State]:
+                    server_state: State, rules: ServerRules, seed: int, server_round: int,
+                    noise: torch.Generator | None = None) -> tuple[Params, State]:
     """The next global parameters (and server state) from the round's accepted updates.
 
     Without DP: the algorithm's ``aggregate``. With DP: every update is clipped to the
     clipping norm (again, when clients clipped already: the bound must not rest on them),
     the clipped updates are summed, noised and divided by the clients sampled
-    (:func:`fedclip.privacy.noisy_mean`, noise seeded by (seed, round)); that one private
-    mean is the round's update for the algorithm's ``aggregate`` (a server optimizer still
-    takes its step on it)."""
+    (:func:`fedclip.privacy.noisy_mean`); that one private mean is the round's update for the
+    algorithm's ``aggregate`` (a server optimizer still takes its step on it). The noise comes
+    from ``noise`` (tests inject one), by default :func:`fedclip.privacy.secret_generator`:
+    nothing written or sent, ``seed`` and ``server_round`` included, regenerates it (both are
+    kept for the callers; they no longer seed anything here)."""
     plan = rules.privacy
     if plan is None or not updates:
         return algorithm.aggregate(current, updates, server_state)
@@ -160,7 +164,7 @@ def aggregate_round(algorithm: Aggregator, current: Params, updates: Sequence[Cl
     clipped = [privacy.clip_update(u.params, shared, plan.clipping_norm) for u in updates]
     mean = privacy.noisy_mean(shared, clipped, plan.sampled, plan.clipping_norm,
                               plan.noise_multiplier,
-                              privacy.noise_generator(seed, server_round))
+                              noise if noise is not None else privacy.secret_generator())
     loss = sum(u.loss for u in updates) / len(updates)
     one = ClientUpdate(mean, {}, sum(u.num_examples for u in updates), loss, weight=1.0)
     return algorithm.aggregate(current, [one], server_state)
@@ -380,7 +384,7 @@ class Server:
             try:
                 new, server_state = aggregate_round(algo, self.state.params, ordered,
                                                     self.state.server_state, self.rules,
-                                                    self.cfg.seed, rnd)
+                                                    self.cfg.seed, rnd, noise=self.noise)
             except TooFewUpdates as exc:  # rejections left too few for the rule's guarantee
                 self.warn(f"round {rnd}: the global parameters are unchanged: {exc}")
             else:
@@ -391,21 +395,37 @@ class Server:
         self.pending = record
         return record
 
+    def refuse(self, plan: RoundPlan, rejected: Mapping[str, str]) -> RoundRecord:
+        """A round that produced no aggregate (SecAgg+: shares that do not reconstruct):
+        recorded with why, the global parameters unchanged."""
+        for client, why in sorted(rejected.items()):
+            self.warn(f"round {plan.round}: {client}: {why}")
+        record = RoundRecord(plan.round, rejected=dict(rejected) or None,
+                             epsilon=self.rules.epsilon(plan.round))
+        self.state.round = plan.round
+        self.pending = record
+        return record
+
     def accept_mean(self, plan: RoundPlan, mean: Params, answered: int,
-                    losses: Mapping[str, float], *, diverged: int = 0, seconds: float = 0.0
+                    losses: Mapping[str, float], *, diverged: int = 0, seconds: float = 0.0,
+                    rejected: Mapping[str, str] | None = None, refused: str | None = None
                     ) -> RoundRecord:
         """SecAgg+: the round as one securely computed weighted mean of ``answered`` clients'
         parameters. With ``dp=client`` the clients clipped their own updates and the server
         noises the sum (:func:`fedclip.privacy.noisy_mean`); the algorithm's ``aggregate``
         takes its step on that one update."""
+        if refused is not None:  # an implausible secure mean: no aggregate this round
+            return self.refuse(plan, {**(rejected or {}), "secure mean": refused})
         rnd, plan_dp = plan.round, self.rules.privacy
-        record = RoundRecord(rnd, dict(losses), seconds, epsilon=self.rules.epsilon(rnd))
+        record = RoundRecord(rnd, dict(losses), seconds, rejected=dict(rejected or {}) or None,
+                             epsilon=self.rules.epsilon(rnd))
         if plan_dp is not None and all_finite(mean):
             current = self.state.params
             total = {k: current[k] + (v - current[k]) * answered for k, v in mean.items()}
             mean = privacy.noisy_mean(current, [total], plan_dp.sampled, plan_dp.clipping_norm,
                                       plan_dp.noise_multiplier,
-                                      privacy.noise_generator(self.cfg.seed, rnd))
+                                      self.noise if self.noise is not None
+                                      else privacy.secret_generator())
         if answered == 0 and diverged:
             raise TrainingError(
                 f"training diverged on every client that answered in round {rnd} (lr "

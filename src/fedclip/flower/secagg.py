@@ -55,7 +55,7 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
@@ -71,6 +71,7 @@ from fedclip.flower.codec import finite_number
 from fedclip.flower.grid import PollingGrid
 from fedclip.flower.node import node_for
 from fedclip.flower.replies import Reply, evaluation_of, personalized_of
+from fedclip.flower.secagg_guard import GuardedSecAggPlusWorkflow, implausible_mean
 from fedclip.flower.server_app import dataset_name
 from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
 from fedclip.flower.site import Site
@@ -80,6 +81,7 @@ from fedclip.tensors import Params
 SECURE_AGGREGATIONS = ("weighted", "uniform")
 OK = Status(Code.OK, "")
 MAX_SAMPLED_CHARS = 1 << 20  # the sampled-clients list a round's config may carry
+SECAGG_CLIPPING_RANGE = 8.0  # SecAggPlusWorkflow's default clipping_range: values travel in it
 
 
 def refusal(algorithm: Algorithm, flower: FlowerSettings) -> str | None:
@@ -227,6 +229,7 @@ class SecureStrategy(LegacyFedAvg):
         super().__init__(on_fit_config_fn=self.fit_config, **kwargs)
         self.server, self.algorithm = server, server.algorithm
         self.nodes, self.grid, self.timeout = nodes, grid, timeout
+        self.drops: dict[str, str] = {}  # this round: client -> why the guard dropped it
         self.keys: list[str] = []
         self.plan: RoundPlan | None = None
         self.record: RoundRecord | None = None
@@ -269,7 +272,8 @@ class SecureStrategy(LegacyFedAvg):
 
     # --- the legacy hooks -----------------------------------------------------------------
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
-        self.started = time.perf_counter()
+        self.started, self.drops = time.perf_counter(), {}
+        self.drops = {}
         if server_round == 1:
             self.start(parameters_to_ndarrays(parameters))
         self.plan = self.server.plan()
@@ -286,14 +290,31 @@ class SecureStrategy(LegacyFedAvg):
         losses = {self.nodes.get(p.node_id, (str(p.node_id), ""))[0]: loss
                   for p, r in counted
                   if (loss := finite_number(r.metrics.get("train-loss"))) is not None}
-        mean = self.as_params(parameters_to_ndarrays(results[0][1].parameters)) if results \
-            else self.server.state.params
+        arrays = parameters_to_ndarrays(results[0][1].parameters) if results else []
+        mean = self.as_params(arrays) if results else self.server.state.params
+        wrong = implausible_mean(arrays, SECAGG_CLIPPING_RANGE) if results else None
+        drops, self.drops = self.drops, {}
         self.record = self.server.accept_mean(plan, mean, len(counted), losses,
-                                              diverged=diverged)
+                                              diverged=diverged, rejected=drops, refused=wrong)
         self.record.seconds = time.perf_counter() - self.started
         if not plan.evaluated:
             self.server.complete(self.record, None)
         return ndarrays_to_parameters(self.as_arrays(self.server.state.params)), {}
+
+    def dropped(self, server_round: int, node_id: int, why: str) -> None:
+        """The SecAgg+ guard dropped a node's reply this round (recorded as rejected)."""
+        self.drops[self.nodes.get(node_id, (f"node {node_id}", ""))[0]] = why
+
+    def refused(self, server_round: int, why: str) -> None:
+        """The SecAgg+ guard ended a round without an aggregate: recorded, params unchanged."""
+        plan = self.plan
+        if plan is None:
+            return
+        drops, self.drops = self.drops, {}
+        self.record = self.server.refuse(plan, {**drops, "secure aggregation": why})
+        self.record.seconds = time.perf_counter() - self.started
+        if not plan.evaluated:
+            self.server.complete(self.record, None)
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         if self.plan is None or not self.plan.evaluated:
@@ -385,8 +406,9 @@ def _run(grid: Grid, context: Context, flower: FlowerSettings, classes: tuple[st
     start = time.perf_counter()
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=server.rules.rounds),
                            strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=count, reconstruction_threshold=max(2, count - 1),
+    workflow = DefaultWorkflow(fit_workflow=GuardedSecAggPlusWorkflow(  # a bad reply drops
+        num_shares=count, reconstruction_threshold=max(2, count - 1),  # its client, or the
+        on_drop=strategy.dropped, on_refuse=strategy.refused,  # round is refused in one line
         # uniform: every weight is 1, so a scale of 1 keeps them exact (at 10,000 a weight of
         # 1 is quantized to a few levels and the mean is off by percents)
         max_weight=1.0 if cfg.aggregation == "uniform" else flower.secagg_max_weight))
