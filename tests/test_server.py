@@ -244,3 +244,33 @@ def test_every_client_diverging_stops_the_run(tiny_arch, data, tmp_path):
     plan = server.plan()
     with pytest.raises(TrainingError, match="diverged on every client .* round 1"):
         server.accept(plan, {}, rejected={"a": DIVERGED, "b": DIVERGED})
+
+
+def test_echoing_clients_and_a_frozen_model_are_said_in_the_round_records():
+    """Two clients that send the global parameters back: each round says they did not move
+    it and that their updates are identical; after three such rounds, that the global model
+    has stopped moving while clients report training."""
+    from fedclip.algorithms import get_algorithm
+    from fedclip.core.client import ClientUpdate
+
+    cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"), rounds=4,
+                          norm_factor=0.0)
+    algorithm = get_algorithm(cfg)
+    server = Server(algorithm, {"a": 10, "b": 10})
+    server.start(algorithm.init_global(4))
+    records = []
+    while (plan := server.plan()) is not None:
+        echo = {k: v.clone() for k, v in algorithm.shared(server.state.params).items()}
+        updates = {c: ClientUpdate(echo, {}, 10, 0.5) for c in plan.clients}
+        records.append(server.complete(server.accept(plan, updates), None))
+    assert any("did not move" in w for w in records[0].warnings)
+    assert any("identical" in w for w in records[0].warnings) is False  # said once: echo
+    assert not any("have not moved" in w for r in records[:2] for w in r.warnings)
+    assert any("have not moved for 3 rounds" in w for w in records[2].warnings)
+
+
+def test_the_result_states_one_clients_influence(tiny_arch, data, tmp_path):
+    result = _drive("in-process", "honest", tiny_arch, data, tmp_path / "r")
+    influence = result["influence"]
+    assert influence["bound"] is None or influence["bound"] >= 1.0
+    assert "tolerat" in influence["tolerance"]

@@ -7,6 +7,7 @@ strategy and SecAgg+ share one implementation.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from fedclip import privacy
 from fedclip.aggregation import ROBUST, SELECTING, TooFewUpdates, flower_aggregate, min_updates
 from fedclip.config import RunConfig
 from fedclip.core.client import ClientUpdate, RoundConfig, client_weights, weight_cap
+from fedclip.core.influence import influence_bound, stalled, suspicious, tolerance_note
 from fedclip.core.records import RoundRecord, RunResult, safe_name
 from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError, TrainingError
@@ -26,6 +28,7 @@ from fedclip.tensors import Params, State, all_finite
 
 logger = logging.getLogger(__name__)
 Evaluation = tuple[dict[str, float], dict[str, float], float | None]  # val, test, held-out
+STALL_ROUNDS = 3  # rounds without movement, while clients train, before the server says so
 
 
 class Aggregator(Protocol):
@@ -282,6 +285,7 @@ class Server:
         self.state = FederationState(0, None)
         self.pending: RoundRecord | None = None  # accepted, not yet completed
         self.log: list[str] = []  # warnings of the run, in order (drivers log them too)
+        self.moved: list[float | None] = []  # how far each round moved the global model
 
     # --- start ----------------------------------------------------------------------------
     def start(self, init: Params | None, resumed: FederationState | None = None
@@ -365,6 +369,9 @@ class Server:
                 del kept[client]
         for client, why in sorted(rejected.items()):
             self.warn(f"round {rnd}: rejected the update of {client}: {why}")
+        noticed = [f"round {rnd}: {w}" for w in suspicious(
+            self.state.params, {c: u.params for c, u in kept.items()})] \
+            if algo.communicates and algo.sends_params else []
         absent = sorted(set(plan.clients) - set(kept) - set(rejected) | set(missing or ()))
         if absent:
             self.warn(f"round {rnd}: no update from {', '.join(absent)}")
@@ -372,6 +379,9 @@ class Server:
                              received, missing=absent if missing is not None else None,
                              rejected=rejected or None,
                              epsilon=self.rules.epsilon(rnd), node_seconds=node_seconds)
+        for warning in noticed:
+            self.warn(warning)
+        record.warnings = noticed or None
         if not kept and rejected and set(rejected.values()) == {DIVERGED}:
             raise TrainingError(
                 f"training diverged on every client that answered in round {rnd} (lr "
@@ -443,7 +453,8 @@ class Server:
         return record
 
     def _commit(self, record: RoundRecord, new: Params, server_state: State) -> None:
-        """The one policy for a non-finite aggregate: refused, recorded, the run stops."""
+        """The one policy for a non-finite aggregate: refused, recorded, the run stops. A
+        global model that has stopped moving while clients report training is said."""
         if not all_finite(new):
             record.rejected = {**(record.rejected or {}),
                                "aggregate": "not finite; the global parameters are unchanged"}
@@ -453,6 +464,15 @@ class Server:
             raise AggregateNotFinite(
                 f"round {record.round}: the aggregate is not finite; lower the learning rate "
                 f"(or the server's). The last good checkpoint is kept")
+        self.moved.append(privacy.update_norm(self.algorithm.shared(new),
+                                              self.algorithm.shared(self.state.params))
+                          if record.train_loss else None)
+        if stalled(self.moved, STALL_ROUNDS):
+            warning = (f"round {record.round}: the global parameters have not moved for "
+                       f"{STALL_ROUNDS} rounds in which clients reported training (echoing "
+                       f"clients, a rule that keeps selecting them, or an lr of 0)")
+            self.warn(warning)
+            record.warnings = [*(record.warnings or []), warning]
         self.state.global_params, self.state.server_state = new, server_state
 
     def complete(self, record: RoundRecord, evaluation: Evaluation | None) -> RoundRecord:
@@ -485,6 +505,19 @@ class Server:
                 f"{plan.rounds} of {self.cfg.rounds} rounds; the run stops after round "
                 f"{plan.rounds}")
 
+    def influence(self, state: FederationState) -> dict[str, Any]:
+        """What results.json says of one client's influence: the most it can move the global
+        model in a round relative to an honest client (None: unbounded), what the rules
+        tolerate, and the warnings of rounds the server found suspicious."""
+        if not self.algorithm.communicates or state.global_params is None:
+            return {}
+        shared = sum(v.numel() for v in self.algorithm.shared(state.global_params).values())
+        bound = influence_bound(self.cfg, list(self.sizes.values()), shared)
+        warned = [w for r in state.history for w in r.warnings or []]
+        return {"influence": {"bound": bound if math.isfinite(bound) else None,
+                              "tolerance": tolerance_note(self.cfg, len(self.sizes)),
+                              **({"warnings": warned} if warned else {})}}
+
     # --- the end --------------------------------------------------------------------------
     def finish(self, zero: RoundRecord, *, personalized: Any, clients: Sequence[Any],
                heldout_images: int, runtime: str, dataset: str, classes: tuple[str, ...],
@@ -499,7 +532,8 @@ class Server:
         result = self.run.result(
             state, zero, dataset=dataset, trainable_params=trainable_params, seconds=seconds,
             clients=clients, heldout_images=heldout_images, runtime=runtime,
-            personalized=personalized, **extra, **self.rules.extra(state.round))
+            personalized=personalized, **extra, **self.rules.extra(state.round),
+            **self.influence(state))
         adapters = [("adapter", state.best_params, state.best_round),
                     ("adapter-last", state.global_params, state.round)]
         if algo.keeps_own_models and state.best_params is not None:
