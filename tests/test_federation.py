@@ -143,8 +143,7 @@ def test_a_planned_client_that_never_connects_is_refused(tiny_arch, pacs_like, t
 
 
 def test_federation_checks_name_every_problem():
-    from fedclip.flower.server_app import check_federation
-    from fedclip.flower.strategy import NodeInfo
+    from fedclip.flower.discovery import NodeInfo, check_federation
 
     cfg = RunConfig.build(heldout="sketch", clients_per_domain=2)
 

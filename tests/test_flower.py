@@ -282,7 +282,8 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
     from fedclip.algorithms import get_algorithm
     from fedclip.core.client import ClientUpdate
     from fedclip.core.server import Server
-    from fedclip.flower.secagg import AdapterClient, SecureStrategy
+    from fedclip.flower.secagg import SecureStrategy
+    from fedclip.flower.secagg_client import AdapterClient
 
     algorithm = get_algorithm(RunConfig.build(backbone="standin", heldout="d",
                                               classes=("x", "y")))

@@ -101,8 +101,7 @@ def test_a_malformed_identity_is_refused_with_the_node_named(tiny_arch, toy_root
 
 
 def test_a_training_node_without_examples_is_refused():
-    from fedclip.flower.server_app import check_federation
-    from fedclip.flower.strategy import NodeInfo
+    from fedclip.flower.discovery import NodeInfo, check_federation
 
     cfg = RunConfig.build(heldout="gamma", classes=("a", "b"))
     nodes = {1: NodeInfo(1, "alpha", "train", "alpha", 0, 0, 0, 0, 0, 32, 10.0),

@@ -13,7 +13,8 @@ from fedclip.algorithms.base import Runtime
 from fedclip.config import RunConfig
 from fedclip.core.server import Server
 from fedclip.flower.codec import encode
-from fedclip.flower.strategy import FedClipStrategy, NodeInfo
+from fedclip.flower.discovery import NodeInfo
+from fedclip.flower.strategy import FedClipStrategy
 
 DIM = 4
 TRAIN = {1: ("a", 10), 2: ("b", 30), 3: ("c", 20)}  # node id -> (client, declared train size)
@@ -258,7 +259,7 @@ def test_an_array_is_judged_by_its_declared_metadata_before_any_decoding(fields,
 
 
 def test_a_discovery_reply_without_its_task_names_the_node():
-    from fedclip.flower.server_app import _node_info
+    from fedclip.flower.discovery import node_info as _node_info
 
     content = RecordDict({"node": ConfigRecord({"client": "a", "role": "train", "domain": "a"}),
                           "metrics": MetricRecord({"client-index": 0, "num-train": 3,

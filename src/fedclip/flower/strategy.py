@@ -33,7 +33,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -41,29 +40,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedclip.core.client import ClientUpdate
 from fedclip.core.records import Personalized, RoundRecord
-from fedclip.core.server import DIVERGED, RoundPlan, Server
-from fedclip.flower.codec import check_arrays, encode, finite_number, payload_bytes
-from fedclip.flower.replies import Reply, evaluation_of, personalized_of
+from fedclip.core.server import RoundPlan, Server
+from fedclip.flower.codec import encode, finite_number, payload_bytes
+from fedclip.flower.discovery import NodeInfo
+from fedclip.flower.replies import Reply, evaluation_of, personalized_of, train_update
 
 QUANTUM = {"fp32": 1e-6, "fp16": 2.0 ** -10}  # a transfer's relative rounding, with slack
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """A node as discovered: who it said it was, bound to its Flower node id."""
-
-    node_id: int
-    client: str
-    role: str  # "train" or "heldout"
-    domain: str
-    index: int
-    num_train: int
-    num_val: int
-    num_test: int
-    images: int
-    dim: int
-    logit_scale: float
-    skipped: tuple[str, ...] = ()
 
 
 @dataclass
@@ -141,46 +123,9 @@ class FedClipStrategy(FedAvg):
 
     def _check(self, msg: Message, plan: RoundPlan
                ) -> tuple[str, ClientUpdate | None, str | None, int]:
-        """(client, update or None, why rejected, bytes received) for one train reply: what
-        the transport can tell (who sent it, its arrays and numbers); the server's own rules
-        come after (:meth:`Server.accept`)."""
-        info = self.nodes.get(msg.metadata.src_node_id)
-        if info is None or info.role != "train" or info.client not in plan.clients:
-            who = info.client if info else f"unknown node {msg.metadata.src_node_id}"
-            return who, None, "not a training node sampled for this round", 0
-        if msg.has_error():
-            return info.client, None, f"error reply: {msg.error.reason}", 0
-        content = msg.content
-        if "metrics" in content.metric_records and \
-                content.metric_records["metrics"].get("diverged") == 1:
-            return info.client, None, DIVERGED, 0
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return info.client, None, "malformed reply (no arrays or no metrics)", 0
-        received = sum(payload_bytes(r) for r in content.array_records.values())
-        shapes = self.algorithm.reply_shapes(self.state.params)
-        params, why = check_arrays(content.array_records["arrays"], shapes, self.transfer)
-        if params is None:
-            return info.client, None, why, received
-        declared = self.algorithm.reply_extras(self.state.params)
-        extras: dict[str, torch.Tensor] = {}
-        if declared or "extras" in content.array_records:
-            got = content.array_records.get("extras", ArrayRecord())
-            checked, why = check_arrays(got, declared, self.transfer, "extras")
-            if checked is None:
-                return info.client, None, why, received
-            extras = checked
-        metrics = content.metric_records["metrics"]
-        count = finite_number(metrics.get("num-examples"))
-        if count is None or count != info.num_train:
-            return info.client, None, (f"num-examples {metrics.get('num-examples')!r} differs "
-                                       f"from the train size {info.num_train} declared at "
-                                       f"discovery"), received
-        loss = finite_number(metrics.get("train-loss"))
-        if loss is None:
-            return info.client, None, "train-loss missing or not a finite number", received
-        steps = finite_number(metrics.get("steps"), 0, 1e12) or 0
-        return info.client, ClientUpdate(params, extras, info.num_train, loss,
-                                         steps=int(steps)), None, received
+        """One train reply through the transport's checks (:func:`train_update`)."""
+        return train_update(msg, self.nodes, plan, self.algorithm, self.state.params,
+                            self.transfer)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
