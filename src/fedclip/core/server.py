@@ -216,6 +216,33 @@ def outliers(algorithm: Aggregator, current: Params, updates: Mapping[str, Clien
     return out
 
 
+SECURE_AGGREGATIONS = ("weighted", "uniform")
+
+
+def secure_sum_refusal(algorithm: Any) -> str | None:
+    """Why a run cannot aggregate through a secure sum (SecAgg+: the server sees only the
+    weighted mean), or None: per-client extras, client state and robust rules need the
+    individual updates, and so does server-side DP's clipping."""
+    cfg, name = algorithm.cfg, algorithm.name
+    if not algorithm.runs_on_flower:
+        return f"algorithm {name!r} does not run on Flower; run it in-process"
+    if not algorithm.aggregates_mean:
+        return (f"algorithm {name!r} sends per-client extras with its update, which a secure "
+                f"sum cannot carry; run it without SecAgg+")
+    if algorithm.keeps_own_models:
+        return (f"algorithm {name!r} keeps a model per client (personal parameters or "
+                f"state), which SecAgg+'s legacy client cannot keep; run it without SecAgg+")
+    if cfg.optimizer_state == "keep":
+        return "optimizer_state=keep keeps client state; SecAgg+ runs with 'reset'"
+    if cfg.aggregation not in SECURE_AGGREGATIONS:
+        return (f"aggregation={cfg.aggregation!r} needs the individual updates, which SecAgg+ "
+                f"hides; use {' or '.join(SECURE_AGGREGATIONS)}")
+    if cfg.dp == "server":
+        return ("dp=server clips the individual updates, which SecAgg+ hides; use dp=client "
+                "(each client clips its own update, the server noises the secure sum)")
+    return None
+
+
 # --- the one server ------------------------------------------------------------------------
 DIVERGED = "its training diverged (a non-finite loss or weights)"
 RoundObserver = Callable[[FederationState, RoundRecord], None]

@@ -13,8 +13,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MessageType
+from flwr.common import EvaluateIns, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
+from flwr.serverapp import Grid
 
 from fedclip.core.client import ClientUpdate
 from fedclip.core.records import Personalized
@@ -104,3 +108,53 @@ def train_update(msg: Message, nodes: Mapping[int, NodeInfo], plan: RoundPlan, a
     steps = finite_number(metrics.get("steps"), 0, 1e12) or 0
     return info.client, ClientUpdate(params, extras, info.num_train, loss,
                                      steps=int(steps)), None, received
+
+
+def evaluate_all(grid: Grid, arrays: list[np.ndarray], config: dict, timeout: float
+                 ) -> list[tuple[int, dict]]:
+    """One legacy evaluate exchange with every node (round 0, zero-shot, personalization)."""
+    ins = EvaluateIns(ndarrays_to_parameters(arrays), config)
+    messages = [Message(compat.evaluateins_to_recorddict(ins, True), dst_node_id=n,
+                        message_type=MessageType.EVALUATE) for n in grid.get_node_ids()]
+    replies = []
+    for msg in grid.send_and_receive(messages, timeout=timeout):
+        if msg.has_content():
+            res = compat.recorddict_to_evaluateres(msg.content)
+            replies.append((msg.metadata.src_node_id, dict(res.metrics)))
+    return replies
+
+
+def identities(answers: list[tuple[int, dict]]) -> tuple[dict[int, tuple[str, str]],
+                                                         dict[str, dict[str, int]]]:
+    """Each node's (name, role) and split sizes, from its first (zero-shot) answer."""
+    nodes: dict[int, tuple[str, str]] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    for node_id, metrics in answers:
+        name = str(metrics.get("client"))[:256]
+        role = "heldout" if "zeroshot-heldout-accuracy" in metrics else "train"
+        nodes[node_id] = (name, role)
+        sizes[name] = {k: int(v) for k in ("num-train", "num-val", "num-test")
+                       if (v := finite_number(metrics.get(k), 0)) is not None}
+    return nodes, sizes
+
+
+NODE_COSTS = {"start-seconds": "start", "site-seconds": "site", "eval-seconds": "evaluation",
+              "train-seconds": "training"}
+
+
+def node_seconds(replies: list[Message], nodes: Mapping[int, NodeInfo], timeout: float
+                 ) -> dict[str, float] | None:
+    """Where the round's slowest training node says its message's time went (each part the
+    maximum over nodes; values outside [0, round timeout] are ignored): what a deployment's
+    round costs beyond the arithmetic, for the operator."""
+    out: dict[str, float] = {}
+    for msg in replies:
+        if msg.has_error() or "metrics" not in msg.content.metric_records or \
+                msg.metadata.src_node_id not in nodes:
+            continue
+        metrics = msg.content.metric_records["metrics"]
+        for key, name in NODE_COSTS.items():
+            value = finite_number(metrics.get(key), 0.0, timeout)
+            if value is not None:
+                out[name] = round(max(out.get(name, 0.0), value), 4)
+    return out or None

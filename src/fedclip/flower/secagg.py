@@ -36,13 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context
 from flwr.common import (
-    EvaluateIns,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow
@@ -54,12 +52,18 @@ from fedclip.callbacks import close, loggers_from_specs
 from fedclip.config import FlowerSettings
 from fedclip.core.records import ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import RunFolder
-from fedclip.core.server import RoundPlan, Server
+from fedclip.core.server import RoundPlan, Server, secure_sum_refusal
 from fedclip.errors import ConfigError
 from fedclip.flower.codec import finite_number
 from fedclip.flower.discovery import dataset_name
 from fedclip.flower.grid import PollingGrid
-from fedclip.flower.replies import Reply, evaluation_of, personalized_of
+from fedclip.flower.replies import (
+    Reply,
+    evaluate_all,
+    evaluation_of,
+    identities,
+    personalized_of,
+)
 from fedclip.flower.secagg_client import build_client_app, client_app
 from fedclip.flower.secagg_guard import GuardedSecAggPlusWorkflow, implausible_mean
 from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
@@ -68,33 +72,16 @@ from fedclip.tensors import Params
 
 # the documented component path (pyproject: clientapp = "fedclip.flower.secagg:client_app")
 __all__ = ["build_client_app", "build_server_app", "client_app", "run", "server_app"]
-SECURE_AGGREGATIONS = ("weighted", "uniform")
 SECAGG_CLIPPING_RANGE = 8.0  # SecAggPlusWorkflow's default clipping_range: values travel in it
 
 
 def refusal(algorithm: Algorithm, flower: FlowerSettings) -> str | None:
-    """Why this run cannot go through SecAgg+ (None: it can)."""
-    cfg, name = algorithm.cfg, algorithm.name
-    if not algorithm.runs_on_flower:
-        return f"algorithm {name!r} does not run on Flower; run it in-process"
-    if not algorithm.aggregates_mean:
-        return (f"algorithm {name!r} sends per-client extras with its update, which a secure "
-                f"sum cannot carry; run it without SecAgg+")
-    if algorithm.keeps_own_models:
-        return (f"algorithm {name!r} keeps a model per client (personal parameters or "
-                f"state), which SecAgg+'s legacy client cannot keep; run it without SecAgg+")
-    if cfg.optimizer_state == "keep":
-        return "optimizer_state=keep keeps client state; SecAgg+ runs with 'reset'"
-    if cfg.aggregation not in SECURE_AGGREGATIONS:
-        return (f"aggregation={cfg.aggregation!r} needs the individual updates, which SecAgg+ "
-                f"hides; use {' or '.join(SECURE_AGGREGATIONS)}")
-    if cfg.dp == "server":
-        return ("dp=server clips the individual updates, which SecAgg+ hides; use dp=client "
-                "(each client clips its own update, the server noises the secure sum)")
+    """Why this run cannot go through SecAgg+ (None: it can): the server's rule
+    (:func:`fedclip.core.server.secure_sum_refusal`), and no resume on the legacy workflow."""
     if flower.resume:
         return ("resume=true is not available with SecAgg+ (Flower's legacy workflow cannot "
                 "start from a checkpoint); start the run again into a new out")
-    return None
+    return secure_sum_refusal(algorithm)
 
 
 def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
@@ -218,34 +205,6 @@ class SecureStrategy(LegacyFedAvg):
             self.server.complete(record, evaluation_of(self.replies(
                 [(p.node_id, dict(r.metrics)) for p, r in results])))
         return super().aggregate_evaluate(server_round, results, failures)
-
-
-def evaluate_all(grid: Grid, arrays: list[np.ndarray], config: dict, timeout: float
-                 ) -> list[tuple[int, dict]]:
-    """One legacy evaluate exchange with every node (round 0, zero-shot, personalization)."""
-    ins = EvaluateIns(ndarrays_to_parameters(arrays), config)
-    messages = [Message(compat.evaluateins_to_recorddict(ins, True), dst_node_id=n,
-                        message_type=MessageType.EVALUATE) for n in grid.get_node_ids()]
-    replies = []
-    for msg in grid.send_and_receive(messages, timeout=timeout):
-        if msg.has_content():
-            res = compat.recorddict_to_evaluateres(msg.content)
-            replies.append((msg.metadata.src_node_id, dict(res.metrics)))
-    return replies
-
-
-def identities(answers: list[tuple[int, dict]]) -> tuple[dict[int, tuple[str, str]],
-                                                         dict[str, dict[str, int]]]:
-    """Each node's (name, role) and split sizes, from its first (zero-shot) answer."""
-    nodes: dict[int, tuple[str, str]] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    for node_id, metrics in answers:
-        name = str(metrics.get("client"))[:256]
-        role = "heldout" if "zeroshot-heldout-accuracy" in metrics else "train"
-        nodes[node_id] = (name, role)
-        sizes[name] = {k: int(v) for k in ("num-train", "num-val", "num-test")
-                       if (v := finite_number(metrics.get(k), 0)) is not None}
-    return nodes, sizes
 
 
 def run(grid: Grid, context: Context, run_config: dict[str, Any], poll: bool = False

@@ -118,7 +118,7 @@ class ExactWeights(Client):
     def fit(self, ins: FitIns) -> FitRes:
         arrays, weight, metrics = self.inner.fit(parameters_to_ndarrays(ins.parameters),
                                                  ins.config)
-        return FitRes(OK, ndarrays_to_parameters(arrays), weight, metrics)  # type: ignore[arg-type]
+        return FitRes(OK, ndarrays_to_parameters(arrays), weight, metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         loss, count, metrics = self.inner.evaluate(parameters_to_ndarrays(ins.parameters),

@@ -1,29 +1,19 @@
-"""Flower's FedAvg, extended through its hooks only (no copied round loop).
+"""Flower's FedAvg, extended through its hooks only (no copied round loop), driving the one
+server (:class:`fedclip.core.server.Server`), which decides everything about a round.
 
-The server trusts no client:
-
-* every node's identity (client name, role, train size) is fixed at discovery and bound to
-  the node id Flower authenticated; nothing a reply says can change it;
-* ``configure_train`` sends the algorithm's shared parameters, its extras and the round's
-  hyperparameters (``Algorithm.round_config``) to the training nodes only;
-* ``aggregate_train`` validates each reply as a whole (a training node, the expected arrays
-  with the run's dtype, finite values, the algorithm's declared extras, ``num-examples``
-  equal to the train size declared at discovery, a finite loss) and rejects an update whose
-  distance from the global parameters is more than ``norm_factor`` times the median distance
-  of the round's updates (with at least three updates). Rejected replies are logged and
-  recorded, never raised. The rest are weighted by their **declared** train size and
-  combined by the algorithm's own ``aggregate`` (the in-process runner's code);
-* evaluation accepts val/test accuracies only from training nodes and the held-out accuracy
-  only from the held-out node, each a number in [0, 1], and only from a node asked for it;
-  it builds the round in the in-process history format and applies the one best-round rule.
+The hooks only move messages: ``configure_train`` sends the server's plan (the shared
+parameters, each client's extras, the round's configuration) to the sampled training nodes;
+``aggregate_train`` checks what the transport can (:func:`~fedclip.flower.replies.
+train_update`: a node sampled for the round, the expected arrays and dtype, finite values,
+``num-examples`` equal to the size declared at discovery) and hands the rest to
+:meth:`Server.accept`; evaluation replies count only by the role fixed at discovery
+(:mod:`fedclip.flower.replies`).
 
 **One message per node per round.** Round ``r``'s parameters are evaluated in round
-``r + 1``: a node sampled to train evaluates the parameters it receives (its val and test
-splits, with its own state, before training) inside its train message and sends the
-accuracies with its update; the held-out node and the training nodes not sampled get an
-evaluate message in the same exchange. Round ``r``'s record is completed then (the same
-numbers, in the same round, as in-process) and checkpointed. Round 0 and the last round are
-evaluated in their own exchange, as is personalization.
+``r + 1``: a node sampled to train scores the parameters it receives before training and
+sends the accuracies with its update; the held-out node and the unsampled ones get an
+evaluate message in the same exchange. Round 0 and the last round are evaluated in their own
+exchange, as is personalization.
 """
 
 from __future__ import annotations
@@ -41,9 +31,15 @@ from flwr.serverapp.strategy import FedAvg
 from fedclip.core.client import ClientUpdate
 from fedclip.core.records import Personalized, RoundRecord
 from fedclip.core.server import RoundPlan, Server
-from fedclip.flower.codec import encode, finite_number, payload_bytes
+from fedclip.flower.codec import encode, payload_bytes
 from fedclip.flower.discovery import NodeInfo
-from fedclip.flower.replies import Reply, evaluation_of, personalized_of, train_update
+from fedclip.flower.replies import (
+    Reply,
+    evaluation_of,
+    node_seconds,
+    personalized_of,
+    train_update,
+)
 
 QUANTUM = {"fp32": 1e-6, "fp16": 2.0 ** -10}  # a transfer's relative rounding, with slack
 
@@ -138,7 +134,7 @@ class FedClipStrategy(FedAvg):
         replies = [m for m in replies if m.metadata.message_type == MessageType.TRAIN]
         updates: dict[str, ClientUpdate] = {}
         rejected: dict[str, str] = {}
-        received, answers = 0, {}
+        received, answers = 0, dict[str, int]()
         for msg in replies:
             client, update, why, size = self._check(msg, pending.plan)
             received += size
@@ -155,7 +151,7 @@ class FedClipStrategy(FedAvg):
         pending.record = self.server.accept(
             pending.plan, updates, rejected=rejected, missing=[], sent=pending.sent,
             received=received,
-            node_seconds=self.node_seconds(replies))
+            node_seconds=node_seconds(replies, self.nodes, self.timeout))
         pending.record.seconds = time.perf_counter() - pending.started
         if not pending.record.train_loss:  # no update counted: the parameters are unchanged
             return None, None
@@ -163,29 +159,10 @@ class FedClipStrategy(FedAvg):
             self.state.params).items()}), MetricRecord(
             {"train-loss": pending.record.mean_train_loss or 0.0, "num-updates": len(updates)})
 
-    NODE_COSTS = {"start-seconds": "start", "site-seconds": "site",
-                  "eval-seconds": "evaluation", "train-seconds": "training"}
-
-    def node_seconds(self, replies: list[Message]) -> dict[str, float] | None:
-        """Where the round's slowest training node says its message's time went (each part
-        the maximum over nodes; values outside [0, round timeout] are ignored): what a
-        deployment's round costs beyond the arithmetic, for the operator."""
-        out: dict[str, float] = {}
-        for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content.metric_records or \
-                    msg.metadata.src_node_id not in self.nodes:
-                continue
-            metrics = msg.content.metric_records["metrics"]
-            for key, name in self.NODE_COSTS.items():
-                value = finite_number(metrics.get(key), 0.0, self.timeout)
-                if value is not None:
-                    out[name] = round(max(out.get(name, 0.0), value), 4)
-        return out or None
-
     # --- evaluation -----------------------------------------------------------------------
     def _replies(self, replies: Iterable[Message]) -> list[Reply]:
         """Answers from known nodes with their metrics, by the role fixed at discovery."""
-        out = []
+        out: list[Reply] = []
         for msg in replies:
             info = self.nodes.get(msg.metadata.src_node_id)
             if info is not None and not msg.has_error() and \

@@ -11,23 +11,22 @@ the run folder. Progress goes to an optional :class:`Reporter`; round callbacks
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 from fedclip import callbacks as cb
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Runtime
 from fedclip.backbones import resolve_device
+from fedclip.callbacks import Reporter, SilentReporter
 from fedclip.config import RunConfig
 from fedclip.core.records import ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import HeldoutRun, RunFolder
 from fedclip.core.server import server_rules
 from fedclip.core.state import FederationState
 from fedclip.data.sources import data_source
-from fedclip.errors import RunFolderError
+from fedclip.features import check_cache_writable
 from fedclip.inprocess.federation import Federation
 from fedclip.task import (
     Prepared,
@@ -39,33 +38,6 @@ from fedclip.task import (
     scan,
     training_clients,
 )
-
-
-class Reporter(Protocol):
-    """Progress for people (the CLI's progress bars); the runner itself prints nothing."""
-
-    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
-        """``done`` of ``total`` images of ``domain`` encoded (``cached``: all of them read
-        from the feature cache at once)."""
-
-    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
-        """A round of the ``heldout`` run ended."""
-
-    def info(self, message: str) -> None:
-        """A line for the user."""
-
-
-class SilentReporter(Reporter):
-    """A reporter that reports nothing."""
-
-    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
-        pass
-
-    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
-        pass
-
-    def info(self, message: str) -> None:
-        pass
 
 
 def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation:
@@ -105,9 +77,11 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
     reporter = reporter or SilentReporter()
     heldout, start = writer.heldout, time.perf_counter()
     fed = build_federation(cfg, prep, heldout)
-    observers = [lambda st, record: reporter.round_end(heldout, record, server.rules.rounds)]
+    def progress(state: FederationState, record: RoundRecord) -> None:
+        reporter.round_end(heldout, record, server.rules.rounds)
+
     server = fed.server(writer, callbacks=callbacks, resumed=writer.resumed,
-                        observers=[*observers, *([on_round] if on_round else [])])
+                        observers=[progress, *([on_round] if on_round else [])])
     if writer.resumed is not None:
         reporter.info(f"[{heldout}] resuming after round {writer.resumed.round}")
     if (note := server.budget_note()) is not None:
@@ -127,18 +101,6 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
         trainable_params=fed.trainable_parameters(),
         skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
         data_source=data_source(prep.dataset.root))
-
-
-def check_cache_writable(folder: Path) -> None:
-    """Refuse an unwritable feature cache before anything is extracted."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise RunFolderError(f"the feature cache {folder} is not writable ({exc.strerror}); "
-                             f"pass --cache-dir with a folder you can write to, or set "
-                             f"FEDCLIP_CACHE") from None
 
 
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
