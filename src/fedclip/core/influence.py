@@ -28,14 +28,14 @@ import numpy as np
 from fedclip.aggregation import ROBUST, SELECTING, min_updates
 from fedclip.config import RunConfig
 from fedclip.core.client import steps_per_round
+from fedclip.core.state import selection_rule
 from fedclip.privacy import update_norm
+from fedclip.sampling import sampled_per_round
 from fedclip.tensors import Params
 
 
 def _per_round(cfg: RunConfig, population: int) -> int:
-    """Updates a round aggregates (imported here: the server imports this module)."""
-    from fedclip.core.server import sampled_per_round
-
+    """Updates a round aggregates."""
     return sampled_per_round(cfg, population)
 
 
@@ -61,7 +61,6 @@ def tolerated(cfg: RunConfig, n_clients: int) -> int:
 
 def tolerance_note(cfg: RunConfig, n_clients: int) -> str:
     """One line for results and logs: what the aggregator and the best-round rule tolerate."""
-    from fedclip.core.server import selection_rule  # here: the server imports this module
 
     n = _per_round(cfg, n_clients)
     f = tolerated(cfg, n_clients)

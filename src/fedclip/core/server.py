@@ -20,10 +20,10 @@ from fedclip.config import RunConfig
 from fedclip.core.client import ClientUpdate, RoundConfig, client_weights, weight_cap
 from fedclip.core.influence import influence_bound, stalled, suspicious, tolerance_note
 from fedclip.core.records import RoundRecord, RunResult, safe_name
-from fedclip.core.state import FederationState
+from fedclip.core.state import FederationState, selection_rule
 from fedclip.errors import ConfigError, TrainingError
 from fedclip.privacy import PrivacyPlan
-from fedclip.sampling import sample_clients
+from fedclip.sampling import sample_clients, sampled_per_round
 from fedclip.tensors import Params, State, all_finite
 
 logger = logging.getLogger(__name__)
@@ -90,21 +90,6 @@ class ServerRules:
             out["privacy"] = {**self.privacy.to_json(),
                               "epsilon": self.privacy.epsilon(rounds_done)}
         return out
-
-
-def sampled_per_round(cfg: RunConfig, population: int) -> int:
-    """How many clients train in a round (``clients_per_round``, 0: all)."""
-    k = cfg.clients_per_round
-    return population if k <= 0 or k >= population else k
-
-
-def selection_rule(cfg: RunConfig) -> str:
-    """How the best round is chosen: by the mean of the clients' val accuracies, or by their
-    median, which one client cannot move outside the range of the others' values; ``selection``
-    says which ('auto': the median with a robust aggregator, which assumes some clients lie)."""
-    if cfg.selection != "auto":
-        return cfg.selection
-    return "median" if cfg.aggregation in ROBUST else "mean"
 
 
 def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> ServerRules:
@@ -304,6 +289,9 @@ class Server:
         self.algorithm, self.cfg = algorithm, algorithm.cfg
         self.sizes = dict(sizes)
         self.run, self.callbacks, self.observers = run, list(callbacks), list(observers)
+        # the held-out domain this server's rounds are reported under (cfg.heldout may say
+        # "all": the run folder knows which one this is)
+        self.heldout = run.heldout if run is not None else self.cfg.heldout
         self.noise, self.quantum = noise, quantum
         self.rules = server_rules(self.cfg, algorithm, len(self.sizes))
         self.weights = client_weights(self.sizes, self.cfg)
@@ -517,7 +505,7 @@ class Server:
             else:
                 self.run.round_end(self.state, last=record.round >= self.rules.rounds)
         for callback in self.callbacks:
-            callback.on_round_end(self.cfg.heldout, record)
+            callback.on_round_end(self.heldout, record)
         for observe in self.observers:
             observe(self.state, record)
         self.pending = None
@@ -571,5 +559,5 @@ class Server:
             adapters = adapters[2:]
         self.run.finish(result, adapters, classes, logit_scale, dim)
         for callback in self.callbacks:
-            callback.on_run_end(self.cfg.heldout, result)
+            callback.on_run_end(self.heldout, result)
         return result
