@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedclip.algorithms.registry import names as algorithm_names
 from fedclip.config import RunConfig
 from fedclip.data.splits import partition
 from fedclip.flower.client_app import build_client_app
@@ -190,3 +191,20 @@ def test_device_decoding_is_close_to_the_pil_path_and_cached_apart(tiny_arch, tm
         assert torch.equal(a.valid, b.valid) and int(a.valid.sum()) == 6
         cos = torch.nn.functional.cosine_similarity(a.features[a.valid], b.features[b.valid])
         assert cos.min() > 0.98
+
+
+TEXT_FROM_BACKBONE = {"promptfl", "promptfolio"}  # encode the prompts on cfg.device themselves
+
+
+@pytest.mark.parametrize("algorithm", sorted(set(algorithm_names()) - TEXT_FROM_BACKBONE))
+def test_class_embeddings_stay_on_the_device_of_the_class_features(tiny_arch, algorithm):
+    """What a GPU run found: the CNN baselines' identity 'class embeddings' were made on the
+    CPU, so scoring on a GPU failed (mat2 on cpu). The meta device stands in for a GPU."""
+    from fedclip.algorithms import get_algorithm
+
+    algo = get_algorithm(RunConfig.build(algorithm=algorithm, backbone=tiny_arch))
+    text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1).to("meta")
+    algo.setup(("a cat", "a dog", "a car"), text)
+    module = algo.build_module(32)
+    out = algo.class_text(module.to("meta") if module is not None else None, text)
+    assert out.device.type == "meta"

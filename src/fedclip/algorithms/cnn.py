@@ -98,7 +98,8 @@ class TorchvisionClassifier(Algorithm):
         return module(x)  # class logits
 
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        return torch.eye(self._classes())  # logits pass through class_logits unchanged
+        # logits pass through class_logits unchanged; on the run's device (a GPU's logits)
+        return torch.eye(self._classes(), device=class_text.device)
 
     def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
                   logit_scale: float) -> torch.Tensor:
