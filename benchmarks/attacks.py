@@ -46,7 +46,6 @@ sys.path.insert(0, str(HERE.parent))  # tests.flower_grid: the in-memory Flower 
 
 from fedclip.config import RunConfig  # noqa: E402
 from fedclip.core.client import ClientJob, ClientUpdate  # noqa: E402
-from fedclip.core.records import RoundRecord  # noqa: E402
 from fedclip.inprocess.experiment import build_federation  # noqa: E402
 from fedclip.inprocess.federation import Federation  # noqa: E402
 from fedclip.task import prepare  # noqa: E402
@@ -82,12 +81,12 @@ def attack(fed: Federation, kind: str, malicious: set[str]) -> None:
     if kind == "lie":
         honest_eval = fed.evaluate
 
-        def evaluate(record: RoundRecord, params, states=None) -> RoundRecord:  # noqa: ANN001
-            record = honest_eval(record, params, states)
-            for c in malicious & set(record.val_accuracy or {}):
-                assert record.val_accuracy is not None
-                record.val_accuracy[c] = 1.0 if record.round == 1 else 0.0
-            return record
+        def evaluate(params, states=None):  # noqa: ANN001, ANN202
+            val, test, held = honest_eval(params, states)
+            rnd = fed.current().state.round  # the round being evaluated
+            for c in malicious & set(val):
+                val[c] = 1.0 if rnd == 1 else 0.0
+            return val, test, held
 
         fed.evaluate = evaluate  # type: ignore[method-assign]
         return

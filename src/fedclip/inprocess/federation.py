@@ -156,7 +156,7 @@ class Federation:
     def run_round(self, server: Server | FederationState | None = None) -> RoundRecord | None:
         """One round through ``server``: plan, train, accept, evaluate when due, complete
         (None: no round left)."""
-        server = server if isinstance(server, Server) else self._current()
+        server = server if isinstance(server, Server) else self.current()
         plan = server.plan()
         if plan is None:
             return None
@@ -172,14 +172,15 @@ class Federation:
 
     def run(self, server: Server | None = None) -> FederationState:
         """Round 0 when due, then every round the server plans."""
-        server = server or self._current()
+        server = server or self.current()
         self.round_zero(server)
         while self.run_round(server) is not None:
             pass
         return server.state
 
     # conveniences for benchmarks and tests: a server without a run folder
-    def _current(self) -> Server:
+    def current(self) -> Server:
+        """The server this federation drives (a fresh one, without a run folder, if none)."""
         return self._server or self.server()
 
     def initial_state(self) -> FederationState:
@@ -191,4 +192,4 @@ class Federation:
     @property
     def rules(self):  # noqa: ANN201
         """The server's rules (rounds, sampling, selection, DP)."""
-        return self._current().rules
+        return self.current().rules
