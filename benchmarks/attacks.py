@@ -90,7 +90,7 @@ def attack(fed: Federation, kind: str, malicious: set[str]) -> None:
 
         fed.evaluate = evaluate  # type: ignore[method-assign]
         return
-    honest_train = algo.train_client
+    honest_train = algo.client.train_client
     shared: dict[int, dict[str, torch.Tensor]] = {}  # collude: the round's one crafted update
 
     def train(job: ClientJob) -> ClientUpdate:
@@ -104,7 +104,7 @@ def attack(fed: Federation, kind: str, malicious: set[str]) -> None:
         shared[rnd] = params
         return replace(update, params=params)
 
-    algo.train_client = train  # type: ignore[method-assign]
+    algo.client.train_client = train  # type: ignore[method-assign]
 
 
 def run_one(cfg: RunConfig, prep, kind: str | None, malicious: set[str]) -> dict:  # noqa: ANN001
@@ -259,7 +259,7 @@ def dp_rows(base: RunConfig, quick: bool, log: Callable[[str], None]) -> list[di
         fed = build_federation(cfg.replace(rounds=1), prep, HELDOUT)
         state = fed.initial_state()
         norms = []
-        honest_train = fed.algorithm.train_client
+        honest_train = fed.algorithm.client.train_client
 
         def measure(job: ClientJob, honest=honest_train, norms=norms,  # noqa: ANN001
                     algo=fed.algorithm) -> ClientUpdate:  # noqa: ANN001
@@ -268,7 +268,7 @@ def dp_rows(base: RunConfig, quick: bool, log: Callable[[str], None]) -> list[di
             norms.append(_norm({k: update.params[k] - start[k] for k in update.params}))
             return update
 
-        fed.algorithm.train_client = measure  # type: ignore[method-assign]
+        fed.algorithm.client.train_client = measure  # type: ignore[method-assign]
         fed.run_round(state)
         clip = statistics.median(norms)
         for budget in budgets:

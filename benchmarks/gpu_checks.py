@@ -165,9 +165,9 @@ def check_together(device: str, results: list[dict]) -> None:
                                           seed=100 + i))
                 return made
 
-            cpu = [algo.train_client(job) for job in jobs("cpu")]
-            seq = [algo.train_client(job) for job in jobs(device)]
-            tog = train_together(algo, jobs(device))
+            cpu = [algo.client.train_client(job) for job in jobs("cpu")]
+            seq = [algo.client.train_client(job) for job in jobs(device)]
+            tog = train_together(algo.client, jobs(device))
 
             def gap(a, b) -> float:  # noqa: ANN001
                 return max(max((x.params[k].cpu() - y.params[k].cpu()).abs().max().item()

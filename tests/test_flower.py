@@ -303,7 +303,7 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
         def _params(self, arrays):  # noqa: ANN001, ANN202
             return {"w": torch.zeros(1)}
 
-    algorithm.train_client = lambda job: ClientUpdate({"w": torch.zeros(1)}, {}, 1000, 0.1)
+    algorithm.client.train_client = lambda job: ClientUpdate({"w": torch.zeros(1)}, {}, 1000, 0.1)
     _, weight, _ = Big().fit([torch.zeros(1).numpy()], config)
     assert weight == 60
     _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 5000.0})

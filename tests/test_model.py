@@ -62,7 +62,7 @@ def test_aggregation_against_hand_computation(mode, expected):
     algo = get_algorithm(RunConfig.build(aggregation=mode))
     updates = [ClientUpdate({"w": torch.full((2,), v)}, {}, n, 0.0, weight=float(n))
                for v, n in ((1.0, 10), (5.0, 30))]
-    out, state = algo.aggregate({"w": torch.zeros(2)}, updates, {})
+    out, state = algo.server.aggregate({"w": torch.zeros(2)}, updates, {})
     torch.testing.assert_close(out["w"], torch.full((2,), expected))
     assert state == {}
 

@@ -7,11 +7,17 @@ import pytest
 import torch
 
 from fedclip.algorithms import algorithm_class, names, register
-from fedclip.algorithms.base import RULES, Algorithm, ClientJob
+from fedclip.algorithms.base import RULES, Algorithm, ClientJob, ClientSide, ServerSide
 
 
-def _make(**attrs):  # noqa: ANN003, ANN202
-    return type("Bad", (Algorithm,), {"name": "bad-test", **attrs})
+def _make(client: dict | None = None, server: dict | None = None, **attrs):  # noqa: ANN003, ANN202
+    """An algorithm class with ``attrs`` declared and hooks on its client or server side."""
+    sides = {}
+    if client:
+        sides["Client"] = type("BadClient", (ClientSide,), client)
+    if server:
+        sides["Server"] = type("BadServer", (ServerSide,), server)
+    return type("Bad", (Algorithm,), {"name": "bad-test", **attrs, **sides})
 
 
 def _extras(self, global_params):  # noqa: ANN001, ANN202
@@ -22,10 +28,7 @@ def _loss(self, loss, module, job):  # noqa: ANN001, ANN202
     return loss * 2
 
 
-class _Prox(Algorithm):
-    name = "prox-test"
-    batchable = True
-
+class _ProxClient(ClientSide):
     def proximal_weight(self, job: ClientJob) -> float:
         return 0.1
 
@@ -33,17 +36,25 @@ class _Prox(Algorithm):
         return loss
 
 
+class _Prox(Algorithm):
+    name = "prox-test"
+    batchable = True
+    Client = _ProxClient
+
+
 CASES = [
     (_make(inputs="tokens"), "inputs must be"),
     (_make(uses_text="text"), "uses_text must be"),
     (_make(init_needs_text=True, uses_text="none"), "init_needs_text"),
     (_make(trains=False), "fine_tunes = True needs trains"),
-    (_make(trains=False, fine_tunes=False, train_client=lambda self, job: None),
+    (_make(trains=False, fine_tunes=False, client={"train_client": lambda self, job: None}),
      "trains = False must not override"),
-    (_make(reply_extras=_extras), "aggregates_mean = True cannot hold"),
+    (_make(server={"reply_extras": _extras}), "aggregates_mean = True cannot hold"),
     (_make(sends_params=False, aggregates_mean=False), "sends_params = False needs"),
-    (_make(batchable=True, local_loss=_loss), "batchable = True needs the objective"),
-    (type("Sub", (_Prox,), {"name": "sub-test", "local_loss": _loss}),
+    (_make(batchable=True, client={"local_loss": _loss}),
+     "batchable = True needs the objective"),
+    (type("Sub", (_Prox,), {"name": "sub-test",
+                            "Client": type("SubClient", (_ProxClient,), {"local_loss": _loss})}),
      "batchable = True needs the objective"),
     (_make(batchable=True, personal=("*",)), "batchable = True needs inputs"),
 ]
@@ -67,3 +78,5 @@ def test_every_built_in_algorithm_agrees_with_itself_and_a_prox_one_is_batchable
     assert _Prox.contradiction() is None
     caps = algorithm_class("scaffold").capabilities()
     assert caps.sends_extras and not caps.aggregates_mean and "aggregate" in caps.overrides
+    assert not hasattr(algorithm_class("scaffold").Client, "aggregate")  # sides apart
+    assert not hasattr(algorithm_class("scaffold").Server, "train_client")

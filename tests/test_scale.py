@@ -69,16 +69,16 @@ class DeviceSpy:
         self.seen = set()
 
     def install(self, monkeypatch):
-        from fedclip.algorithms.base import Algorithm
+        from fedclip.algorithms.base import ClientSide
 
-        real = Algorithm.embed
+        real = ClientSide.embed
 
         def embed(algorithm, module, x):
             if module is not None and module.training:
                 self.seen.add((next(module.parameters()).device.type, x.device.type))
             return real(algorithm, module, x)
 
-        monkeypatch.setattr(Algorithm, "embed", embed)
+        monkeypatch.setattr(ClientSide, "embed", embed)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -139,8 +139,8 @@ def test_training_clients_together_equals_the_sequential_loop(algorithm, loss):
                                  text, 20.0, seed=100 + i))
         return out
 
-    sequential = [algo.train_client(job) for job in jobs()]
-    together = train_together(algo, jobs())
+    sequential = [algo.client.train_client(job) for job in jobs()]
+    together = train_together(algo.client, jobs())
     for a, b in zip(sequential, together, strict=True):
         assert a.steps == b.steps and a.num_examples == b.num_examples
         assert max((a.params[k] - b.params[k]).abs().max().item() for k in a.params) < 1e-5
@@ -202,9 +202,11 @@ def test_class_embeddings_stay_on_the_device_of_the_class_features(tiny_arch, al
     CPU, so scoring on a GPU failed (mat2 on cpu). The meta device stands in for a GPU."""
     from fedclip.algorithms import get_algorithm
 
-    algo = get_algorithm(RunConfig.build(algorithm=algorithm, backbone=tiny_arch))
+    from fedclip.algorithms.base import Runtime
+
     text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1).to("meta")
-    algo.setup(("a cat", "a dog", "a car"), text)
+    algo = get_algorithm(RunConfig.build(algorithm=algorithm, backbone=tiny_arch),
+                         Runtime(("a cat", "a dog", "a car"), text))
     module = algo.build_module(32)
-    out = algo.class_text(module.to("meta") if module is not None else None, text)
+    out = algo.client.class_text(module.to("meta") if module is not None else None, text)
     assert out.device.type == "meta"

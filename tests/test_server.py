@@ -17,7 +17,14 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, State
+from fedclip.algorithms.base import (
+    Algorithm,
+    ClientJob,
+    ClientSide,
+    ClientUpdate,
+    ServerSide,
+    State,
+)
 from fedclip.algorithms.registry import ALGORITHMS, register
 from fedclip.config import RunConfig
 from fedclip.core.client import steps_per_round
@@ -36,12 +43,8 @@ class ScriptOptions(BaseModel):
     scenario: str = "honest"
 
 
-class Scripted(Algorithm):
-    """FedCLIP's server side; clients that move by a fixed step (see the module docstring)."""
-
-    name = "scripted-test"
-    summary = "scripted clients (tests only)"
-    Options = ScriptOptions
+class ScriptedClient(ClientSide):
+    """Clients that move by a fixed step (see the module docstring)."""
 
     def train_client(self, job: ClientJob) -> ClientUpdate:
         rnd = job.config.server_round
@@ -52,6 +55,10 @@ class Scripted(Algorithm):
         steps = steps_per_round(self.cfg, len(job.train), job.config.local_epochs)
         return ClientUpdate(params, {}, len(job.train), 0.25 * rnd + step, steps=steps)
 
+
+class ScriptedServer(ServerSide):
+    """FedCLIP's server side, whose step overflows in round 2 when the scenario asks."""
+
     def init_server_state(self, global_params: Params) -> State:
         return {"t": torch.zeros(())}
 
@@ -61,6 +68,14 @@ class Scripted(Algorithm):
         if self.options.scenario == "nonfinite" and t == 2:  # the server's step overflows
             params = {k: v * float("inf") for k, v in params.items()}
         return params, {"t": torch.tensor(float(t))}
+
+
+class Scripted(Algorithm):
+    name = "scripted-test"
+    summary = "scripted clients (tests only)"
+    Options = ScriptOptions
+    Client = ScriptedClient
+    Server = ScriptedServer
 
 
 if Scripted.name not in ALGORITHMS:

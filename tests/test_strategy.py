@@ -148,7 +148,7 @@ def _moved(s: FedClipStrategy, node: int, fraction: float) -> dict[str, torch.Te
     from fedclip.core.client import RoundConfig
 
     x = s.algorithm.shared(s.state.params)
-    unit = s.algorithm.update_bound(x, TRAIN[node][1], s.algorithm.round_config(1))
+    unit = s.algorithm.server.update_bound(x, TRAIN[node][1], s.algorithm.round_config(1))
     assert isinstance(unit, float) and isinstance(s.algorithm.round_config(1), RoundConfig)
     size = sum(v.numel() for v in x.values())
     return {k: v + fraction * unit / size ** 0.5 for k, v in x.items()}  # norm: fraction x unit

@@ -90,9 +90,10 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
                            f"dimension {adapter.dim} ({str(exc).splitlines()[0]})") from None
     module.eval()
     with torch.no_grad():
-        emb = algorithm.embed(module, feats.features)
-        logits = algorithm.logits(module, emb, algorithm.class_text(module, class_text),
-                                  text.logit_scale)
+        client = algorithm.client
+        emb = client.embed(module, feats.features)
+        logits = client.logits(module, emb, client.class_text(module, class_text),
+                               text.logit_scale)
     probs = logits.softmax(dim=-1)
     rows: list[dict[str, Any]] = []
     for i, f in enumerate(files):

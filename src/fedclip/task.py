@@ -119,7 +119,7 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
     algorithm = get_algorithm(cfg)
     if algorithm.inputs == "pixels":
         return image_pixels(backbone, domain, cfg.extract_batch_size, cfg.extract_workers, report,
-                            preprocess=algorithm.preprocess())
+                            preprocess=algorithm.client.preprocess())
     decode = cfg.extract_decode
     if decode == "auto":
         decode = "device" if str(backbone.device).startswith("cuda") else "cpu"

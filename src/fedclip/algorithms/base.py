@@ -1,10 +1,22 @@
-"""The algorithm contract: a few hooks that both runtimes call, and named state.
+"""The algorithm contract: an algorithm in three parts, under one registry name and one
+``Options`` model (FL-bench's server/client pair).
 
-An algorithm declares how it differs from FedCLIP by overriding a hook; it never copies the
-round loop. Every runtime (the in-process runner ``fedclip.inprocess``, the Flower apps and the
-SecAgg+ path in ``fedclip.flower``) calls the same hooks with the same values, so they give the
-same numbers. The values that cross the contract (``RoundConfig``, ``ClientJob``,
-``ClientUpdate``) and the client functions live in ``fedclip.core.client``.
+* :class:`Algorithm`, the registered unit: its name, its declared capabilities (checked
+  against each other when it registers: ``capabilities``, ``RULES``), its options, and its
+  model: ``build_module`` and ``init_global`` (the trainable module and its parameters before
+  round 1), ``shared`` (what travels), ``round_config`` (what a round tells the clients). It
+  is built with what the runtime knows (:class:`Runtime`) and never written into afterwards.
+* :class:`ClientSide` (``Algorithm.Client``): what runs on a client: the objective
+  (``task_loss``, ``local_loss``, ``proximal_weight``), local training (``train_client``) and
+  scoring (``embed``, ``class_text``, ``logits``, ``eval_params``).
+* :class:`ServerSide` (``Algorithm.Server``): what runs on the server: its state
+  (``init_server_state``), the extras sent with a round and their bounds (``client_extras``,
+  ``reply_extras``, ``check_extras``, ``update_bound``) and ``aggregate``.
+
+An algorithm declares how it differs from FedCLIP by overriding a hook of one side; it never
+copies the round loop. Every runtime (the in-process runner, the Flower apps and SecAgg+)
+calls the client side through the one client entry (``fedclip.core.client``) and the server
+side through the one server (``fedclip.core.server.Server``), so they give the same numbers.
 
 What an algorithm may keep and send:
 
@@ -45,11 +57,11 @@ from fedclip.core.client import (
     train_local,
 )
 from fedclip.errors import ConfigError
-from fedclip.losses import class_ce_loss, clip_loss
+from fedclip.losses import class_ce_loss, clip_loss, proximal_term
 from fedclip.tensors import Params, State
 
-__all__ = ["Algorithm", "ClientJob", "ClientUpdate", "NoOptions", "Objective", "Params",
-           "RoundConfig", "Runtime", "State"]
+__all__ = ["Algorithm", "ClientJob", "ClientSide", "ClientUpdate", "NoOptions", "Objective",
+           "Params", "RoundConfig", "Runtime", "ServerSide", "State"]
 PERSONAL = "personal/"  # client-state prefix of personal parameters
 OPTIMIZER = "optimizer/"  # client-state prefix of the optimizer's tensors (optimizer_state=keep)
 
@@ -93,7 +105,7 @@ def _defined_in(cls: type, hook: str) -> type | None:
 
 
 # (the rule, as the refusal names it; when a class breaks it)
-RULES: tuple[tuple[str, Callable[[type, Capabilities], bool]], ...] = (
+RULES: tuple[tuple[str, Callable[[Any, Capabilities], bool]], ...] = (
     ("inputs must be 'features' or 'pixels'",
      lambda cls, c: c.inputs not in ("features", "pixels")),
     ("uses_text must be 'features', 'tower' or 'none'",
@@ -117,7 +129,8 @@ RULES: tuple[tuple[str, Callable[[type, Capabilities], bool]], ...] = (
      lambda cls, c: c.batchable and (
          bool({"train_client", "embed", "class_text", "logits"} & c.overrides)
          or ("local_loss" in c.overrides
-             and _defined_in(cls, "local_loss") is not _defined_in(cls, "proximal_weight")))),
+             and _defined_in(cls.Client, "local_loss")
+             is not _defined_in(cls.Client, "proximal_weight")))),
     ("batchable = True needs inputs = 'features' and no personal parameters",
      lambda cls, c: c.batchable and (c.inputs != "features" or bool(c.personal))),
 )
@@ -156,11 +169,30 @@ class Algorithm:
     # it is trained by gradient steps: the training-free prototypes)
     fine_tunes: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # its two sides: what runs on a client and what runs on the server (defaults: FedCLIP's)
+    Client: ClassVar[type[ClientSide]]
+    Server: ClassVar[type[ServerSide]]
 
     def __init__(self, cfg: RunConfig, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.options = self.parse_options(cfg.options.get(self.name, {}))
         self.runtime = runtime or Runtime()
+        self._client: ClientSide | None = None
+        self._server: ServerSide | None = None
+
+    @property
+    def client(self) -> ClientSide:
+        """Its client side: the objective, training and scoring (built once)."""
+        if self._client is None:
+            self._client = self.Client(self)
+        return self._client
+
+    @property
+    def server(self) -> ServerSide:
+        """Its server side: the server state, aggregation, the extras and their bounds."""
+        if self._server is None:
+            self._server = self.Server(self)
+        return self._server
 
     # what the runtime told it (read-only: a runtime never writes into an algorithm)
     @property
@@ -189,7 +221,9 @@ class Algorithm:
         """What the algorithm declares and what follows from the hooks it overrides, in one
         typed value (help, tables and the runtimes read this)."""
         def overrides(hook: str) -> bool:
-            return getattr(cls, hook) is not getattr(Algorithm, hook)
+            side, base = (cls.Client, ClientSide) if hasattr(ClientSide, hook) else \
+                (cls.Server, ServerSide)
+            return getattr(side, hook) is not getattr(base, hook)
 
         return Capabilities(
             trains=cls.trains, inputs=cls.inputs, uses_text=cls.uses_text,
@@ -221,7 +255,6 @@ class Algorithm:
             raise ConfigError(f"invalid options for algorithm {cls.name!r} ({problems}); "
                               f"its options: {known}") from None
 
-    # --- where it runs --------------------------------------------------------------------
     @property
     def communicates(self) -> bool:
         """Whether anything is averaged by a server (False: every parameter is personal)."""
@@ -231,7 +264,7 @@ class Algorithm:
     def keeps_own_models(self) -> bool:
         """Whether a client is scored with a model of its own (personal parameters, or an
         ``eval_params`` override such as Ditto's personal adapter)."""
-        return bool(self.personal) or type(self).eval_params is not Algorithm.eval_params
+        return bool(self.personal) or self.Client.eval_params is not ClientSide.eval_params
 
     @property
     def runs_on_flower(self) -> bool:
@@ -243,17 +276,6 @@ class Algorithm:
         """Whether clients fine-tune the selected global model afterwards
         (``personalize_epochs``): it communicates, on cached features, by gradient steps."""
         return self.communicates and self.inputs == "features" and self.fine_tunes
-
-    def planned_rounds(self, configured: int) -> int:
-        """The rounds this algorithm trains when ``rounds`` = ``configured`` (one-shot
-        methods: fewer)."""
-        return configured
-
-    # --- model ----------------------------------------------------------------------------
-    def preprocess(self) -> Callable | None:
-        """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
-        backbone's)."""
-        return None
 
     def init_global(self, dim: int) -> Params | None:
         """The global trainable state before round 1 (None: nothing to train)."""
@@ -270,6 +292,93 @@ class Algorithm:
     def shared(self, params: Params) -> Params:
         """The parameters that travel (everything but the personal ones)."""
         return {k: v for k, v in params.items() if not self.is_personal(k)}
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        """The hyperparameters of one round, sent to every client (``lr_decay`` schedule)."""
+        values = {k: v for k, v in self.options.model_dump().items()
+                  if isinstance(v, bool | int | float | str)}
+        return RoundConfig(server_round, self.cfg.lr * self.cfg.lr_decay ** (server_round - 1),
+                           self.cfg.local_epochs, values)
+
+
+class Side:
+    """One side of an algorithm, built by it: the run's settings (``cfg``), the algorithm's
+    options, and, by name, what the algorithm declares and holds (its model: ``build_module``,
+    ``init_global``; ``shared``; what the runtime told it). A side never sees the other
+    side's hooks."""
+
+    options: Any  # the algorithm's Options instance
+
+    def __init__(self, algorithm: Algorithm) -> None:
+        self.algorithm = algorithm
+        self.cfg, self.options = algorithm.cfg, algorithm.options
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.algorithm, name)
+
+
+class ClientSide(Side):
+    """What runs on a client: the objective, local training and scoring (FedCLIP's: the
+    attention adapter against the class prompts, the run's loss)."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings of a batch of inputs (features: through the adapter)."""
+        return embed(module, x)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        """Normalised class-prompt embeddings (fixed, unless the module changes them)."""
+        return class_text
+
+    def logits(self, module: nn.Module | None, emb: torch.Tensor, class_text: torch.Tensor,
+               logit_scale: float) -> torch.Tensor:
+        """Class scores of normalised image embeddings ``emb`` against the normalised class
+        embeddings (``class_text(module, ...)``): ``s * emb @ class_text.T`` unless the
+        module scores otherwise (a cache model)."""
+        return logit_scale * emb @ class_text.T
+
+    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+                  logit_scale: float) -> torch.Tensor:
+        """``emb`` normalised image embeddings, ``class_text`` normalised class prompts."""
+        if self.cfg.loss == "ce":
+            return class_ce_loss(emb, class_text, labels, logit_scale)
+        return clip_loss(emb, class_text[labels], logit_scale)
+
+    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
+        """The objective a client minimises, given the task loss: plus
+        ``proximal_weight(job)/2 ||w - w_global||^2`` when that weight is not 0 (FedProx),
+        the one proximal term the clients trained together compute too."""
+        mu = self.proximal_weight(job)
+        if mu == 0:
+            return loss
+        return loss + proximal_term(dict(module.named_parameters()), job.global_params, mu)
+
+    def proximal_weight(self, job: ClientJob) -> float:
+        """The weight of ``||w - w_global||^2 / 2`` in the local objective (FedProx: mu)."""
+        return 0.0
+
+    def train_client(self, job: ClientJob) -> ClientUpdate:
+        """One round on one client: local epochs from ``job.params``; personal parameters and
+        (``optimizer_state=keep``) the optimizer's state stay in ``job.state``."""
+        keep = self.cfg.optimizer_state == "keep"
+        result = train_local(self, job.params, job.train, job.class_text, job.logit_scale,
+                             config=job.config, seed=job.seed,
+                             objective=lambda loss, module: self.local_loss(loss, module, job),
+                             optimizer_state=_prefixed(job.state, OPTIMIZER) if keep else None)
+        if keep:
+            job.state.update({OPTIMIZER + k: v for k, v in result.optimizer_state.items()})
+        job.state.update({PERSONAL + k: v for k, v in result.params.items()
+                          if self.is_personal(k)})
+        return ClientUpdate(self.shared(result.params), {}, result.num_examples, result.loss,
+                            result.seconds, result.steps)
+
+    def eval_params(self, global_params: Params | None, state: State) -> Params | None:
+        """What a client is scored with on its own splits (personalization)."""
+        if global_params is None:
+            return None
+        return self.with_personal(global_params, state)
+
 
     def complete(self, received: Params, dim: int) -> Params:
         """Parameters as a client received them (the shared ones) with the personal ones at
@@ -289,17 +398,19 @@ class Algorithm:
                if k.startswith(PERSONAL) and k.removeprefix(PERSONAL) in params}
         return {**params, **own} if own else params
 
-    # --- server ---------------------------------------------------------------------------
+    def preprocess(self) -> Callable | None:
+        """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
+        backbone's)."""
+        return None
+
+
+class ServerSide(Side):
+    """What runs on the server: its state between rounds, the extras sent with a round and
+    their bounds, and aggregation (FedCLIP's: the weighted mean of the shared parameters)."""
+
     def init_server_state(self, global_params: Params) -> State:
         """What the server keeps between rounds (none by default)."""
         return {}
-
-    def round_config(self, server_round: int) -> RoundConfig:
-        """The hyperparameters of one round, sent to every client (``lr_decay`` schedule)."""
-        values = {k: v for k, v in self.options.model_dump().items()
-                  if isinstance(v, bool | int | float | str)}
-        return RoundConfig(server_round, self.cfg.lr * self.cfg.lr_decay ** (server_round - 1),
-                           self.cfg.local_epochs, values)
 
     def client_extras(self, server_state: State, client: str) -> dict[str, torch.Tensor]:
         """Tensors sent down to ``client`` with the round, beside the global parameters."""
@@ -309,10 +420,16 @@ class Algorithm:
         """Names and shapes of the extras a client must send back (checked by the server)."""
         return {}
 
+    def reply_shapes(self, global_params: Params) -> dict[str, torch.Size]:
+        """Names and shapes of the parameters a reply carries (the shared ones, or none)."""
+        if not self.sends_params:
+            return {}
+        return {k: v.shape for k, v in self.shared(global_params).items()}
+
     def sends_extras(self) -> bool:
         """Whether its replies carry per-client extras (``reply_extras``), which a rule that
         selects whole updates (Krum) or DP's clipping would have to cover too."""
-        return type(self).reply_extras is not Algorithm.reply_extras
+        return type(self).reply_extras is not ServerSide.reply_extras
 
     def update_bound(self, current: Params, num_examples: int, config: RoundConfig
                      ) -> float | None:
@@ -342,63 +459,14 @@ class Algorithm:
                          cfg.aggregation, cfg.trim_fraction, cfg.byzantine, cfg.multikrum_keep)
         return {**current, **params}, server_state
 
-    # --- client ---------------------------------------------------------------------------
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        """Normalised image embeddings of a batch of inputs (features: through the adapter)."""
-        return embed(module, x)
+    def planned_rounds(self, configured: int) -> int:
+        """The rounds this algorithm trains when ``rounds`` = ``configured`` (one-shot
+        methods: fewer)."""
+        return configured
 
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        """Normalised class-prompt embeddings (fixed, unless the module changes them)."""
-        return class_text
 
-    def logits(self, module: nn.Module | None, emb: torch.Tensor, class_text: torch.Tensor,
-               logit_scale: float) -> torch.Tensor:
-        """Class scores of normalised image embeddings ``emb`` against the normalised class
-        embeddings (``class_text(module, ...)``): ``s * emb @ class_text.T`` unless the
-        module scores otherwise (a cache model)."""
-        return logit_scale * emb @ class_text.T
-
-    def reply_shapes(self, global_params: Params) -> dict[str, torch.Size]:
-        """Names and shapes of the parameters a reply carries (the shared ones, or none)."""
-        if not self.sends_params:
-            return {}
-        return {k: v.shape for k, v in self.shared(global_params).items()}
-
-    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
-                  logit_scale: float) -> torch.Tensor:
-        """``emb`` normalised image embeddings, ``class_text`` normalised class prompts."""
-        if self.cfg.loss == "ce":
-            return class_ce_loss(emb, class_text, labels, logit_scale)
-        return clip_loss(emb, class_text[labels], logit_scale)
-
-    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
-        """The objective a client minimises, given the task loss (FedProx adds a term)."""
-        return loss
-
-    def proximal_weight(self, job: ClientJob) -> float:
-        """The weight of ``||w - w_global||^2 / 2`` in the local objective (FedProx: mu)."""
-        return 0.0
-
-    def train_client(self, job: ClientJob) -> ClientUpdate:
-        """One round on one client: local epochs from ``job.params``; personal parameters and
-        (``optimizer_state=keep``) the optimizer's state stay in ``job.state``."""
-        keep = self.cfg.optimizer_state == "keep"
-        result = train_local(self, job.params, job.train, job.class_text, job.logit_scale,
-                             config=job.config, seed=job.seed,
-                             objective=lambda loss, module: self.local_loss(loss, module, job),
-                             optimizer_state=_prefixed(job.state, OPTIMIZER) if keep else None)
-        if keep:
-            job.state.update({OPTIMIZER + k: v for k, v in result.optimizer_state.items()})
-        job.state.update({PERSONAL + k: v for k, v in result.params.items()
-                          if self.is_personal(k)})
-        return ClientUpdate(self.shared(result.params), {}, result.num_examples, result.loss,
-                            result.seconds, result.steps)
-
-    def eval_params(self, global_params: Params | None, state: State) -> Params | None:
-        """What a client is scored with on its own splits (personalization)."""
-        if global_params is None:
-            return None
-        return self.with_personal(global_params, state)
+Algorithm.Client = ClientSide
+Algorithm.Server = ServerSide
 
 
 def _prefixed(state: State, prefix: str) -> State:

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedclip.algorithms.base import ClientJob, ClientUpdate, RoundConfig, State
-from fedclip.algorithms.linear_probe import LinearProbe
+from fedclip.algorithms.base import ClientJob, ClientUpdate, RoundConfig, ServerSide, State
+from fedclip.algorithms.linear_probe import LinearProbe, LinearProbeClient
 from fedclip.algorithms.registry import register
 from fedclip.core.client import Split, round_seed, train_local
 from fedclip.errors import ConfigError
@@ -164,30 +164,25 @@ def sample_mixtures(updates: Sequence[ClientUpdate], per_class: int, generator: 
     return Split(torch.cat(xs), torch.cat(ys))
 
 
-@register
-class FedPFT(LinearProbe):
-    name = "fedpft"
-    summary = "one round: per-class Gaussian mixtures of the features; server trains the head"
-    aggregates_mean = False  # mixtures per client, not a mean of parameters
-    sends_params = False
-    Options = PFTOptions
-    options: PFTOptions
+class FedPFTClient(LinearProbeClient):
+    """FedPFT's client side."""
+
+    def train_client(self, job: ClientJob, noise: torch.Generator | None = None
+                     ) -> ClientUpdate:
+        """The client's release (``noise``: the DP noise's source; None: a secret one)."""
+        start = time.perf_counter()
+        release = self._release(job, noise)
+        half = self.options.half
+        release = {k: v.to(torch.float16) if half and k != "counts" else v
+                   for k, v in release.items()}
+        return ClientUpdate({}, release, len(job.train), 0.0, time.perf_counter() - start)
+
+
+class FedPFTServer(ServerSide):
+    """FedPFT's server side."""
 
     def planned_rounds(self, configured: int) -> int:
         return min(configured, 1)
-
-    def _classes(self) -> int:
-        if self.text is None and getattr(self, "_head_classes", None):
-            return self._head_classes  # the server (on Flower it holds no class text)
-        return super()._classes()
-
-    def _shapes(self, classes: int, dim: int) -> dict[str, torch.Size]:
-        opts = self.options
-        k = opts.components
-        cov = {"spherical": (k,), "diag": (k, dim),
-               "full": (k, dim, dim)}[opts.covariance]
-        return {"weights": torch.Size([classes, k]), "means": torch.Size([classes, k, dim]),
-                "covs": torch.Size([classes, *cov]), "counts": torch.Size([classes])}
 
     def reply_extras(self, global_params: Params) -> dict[str, torch.Size]:
         return self._shapes(*global_params["weight"].shape)
@@ -221,6 +216,49 @@ class FedPFT(LinearProbe):
         if bool((e["means"].abs() > limit).any()) or bool((var > limit).any()):
             return "mixture means or variances out of any feature's range"
         return None
+
+    def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
+                  ) -> tuple[Params, State]:
+        if self.logit_scale is None:
+            raise ConfigError("fedpft trains its head on the server with the backbone's logit "
+                              "scale; the runtime did not set it")
+        seed = round_seed(self.cfg.seed, 1, SERVER)
+        synthetic = sample_mixtures(updates, self.options.samples_per_class,
+                                    torch.Generator().manual_seed(seed))
+        device = current["weight"].device
+        if len(synthetic) == 0:
+            return current, server_state
+        opts = self.options
+        config = RoundConfig(1, opts.server_lr, opts.server_epochs)
+        head = train_local(self.algorithm.client, current, synthetic.to(device),
+                           F.normalize(current["weight"], dim=-1), self.logit_scale,
+                           config=config, seed=seed)
+        return head.params, server_state
+
+
+@register
+class FedPFT(LinearProbe):
+    name = "fedpft"
+    summary = "one round: per-class Gaussian mixtures of the features; server trains the head"
+    aggregates_mean = False  # mixtures per client, not a mean of parameters
+    sends_params = False
+    Options = PFTOptions
+    options: PFTOptions
+    Client = FedPFTClient
+    Server = FedPFTServer
+
+    def _classes(self) -> int:
+        if self.text is None and self.prompts:
+            return len(self.prompts)  # the server: it holds the prompts, not their features
+        return super()._classes()
+
+    def _shapes(self, classes: int, dim: int) -> dict[str, torch.Size]:
+        opts = self.options
+        k = opts.components
+        cov = {"spherical": (k,), "diag": (k, dim),
+               "full": (k, dim, dim)}[opts.covariance]
+        return {"weights": torch.Size([classes, k]), "means": torch.Size([classes, k, dim]),
+                "covs": torch.Size([classes, *cov]), "counts": torch.Size([classes])}
 
     def _release(self, job: ClientJob, noise: torch.Generator | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -265,32 +303,3 @@ class FedPFT(LinearProbe):
         out["covs"][:, 0] = var[:, 0] if var.shape[1] == 1 else var
         out["counts"] = counts.clamp(min=0)
         return out
-
-    def train_client(self, job: ClientJob, noise: torch.Generator | None = None
-                     ) -> ClientUpdate:
-        """The client's release (``noise``: the DP noise's source; None: a secret one)."""
-        start = time.perf_counter()
-        release = self._release(job, noise)
-        half = self.options.half
-        release = {k: v.to(torch.float16) if half and k != "counts" else v
-                   for k, v in release.items()}
-        return ClientUpdate({}, release, len(job.train), 0.0, time.perf_counter() - start)
-
-    def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
-                  ) -> tuple[Params, State]:
-        if self.logit_scale is None:
-            raise ConfigError("fedpft trains its head on the server with the backbone's logit "
-                              "scale; the runtime did not set it")
-        seed = round_seed(self.cfg.seed, 1, SERVER)
-        synthetic = sample_mixtures(updates, self.options.samples_per_class,
-                                    torch.Generator().manual_seed(seed))
-        device = current["weight"].device
-        if len(synthetic) == 0:
-            return current, server_state
-        opts = self.options
-        self._head_classes = current["weight"].shape[0]
-        config = RoundConfig(1, opts.server_lr, opts.server_epochs)
-        head = train_local(self, current, synthetic.to(device),
-                           F.normalize(current["weight"], dim=-1), self.logit_scale,
-                           config=config, seed=seed)
-        return head.params, server_state

@@ -32,7 +32,8 @@ STALL_ROUNDS = 3  # rounds without movement, while clients train, before the ser
 
 
 class Aggregator(Protocol):
-    """The hooks of :class:`fedclip.algorithms.base.Algorithm` the server step needs."""
+    """The hooks of an algorithm's server side (:class:`fedclip.algorithms.base.ServerSide`)
+    that the server step needs."""
 
     @property
     def name(self) -> str:
@@ -92,11 +93,12 @@ class ServerRules:
         return out
 
 
-def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> ServerRules:
-    """The rules of a run with ``population`` training clients; a one-line ConfigError when
-    the aggregator or DP cannot apply (checked before anything is extracted or trained)."""
+def server_rules(cfg: RunConfig, algorithm: Any, population: int) -> ServerRules:
+    """The rules of a run of ``algorithm`` (its declarations and its server side) with
+    ``population`` training clients; a one-line ConfigError when the aggregator or DP cannot
+    apply (checked before anything is extracted or trained)."""
     sampled = sampled_per_round(cfg, population)
-    rounds = algorithm.planned_rounds(cfg.rounds)
+    rounds = algorithm.server.planned_rounds(cfg.rounds)
     if algorithm.communicates and not algorithm.sends_params and (
             cfg.aggregation in ROBUST or cfg.dp != "off"):
         what = f"aggregation={cfg.aggregation!r}" if cfg.dp == "off" else f"dp={cfg.dp!r}"
@@ -105,7 +107,7 @@ def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> Serv
             f"{what} does not apply to it; run it with aggregation=weighted (or "
             f"uniform) and dp=off (its own options say what privacy it offers)")
     if algorithm.communicates and cfg.aggregation in SELECTING:
-        if algorithm.sends_extras():
+        if algorithm.server.sends_extras():
             raise ConfigError(
                 f"aggregation={cfg.aggregation!r} selects whole updates, but algorithm "
                 f"{algorithm.name!r} also sends per-client extras (control variates) that "
@@ -122,7 +124,7 @@ def server_rules(cfg: RunConfig, algorithm: Aggregator, population: int) -> Serv
                               f"clients that train per round")
     plan = None
     if cfg.dp != "off" and algorithm.communicates:
-        if not algorithm.aggregates_mean or algorithm.sends_extras():
+        if not algorithm.aggregates_mean or algorithm.server.sends_extras():
             raise ConfigError(
                 f"dp bounds what each client's shared parameters tell; algorithm "
                 f"{algorithm.name!r} also sends per-client extras, which would leak: run it "
@@ -252,7 +254,7 @@ class RoundPlan:
 
     def extras(self, server: Server, client: str) -> dict[str, torch.Tensor]:
         """What travels down to ``client`` beside the global parameters."""
-        return server.algorithm.client_extras(server.state.server_state, client)
+        return server.side.client_extras(server.state.server_state, client)
 
 
 class Server:
@@ -287,6 +289,7 @@ class Server:
                  callbacks: Sequence[Any] = (), observers: Sequence[RoundObserver] = (),
                  noise: torch.Generator | None = None, quantum: float = 1e-6) -> None:
         self.algorithm, self.cfg = algorithm, algorithm.cfg
+        self.side = algorithm.server  # its server side: the hooks this server calls
         self.sizes = dict(sizes)
         self.run, self.callbacks, self.observers = run, list(callbacks), list(observers)
         # the held-out domain this server's rounds are reported under (cfg.heldout may say
@@ -313,7 +316,7 @@ class Server:
                 self.run.check_shapes(init)
             self.state = resumed
         else:
-            server_state = self.algorithm.init_server_state(init) if init is not None else {}
+            server_state = self.side.init_server_state(init) if init is not None else {}
             self.state = FederationState(0, init, server_state=server_state)
         return self.state
 
@@ -371,14 +374,14 @@ class Server:
                 rejected[client] = "not a training client sampled for this round"
                 continue
             if update.extras:
-                why = algo.check_extras(self.state.params, update, self.state.server_state,
+                why = self.side.check_extras(self.state.params, update, self.state.server_state,
                                         plan.config, self.quantum)
                 if why is not None:
                     rejected[client] = why
                     continue
             kept[client] = update
         if algo.communicates:  # the distance rule (nothing is sent otherwise)
-            for client, why in outliers(algo, self.state.params, kept, plan.config,
+            for client, why in outliers(self.side, self.state.params, kept, plan.config,
                                         self.cfg.norm_factor).items():
                 rejected[client] = why
                 del kept[client]
@@ -407,7 +410,7 @@ class Server:
         elif kept:
             ordered = [replace(u, weight=plan.weights[c]) for c, u in kept.items()]
             try:
-                new, server_state = aggregate_round(algo, self.state.params, ordered,
+                new, server_state = aggregate_round(self.side, self.state.params, ordered,
                                                     self.state.server_state, self.rules,
                                                     self.cfg.seed, rnd, noise=self.noise)
             except TooFewUpdates as exc:  # rejections left too few for the rule's guarantee
@@ -460,7 +463,7 @@ class Server:
             self.warn(f"round {rnd}: no valid update; the global parameters are unchanged")
         else:
             one = ClientUpdate(mean, {}, 0, float("nan"))
-            new, server_state = self.algorithm.aggregate(self.state.params, [one],
+            new, server_state = self.side.aggregate(self.state.params, [one],
                                                          self.state.server_state)
             self._commit(record, new, server_state)
         self.state.round = rnd
@@ -552,7 +555,7 @@ class Server:
         adapters = [("adapter", state.best_params, state.best_round),
                     ("adapter-last", state.global_params, state.round)]
         if algo.keeps_own_models and state.best_params is not None:
-            adapters += [(f"adapter-{safe_name(c)}", algo.eval_params(
+            adapters += [(f"adapter-{safe_name(c)}", algo.client.eval_params(
                 state.best_params, state.best_client_states.get(c, {})), state.best_round)
                 for c in [info.name for info in clients]]
         if not algo.communicates:  # no global adapter at all

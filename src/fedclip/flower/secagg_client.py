@@ -65,9 +65,10 @@ class AdapterClient(NumPyClient):
         if site.data is None or (sampled and site.name not in json.loads(sampled)):
             return parameters, 0, {}
         round_config = RoundConfig.from_record(dict(config))
-        job = client_job(self.algorithm, site.name, site.data.train, self._params(parameters),
-                         {}, round_config, {}, site.class_text, site.logit_scale)
-        update = run_job(self.algorithm, job)
+        client = self.algorithm.client
+        job = client_job(client, site.name, site.data.train, self._params(parameters), {},
+                         round_config, {}, site.class_text, site.logit_scale)
+        update = run_job(client, job)
         if update is None:
             return parameters, 0, {"diverged": 1}
         weight = 1.0
@@ -81,7 +82,7 @@ class AdapterClient(NumPyClient):
     def evaluate(self, parameters, config):  # noqa: ANN001, ANN201
         """Val/test (training nodes) or the held-out domain; zero-shot or personalization
         when the config asks."""
-        site, algo = self.site, self.algorithm
+        site, algo = self.site, self.algorithm.client
         params = None if config.get("zeroshot", False) else self._params(parameters)
         args = (site.class_text, site.logit_scale)
         common = {"client": site.name, "logit-scale": float(site.logit_scale),

@@ -120,7 +120,7 @@ class FedClipStrategy(FedAvg):
     def _check(self, msg: Message, plan: RoundPlan
                ) -> tuple[str, ClientUpdate | None, str | None, int]:
         """One train reply through the transport's checks (:func:`train_update`)."""
-        return train_update(msg, self.nodes, plan, self.algorithm, self.state.params,
+        return train_update(msg, self.nodes, plan, self.algorithm.server, self.state.params,
                             self.transfer)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

@@ -81,11 +81,11 @@ class Federation:
         algo, state = self.algorithm, server.state
         by_name = {c.name: c for c in self.clients}
         shared = algo.shared(state.params) if algo.communicates else {}
-        jobs = [client_job(algo, name, by_name[name].train, state.params,
+        jobs = [client_job(algo.client, name, by_name[name].train, state.params,
                            plan.extras(server, name), plan.config,
                            state.client_states.setdefault(name, {}), self.class_text,
                            self.logit_scale) for name in plan.clients]
-        trained = run_jobs(algo, jobs, train_together if self.together else None)
+        trained = run_jobs(algo.client, jobs, train_together if self.together else None)
         updates, diverged, sent, received = {}, {}, 0, 0
         for job, update in zip(jobs, trained, strict=True):
             if update is None:
@@ -111,14 +111,17 @@ class Federation:
         args = (self.class_text, self.logit_scale)
         val, test = {}, {}
         for c in self.clients:
-            val[c.name], test[c.name] = score(algo, c, params, states.get(c.name, {}), *args)
+            val[c.name], test[c.name] = score(algo.client, c, params, states.get(c.name, {}),
+                                              *args)
         held = None
         if self.heldout is not None:
             if algo.communicates or params is None:
                 models = [params]
             else:  # every parameter personal: the mean over the clients' own models
-                models = [algo.eval_params(params, states.get(c.name, {})) for c in self.clients]
-            held = nanmean(evaluate_module(algo, load_module(algo, p, self.dim), self.heldout,
+                models = [algo.client.eval_params(params, states.get(c.name, {}))
+                          for c in self.clients]
+            held = nanmean(evaluate_module(algo.client, load_module(algo.client, p, self.dim),
+                                           self.heldout,
                                            *args, self.heldout_mask).accuracy for p in models)
         return val, test, held
 
@@ -134,7 +137,7 @@ class Federation:
         per_client, chosen = {}, {}
         for c in self.clients:
             per_client[c.name], chosen[c.name] = personalize(
-                self.algorithm, params, c, self.class_text, self.logit_scale, epochs)
+                self.algorithm.client, params, c, self.class_text, self.logit_scale, epochs)
         return Personalized(per_client, chosen)
 
     # --- driving the server ---------------------------------------------------------------
