@@ -157,7 +157,7 @@ def test_nothing_written_or_sent_regenerates_the_dp_noise(tiny_arch, pacs_like, 
     assert plan is not None
     clipped = [privacy.clip_update(u.params, current, plan.clipping_norm) for u in updates]
     clean = sum(c["w"] for c in clipped) / plan.sampled
-    noisy = [aggregate_round(algo, current, updates, {}, rules, cfg.seed, 1)[0]["w"]
+    noisy = [aggregate_round(algo.server, current, updates, {}, rules, cfg.seed, 1)[0]["w"]
              for _ in range(2)]
     assert not torch.equal(noisy[0], noisy[1])
     regenerated = torch.randn(2000, generator=old_noise_generator(cfg.seed, 1)) * (
@@ -167,7 +167,7 @@ def test_nothing_written_or_sent_regenerates_the_dp_noise(tiny_arch, pacs_like, 
     left = (recovered - clean).std().item()
     assert left > 0.9 * plan.noise_multiplier * plan.clipping_norm / plan.sampled
     # and an injected generator is what the noise then comes from (tests' parity)
-    injected = aggregate_round(algo, current, updates, {}, rules, cfg.seed, 1,
+    injected = aggregate_round(algo.server, current, updates, {}, rules, cfg.seed, 1,
                                noise=old_noise_generator(cfg.seed, 1))[0]["w"]
     assert torch.allclose(injected - regenerated, clean, atol=1e-6)
 

@@ -201,7 +201,6 @@ def test_class_embeddings_stay_on_the_device_of_the_class_features(tiny_arch, al
     """What a GPU run found: the CNN baselines' identity 'class embeddings' were made on the
     CPU, so scoring on a GPU failed (mat2 on cpu). The meta device stands in for a GPU."""
     from fedclip.algorithms import get_algorithm
-
     from fedclip.algorithms.base import Runtime
 
     text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1).to("meta")
