@@ -1,0 +1,125 @@
+"""Files and inputs a node or a run is given: a site file that is not a regular file, a
+read-only site cache, a site key that holds only what changes the site, FedPFT's synthetic
+sample bounded by memory, a pickled Hugging Face checkpoint, and options for an algorithm
+that is not run."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from fedclip.config import RunConfig
+
+CLASSES = ("cat", "dog", "red_car")
+
+
+def _node_cfg(tiny_arch, toy_root, **extra):  # noqa: ANN001, ANN202
+    return RunConfig.build(backbone=tiny_arch, data_root=str(toy_root), heldout="gamma",
+                           classes=CLASSES, **extra)
+
+
+def _counting_loads(monkeypatch):  # noqa: ANN001, ANN202
+    from fedclip.flower import node
+
+    loads: list[str] = []
+    real = node.load_domain
+    monkeypatch.setattr(node, "load_domain",
+                        lambda *a, **k: loads.append(a[2]) or real(*a, **k))
+    return node, loads
+
+
+def _fresh_process(node) -> None:  # noqa: ANN001
+    node._SITES.clear()
+    node._DOMAINS.clear()
+
+
+NODE = {"partition-id": 0, "num-partitions": 3}
+
+
+# --- a node's site file -------------------------------------------------------------------
+def _node_in(cfg: RunConfig, answer) -> None:  # noqa: ANN001
+    """node_for in a forked process; what happened goes to ``answer``."""
+    from fedclip.flower import node
+
+    try:
+        node.node_for(cfg, NODE)
+        answer.put(("ok", ""))
+    except Exception as exc:  # noqa: BLE001  (handed to the test)
+        answer.put((type(exc).__name__, str(exc)))
+
+
+def test_a_site_file_that_is_a_fifo_is_refused_at_once(tiny_arch, toy_root):
+    """Opening a FIFO to read it blocks until a writer comes (inside safetensors, holding the
+    GIL): the node hung, discovery never ended. Refused in one line, without opening it.
+    Tried in a forked process that the test ends if it blocks."""
+    import multiprocessing
+
+    from fedclip.flower import node
+
+    cfg = _node_cfg(tiny_arch, toy_root)
+    path = node.site_file(cfg, toy_root, "alpha", 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    context = multiprocessing.get_context("fork")
+    answer = context.Queue()
+    child = context.Process(target=_node_in, args=(cfg, answer))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the node blocked on its site file (a FIFO)")
+    kind, message = answer.get(timeout=10)
+    assert kind == "DataError", (kind, message)
+    assert "is not a regular file; remove it" in message and "\n" not in message
+
+
+def test_a_read_only_site_cache_does_not_stop_the_node(tiny_arch, toy_root, monkeypatch,
+                                                       caplog):
+    """The cache became read-only after the features were extracted (a mounted cache, a
+    full disk): atomic_write raises StorageError (not OSError) for the site file, and the
+    node still serves its site, rebuilt from the cached features at each message, as
+    documented."""
+    import fedclip.io
+
+    node, loads = _counting_loads(monkeypatch)
+    cfg = _node_cfg(tiny_arch, toy_root)
+    _fresh_process(node)
+    node.node_for(cfg, NODE)  # features extracted and cached
+    node.site_file(cfg, toy_root, "alpha", 0).unlink()
+
+    def read_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fedclip.io.tempfile, "mkstemp", read_only)
+    _fresh_process(node)
+    site, _ = node.node_for(cfg, NODE)
+    assert site.name == "alpha" and site.data is not None
+    assert "could not keep this node's site" in caplog.text
+    assert not node.site_file(cfg, toy_root, "alpha", 0).exists()
+    _fresh_process(node)
+    assert node.node_for(cfg, NODE)[0].name == "alpha"
+    assert loads == ["alpha"] * 3  # rebuilt each time, never stopped
+
+
+def test_the_site_key_holds_only_what_changes_the_site(tiny_arch, toy_root, monkeypatch):
+    """Every node rebuilt its site when only `rounds` changed: the key held the whole run
+    config. Training, aggregation and privacy settings now reuse the file; the task's
+    settings (seed, fractions, classes, backbone) still rebuild it."""
+    node, loads = _counting_loads(monkeypatch)
+    cfg = _node_cfg(tiny_arch, toy_root)
+    _fresh_process(node)
+    built = node.node_for(cfg, NODE)[0]
+    for changed in (cfg.replace(rounds=7), cfg.replace(lr=1e-3, local_epochs=2),
+                    cfg.replace(trust="untrusted"), cfg.replace(algorithm="fedprox"),
+                    cfg.replace(personalize_epochs=0, eval_every=3)):
+        _fresh_process(node)
+        assert node.node_for(changed, NODE)[0].images == built.images
+    assert loads == ["alpha"]
+    for changed in (cfg.replace(seed=1), cfg.replace(train_fraction=0.5),
+                    cfg.replace(prompt_template="a photo of a {}")):
+        _fresh_process(node)
+        node.node_for(changed, NODE)
+    assert len(loads) == 4
