@@ -11,6 +11,7 @@ import os
 import pytest
 
 from fedclip.config import RunConfig
+from fedclip.errors import ConfigError
 
 CLASSES = ("cat", "dog", "red_car")
 
@@ -123,3 +124,57 @@ def test_the_site_key_holds_only_what_changes_the_site(tiny_arch, toy_root, monk
         _fresh_process(node)
         node.node_for(changed, NODE)
     assert len(loads) == 4
+
+
+# --- FedPFT's synthetic sample ----------------------------------------------------------------
+def _mixture_update(classes: int, dim: int, count: int):  # noqa: ANN202
+    import torch
+
+    from fedclip.core.client import ClientUpdate
+
+    gen = torch.Generator().manual_seed(classes)
+    extras = {"weights": torch.ones(classes, 1), "means": torch.randn(classes, 1, dim,
+                                                                      generator=gen),
+              "covs": torch.full((classes, 1, dim), 0.01),
+              "counts": torch.full((classes,), float(count))}
+    return ClientUpdate({}, extras, classes * count, 0.0)
+
+
+def test_fedpft_refuses_a_synthetic_sample_that_does_not_fit_before_allocating(monkeypatch):
+    """samples_per_class=1000000 was accepted and then ended in an allocation traceback on
+    the server; now what it needs is said in one line, before anything is drawn."""
+    import torch
+
+    from fedclip.algorithms import fedpft, get_algorithm
+
+    algo = get_algorithm(RunConfig.build(algorithm="fedpft", backbone="standin", options={
+        "fedpft": {"samples_per_class": 1_000_000, "server_epochs": 1}}))
+    algo.logit_scale = 100.0
+    free = 512 * 2**20  # 512 MiB left on this server
+    monkeypatch.setattr(fedpft, "free_memory", lambda: free)
+    drawn = []
+    monkeypatch.setattr(fedpft, "sample_mixtures", lambda *a: drawn.append(a))
+    current = {"weight": torch.zeros(7, 512)}
+    updates = [_mixture_update(7, 512, 10) for _ in range(2)]
+    with pytest.raises(ConfigError) as info:
+        algo.aggregate(current, updates, {})
+    message = str(info.value)
+    assert message == ("fedpft: 7,000,000 synthetic features of 512 floats need about 13.4 GiB "
+                       "of host memory, but 512 MiB are free; lower fedpft.samples_per_class "
+                       "(now 1000000)")
+    assert drawn == []  # refused before sampling
+    # what fits is sampled
+    assert fedpft.synthetic_counts(updates, 0) == [20] * 7
+
+
+def test_fedpft_samples_in_chunks(monkeypatch):
+    import torch
+
+    from fedclip.algorithms import fedpft
+
+    monkeypatch.setattr(fedpft, "SAMPLE_CHUNK", 7)
+    updates = [_mixture_update(3, 4, 5), _mixture_update(3, 4, 15)]
+    out = fedpft.sample_mixtures(updates, 50, torch.Generator().manual_seed(0))
+    assert out.x.shape == (150, 4) and torch.isfinite(out.x).all()
+    assert torch.bincount(out.y).tolist() == [50, 50, 50]
+    assert out.y.tolist() == sorted(out.y.tolist())  # class by class, as before
