@@ -178,3 +178,42 @@ def test_fedpft_samples_in_chunks(monkeypatch):
     assert out.x.shape == (150, 4) and torch.isfinite(out.x).all()
     assert torch.bincount(out.y).tolist() == [50, 50, 50]
     assert out.y.tolist() == sorted(out.y.tolist())  # class by class, as before
+
+
+# --- an hf: folder with a pickled checkpoint --------------------------------------------------
+def test_an_hf_folder_with_a_pickled_checkpoint_is_one_line(tmp_path, recwarn):
+    """transformers reads pytorch_model.bin with torch.load(weights_only=True), which refuses
+    a pickle that would run code, with an UnpicklingError and its traceback; now one line,
+    and nothing from the file runs."""
+    import pickle
+
+    pytest.importorskip("transformers")  # the hf extra; a dev dependency
+    from transformers import CLIPConfig, CLIPModel
+
+    from fedclip.backbones.hf import HfBackbone
+    from fedclip.errors import BackboneError
+
+    folder = tmp_path / "clip"
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                     "num_hidden_layers": 1, "vocab_size": 100, "bos_token_id": 0,
+                     "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                       "num_hidden_layers": 1, "image_size": 32, "patch_size": 16},
+        projection_dim=8)
+    CLIPModel(config).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(BackboneError) as info:
+        HfBackbone(str(folder))
+    message = str(info.value)
+    assert message.startswith(f"hf:{folder}: its weights are a pickle that safe loading refuses")
+    assert "\n" not in message and info.value.__cause__ is None
+    assert not marker.exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
