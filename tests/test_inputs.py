@@ -217,3 +217,35 @@ def test_an_hf_folder_with_a_pickled_checkpoint_is_one_line(tmp_path, recwarn):
     assert "\n" not in message and info.value.__cause__ is None
     assert not marker.exists()
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+# --- algorithm options in a preset --------------------------------------------------------
+@pytest.mark.parametrize(("section", "why"), [
+    ("[fedprox]\nmu = true", "fedprox.*mu: Input should be a valid number"),
+    ("[fedpft]\nsamples_per_class = 2.0", "fedpft.*samples_per_class: Input should be a valid "
+                                           "integer"),
+    ("[fedpft]\nhalf = 1", "fedpft.*half: Input should be a valid boolean"),
+    ("[fedpft]\nserver_epochs = \"20\"", "fedpft.*server_epochs: Input should be a valid "
+                                         "integer"),
+])
+def test_options_of_an_algorithm_not_run_are_type_checked(tmp_path, section, why):
+    """A preset for fedclip that also holds another algorithm's options: a wrongly typed
+    value there was coerced (true as 1.0, 2.0 as 2, 1 as a switch, "20" as 20), though the
+    configuration says wrongly typed values are always errors."""
+    from fedclip.algorithms import get_algorithm
+
+    preset = tmp_path / "run.toml"
+    preset.write_text(f'algorithm = "fedclip"\n{section}\n')
+    with pytest.raises(ConfigError, match=why) as info:
+        get_algorithm(RunConfig.build(preset, backbone="standin"))
+    assert "\n" not in str(info.value)
+
+
+def test_well_typed_options_stay_accepted(tmp_path):
+    from fedclip.algorithms import get_algorithm
+
+    preset = tmp_path / "run.toml"
+    preset.write_text('algorithm = "fedprox"\n[fedprox]\nmu = 1\n[fedpft]\nhalf = true\n'
+                      'samples_per_class = 20\ncovariance = "spherical"\n')
+    algorithm = get_algorithm(RunConfig.build(preset, backbone="standin"))
+    assert algorithm.options.mu == 1.0  # an integer is a number
