@@ -245,3 +245,9 @@ def test_secagg_refuses_server_side_clipping():
 
     cfg = RunConfig.build(**DP)
     assert "use dp=client" in (refusal(get_algorithm(cfg), FlowerSettings()) or "")
+
+
+def test_the_results_say_what_dp_covers_next_to_the_epsilon():
+    plan = privacy.plan("server", 0.1, 1.0, 0.0, 1e-5, 5, 3, 3).to_json()
+    assert "accuracies" in plan["not_covered"] and "sizes" in plan["not_covered"]
+    assert plan["noise"].startswith("secret") and "participation" in plan["protects"]

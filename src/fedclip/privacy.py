@@ -167,6 +167,11 @@ class PrivacyPlan:
                 "delta": self.delta, "epsilon_budget": self.budget or None,
                 "sampled_per_round": self.sampled, "population": self.population,
                 "accountant": "flwr RdpAccountant (no sampling amplification)",
+                "noise": "secret: drawn from the OS's entropy, never written or sent",
+                "protects": "one client's participation, against whoever sees the released "
+                            "global parameters (with SecAgg+, the server too)",
+                "not_covered": "each client's per-round val/test accuracies, its exact "
+                               "train/val/test sizes and losses, which clients answered",
                 "rounds_allowed": self.rounds, "stopped_by_budget": self.stopped_by_budget}
 
 

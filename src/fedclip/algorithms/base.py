@@ -245,9 +245,11 @@ class Algorithm:
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> BaseModel:
-        """``values`` checked against ``Options`` (a one-line ConfigError naming each)."""
+        """``values`` checked against ``Options``, strictly as the run configuration is (true
+        is not a number, 2.0 or "2" not a count, 1 not a switch; an int is a float): a
+        one-line ConfigError naming each problem."""
         try:
-            return cls.Options(**values)
+            return cls.Options.model_validate(values, strict=True)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors())

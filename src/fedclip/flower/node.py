@@ -35,6 +35,7 @@ from fedclip.flower.site import (
     check_index,
     load_domain,
     read_site,
+    refuse_special,
     save_site,
     site_file,
     site_of,
@@ -83,6 +84,7 @@ def build_site(cfg: RunConfig, root: Path, domain: str, index: int) -> Site:
     partition), else built (once per domain and process) and kept in that file."""
     check_index(cfg, domain, index)
     path = site_file(cfg, root, domain, index)
+    refuse_special(path)
     site = read_site(path, cfg)
     if site is None:
         site = site_of(cfg, domain_of(cfg, root, domain), index)

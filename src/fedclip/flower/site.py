@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fedclip.config import RunConfig
 from fedclip.core.client import ClientData, Split
 from fedclip.data.folder import Domain, scan_domain
 from fedclip.data.splits import ClientSplit
-from fedclip.errors import ConfigError
+from fedclip.errors import ConfigError, DataError, StorageError
 from fedclip.features import ImageFeatures
 from fedclip.io import atomic_save_tensors
 from fedclip.task import (
@@ -162,8 +163,39 @@ def site_file(cfg: RunConfig, root: Path, domain: str, index: int) -> Path:
     return cache_dir(cfg) / "sites" / f"{who}.safetensors"
 
 
+# RunConfig fields that never change a site's tensors (how it trains, aggregates, keeps
+# privacy, reports and checkpoints): a run that changes only these reuses the site file
+TRAINING_ONLY = frozenset({
+    "rounds", "local_epochs", "batch_size", "lr", "beta1", "beta2", "eps", "weight_decay",
+    "optimizer_state", "loss", "lr_decay", "aggregation", "max_weight_ratio", "trim_fraction",
+    "norm_factor", "byzantine", "multikrum_keep", "trust", "selection", "dp",
+    "dp_clipping_norm", "dp_noise_multiplier", "dp_epsilon", "dp_delta", "options",
+    "personalize_epochs", "eval_every", "checkpoint_every", "checkpoint_seconds",
+    "clients_per_round", "train_clients_together", "extract_workers", "cache_dir",
+    "algorithm"})
+
+
 def _task_key(cfg: RunConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+    """What decides a site's content: the run's task (data, classes, prompts, backbone,
+    splits, partition, seed, extraction), not how it trains (TRAINING_ONLY); of the
+    algorithm, only whether it reads features or pixels."""
+    from fedclip.algorithms import algorithm_class
+
+    fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in TRAINING_ONLY}
+    fields["inputs"] = algorithm_class(cfg.algorithm).inputs
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def refuse_special(path: Path) -> None:
+    """A site file that is there but not a regular file (a FIFO would block its reader
+    forever, a device or folder is not ours to replace): refused in one line, at once."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # absent or unreadable: rebuilt
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} (this node's site file, in the feature cache) is not a "
+                        f"regular file; remove it, and the node rebuilds it")
 
 
 def save_site(path: Path, site: Site, cfg: RunConfig) -> None:
@@ -187,8 +219,9 @@ def save_site(path: Path, site: Site, cfg: RunConfig) -> None:
         atomic_save_tensors(path, tensors, {
             "format": SITE_FORMAT, "task": _task_key(cfg), "site": json.dumps(meta),
             "fingerprint": folders_fingerprint(site.folders)})
-    except OSError as exc:  # a read-only cache: the node still runs, rebuilding each time
-        log.warning("could not keep this node's site in %s (%s)", path, exc)
+    except (OSError, StorageError) as exc:  # a read-only or full cache: the node still
+        log.warning("could not keep this node's site in %s (%s); it is rebuilt at each "  # runs
+                    "message", path, exc)
 
 
 def read_site(path: Path, cfg: RunConfig) -> Site | None:
