@@ -146,10 +146,11 @@ def test_fedpft_refuses_a_synthetic_sample_that_does_not_fit_before_allocating(m
     import torch
 
     from fedclip.algorithms import fedpft, get_algorithm
+    from fedclip.algorithms.base import Runtime
 
     algo = get_algorithm(RunConfig.build(algorithm="fedpft", backbone="standin", options={
-        "fedpft": {"samples_per_class": 1_000_000, "server_epochs": 1}}))
-    algo.logit_scale = 100.0
+        "fedpft": {"samples_per_class": 1_000_000, "server_epochs": 1}}),
+        Runtime(logit_scale=100.0))
     free = 512 * 2**20  # 512 MiB left on this server
     monkeypatch.setattr(fedpft, "free_memory", lambda: free)
     drawn = []
@@ -157,7 +158,7 @@ def test_fedpft_refuses_a_synthetic_sample_that_does_not_fit_before_allocating(m
     current = {"weight": torch.zeros(7, 512)}
     updates = [_mixture_update(7, 512, 10) for _ in range(2)]
     with pytest.raises(ConfigError) as info:
-        algo.aggregate(current, updates, {})
+        algo.server.aggregate(current, updates, {})
     message = str(info.value)
     assert message == ("fedpft: 7,000,000 synthetic features of 512 floats need about 13.4 GiB "
                        "of host memory, but 512 MiB are free; lower fedpft.samples_per_class "
