@@ -56,6 +56,30 @@ def test_help_lists_every_registered_algorithm_provider_and_default(capsys, monk
     assert "ViT-B-32@openai" in words and "pacs|vlcs|office" in words.replace(" ", "")
 
 
+def test_help_imports_no_algorithm_and_no_backbone():
+    """`fedclip run --help` lists algorithms and providers from the static tables, so it
+    never waits for torch (seconds on a busy machine); the tables equal the registries."""
+    import subprocess
+    import sys
+
+    from fedclip.algorithms import ALGORITHMS, names
+    from fedclip.algorithms.registry import BUILTIN
+    from fedclip.backbones import providers
+    from fedclip.cli import BACKBONE_PREFIXES
+
+    code = ("import contextlib, io, sys\nfrom fedclip.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['run', '--help']) == 0 and main(['compare', '--help']) == 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', "
+            "'open_clip'}), sorted(m for m in sys.modules if m.startswith('fedclip.algorithms.')"
+            " or m.startswith('fedclip.backbones')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["[]", "['fedclip.algorithms.registry']"]
+    assert {n: ALGORITHMS[n].summary for n in names()} == BUILTIN  # no plugin installed here
+    assert list(BACKBONE_PREFIXES) == list(providers())
+
+
 def test_choices_come_from_the_dataset_specs_and_the_config(toy_root, tmp_path, capsys):
     assert main(["run", "--dataset", "imagenet", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

@@ -232,17 +232,30 @@ class PlainHelp(TyperCommand):
         formatter.buffer[:] = [b.replace("\\[", "[") for b in formatter.buffer]
 
 
+# The built-in backbone providers' prefixes (fedclip.backbones imports torch, which help must
+# not wait for); a test keeps this equal to fedclip.backbones.providers().
+BACKBONE_PREFIXES = ("open_clip", "standin", "hf")
+
+
+def backbone_prefixes() -> list[str]:
+    """The backbone spec prefixes, plugins' entry points included, without importing any."""
+    from importlib.metadata import entry_points
+
+    plugins = [ep.name for ep in entry_points(group="fedclip.backbones")]
+    return [*BACKBONE_PREFIXES, *(p for p in plugins if p not in BACKBONE_PREFIXES)]
+
+
 class RegistryHelp(PlainHelp):
-    """Adds the registered algorithms and backbone providers (plugins included) to the help
-    when help is shown: importing the registries takes seconds, parsing should not."""
+    """Adds the registered algorithms and backbone providers (plugins included) to the help,
+    from the registries' static tables and entry points: help imports no algorithm and no
+    backbone (that takes seconds)."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from fedclip.algorithms import names
-        from fedclip.backbones import providers
+        from fedclip.algorithms import listed
 
-        extra = {"algorithm": f" One of: {', '.join(names())}.",
-                 "algorithms": f" Registered: {', '.join(names())}.",
-                 "backbone": f" Providers: {', '.join(providers())}."}
+        extra = {"algorithm": f" One of: {', '.join(listed())}.",
+                 "algorithms": f" Registered: {', '.join(listed())}.",
+                 "backbone": f" Providers: {', '.join(backbone_prefixes())}."}
         for param in self.params:
             if param.name in extra and not getattr(param, "_registry_help", False):
                 param.help = (getattr(param, "help", None) or "") + extra[param.name]
