@@ -365,13 +365,17 @@ def test_piped_output_is_plain_lines_and_a_cache_hit_says_so(tiny_arch, toy_root
 def test_a_run_selected_at_round_zero_says_why_its_generalization_is_not_zero_shot():
     import dataclasses
 
+    from fedclip.core.records import Scores
     from fedclip.core.report import round_zero_note
 
-    at_zero = _fake("a", 0.6)
+    at_zero = dataclasses.replace(_fake("a", 0.6), zeroshot=Scores(0.5, None))
     assert at_zero.best_round == 0 and at_zero.rounds == 3
     assert round_zero_note([dataclasses.replace(at_zero, best_round=2)]) is None
     note = round_zero_note([at_zero])
     assert note is not None and "not zero-shot" in note and "(a)" in note
+    assert "x's model" in note  # the method named, not "the adapter" whatever it is
+    # round 0 is the zero-shot classifier (a linear probe, prototypes): nothing to explain
+    assert round_zero_note([_fake("a", 0.6)]) is None
 
 
 def test_flower_run_names_a_misspelled_run_config_key():
@@ -402,3 +406,192 @@ def test_flower_logs_a_refusal_in_one_line_and_a_bug_with_its_traceback(caplog):
     refusal, bug = caplog.records[-2:]
     assert refusal.getMessage() == "fedclip refused the run: bad key" and not refusal.exc_info
     assert bug.exc_info is not None
+
+
+# --- the first hour: verbosity, a finished run re-printed, the embedded sample's note -------
+def _toy_run(tiny_arch, toy_root, out, *flags, rounds="20"):
+    return ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout", "beta",
+            "--rounds", rounds, "--set", "personalize_epochs=0", "--out", str(out), *flags]
+
+
+def test_verbosity_levels_mean_what_they_say(tiny_arch, toy_root, tmp_path, capsys,
+                                             monkeypatch):
+    monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
+    assert main(["-q", *_toy_run(tiny_arch, toy_root, tmp_path / "q")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == (f"results: {tmp_path / 'q' / 'results.json'}, "
+                           f"{tmp_path / 'q' / 'results.md'}, plots in {tmp_path / 'q'}/*/")
+    assert err == ""  # no progress, no note, no warning
+    assert main(_toy_run(tiny_arch, toy_root, tmp_path / "d")) == 0
+    out, err = capsys.readouterr()
+    assert "held out" in out and "gen 0-shot" in out  # the table
+    default_rounds = [line for line in err.splitlines() if ": round " in line]
+    assert len(default_rounds) == 10  # into a pipe: every tenth of the work
+    assert main(["-v", *_toy_run(tiny_arch, toy_root, tmp_path / "v")]) == 0
+    err = capsys.readouterr().err
+    assert [line.split()[4] for line in err.splitlines() if ": round " in line] == [
+        f"{k}/20" for k in range(1, 21)]  # -v: a line per round
+    import os
+
+    import fedclip.flower.launch as launch
+
+    seen = []
+
+    def flower_run(*args, **kwargs):  # what `flwr run` would inherit
+        seen.append(os.environ.get("FLWR_LOG_LEVEL"))
+        return "1", "finished:completed"
+
+    monkeypatch.setattr(launch, "flower_run", flower_run)
+    assert main(["-vv", "flower-run"]) == 0 and main(["flower-run"]) == 0
+    assert seen == ["DEBUG", None]  # -vv: Flower's debug logs too, for that command only
+    assert "FLWR_LOG_LEVEL" not in os.environ
+    assert main(["-q", "-v", "algorithms"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_reprinted_without_recomputing(tiny_arch, toy_root, tmp_path, capsys,
+                                                         monkeypatch):
+    out = tmp_path / "run"
+    assert main(_toy_run(tiny_arch, toy_root, out, rounds="3")) == 0
+    first = capsys.readouterr().out
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(_experiment, "run", no_training)
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    again, err = capsys.readouterr()
+    assert "nothing recomputed" in err
+    table = [line for line in first.splitlines() if "beta" in line]
+    assert table and table == [line for line in again.splitlines() if "beta" in line]
+    # more rounds, or a run not finished, resume as before
+    monkeypatch.undo()
+    assert main(["run", "--out", str(out), "--resume", "--rounds", "4"]) == 0
+    assert "nothing recomputed" not in capsys.readouterr().err
+    saved = json.loads((out / "results.json").read_text())["runs"][0]
+    assert saved["history"][-1]["round"] == 4
+
+
+def test_the_embedded_sample_says_what_it_can_show_and_the_real_command(tiny_arch, tmp_path,
+                                                                        capsys):
+    assert main(["run", "--backbone", tiny_arch, "--heldout", "sketch", "--rounds", "1",
+                 "--set", "personalize_epochs=0", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "40 images" in out and "not how well a method works" in out
+    assert "fedclip fetch pacs data/PACS" in out and "--data-root data/PACS" in out
+
+
+def test_promptfolio_is_refused_under_its_own_name():
+    from fedclip.algorithms import algorithm_class
+
+    algo = algorithm_class("promptfolio")(RunConfig(algorithm="promptfolio", backbone="standin"))
+    with pytest.raises(BackboneError, match="^promptfolio learns tokens of a CLIP text tower"):
+        algo.backbone  # noqa: B018 - the property loads (and refuses) the backbone
+
+
+def test_predict_shows_files_as_given_relative_to_here(tiny_arch, toy_root, tmp_path, capsys,
+                                                       monkeypatch):
+    out = tmp_path / "run"
+    assert main(_toy_run(tiny_arch, toy_root, out, rounds="1")) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(toy_root)
+    assert main(["predict", str(out / "beta" / "adapter.safetensors"), "beta/cat",
+                 "--backbone", tiny_arch, "--out", str(tmp_path / "p.csv")]) == 0
+    shown = capsys.readouterr().out
+    assert "beta/cat/img_000.png" in shown and str(toy_root) not in shown.replace("\n", "")
+    assert str(toy_root / "beta" / "cat" / "img_000.png") in (tmp_path / "p.csv").read_text()
+
+
+# --- flower-run: the same table at the end; the local SuperLink stopped by its pid ----------
+def test_flower_run_ends_with_the_in_process_table(tiny_arch, toy_root, tmp_path, capsys,
+                                                   monkeypatch):
+    import fedclip.flower.launch as launch
+
+    out = tmp_path / "flower-out"
+    assert main(_toy_run(tiny_arch, toy_root, out, rounds="2")) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if "beta" in line]
+
+    def flower_run(app, superlink, run_config, echo, federation_config):
+        for line in ("Flower banner", f"INFO :      results: {out / 'results.json'}"):
+            echo(line)
+        return "7", "finished:completed"
+
+    monkeypatch.setattr(launch, "flower_run", flower_run)
+    assert main(["flower-run", "local-sim"]) == 0
+    shown = capsys.readouterr().out
+    assert "Flower banner" in shown and "run 7: finished:completed" in shown
+    assert table and [line for line in shown.splitlines() if "beta" in line] == table
+    assert main(["-q", "flower-run", "local-sim"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == "run 7: finished:completed" and shown[1].startswith("results: ")
+    assert len(shown) == 2
+
+
+HEALTH_SERVER = """import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_the_local_superlink_is_stopped_by_its_recorded_pid_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fedclip.flower.launch import PID_FILE, start_local_superlink, stop_local_superlink
+    from tests.deployment import free_port
+
+    home = tmp_path / "flwr-home"
+    port = free_port()
+    command = [sys.executable, "-c", HEALTH_SERVER, str(port)]
+    # the same program started by someone else: a pattern would match it, a pid does not
+    other = subprocess.Popen([sys.executable, "-c", HEALTH_SERVER, str(free_port())])
+    try:
+        pid = start_local_superlink(home, command=command, health=f"http://127.0.0.1:{port}/")
+        record = json.loads((home / "local-superlink" / PID_FILE).read_text())
+        assert record["pid"] == pid and record["command"] == command
+        assert stop_local_superlink(home) == f"stopped the local SuperLink (pid {pid})"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert other.poll() is None  # untouched
+        assert "no SuperLink started by fedclip" in stop_local_superlink(home)
+        # a recorded pid that now names another process (pid reuse) is left alone
+        (home / "local-superlink" / PID_FILE).write_text(json.dumps(
+            {"pid": other.pid, "started": "0", "command": command}))
+        assert "had already stopped" in stop_local_superlink(home)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_local_superlinks_command_is_flowers_own(tmp_path, monkeypatch):
+    from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
+
+    from fedclip.flower.launch import _local_superlink, connection_address, local_ports
+
+    control = LOCAL_CONTROL_API_ADDRESS.rpartition(":")[2]
+    assert local_ports() == (LOCAL_SUPERLINK_HTTP_API_PORT, control)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    command, health = _local_superlink()
+    assert command[command.index("--log-file") + 1] == str(
+        tmp_path / "local-superlink" / "superlink.log")  # where Flower's own one logs
+    assert health == f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health"
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local-sim"\n\n'
+                                          '[superlink.local-sim]\naddress = ":local:"\n'
+                                          '[superlink.far]\naddress = "host:9093"\n')
+    assert connection_address(None, tmp_path) == ":local:"
+    assert connection_address("far", tmp_path) == "host:9093"
+    assert connection_address("none", tmp_path) is None
+
+
+def test_dp_without_a_clipping_norm_names_the_value_to_set(capsys):
+    assert main(["run", "--set", "dp=server", "--set", "aggregation=uniform", "--set",
+                 "dp_epsilon=10", "--out", "unused"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--set dp_clipping_norm=0.8" in err and "dp-clipping-norm=0.8" in err
