@@ -595,3 +595,61 @@ def test_dp_without_a_clipping_norm_names_the_value_to_set(capsys):
                  "dp_epsilon=10", "--out", "unused"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "--set dp_clipping_norm=0.8" in err and "dp-clipping-norm=0.8" in err
+
+
+# --- fetch: a dataset from its pinned hub revision into a folder -----------------------------
+def test_fetch_offline_says_what_to_do_in_one_line(tmp_path, capsys, monkeypatch):
+    from fedclip.data import sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "pacs", str(tmp_path / "PACS")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "PACS").exists()
+    assert "run `fedclip fetch pacs DIR`, copy DIR to this machine, and pass --data-root" in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    asked = []
+    monkeypatch.setattr(sources, "_reachable", lambda host: asked.append(host) or False)
+    assert main(["fetch", "pacs", str(tmp_path / "PACS")]) == 2
+    assert asked == ["huggingface.co"] and "cannot be reached" in capsys.readouterr().err
+    assert main(["fetch", "imagenet", str(tmp_path / "x")]) == 2
+    assert "pacs, office-home or hf:ORG/NAME" in capsys.readouterr().err
+
+
+def test_fetch_writes_the_pinned_revision_once(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    from PIL import Image
+
+    from fedclip.data import sources
+    from fedclip.data.folder import scan_dataset
+    from fedclip.data.specs import PACS
+    from tests.test_data import FakeHubDataset
+
+    asked = []
+
+    def load_dataset(dataset_id, split, revision):
+        asked.append((dataset_id, split, revision))
+        return FakeHubDataset(
+            {"image": Image.new("RGB", (16, 16), c), "label": y, "domain": d}
+            for d in PACS.domains for c, y in [("red", 0), ("blue", 1)])
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(sources, "_reachable", lambda host: True)
+    target = tmp_path / "data" / "PACS"
+    assert main(["fetch", "pacs", str(target)]) == 0
+    out, err = capsys.readouterr()
+    assert asked == [("flwrlabs/pacs", "train", PACS.hub_revision)] and len(asked[0][2]) == 40
+    assert f"hf:flwrlabs/pacs@{PACS.hub_revision}, 8 images" in err
+    assert out.strip() == f"use it with: --data-root {target}"
+    dataset = scan_dataset(target)
+    assert dataset.name == "pacs" and set(dataset.domains) == set(PACS.domains)
+    assert not (target / ".fetching").exists()
+    assert main(["fetch", "pacs", str(target)]) == 0  # once: nothing downloaded again
+    assert "already there" in capsys.readouterr().err and len(asked) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["fetch", "pacs", str(tmp_path / "other")]) == 2
+    assert "holds something else" in capsys.readouterr().err
