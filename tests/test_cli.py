@@ -56,6 +56,30 @@ def test_help_lists_every_registered_algorithm_provider_and_default(capsys, monk
     assert "ViT-B-32@openai" in words and "pacs|vlcs|office" in words.replace(" ", "")
 
 
+def test_help_imports_no_algorithm_and_no_backbone():
+    """`fedclip run --help` lists algorithms and providers from the static tables, so it
+    never waits for torch (seconds on a busy machine); the tables equal the registries."""
+    import subprocess
+    import sys
+
+    from fedclip.algorithms import ALGORITHMS, names
+    from fedclip.algorithms.registry import BUILTIN
+    from fedclip.backbones import providers
+    from fedclip.cli import BACKBONE_PREFIXES
+
+    code = ("import contextlib, io, sys\nfrom fedclip.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['run', '--help']) == 0 and main(['compare', '--help']) == 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', "
+            "'open_clip'}), sorted(m for m in sys.modules if m.startswith('fedclip.algorithms.')"
+            " or m.startswith('fedclip.backbones')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["[]", "['fedclip.algorithms.registry']"]
+    assert {n: ALGORITHMS[n].summary for n in names()} == BUILTIN  # no plugin installed here
+    assert list(BACKBONE_PREFIXES) == list(providers())
+
+
 def test_choices_come_from_the_dataset_specs_and_the_config(toy_root, tmp_path, capsys):
     assert main(["run", "--dataset", "imagenet", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
@@ -341,13 +365,17 @@ def test_piped_output_is_plain_lines_and_a_cache_hit_says_so(tiny_arch, toy_root
 def test_a_run_selected_at_round_zero_says_why_its_generalization_is_not_zero_shot():
     import dataclasses
 
+    from fedclip.core.records import Scores
     from fedclip.report import round_zero_note
 
-    at_zero = _fake("a", 0.6)
+    at_zero = dataclasses.replace(_fake("a", 0.6), zeroshot=Scores(0.5, None))
     assert at_zero.best_round == 0 and at_zero.rounds == 3
     assert round_zero_note([dataclasses.replace(at_zero, best_round=2)]) is None
     note = round_zero_note([at_zero])
     assert note is not None and "not zero-shot" in note and "(a)" in note
+    assert "x's model" in note  # the method named, not "the adapter" whatever it is
+    # round 0 is the zero-shot classifier (a linear probe, prototypes): nothing to explain
+    assert round_zero_note([_fake("a", 0.6)]) is None
 
 
 def test_flower_run_names_a_misspelled_run_config_key():
@@ -378,3 +406,295 @@ def test_flower_logs_a_refusal_in_one_line_and_a_bug_with_its_traceback(caplog):
     refusal, bug = caplog.records[-2:]
     assert refusal.getMessage() == "fedclip refused the run: bad key" and not refusal.exc_info
     assert bug.exc_info is not None
+
+
+# --- the first hour: verbosity, a finished run re-printed, the embedded sample's note -------
+def _toy_run(tiny_arch, toy_root, out, *flags, rounds="20"):
+    return ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout", "beta",
+            "--rounds", rounds, "--set", "personalize_epochs=0", "--out", str(out), *flags]
+
+
+def test_verbosity_levels_mean_what_they_say(tiny_arch, toy_root, tmp_path, capsys,
+                                             monkeypatch):
+    monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
+    assert main(["-q", *_toy_run(tiny_arch, toy_root, tmp_path / "q")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == (f"results: {tmp_path / 'q' / 'results.json'}, "
+                           f"{tmp_path / 'q' / 'results.md'}, plots in {tmp_path / 'q'}/*/")
+    assert err == ""  # no progress, no note, no warning
+    assert main(_toy_run(tiny_arch, toy_root, tmp_path / "d")) == 0
+    out, err = capsys.readouterr()
+    assert "held out" in out and "gen 0-shot" in out  # the table
+    default_rounds = [line for line in err.splitlines() if ": round " in line]
+    assert len(default_rounds) == 10  # into a pipe: every tenth of the work
+    assert main(["-v", *_toy_run(tiny_arch, toy_root, tmp_path / "v")]) == 0
+    err = capsys.readouterr().err
+    assert [line.split()[4] for line in err.splitlines() if ": round " in line] == [
+        f"{k}/20" for k in range(1, 21)]  # -v: a line per round
+    import os
+
+    import fedclip.flower.launch as launch
+
+    seen = []
+
+    def flower_run(*args, **kwargs):  # what `flwr run` would inherit
+        seen.append(os.environ.get("FLWR_LOG_LEVEL"))
+        return "1", "finished:completed"
+
+    monkeypatch.setattr(launch, "flower_run", flower_run)
+    assert main(["-vv", "flower-run"]) == 0 and main(["flower-run"]) == 0
+    assert seen == ["DEBUG", None]  # -vv: Flower's debug logs too, for that command only
+    assert "FLWR_LOG_LEVEL" not in os.environ
+    assert main(["-q", "-v", "algorithms"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_reprinted_without_recomputing(tiny_arch, toy_root, tmp_path, capsys,
+                                                         monkeypatch):
+    out = tmp_path / "run"
+    assert main(_toy_run(tiny_arch, toy_root, out, rounds="3")) == 0
+    first = capsys.readouterr().out
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(_experiment, "run", no_training)
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    again, err = capsys.readouterr()
+    assert "nothing recomputed" in err
+    table = [line for line in first.splitlines() if "beta" in line]
+    assert table and table == [line for line in again.splitlines() if "beta" in line]
+    # more rounds, or a run not finished, resume as before
+    monkeypatch.undo()
+    assert main(["run", "--out", str(out), "--resume", "--rounds", "4"]) == 0
+    assert "nothing recomputed" not in capsys.readouterr().err
+    saved = json.loads((out / "results.json").read_text())["runs"][0]
+    assert saved["history"][-1]["round"] == 4
+
+
+def test_the_embedded_sample_says_what_it_can_show_and_the_real_command(tiny_arch, tmp_path,
+                                                                        capsys):
+    assert main(["run", "--backbone", tiny_arch, "--heldout", "sketch", "--rounds", "1",
+                 "--set", "personalize_epochs=0", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "40 images" in out and "not how well a method works" in out
+    assert "fedclip fetch pacs data/PACS" in out and "--data-root data/PACS" in out
+
+
+def test_promptfolio_is_refused_under_its_own_name():
+    from fedclip.algorithms import algorithm_class
+
+    algo = algorithm_class("promptfolio")(RunConfig(algorithm="promptfolio", backbone="standin"))
+    with pytest.raises(BackboneError, match="^promptfolio learns tokens of a CLIP text tower"):
+        algo.backbone  # noqa: B018 - the property loads (and refuses) the backbone
+
+
+def test_predict_shows_files_as_given_relative_to_here(tiny_arch, toy_root, tmp_path, capsys,
+                                                       monkeypatch):
+    out = tmp_path / "run"
+    assert main(_toy_run(tiny_arch, toy_root, out, rounds="1")) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(toy_root)
+    assert main(["predict", str(out / "beta" / "adapter.safetensors"), "beta/cat",
+                 "--backbone", tiny_arch, "--out", str(tmp_path / "p.csv")]) == 0
+    shown = capsys.readouterr().out
+    assert "beta/cat/img_000.png" in shown and str(toy_root) not in shown.replace("\n", "")
+    assert str(toy_root / "beta" / "cat" / "img_000.png") in (tmp_path / "p.csv").read_text()
+
+
+# --- flower-run: the same table at the end; the local SuperLink stopped by its pid ----------
+def test_flower_run_ends_with_the_in_process_table(tiny_arch, toy_root, tmp_path, capsys,
+                                                   monkeypatch):
+    import fedclip.flower.launch as launch
+
+    out = tmp_path / "flower-out"
+    assert main(_toy_run(tiny_arch, toy_root, out, rounds="2")) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if "beta" in line]
+
+    def flower_run(app, superlink, run_config, echo, federation_config):
+        for line in ("Flower banner", f"INFO :      results: {out / 'results.json'}"):
+            echo(line)
+        return "7", "finished:completed"
+
+    monkeypatch.setattr(launch, "flower_run", flower_run)
+    assert main(["flower-run", "local-sim"]) == 0
+    shown = capsys.readouterr().out
+    assert "Flower banner" in shown and "run 7: finished:completed" in shown
+    assert table and [line for line in shown.splitlines() if "beta" in line] == table
+    assert main(["-q", "flower-run", "local-sim"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == "run 7: finished:completed" and shown[1].startswith("results: ")
+    assert len(shown) == 2
+
+
+HEALTH_SERVER = """import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_the_local_superlink_is_stopped_by_its_recorded_pid_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fedclip.flower.launch import PID_FILE, start_local_superlink, stop_local_superlink
+    from tests.deployment import free_port
+
+    home = tmp_path / "flwr-home"
+    port = free_port()
+    command = [sys.executable, "-c", HEALTH_SERVER, str(port)]
+    # the same program started by someone else: a pattern would match it, a pid does not
+    other = subprocess.Popen([sys.executable, "-c", HEALTH_SERVER, str(free_port())])
+    try:
+        pid = start_local_superlink(home, command=command, health=f"http://127.0.0.1:{port}/")
+        record = json.loads((home / "local-superlink" / PID_FILE).read_text())
+        assert record["pid"] == pid and record["command"] == command
+        assert stop_local_superlink(home) == f"stopped the local SuperLink (pid {pid})"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert other.poll() is None  # untouched
+        assert "no SuperLink started by fedclip" in stop_local_superlink(home)
+        # a recorded pid that now names another process (pid reuse) is left alone
+        (home / "local-superlink" / PID_FILE).write_text(json.dumps(
+            {"pid": other.pid, "started": "0", "command": command}))
+        assert "had already stopped" in stop_local_superlink(home)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_local_superlinks_command_is_flowers_own(tmp_path, monkeypatch):
+    from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
+
+    from fedclip.flower.launch import _local_superlink, connection_address, local_ports
+
+    control = LOCAL_CONTROL_API_ADDRESS.rpartition(":")[2]
+    assert local_ports() == (LOCAL_SUPERLINK_HTTP_API_PORT, control)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    command, health = _local_superlink()
+    assert command[command.index("--log-file") + 1] == str(
+        tmp_path / "local-superlink" / "superlink.log")  # where Flower's own one logs
+    assert health == f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health"
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local-sim"\n\n'
+                                          '[superlink.local-sim]\naddress = ":local:"\n'
+                                          '[superlink.far]\naddress = "host:9093"\n')
+    assert connection_address(None, tmp_path) == ":local:"
+    assert connection_address("far", tmp_path) == "host:9093"
+    assert connection_address("none", tmp_path) is None
+
+
+def test_dp_without_a_clipping_norm_names_the_value_to_set(capsys):
+    assert main(["run", "--set", "dp=server", "--set", "aggregation=uniform", "--set",
+                 "dp_epsilon=10", "--out", "unused"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--set dp_clipping_norm=0.8" in err and "dp-clipping-norm=0.8" in err
+
+
+# --- fetch: a dataset from its pinned hub revision into a folder -----------------------------
+def test_fetch_offline_says_what_to_do_in_one_line(tmp_path, capsys, monkeypatch):
+    from fedclip.data import sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "pacs", str(tmp_path / "PACS")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "PACS").exists()
+    assert "run `fedclip fetch pacs DIR`, copy DIR to this machine, and pass --data-root" in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    asked = []
+    monkeypatch.setattr(sources, "_reachable", lambda host: asked.append(host) or False)
+    assert main(["fetch", "pacs", str(tmp_path / "PACS")]) == 2
+    assert asked == ["huggingface.co"] and "cannot be reached" in capsys.readouterr().err
+    assert main(["fetch", "imagenet", str(tmp_path / "x")]) == 2
+    assert "pacs, office-home or hf:ORG/NAME" in capsys.readouterr().err
+
+
+def test_fetch_writes_the_pinned_revision_once(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    from PIL import Image
+
+    from fedclip.data import sources
+    from fedclip.data.folder import scan_dataset
+    from fedclip.data.specs import PACS
+    from tests.test_data import FakeHubDataset
+
+    asked = []
+
+    def load_dataset(dataset_id, split, revision):
+        asked.append((dataset_id, split, revision))
+        return FakeHubDataset(
+            {"image": Image.new("RGB", (16, 16), c), "label": y, "domain": d}
+            for d in PACS.domains for c, y in [("red", 0), ("blue", 1)])
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(sources, "_reachable", lambda host: True)
+    target = tmp_path / "data" / "PACS"
+    assert main(["fetch", "pacs", str(target)]) == 0
+    out, err = capsys.readouterr()
+    assert asked == [("flwrlabs/pacs", "train", PACS.hub_revision)] and len(asked[0][2]) == 40
+    assert f"hf:flwrlabs/pacs@{PACS.hub_revision}, 8 images" in err
+    assert out.strip() == f"use it with: --data-root {target}"
+    dataset = scan_dataset(target)
+    assert dataset.name == "pacs" and set(dataset.domains) == set(PACS.domains)
+    assert not (target / ".fetching").exists()
+    assert main(["fetch", "pacs", str(target)]) == 0  # once: nothing downloaded again
+    assert "already there" in capsys.readouterr().err and len(asked) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["fetch", "pacs", str(tmp_path / "other")]) == 2
+    assert "holds something else" in capsys.readouterr().err
+
+
+# --- the paper's table: published numbers beside measured ones ------------------------------
+def test_the_papers_numbers_are_transcribed_consistently():
+    from fedclip.reproduce import HELDOUTS, METHODS
+
+    for m in METHODS:  # each published average is the mean of its four domains, rounded
+        mean = sum(m.published[h] for h in HELDOUTS) / 4
+        assert abs(mean - m.published["average"]) <= 0.005 + 1e-9, m.label
+    assert [m.algorithm for m in METHODS] == ["fedavg-cnn", "fedprox-cnn", "fedavg-full",
+                                              "fedprox-full", "fedclip"]
+    assert METHODS[-1].published["average"] - METHODS[3].published["average"] == pytest.approx(
+        8.92)  # the abstract's "9% overall improvement on PACS"
+
+
+def test_paper_runs_the_five_methods_and_prints_both_columns(tiny_arch, tmp_path, capsys):
+    out = tmp_path / "paper"
+    small = ["--set", "personalize_epochs=0"]
+    for cnn in ("fedavg-cnn", "fedprox-cnn"):  # AlexNet's 57M parameters: too slow here
+        small += ["--set", f"{cnn}.model=squeezenet1_1@none", "--set", f"{cnn}.image_size=64"]
+    assert main(["paper", "--backbone", tiny_arch, "--heldout", "sketch", "--rounds", "1",
+                 "--out", str(out), *small]) == 0
+    shown = capsys.readouterr().out
+    assert "random weights" in shown  # never read as the paper's numbers
+    saved = json.loads((out / "paper.json").read_text())
+    sketch, average = saved["rows"]
+    assert sketch[0] == "sketch" and sketch[1::2] == ["56.14", "55.89", "89.16", "90.08", "94.99"]
+    measured = sketch[2::2]
+    assert all(0 <= float(v) <= 100 for v in measured)  # all five ran, on the tiny CLIP too
+    for algorithm, value in zip(["fedavg-cnn", "fedprox-cnn", "fedavg-full", "fedprox-full",
+                                 "fedclip"], measured, strict=True):
+        result = json.loads((out / f"{algorithm}-seed0" / "results.json").read_text())
+        assert f"{100 * result['runs'][0]['generalization']:.2f}" == value
+    assert average[2::2] == ["n/a"] * 5  # one held-out domain is not the paper's mean
+    assert "94.99" in shown and measured[-1] in shown
+
+
+def test_paper_on_the_stand_in_says_it_is_not_clip_and_what_cannot_run():
+    from fedclip.reproduce import caveat, not_runnable
+
+    assert "NOT CLIP" in caveat("standin")
+    assert not_runnable("fedavg-full", "standin") and not_runnable("fedprox-full", "standin")
+    assert not_runnable("fedclip", "standin") is None
+    assert not_runnable("fedavg-cnn", "standin") is None
+    assert caveat("open_clip:ViT-B-32@openai") is None

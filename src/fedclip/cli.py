@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from fedclip.config import RunConfig, parse_settings
-from fedclip.core.records import RoundRecord
+from fedclip.core.records import RoundRecord, RunResult
 from fedclip.errors import ConfigError, FedclipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,34 +53,53 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class Verbosity:
+    """The command's verbosity: -1 quiet (errors and where the results are), 0 progress and
+    the table, 1 a line per round, 2 debug (Flower's logs included)."""
+
+    level = 0
+
+
 @app.callback()
 def _options(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, metavar="", show_default=False,
-                                help="More of fedclip's log lines: -v info, -vv debug."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+                                help="-v: a line per round and fedclip's info lines; -vv: "
+                                     "debug, Flower's debug logs included."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors and the results path "
+                                                            "only: no progress, no table."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
     """FedCLIP: federated adaptation of a frozen CLIP with an attention adapter."""
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
-                                         logging.INFO if verbose else logging.WARNING)
+    if quiet and verbose:
+        raise ConfigError("pass -q (errors only) or -v (more), not both")
+    Verbosity.level = -1 if quiet else min(verbose, 2)
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[
+        Verbosity.level]
     # fedclip's own loggers only: libraries (matplotlib's font search, ...) stay at warnings
     logging.getLogger("fedclip").setLevel(level)
     if quiet:
         logging.getLogger().setLevel(logging.ERROR)
+    if Verbosity.level == 2:  # Flower reads it when first imported, here or in `flwr run`
+        os.environ.setdefault("FLWR_LOG_LEVEL", "DEBUG")
 
 
 class RichReporter:
     """Progress bars for extraction (images/s) and rounds (accuracy so far); where the output
     is not a terminal (logs, CI), a plain line every tenth of the work instead."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, every_round: bool = False,
+                 quiet: bool = False) -> None:
         self.progress = progress
         self.tasks: dict[str, Any] = {}
         self.plain = not progress.console.is_terminal
+        self.every_round = every_round  # -v: a line for every round, terminal or not
+        self.quiet = quiet  # -q: nothing at all
 
-    def _log(self, done: int, total: int, text: str) -> None:
-        if self.plain and (done == total or done % max(1, total // 10) == 0):
+    def _log(self, done: int, total: int, text: str, every: bool = False) -> None:
+        if self.quiet:
+            return
+        if every or (self.plain and (done == total or done % max(1, total // 10) == 0)):
             self.progress.console.print(text, highlight=False, markup=False)
 
     def _task(self, key: str, label: str, total: int) -> Any:
@@ -91,7 +111,7 @@ class RichReporter:
         if cached:  # read at once: no rate to show, and nothing was extracted
             task = self._task(f"x:{domain}", f"features {domain}", total)
             self.progress.update(task, completed=total, info="from the cache")
-            if self.plain:
+            if self.plain and not self.quiet:
                 self.progress.console.print(f"features {domain}: {total} images from the "
                                             f"cache", highlight=False, markup=False)
             return
@@ -113,10 +133,23 @@ class RichReporter:
                     f"gen {100 * gen:.1f}" if gen is not None else "")
         self.progress.update(task, completed=record.round, info=info)
         self._log(record.round, total_rounds,
-                  f"held out {heldout}: round {record.round}/{total_rounds} {info}")
+                  f"held out {heldout}: round {record.round}/{total_rounds} {info}",
+                  every=self.every_round)
 
     def info(self, message: str) -> None:
-        self.progress.console.print(message, markup=False, highlight=False)
+        if not self.quiet:
+            self.progress.console.print(message, markup=False, highlight=False)
+
+
+def _progress(*columns: Any) -> Progress:
+    """Progress bars on a terminal; plain lines into a pipe; nothing at all with -q."""
+    return Progress(*columns, console=console, transient=False,
+                    disable=Verbosity.level < 0 or not console.is_terminal)
+
+
+def _reporter(progress: Progress) -> RichReporter:
+    return RichReporter(progress, every_round=Verbosity.level >= 1,
+                        quiet=Verbosity.level < 0)
 
 
 def _settings(preset: Path | None, items: list[str], resume_from: Path | None = None,
@@ -219,17 +252,30 @@ class PlainHelp(TyperCommand):
         formatter.buffer[:] = [b.replace("\\[", "[") for b in formatter.buffer]
 
 
+# The built-in backbone providers' prefixes (fedclip.backbones imports torch, which help must
+# not wait for); a test keeps this equal to fedclip.backbones.providers().
+BACKBONE_PREFIXES = ("open_clip", "standin", "hf")
+
+
+def backbone_prefixes() -> list[str]:
+    """The backbone spec prefixes, plugins' entry points included, without importing any."""
+    from importlib.metadata import entry_points
+
+    plugins = [ep.name for ep in entry_points(group="fedclip.backbones")]
+    return [*BACKBONE_PREFIXES, *(p for p in plugins if p not in BACKBONE_PREFIXES)]
+
+
 class RegistryHelp(PlainHelp):
-    """Adds the registered algorithms and backbone providers (plugins included) to the help
-    when help is shown: importing the registries takes seconds, parsing should not."""
+    """Adds the registered algorithms and backbone providers (plugins included) to the help,
+    from the registries' static tables and entry points: help imports no algorithm and no
+    backbone (that takes seconds)."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from fedclip.algorithms import names
-        from fedclip.backbones import providers
+        from fedclip.algorithms import listed
 
-        extra = {"algorithm": f" One of: {', '.join(names())}.",
-                 "algorithms": f" Registered: {', '.join(names())}.",
-                 "backbone": f" Providers: {', '.join(providers())}."}
+        extra = {"algorithm": f" One of: {', '.join(listed())}.",
+                 "algorithms": f" Registered: {', '.join(listed())}.",
+                 "backbone": f" Providers: {', '.join(backbone_prefixes())}."}
         for param in self.params:
             if param.name in extra and not getattr(param, "_registry_help", False):
                 param.help = (getattr(param, "help", None) or "") + extra[param.name]
@@ -249,12 +295,84 @@ def _threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _print_note(backbone: str) -> None:
-    from fedclip.report import backbone_note
+def _print_note(backbone: str, note: str | None = None) -> None:
+    """The backbone's warning (the stand-in's: not CLIP); ``note`` when already known."""
+    if note is None:
+        from fedclip.report import backbone_note
 
-    note = backbone_note(backbone)
-    if note:
+        note = backbone_note(backbone)
+    if note and Verbosity.level >= 0:
         console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+# What a run on the embedded sample can show, and the command for the real experiment
+# (times: benchmarks/README.md, 2-core CPU: fetch ~190 MB, 254 s of extraction, 750-980 s).
+SAMPLE_NOTE = ("The embedded sample has 40 images (2-3 test images per client): this run "
+               "shows that the pipeline works end to end, not how well a method works (each "
+               "accuracy moves in steps of 33-50 points).")
+REAL_EXPERIMENT = ("The real experiment, full PACS (9,991 images; about 20 minutes on 2 CPU "
+                   "cores with the stand-in, after a download of about 190 MB):\n"
+                   "  fedclip fetch pacs data/PACS\n"
+                   "  fedclip run --data-root data/PACS --backbone standin --heldout all "
+                   "--out runs/pacs")
+
+
+def _print_results(algorithm: str, results: list[RunResult], out: Path, sample: bool) -> None:
+    """The table and its notes (not with -q), then where the results are (always);
+    ``sample``: a run on the embedded sample, which says what it can show."""
+    from fedclip.report import COLUMNS, privacy_note, round_zero_note, table_rows
+
+    if Verbosity.level >= 0:
+        table = Table(title=f"{algorithm} — accuracy % (gen.: held-out domain; pers.: "
+                            f"clients' test splits)")
+        for col in COLUMNS:
+            table.add_column(col, justify="right")
+        for row in table_rows(results):
+            table.add_row(*map(escape, row))
+        out_console.print(table)
+        notes = [round_zero_note(results), privacy_note(results)]
+        if sample:
+            notes += [SAMPLE_NOTE, REAL_EXPERIMENT]
+        for note in notes:
+            if note is not None:
+                out_console.print(note, markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/",
+                      markup=False, soft_wrap=True)
+
+
+def finished_results(cfg: RunConfig, out: Path) -> tuple[list[RunResult], str | None] | None:
+    """The results (and backbone note) of a run that is already finished, read back from
+    ``out/results.json`` (nothing is loaded or recomputed), when that file holds every
+    requested held-out domain at ``cfg.rounds`` with exactly these settings; otherwise None
+    (the run resumes, and any problem with the folder is reported there). The data is
+    listed (for ``heldout=all``), never read."""
+    from fedclip.core.records import RecordError, read_results_document
+
+    try:
+        document = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        config, runs = read_results_document(document)
+    except (OSError, ValueError, RecordError):
+        return None
+    if config != cfg.model_dump(mode="json"):
+        return None
+    if cfg.heldout != "all":
+        heldouts = [cfg.heldout]
+    elif cfg.data_root is not None and cfg.data_root.startswith("hf:"):
+        return None  # its domains are known once the hub copy is resolved: resume
+    else:
+        from fedclip.data.folder import scan_dataset
+        from fedclip.data.sources import resolve_data_root
+
+        try:
+            root = resolve_data_root(cfg.data_root, Path("."))
+            heldouts = list(scan_dataset(root, cfg.dataset, cfg.classes).domains)
+        except FedclipError:
+            return None
+    by = {r.heldout: r for r in runs}
+    if any(h not in by or by[h].rounds != cfg.rounds for h in heldouts):
+        return None
+    note = document.get("backbone_note")
+    return [by[h] for h in heldouts], note if isinstance(note, str) else None
 
 
 @app.command("run", cls=RegistryHelp)
@@ -283,34 +401,28 @@ def run_command(
     log_to: LogTo = None,
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
-    from fedclip.callbacks import loggers_from_specs
-    from fedclip.inprocess.experiment import run
-    from fedclip.report import COLUMNS, privacy_note, round_zero_note, table_rows
-
     _outs.append(out)
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
                     **_flags(locals()))
-    _threads(threads)
+    if resume and not log_to and (done := finished_results(cfg, out)) is not None:
+        _print_note(cfg.backbone, done[1] or "")
+        if Verbosity.level >= 0:
+            console.print(f"{out} is finished ({cfg.rounds} rounds): its table, from "
+                          f"results.json (nothing recomputed; --rounds N extends it)",
+                          markup=False, highlight=False, soft_wrap=True)
+        _print_results(cfg.algorithm, done[0], out, sample=cfg.data_root is None)
+        return
     _print_note(cfg.backbone)
+    from fedclip.callbacks import loggers_from_specs
+    from fedclip.inprocess.experiment import run
+
+    _threads(threads)
     loggers = loggers_from_specs(log_to or [], out)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False,
-                  disable=not console.is_terminal) as progress:
-        results = run(cfg, out, resume=resume, reporter=RichReporter(progress),
-                      callbacks=loggers)
-    table = Table(title=f"{cfg.algorithm} — accuracy % (gen.: held-out domain; pers.: "
-                        f"clients' test splits)")
-    for col in COLUMNS:
-        table.add_column(col, justify="right")
-    for row in table_rows(results):
-        table.add_row(*map(escape, row))
-    out_console.print(table)
-    for note in (round_zero_note(results), privacy_note(results)):
-        if note is not None:
-            out_console.print(note, markup=False, highlight=False)
-    out_console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}/*/",
-                      markup=False, soft_wrap=True)
+    with _progress(*columns) as progress:
+        results = run(cfg, out, resume=resume, reporter=_reporter(progress), callbacks=loggers)
+    _print_results(cfg.algorithm, results, out, sample=cfg.data_root is None)
 
 
 @app.command("compare", cls=RegistryHelp)
@@ -358,14 +470,81 @@ def compare_command(
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+    with _progress(*columns) as progress:
         summary = compare(cfg, [a.strip() for a in algorithms.split(",") if a.strip()],
-                          seed_list, out, resume=resume, reporter=RichReporter(progress),
+                          seed_list, out, resume=resume, reporter=_reporter(progress),
                           backbone_params=count_backbone, log_to=log_to or [])
-    for name, table in summary["tables"].items():
-        out_console.print(f"\n[bold]{name}[/]")
-        out_console.print(markdown(table["header"], table["rows"]))
+    if Verbosity.level >= 0:
+        for name, table in summary["tables"].items():
+            out_console.print(f"\n[bold]{name}[/]")
+            out_console.print(markdown(table["header"], table["rows"]))
     out_console.print(f"\ntables: {out / 'compare.md'}, plots: {out / 'compare.png'}")
+
+
+@app.command("paper", cls=RegistryHelp)
+def paper_command(
+    data_root: DataRoot = None,
+    backbone: Backbone = None,
+    heldout: Heldout = None,
+    rounds: Rounds = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for splits, init and batches.")] = None,
+    device: Device = None,
+    out: Annotated[Path, typer.Option(help="Folder for the five methods' runs and the "
+                                           "table.")] = Path("runs/paper"),
+    resume: Resume = False,
+    config: Preset = None,
+    set_: SetItems = None,
+    cache_dir: CacheDir = None,
+    threads: Threads = 0,
+) -> None:
+    """The paper's PACS table: FedCLIP, CLIP FedAvg/FedProx, AlexNet FedAvg/FedProx, leave-one-
+    domain-out, each published number beside the measured one (docs/reproducing.md: the
+    weights, the data and the time it takes)."""
+    from fedclip.reproduce import caveat, reproduce
+
+    _outs.append(out)
+    cfg = _settings(config, set_ or [], dataset="pacs", **_flags(locals()))
+    _threads(threads)
+    note = caveat(cfg.backbone)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with _progress(*columns) as progress:
+        summary = reproduce(cfg, out, resume=resume, reporter=_reporter(progress))
+    if Verbosity.level >= 0:
+        table = Table(title=f"The paper's PACS table: published | measured with {cfg.backbone} "
+                            f"(generalization %, {cfg.rounds} rounds)")
+        for i, col in enumerate(summary["header"]):
+            table.add_column(escape(col), justify="right", no_wrap=i == 0)
+        for row in summary["rows"]:
+            table.add_row(*map(escape, row))
+        out_console.print(table)
+        for label, why in summary["not_run"].items():
+            out_console.print(f"{label} not run: {why}", markup=False, soft_wrap=True)
+        if note:
+            out_console.print(f"[bold red]{escape(note)}.[/]", soft_wrap=True)
+    out_console.print(f"tables: {out / 'paper.md'}, {out / 'paper.json'}", markup=False,
+                      soft_wrap=True)
+
+
+@app.command("fetch", cls=PlainHelp)
+def fetch_command(
+    dataset: str = typer.Argument(..., help="pacs or office-home (at the revision fedclip "
+                                            "pins), or hf:ORG/NAME[@REVISION]."),
+    folder: Path = typer.Argument(..., help="Where to write <domain>/<class>/<image>; pass "
+                                            "it to run and compare as --data-root."),
+    revision: str | None = typer.Option(None, help="Another hub commit than the pinned one."),
+) -> None:
+    """Download a dataset from the Hugging Face hub into a folder, once (PACS: 191 MB, written
+    as 9,991 PNGs, about 0.5 GB; needs internet and the hub extra)."""
+    from fedclip.data.sources import data_source, fetch
+
+    target, downloaded = fetch(dataset, folder, revision)
+    source = data_source(target) or {}
+    if Verbosity.level >= 0:
+        what = "fetched" if downloaded else "already there:"
+        console.print(f"{what} {source.get('dataset')}@{source.get('revision')}, "
+                      f"{source.get('images', 0):,} images", markup=False, highlight=False)
+    out_console.print(f"use it with: --data-root {folder}", markup=False, soft_wrap=True)
 
 
 @app.command("algorithms", cls=PlainHelp)
@@ -397,12 +576,44 @@ def flower_run_command(
         [], "--federation-config", help="Simulation settings, as for flwr run: "
         "'num-supernodes=4'."),
 ) -> None:
-    """`flwr run --stream`, but exits non-zero when the run did not complete."""
-    from fedclip.flower.launch import flower_run
+    """`flwr run --stream`, but exits non-zero when the run did not complete; ends with the
+    same table as an in-process run."""
+    from fedclip.flower import launch
 
-    run_id, status = flower_run(app_dir, superlink, run_config, echo=out_console.out,
-                                federation_config=federation_config)
+    found: list[Path] = []
+
+    def echo(line: str) -> None:
+        if (m := launch.RESULTS.search(line)) is not None:
+            found.append(Path(m.group(1)))
+        if Verbosity.level >= 0:  # -q: only the status and where the results are
+            out_console.out(line, highlight=False)
+
+    run_id, status = launch.flower_run(app_dir, superlink, run_config, echo=echo,
+                                       federation_config=federation_config)
     out_console.print(f"run {run_id}: {status}")
+    if not found:
+        return
+    results = found[-1]
+    try:
+        from fedclip.core.records import read_results_document
+
+        config, runs = read_results_document(json.loads(results.read_text(encoding="utf-8")))
+    except OSError:  # a deployment: the run folder is on the SuperLink host
+        out_console.print(f"results: {results} (on the SuperLink's machine)", markup=False,
+                          soft_wrap=True)
+        return
+    except ValueError as exc:  # RecordError included
+        raise FedclipError(f"{results} cannot be read back ({exc})") from None
+    _print_results(str(config.get("algorithm", "?")), runs, results.parent, sample=False)
+
+
+@app.command("flower-stop", cls=PlainHelp)
+def flower_stop_command() -> None:
+    """Stop the local simulation SuperLink that `fedclip flower-run` started (by its
+    recorded pid, with the processes it started; nothing else)."""
+    from fedclip.flower.launch import flwr_home, stop_local_superlink
+
+    out_console.print(stop_local_superlink(flwr_home()), markup=False, soft_wrap=True)
 
 
 @app.command("predict", cls=PlainHelp)
@@ -414,7 +625,8 @@ def predict_command(
     allow_download: bool = typer.Option(
         False, help="Let the adapter file's backbone spec download weights (otherwise a "
                     "spec that would download must be confirmed with --backbone)."),
-    out: Path | None = typer.Option(None, help="Write the predictions as CSV."),
+    out: Path | None = typer.Option(None, help="Write the predictions as CSV (absolute "
+                                                "paths)."),
     cache_dir: str | None = typer.Option(None, help="Feature cache folder."),
 ) -> None:
     """Classify images with a trained adapter."""
@@ -429,7 +641,7 @@ def predict_command(
     for col in ("file", "class", "probability", "top"):
         table.add_column(col)
     for r in rows:
-        table.add_row(escape(r["file"]), escape(r.get("class", r.get("error", ""))),
+        table.add_row(escape(_shown(r["file"])), escape(r.get("class", r.get("error", ""))),
                       f"{r['probability']:.3f}" if "probability" in r else "",
                       escape(", ".join(f"{c} {p:.2f}" for c, p in r.get("top", []))))
     out_console.print(table)
@@ -445,6 +657,14 @@ def predict_command(
                         writer.writerow([r["file"], "", "", "", r["error"]])
         atomic_write(out, write)
         out_console.print(f"wrote {out}")
+
+
+def _shown(path: str) -> str:
+    """A file as people write it: relative to the current folder when it lies inside it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 @app.command("backbones", cls=PlainHelp)
@@ -501,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     _outs.clear()
+    Verbosity.level = 0
+    flower_level = os.environ.get("FLWR_LOG_LEVEL")  # -vv sets it for this command only
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -524,6 +746,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if flower_level is None:
+            os.environ.pop("FLWR_LOG_LEVEL", None)
+        else:
+            os.environ["FLWR_LOG_LEVEL"] = flower_level
     if code == 130 and signal.SIGTERM in _signals:
         _signals.clear()
         console.print(f"terminated (SIGTERM); {_interrupted_hint()}")

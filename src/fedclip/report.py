@@ -58,13 +58,16 @@ def table_rows(results: list[RunResult]) -> list[tuple[str, ...]]:
 
 
 def round_zero_note(results: list[RunResult]) -> str | None:
-    """Why a row selected at round 0 shows a gen. other than zero-shot, when one does."""
-    at_zero = [r.heldout for r in results if r.best_round == 0 and r.rounds > 0]
+    """Why a row selected at round 0 shows a gen. other than zero-shot, when one does (a
+    method whose round 0 is the zero-shot classifier needs no note)."""
+    at_zero = [r for r in results if r.best_round == 0 and r.rounds > 0
+               and r.generalization != r.zeroshot.generalization]
     if not at_zero:
         return None
-    return (f"Best round 0 ({', '.join(at_zero)}): no trained round beat the untrained "
-            f"adapter on validation. Round 0 is the adapter as initialised (it re-weights the "
-            f"features), not zero-shot CLIP, so its gen. differs from the 0-shot column.")
+    return (f"Best round 0 ({', '.join(r.heldout for r in at_zero)}): no trained round beat "
+            f"the untrained model on validation. Round 0 is {at_zero[0].algorithm}'s model as "
+            f"initialised (an adapter's initial re-weighting of the features), not zero-shot, "
+            f"so its gen. differs from the 0-shot column.")
 
 
 def privacy_note(results: list[RunResult]) -> str | None:

@@ -11,9 +11,10 @@ from fedclip.algorithms.registry import (
     algorithm_class,
     check_options,
     get_algorithm,
+    listed,
     names,
     register,
 )
 
-__all__ = ["ALGORITHMS", "algorithm_class", "check_options", "get_algorithm", "names",
-           "register"]
+__all__ = ["ALGORITHMS", "algorithm_class", "check_options", "get_algorithm", "listed",
+           "names", "register"]

@@ -60,9 +60,9 @@ class PromptFL(Algorithm):
             from fedclip.backbones import load_finetunable, resolve_device
 
             backbone = load_finetunable(self.cfg.backbone, resolve_device(self.cfg.device),
-                                        "promptfl learns tokens of a CLIP text tower")
+                                        f"{self.name} learns tokens of a CLIP text tower")
             if not hasattr(backbone.model, "token_embedding"):
-                raise ConfigError(f"{self.cfg.backbone} has a custom text tower; promptfl "
+                raise ConfigError(f"{self.cfg.backbone} has a custom text tower; {self.name} "
                                   f"needs a CLIP-style one (token_embedding + transformer)")
             self._backbone = backbone
         return self._backbone
@@ -72,12 +72,12 @@ class PromptFL(Algorithm):
         template = self.cfg.prompt_template
         prefix = template.split("{}")[0].strip()
         if not prefix:
-            raise ConfigError("promptfl replaces the template words before the class name; "
+            raise ConfigError(f"{self.name} replaces the template words before the class name; "
                               "prompt_template has none")
         tok = self.backbone.tokenizer
         n_ctx = int((tok([prefix])[0] != 0).sum()) - 2  # without start and end tokens
         if not self.prompts:
-            raise ConfigError("promptfl needs the class prompts: call setup(prompts) first")
+            raise ConfigError(f"{self.name} needs the class prompts: call setup(prompts) first")
         return tok(list(self.prompts)).to(self.backbone.model.token_embedding.weight.device), \
             n_ctx
 

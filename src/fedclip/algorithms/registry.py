@@ -21,6 +21,33 @@ if TYPE_CHECKING:
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 _LOADED = False
 
+# The built-in algorithms by name, with their one-line summaries, known without importing any
+# of them (importing them all takes seconds: torch, torchvision): what help texts list. A test
+# keeps this table equal to the registered classes' ``name`` and ``summary``.
+BUILTIN: dict[str, str] = {
+    "clip-adapter": "CLIP-Adapter: residual bottleneck MLP on the image features, averaged",
+    "ditto": "a personal adapter per client, regularized toward the averaged global one",
+    "fedadam": "FedCLIP clients; the server steps Adam on the averaged delta",
+    "fedavg-cnn": "a torchvision classifier on pixels (the paper's AlexNet FedAvg baseline)",
+    "fedavg-full": "both open_clip encoders fine-tuned (the paper's FedAvg baseline)",
+    "fedavgm": "FedCLIP clients; server momentum on the averaged delta",
+    "fedclip": "the attention adapter; the server averages",
+    "fedpft": "one round: per-class Gaussian mixtures of the features; server trains the head",
+    "fedprox": "the adapter, with mu/2 ||w - w_global||^2 in the local loss",
+    "fedprox-cnn": "the same with the proximal term (the paper's AlexNet FedProx baseline)",
+    "fedprox-full": "the same, plus the proximal term",
+    "fedyogi": "FedCLIP clients; the server steps Yogi on the averaged delta",
+    "linear-probe": "a linear (cosine) classifier on the features, zero-shot initialised",
+    "local": "each client its own adapter, alone (the lower bound for collaboration)",
+    "personal-transform": "a personal feature transform (rotation) per client, a shared "
+                          "class head",
+    "promptfl": "learned prompt context (CoOp) through the frozen text encoder, averaged",
+    "promptfolio": "a global prompt (averaged) mixed with a personal local prompt (never sent)",
+    "prototypes": "training-free: class prototypes (feature means) as a cache beside zero-shot",
+    "scaffold": "the adapter with SCAFFOLD control variates (server and client state)",
+    "zeroshot": "nothing: the backbone's class-prompt classifier",
+}
+
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
     """Class decorator: make ``cls`` known by its ``name``, after checking that its declared
@@ -53,6 +80,16 @@ def _load() -> None:
 
             logging.getLogger(__name__).warning("algorithm plugin %s failed to load: %s",
                                                 ep.name, exc)
+
+
+def listed() -> list[str]:
+    """Every algorithm's name without importing one: the built-ins and the names of the
+    ``fedclip.algorithms`` entry points (a plugin's entry point is named after its
+    algorithm), sorted. :func:`names` imports them all and is the authority."""
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name for ep in entry_points(group="fedclip.algorithms")}
+    return sorted(set(BUILTIN) | plugins | set(ALGORITHMS))
 
 
 def names() -> list[str]:

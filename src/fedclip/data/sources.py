@@ -19,7 +19,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,94 @@ def _offline(dataset_id: str, cache_dir: Path, why: str) -> DataError:
                      f"without internet, copy the dataset folder here and pass --data-root DIR")
 
 
+def _load_rows(dataset_id: str, revision: str, offline: Callable[[Exception], DataError]
+               ) -> tuple[Any, list[str]]:
+    """A hub dataset's train split at ``revision`` and its class names; ``offline(exc)`` is
+    the error to raise when the download fails."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading hf:{dataset_id} needs Hugging Face datasets: "
+                        f"pip install 'fedclip[hub]'; or download the folder and pass "
+                        f"--data-root DIR") from None
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train", revision=revision)
+    except Exception as exc:  # the hub client raises many types when offline
+        raise offline(exc) from None
+    return ds, list(ds.features["label"].names)
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """One quick TCP connection to ``host``:443 (the hub clients retry for minutes)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fetch(name: str, target: str | Path, revision: str | None = None) -> tuple[Path, bool]:
+    """Download a dataset from the Hugging Face hub at its pinned revision (a spec's
+    ``hub_revision``; ``revision`` overrides it) and write it as ``target/<domain>/<class>/
+    <n>.png``; resumable. ``name``: a spec name (``pacs``, ``office-home``) or ``hf:ORG/NAME``.
+    Returns (the folder, whether anything was downloaded). Offline: one line saying what to
+    do, at once."""
+    from fedclip.data.specs import SPECS
+
+    spec = SPECS.get(name)
+    if spec is not None and spec.hub_id is not None:
+        dataset_id, pinned = spec.hub_id, spec.hub_revision
+    elif name.startswith("hf:"):
+        dataset_id, _, pinned = name[3:].partition("@")
+    else:
+        known = [s.name for s in SPECS.values() if s.hub_id]
+        raise DataError(f"no hub copy of dataset {name!r} is known; fetch "
+                        f"{', '.join(known)} or hf:ORG/NAME")
+    revision = revision or pinned or None
+    target = Path(target).expanduser()
+    done = data_source(target)
+    if done is not None and done.get("dataset") == f"hf:{dataset_id}" and (
+            revision is None or done.get("revision") == revision):
+        return target, False
+    if target.exists() and (not target.is_dir() or (
+            any(target.iterdir()) and not (target / FETCHING).exists())):
+        raise DataError(f"{target} exists and holds something else; pass a new or empty "
+                        f"folder")
+    offline = DataError(
+        f"the Hugging Face hub ({_hub_host()}) cannot be reached from here: on a machine "
+        f"with internet run `fedclip fetch {name} DIR`, copy DIR to this machine, and pass "
+        f"--data-root DIR")
+    from fedclip.config import env_flag
+
+    if env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE") or not _reachable(
+            _hub_host()):
+        raise offline
+    if revision is None:  # nothing pinned: the hub's current commit, recorded in the marker
+        try:
+            revision = _hub_revision(dataset_id)
+        except Exception:
+            raise offline from None
+    target.mkdir(parents=True, exist_ok=True)
+    (target / FETCHING).write_text(json.dumps({"dataset": f"hf:{dataset_id}",
+                                               "revision": revision}) + "\n")
+    rows, names = _load_rows(dataset_id, revision, lambda exc: offline)
+    write_image_folder(rows, names, target,
+                       source={"dataset": f"hf:{dataset_id}", "revision": revision})
+    (target / FETCHING).unlink(missing_ok=True)
+    return target, True
+
+
+FETCHING = ".fetching"  # a fetch into this folder started (and may be resumed)
+
+
 def hub_dataset_folder(spec: str, cache_dir: Path) -> Path:
     """Download a hub dataset with a ``domain`` column once, at a pinned revision, and write
     it as a folder (``spec``: ``ORG/NAME`` or ``ORG/NAME@REVISION``)."""
@@ -97,17 +187,8 @@ def hub_dataset_folder(spec: str, cache_dir: Path) -> Path:
     target = cache_dir / f"{stem}@{_component(revision, 'revision')}"
     if (target / MARKER).exists():
         return target
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"loading hf:{dataset_id} needs Hugging Face datasets: "
-                        f"pip install 'fedclip[hub]'; or download the folder and pass "
-                        f"--data-root DIR") from None
-    try:
-        ds = datasets.load_dataset(dataset_id, split="train", revision=revision)
-    except Exception as exc:  # the hub client raises many types when offline
-        raise _offline(dataset_id, cache_dir, type(exc).__name__) from None
-    names = ds.features["label"].names
+    ds, names = _load_rows(dataset_id, revision, lambda exc: _offline(
+        dataset_id, cache_dir, type(exc).__name__))
     return write_image_folder(ds, names, target,
                               source={"dataset": f"hf:{dataset_id}", "revision": revision})
 
@@ -121,7 +202,12 @@ def write_image_folder(rows: Iterable[Mapping], class_names: list[str], target: 
     target = Path(target)
     for row in rows:
         domain = _component(str(row["domain"]), "domain")
-        cls = _component(class_names[int(row["label"])], "class")
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not (
+                0 <= int(label) < len(class_names)):
+            raise DataError(f"the hub dataset has a row labelled {label!r}, not one of its "
+                            f"{len(class_names)} classes; fetch another revision")
+        cls = _component(class_names[int(label)], "class")
         n = counts.get((domain, cls), 0)
         counts[(domain, cls)] = n + 1
         path = target / domain / cls / f"{n:06d}.png"

@@ -17,6 +17,7 @@ class DatasetSpec:
     classes: tuple[str, ...]
     sizes: dict[str, int] = field(default_factory=dict)  # images per domain, full release
     hub_id: str | None = None  # Hugging Face dataset with a "domain" column, if any
+    hub_revision: str | None = None  # the hub commit `fedclip fetch` downloads (pinned)
     num_classes: int | None = None  # checked when ``classes`` is not listed
 
 
@@ -26,6 +27,8 @@ PACS = DatasetSpec(
     classes=("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"),
     sizes={"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929},
     hub_id="flwrlabs/pacs",
+    # the commit whose README declares the 9,991-image train split (download 191 MB)
+    hub_revision="9c6f80edcd5320a55a39b1e84120dcfa25c8ce9b",
 )
 
 VLCS = DatasetSpec(
