@@ -78,7 +78,8 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
     heldout, start = writer.heldout, time.perf_counter()
     fed = build_federation(cfg, prep, heldout)
     def progress(state: FederationState, record: RoundRecord) -> None:
-        reporter.round_end(heldout, record, server.rules.rounds)
+        if record.round > 0:  # round 0 trains nothing: progress counts trained rounds
+            reporter.round_end(heldout, record, server.rules.rounds)
 
     server = fed.server(writer, callbacks=callbacks, resumed=writer.resumed,
                         observers=[progress, *([on_round] if on_round else [])])
