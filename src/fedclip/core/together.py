@@ -29,7 +29,9 @@ from fedclip.core.client import (
     adam,
     batch_schedule,
     diverged,
+    working_module,
 )
+from fedclip.tensors import all_finite
 
 
 class Batchable(Model, Protocol):
@@ -51,7 +53,7 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
     cfg = algorithm.cfg
     start = time.perf_counter()
     device = jobs[0].train.x.device
-    template = algorithm.build_module(jobs[0].train.x.shape[1]).to(device)
+    template = working_module(algorithm, jobs[0].train.x.shape[1], device, jobs[0].params)
     names = [n for n, _ in template.named_parameters()]
     leaves = [{n: job.params[n].detach().to(device).clone().requires_grad_(True) for n in names}
               for job in jobs]
@@ -97,7 +99,7 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
     updates = []
     for i, job in enumerate(jobs):
         params = {n: v.detach().clone() for n, v in leaves[i].items()}
-        if not all(torch.isfinite(v).all() for v in params.values()):
+        if not all_finite(params):
             raise diverged(job.config)
         mean = sum(losses[i]) / len(losses[i]) if losses[i] else float("nan")
         updates.append(ClientUpdate(params, {}, len(job.train), mean, seconds / len(jobs),
