@@ -152,7 +152,7 @@ class TrainResult:
     num_examples: int
     loss: float
     seconds: float
-    optimizer_state: dict[str, torch.Tensor]  # flat tensors (see flatten_optimizer)
+    optimizer_state: dict[str, torch.Tensor]  # flat tensors (flatten_optimizer); none: reset
     steps: int
 
 
@@ -301,6 +301,33 @@ def _module(algorithm: Model, dim: int, device: str | torch.device, params: Para
     return module, own.get(key) is module
 
 
+_MOMENTS: weakref.WeakKeyDictionary[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _start_adam(optimizer: torch.optim.Adam, module: nn.Module) -> bool:
+    """Give a fresh Adam over ``module``'s parameters its starting state (step 0, zero
+    moments: what it would create at its first step) in moment buffers kept with the shared
+    module, zeroed in place: a client's optimizer allocates nothing (fresh memory costs page
+    faults, more than the step itself here). False (nothing done) where Adam would keep more
+    state than that."""
+    group = optimizer.param_groups[0]
+    if len(optimizer.param_groups) != 1 or any(group.get(flag) for flag in (
+            "amsgrad", "capturable", "fused", "differentiable")):
+        return False
+    params = group["params"]
+    moments = _MOMENTS.get(module)
+    if moments is None or len(moments) != len(params):
+        moments = [(torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.zeros_like(p, memory_format=torch.preserve_format)) for p in params]
+        _MOMENTS[module] = moments
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for p, (exp_avg, exp_avg_sq) in zip(params, moments, strict=True):
+        optimizer.state[p] = {"step": torch.tensor(0.0, dtype=step_dtype),
+                              "exp_avg": exp_avg.zero_(), "exp_avg_sq": exp_avg_sq.zero_()}
+    return True
+
+
 def working_module(algorithm: Model, dim: int, device: str | torch.device, params: Params
                    ) -> nn.Module:
     """The algorithm's module for features of size ``dim`` on ``device``, holding ``params``:
@@ -333,9 +360,13 @@ def train_local(
     cfg = algorithm.cfg
     start = time.perf_counter()
     device = train.x.device
-    module = working_module(algorithm, train.x.shape[1], device, start_params)
+    module, shared = _module(algorithm, train.x.shape[1], device, start_params)
     module.train()
     optimizer = adam(cfg, [{"params": list(module.parameters()), "lr": config.lr}])
+    # with optimizer_state=reset nothing keeps the optimizer's state: it starts in the shared
+    # module's moment buffers and is not returned
+    lent = not optimizer_state and cfg.optimizer_state == "reset" and shared \
+        and _start_adam(optimizer, module)
     if optimizer_state:
         optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
     losses: list[float] = []
@@ -357,7 +388,7 @@ def train_local(
         raise diverged(config)
     return TrainResult(params, len(train), float(np.mean(losses)) if losses else
                        float("nan"), time.perf_counter() - start,
-                       flatten_optimizer(optimizer.state_dict()), len(losses))
+                       {} if lent else flatten_optimizer(optimizer.state_dict()), len(losses))
 
 
 def load_module(algorithm: Model, params: Params | None, dim: int) -> nn.Module | None:
