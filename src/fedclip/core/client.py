@@ -285,6 +285,46 @@ def _modules_of(algorithm: Model) -> dict[tuple[int, str], nn.Module | None]:
         return {}
 
 
+@dataclass
+class _Kept:
+    """What is kept with a shared module: its state dict's tensors by name, when loading is
+    plain copying (no module in it customises loading or has state-dict hooks); the Adam of
+    clients whose optimizer state nothing keeps, and its moment buffers."""
+
+    tensors: dict[str, torch.Tensor] | None
+    optimizer: torch.optim.Adam | None = None
+    moments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+_KEPT: weakref.WeakKeyDictionary[nn.Module, _Kept] = weakref.WeakKeyDictionary()
+
+
+def _plain_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``module``'s state-dict tensors by name, if ``load_state_dict`` only copies into them."""
+    base = nn.Module
+    for m in module.modules():
+        if (type(m)._load_from_state_dict is not base._load_from_state_dict
+                or type(m)._save_to_state_dict is not base._save_to_state_dict
+                or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                or m._state_dict_hooks or m._state_dict_pre_hooks):
+            return None
+    return module.state_dict(keep_vars=True)
+
+
+def _load(module: nn.Module, params: Params) -> None:
+    """``module.load_state_dict(params)``; for a shared module with plain loading, the same
+    copies without walking the module tree (a mismatch still goes through it: its error)."""
+    kept = _KEPT.get(module)
+    tensors = kept.tensors if kept is not None else None
+    if tensors is not None and params.keys() == tensors.keys() and all(
+            params[k].shape == t.shape for k, t in tensors.items()):
+        with torch.no_grad():
+            for k, t in tensors.items():
+                t.copy_(params[k])
+    else:
+        module.load_state_dict(params)
+
+
 def _module(algorithm: Model, dim: int, device: str | torch.device, params: Params
             ) -> tuple[nn.Module, bool]:
     """The algorithm's module holding ``params``, and whether it is the shared one."""
@@ -294,38 +334,40 @@ def _module(algorithm: Model, dim: int, device: str | torch.device, params: Para
     if module is None:
         module = algorithm.build_module(dim).to(device)
         if key not in own:
-            own[key] = None if _draws_at_random(module) else module
+            shared = not _draws_at_random(module)
+            own[key] = module if shared else None
+            if shared:
+                _KEPT[module] = _Kept(_plain_tensors(module))
     else:
         module.zero_grad(set_to_none=True)
-    module.load_state_dict(params)
+    _load(module, params)
     return module, own.get(key) is module
 
 
-_MOMENTS: weakref.WeakKeyDictionary[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = \
-    weakref.WeakKeyDictionary()
-
-
-def _start_adam(optimizer: torch.optim.Adam, module: nn.Module) -> bool:
-    """Give a fresh Adam over ``module``'s parameters its starting state (step 0, zero
-    moments: what it would create at its first step) in moment buffers kept with the shared
-    module, zeroed in place: a client's optimizer allocates nothing (fresh memory costs page
-    faults, more than the step itself here). False (nothing done) where Adam would keep more
-    state than that."""
+def _lent_adam(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim.Adam | None:
+    """The shared module's Adam at its start (step 0, zero moments: what a fresh Adam creates
+    at its first step), for a client whose optimizer state nothing keeps. One Adam per
+    module, its moments in buffers zeroed in place: a client allocates nothing for its
+    optimizer (fresh memory costs page faults, more than a step here). None where Adam would
+    keep more state than that."""
+    kept = _KEPT.get(module)
+    if kept is None:
+        return None
+    if kept.optimizer is None:
+        kept.optimizer = adam(cfg, [{"params": list(module.parameters()), "lr": lr}])
+        kept.moments = [(torch.zeros_like(p, memory_format=torch.preserve_format),
+                         torch.zeros_like(p, memory_format=torch.preserve_format))
+                        for p in kept.optimizer.param_groups[0]["params"]]
+    optimizer = kept.optimizer
     group = optimizer.param_groups[0]
-    if len(optimizer.param_groups) != 1 or any(group.get(flag) for flag in (
-            "amsgrad", "capturable", "fused", "differentiable")):
-        return False
-    params = group["params"]
-    moments = _MOMENTS.get(module)
-    if moments is None or len(moments) != len(params):
-        moments = [(torch.zeros_like(p, memory_format=torch.preserve_format),
-                    torch.zeros_like(p, memory_format=torch.preserve_format)) for p in params]
-        _MOMENTS[module] = moments
+    if any(group.get(flag) for flag in ("amsgrad", "capturable", "fused", "differentiable")):
+        return None
+    group["lr"] = lr
     step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    for p, (exp_avg, exp_avg_sq) in zip(params, moments, strict=True):
+    for p, (exp_avg, exp_avg_sq) in zip(group["params"], kept.moments, strict=True):
         optimizer.state[p] = {"step": torch.tensor(0.0, dtype=step_dtype),
                               "exp_avg": exp_avg.zero_(), "exp_avg_sq": exp_avg_sq.zero_()}
-    return True
+    return optimizer
 
 
 def working_module(algorithm: Model, dim: int, device: str | torch.device, params: Params
@@ -362,11 +404,11 @@ def train_local(
     device = train.x.device
     module, shared = _module(algorithm, train.x.shape[1], device, start_params)
     module.train()
-    optimizer = adam(cfg, [{"params": list(module.parameters()), "lr": config.lr}])
-    # with optimizer_state=reset nothing keeps the optimizer's state: it starts in the shared
-    # module's moment buffers and is not returned
-    lent = not optimizer_state and cfg.optimizer_state == "reset" and shared \
-        and _start_adam(optimizer, module)
+    # with optimizer_state=reset nothing keeps the optimizer's state: the shared module's
+    # Adam is lent (see _lent_adam), and its state is not returned
+    lent = _lent_adam(cfg, module, config.lr) if (
+        shared and not optimizer_state and cfg.optimizer_state == "reset") else None
+    optimizer = lent or adam(cfg, [{"params": list(module.parameters()), "lr": config.lr}])
     if optimizer_state:
         optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
     losses: list[float] = []
@@ -388,7 +430,8 @@ def train_local(
         raise diverged(config)
     return TrainResult(params, len(train), float(np.mean(losses)) if losses else
                        float("nan"), time.perf_counter() - start,
-                       {} if lent else flatten_optimizer(optimizer.state_dict()), len(losses))
+                       {} if lent is not None else flatten_optimizer(optimizer.state_dict()),
+                       len(losses))
 
 
 def load_module(algorithm: Model, params: Params | None, dim: int) -> nn.Module | None:
