@@ -294,6 +294,8 @@ class _Kept:
     tensors: dict[str, torch.Tensor] | None
     optimizer: torch.optim.Adam | None = None
     moments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    slots: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(
+        default_factory=list)  # clients trained together: a leaf and two moments per name
 
 
 _KEPT: weakref.WeakKeyDictionary[nn.Module, _Kept] = weakref.WeakKeyDictionary()
@@ -359,15 +361,65 @@ def _lent_adam(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim.Adam
                          torch.zeros_like(p, memory_format=torch.preserve_format))
                         for p in kept.optimizer.param_groups[0]["params"]]
     optimizer = kept.optimizer
-    group = optimizer.param_groups[0]
-    if any(group.get(flag) for flag in ("amsgrad", "capturable", "fused", "differentiable")):
+    if not _plain_adam(optimizer):
         return None
-    group["lr"] = lr
+    optimizer.param_groups[0]["lr"] = lr
+    _adam_start(optimizer, optimizer.param_groups[0]["params"], kept.moments)
+    return optimizer
+
+
+def _adam_start(optimizer: torch.optim.Adam, tensors: Sequence[torch.Tensor],
+                moments: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Adam's state at its start for ``tensors`` (step 0, zero moments: what it creates at
+    its first step), in ``moments`` zeroed in place."""
     step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    for p, (exp_avg, exp_avg_sq) in zip(group["params"], kept.moments, strict=True):
+    for p, (exp_avg, exp_avg_sq) in zip(tensors, moments, strict=True):
         optimizer.state[p] = {"step": torch.tensor(0.0, dtype=step_dtype),
                               "exp_avg": exp_avg.zero_(), "exp_avg_sq": exp_avg_sq.zero_()}
-    return optimizer
+
+
+def _plain_adam(optimizer: torch.optim.Adam) -> bool:
+    """Whether Adam keeps only a step and two moments per tensor."""
+    return not any(group.get(flag) for group in optimizer.param_groups
+                   for flag in ("amsgrad", "capturable", "fused", "differentiable"))
+
+
+def together_leaves(cfg: RunConfig, module: nn.Module, starts: Sequence[Params],
+                    lrs: Sequence[float]) -> tuple[list[Params], torch.optim.Adam]:
+    """For clients trained at once through ``module``: each client's parameters as leaf
+    tensors holding ``starts[i]``, and one Adam (a parameter group per client, learning rate
+    ``lrs[i]``) at its start. For a shared module the leaves and Adam's moments are buffers
+    kept with it between rounds (filled and zeroed in place: no fresh memory, whose page
+    faults cost more than the arithmetic here); the values are those of fresh ones."""
+    names = [n for n, _ in module.named_parameters()]
+    kept = _KEPT.get(module)
+    reuse = kept is not None and all(
+        start[n].dtype == p.dtype and start[n].shape == p.shape
+        for start in starts for n, p in module.named_parameters())
+    if not reuse or kept is None:
+        leaves = [{n: start[n].detach().to(next(module.parameters()).device).clone()
+                   .requires_grad_(True) for n in names} for start in starts]
+        return leaves, adam(cfg, [{"params": list(leaf.values()), "lr": lr}
+                                  for leaf, lr in zip(leaves, lrs, strict=True)])
+    params = dict(module.named_parameters())
+    while len(kept.slots) < len(starts):
+        kept.slots.append({n: (torch.empty_like(p).requires_grad_(True), torch.zeros_like(p),
+                               torch.zeros_like(p)) for n, p in params.items()})
+    leaves = []
+    with torch.no_grad():
+        for start, slot in zip(starts, kept.slots, strict=False):
+            leaf = {}
+            for n in names:
+                tensor = slot[n][0]
+                tensor.grad = None
+                leaf[n] = tensor.copy_(start[n])
+            leaves.append(leaf)
+    optimizer = adam(cfg, [{"params": list(leaf.values()), "lr": lr}
+                           for leaf, lr in zip(leaves, lrs, strict=True)])
+    if _plain_adam(optimizer):
+        for leaf, slot in zip(leaves, kept.slots, strict=False):
+            _adam_start(optimizer, list(leaf.values()), [slot[n][1:] for n in leaf])
+    return leaves, optimizer
 
 
 def working_module(algorithm: Model, dim: int, device: str | torch.device, params: Params

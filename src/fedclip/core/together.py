@@ -26,9 +26,9 @@ from fedclip.core.client import (
     ClientJob,
     ClientUpdate,
     Model,
-    adam,
     batch_schedule,
     diverged,
+    together_leaves,
     working_module,
 )
 from fedclip.tensors import all_finite
@@ -55,10 +55,8 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
     device = jobs[0].train.x.device
     template = working_module(algorithm, jobs[0].train.x.shape[1], device, jobs[0].params)
     names = [n for n, _ in template.named_parameters()]
-    leaves = [{n: job.params[n].detach().to(device).clone().requires_grad_(True) for n in names}
-              for job in jobs]
-    optimizer = adam(cfg, [{"params": list(p.values()), "lr": job.config.lr}
-                           for p, job in zip(leaves, jobs, strict=True)])
+    leaves, optimizer = together_leaves(cfg, template, [job.params for job in jobs],
+                                        [job.config.lr for job in jobs])
     mus = [algorithm.proximal_weight(job) for job in jobs]
     text, scale = jobs[0].class_text, jobs[0].logit_scale
 
@@ -99,6 +97,8 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
     updates = []
     for i, job in enumerate(jobs):
         params = {n: v.detach().clone() for n, v in leaves[i].items()}
+        for v in leaves[i].values():
+            v.grad = None  # kept leaves: no gradient held between rounds
         if not all_finite(params):
             raise diverged(job.config)
         mean = sum(losses[i]) / len(losses[i]) if losses[i] else float("nan")
