@@ -209,3 +209,20 @@ def test_evaluate_many_gives_what_each_split_gives_alone():
             assert a == b or (math.isnan(a) and math.isnan(b))
     assert math.isnan(many[-1].accuracy) and many[-1].num_examples == 0
     assert len({r.accuracy for r in many[:5]}) > 1  # the splits score differently
+
+
+def test_the_weighted_mean_is_pythons_sum_bit_for_bit():
+    """``combine`` adds the weighted terms into one buffer: the same bits as ``sum()`` of
+    them, signed zeros included (sum starts from 0, and 0 + -0.0 is 0.0)."""
+    from fedclip.aggregation import combine
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5):
+        params = [{"w": torch.randn(64, 8, generator=gen), "b": torch.randn(8, generator=gen)}
+                  for _ in range(n)]
+        params[0]["b"][:3] = torch.tensor([-0.0, 0.0, -1e-45])
+        weights = [float(w) for w in torch.rand(n, generator=gen) + 0.1]
+        got = combine(params, weights, "weighted")
+        for k in ("w", "b"):
+            want = sum(p[k] * (x / sum(weights)) for p, x in zip(params, weights, strict=True))
+            assert torch.equal(got[k], want) and torch.equal(got[k].signbit(), want.signbit())
