@@ -1,11 +1,19 @@
 """Per-round wall time and bytes: in-process runner, Flower simulation (Ray), Flower
-deployment on localhost (SuperLink + 4 SuperNodes), fp32 against fp16 transfer.
+deployment on localhost (SuperLink + 4 SuperNodes), fp32 against fp16 transfer, and Flower's
+own floor.
 
     python benchmarks/flower_rounds.py [--rounds 5]
+    python benchmarks/flower_rounds.py --skip-simulation --deployments fp32,floor
 
 Stand-in backbone on the embedded PACS sample (features cached first, so every runtime
 measures rounds, not extraction). Start-up (process and Ray start, node discovery) is
 reported apart from steady-state rounds.
+
+**Flower's floor** (``benchmarks/floor_app``): the same localhost deployment and the same
+messages per round (the adapter's payload down to and back from each of 3 training nodes, an
+evaluation message to the held-out node, one exchange, replies checked every 0.2 s) with an
+app that imports only flwr and numpy and returns what it receives: a deployed fedclip round
+is stated as a ratio to what Flower itself costs.
 """
 
 from __future__ import annotations
@@ -97,6 +105,27 @@ def deployment(rounds: int, work: Path, transfer: str = "fp32", label: str = "",
             "parts": parts}
 
 
+def floor(rounds: int, work: Path, interval: float = 0.2) -> dict:
+    """Flower's floor: ``benchmarks/floor_app`` on the same localhost deployment (4
+    SuperNodes, fedclip's messages, ``interval`` between checks for replies; 0: Flower's own
+    ``send_and_receive``)."""
+    from tests.deployment import LocalDeployment
+
+    out = work / "out"
+    nodes = [f"domain='{d}'" for d in ("art_painting", "cartoon", "photo", "sketch")]
+    start = time.perf_counter()
+    with LocalDeployment(work, nodes) as dep:
+        dep.run([f"rounds={rounds}", f"out='{out}'", f"poll-interval={interval}",
+                 "min-nodes=4", "train-nodes=3", "values=295680"], app=HERE / "floor_app")
+    wall = time.perf_counter() - start
+    r = json.loads((out / "floor.json").read_text())
+    wait = "0.2 s checks" if interval > 0 else "Flower's send_and_receive"
+    return {"runtime": f"Flower's floor: flwr + numpy app, localhost, 4 SuperNodes ({wait})",
+            "wall": wall, "startup": wall - sum(h["round_seconds"] for h in r["history"]),
+            "round": steady(r["history"], "round_seconds"),
+            "bytes": 2 * 3 * 295680 * 4, "gen": float("nan"), "floor": True}
+
+
 FRESH = """
 import json, time, sys
 t0 = time.perf_counter()
@@ -130,7 +159,12 @@ def main() -> None:
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument("--before", help="a checkout of an earlier fedclip (its src/ and "
                         "pyproject.toml), deployed side by side in the same run")
+    parser.add_argument("--deployments", default="fp32,fp16,superexec,poll3,floor,floor3",
+                        help="deployment rows: fp32, fp16, superexec (its poll 0.1 s), poll3 "
+                             "(fedclip with Flower's 3 s grid wait), floor (Flower's floor, "
+                             "0.2 s checks), floor3 (the floor with Flower's send_and_receive)")
     args = parser.parse_args()
+    chosen = set(args.deployments.split(","))
     os.environ.setdefault("FEDCLIP_CACHE", str(Path(tempfile.mkdtemp()) / "cache"))
     cache = os.environ["FEDCLIP_CACHE"]
     rows = []
@@ -142,10 +176,11 @@ def main() -> None:
             rows.append(simulation(args.rounds, tmp / "sim16", "fp16"))
         if not args.skip_deployment:
             fast = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
-            runs = [("fp32", "", {}, ()), ("fp16", "", {}, ()),
-                    ("fp32", ", superexec poll 0.1 s", fast, ()),
-                    ("fp32", ", poll-interval 3 s (Flower's grid wait)", {},
-                     ("poll-interval=3.0",))]
+            runs = [run for key, run in (
+                ("fp32", ("fp32", "", {}, ())), ("fp16", ("fp16", "", {}, ())),
+                ("superexec", ("fp32", ", superexec poll 0.1 s", fast, ())),
+                ("poll3", ("fp32", ", poll-interval 3 s (Flower's grid wait)", {},
+                           ("poll-interval=3.0",)))) if key in chosen]
             if args.before:
                 before = Path(args.before).resolve()
                 runs.insert(0, ("fp32", f", before ({before.name})",
@@ -155,15 +190,29 @@ def main() -> None:
                 app = Path(args.before).resolve() if "before" in label else None
                 rows.append(deployment(args.rounds, tmp / f"dep-{i}", transfer, label, env,
                                        extra, app))
+            for key, interval in (("floor", 0.2), ("floor3", 0.0)):
+                if key in chosen:
+                    (tmp / key).mkdir()
+                    rows.append(floor(args.rounds, tmp / key, interval))
     print(f"| runtime ({args.rounds} rounds) | start-up s | discovery s | s/round (steady) "
           f"| bytes/round | held-out acc |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         disc = f"{r['discovery']:.1f}" if r.get("discovery") is not None else ""
+        gen = "" if r.get("floor") else f"{100 * r['gen']:.1f}"
         print(f"| {r['runtime']} | {r['startup']:.1f} | {disc} | {r['round']:.2f} | "
-              f"{r['bytes']:,} | {100 * r['gen']:.1f} |")
+              f"{r['bytes']:,} | {gen} |")
     if args.skip_deployment:
         return
+    floors = [r for r in rows if r.get("floor")]
+    deployed = [r for r in rows if "deployment" in r["runtime"] and not r.get("floor")]
+    if floors and deployed:
+        print("\n| deployed round | s/round | x Flower's floor (" +
+              ", ".join(f"{f['round']:.2f} s" for f in floors) + ") |")
+        print("|---|---|---|")
+        for r in deployed:
+            ratios = ", ".join(f"{r['round'] / f['round']:.2f}" for f in floors)
+            print(f"| {r['runtime']} | {r['round']:.2f} | **{ratios}** |")
     paths = [("after", None)] + ([("before", str(Path(args.before).resolve() / "src"))]
                                  if args.before else [])
     print("\n| checkout | fresh process: import s | site load s |")

@@ -181,3 +181,30 @@ def test_an_interrupted_extraction_continues_where_it_stopped(tiny_arch, toy_roo
     assert torch.equal(resumed.valid, whole.valid) and resumed.skipped == whole.skipped
     assert not list((tmp_path / "cut" / "images").glob("*.partial"))  # tidied once complete
     assert image_features(LazyBackbone(tiny_arch), domain, tmp_path / "cut").from_cache
+
+
+def test_a_run_on_cached_features_imports_no_backbone_library(tiny_arch, toy_root, tmp_path):
+    """The backbone's identity is checked from what the cache recorded: a run whose features
+    are all cached imports neither open_clip (with torchvision and transformers) nor the
+    stand-in's libraries; they are imported only when something must be encoded."""
+    import subprocess
+    import sys
+
+    from fedclip.config import RunConfig
+    from fedclip.task import prepare
+
+    cache = tmp_path / "cache"
+    prepare(RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma",
+                            cache_dir=str(cache)))  # every domain and the prompts, cached
+    heavy = ("open_clip", "transformers", "sentence_transformers", "torchvision", "timm")
+    script = ("import sys\nfrom fedclip.cli import main\ncode = main(sys.argv[1:])\n"
+              f"print(sorted(m for m in {heavy!r} if m in sys.modules))\nsys.exit(code)")
+    # the subprocess never registers the tiny architecture: open_clip would not know it
+    done = subprocess.run([sys.executable, "-c", script, "run", "--data-root", str(toy_root),
+                           "--backbone", tiny_arch, "--heldout", "gamma", "--rounds", "1",
+                           "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
+                           "--set", "personalize_epochs=0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "run" / "results.json").is_file()

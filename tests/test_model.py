@@ -130,3 +130,105 @@ def test_client_weights_are_sizes_capped_at_a_multiple_of_the_median():
     assert set(client_weights(sizes, RunConfig.build(aggregation="uniform")).values()) == {1.0}
     with pytest.raises(ConfigError, match="max_weight_ratio"):
         RunConfig.build(max_weight_ratio=0.5)
+
+
+def _clients(d: int = 16, classes: int = 4, sizes: tuple[int, ...] = (1, 2, 3, 5, 40)):
+    from fedclip.core.client import Split
+
+    gen = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(classes, d, generator=gen), dim=-1)
+    splits = [Split(torch.randn(n, d, generator=gen) * 3,
+                    torch.randint(0, classes, (n,), generator=gen)) for n in sizes]
+    return text, splits
+
+
+def test_clients_share_one_module_and_train_as_with_a_fresh_one(monkeypatch):
+    """A client trains in the module a previous client (or an evaluation) used, with its own
+    parameters loaded: the same bits as in a module built for it alone, one build for all.
+    A module with an active dropout is built per use (its masks follow the global
+    generator, whose stream a build's random initialisation advances)."""
+    from fedclip.core.client import evaluate, train_local
+
+    text, splits = _clients()
+    cfg = RunConfig.build(loss="ce", batch_size=4, local_epochs=2, lr=1e-2)
+    start = get_params(build_adapter(16, seed=1))
+    other = get_params(build_adapter(16, seed=2))
+
+    def train(algorithm, params, split):
+        return train_local(algorithm, params, split, text, 20.0,
+                           config=algorithm.round_config(1), seed=7)
+
+    alone = train(get_algorithm(cfg), start, splits[4])
+    shared = get_algorithm(cfg)
+    builds = []
+    original = type(shared).build_module
+    monkeypatch.setattr(type(shared), "build_module",
+                        lambda self, dim: builds.append(dim) or original(self, dim))
+    train(shared, other, splits[3])  # another client first, then an evaluation
+    evaluate(shared, other, splits[2], text, 20.0)
+    after = train(shared, start, splits[4])
+    assert all(torch.equal(alone.params[k], after.params[k]) for k in alone.params)
+    assert alone.loss == after.loss and alone.steps == after.steps == 20
+    assert builds == [16]  # one module for two clients and an evaluation
+
+    class WithDropout(torch.nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.inner, self.drop = AttentionAdapter(dim), torch.nn.Dropout(0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.inner(x))
+
+    monkeypatch.setattr(type(shared), "build_module", lambda self, dim: (
+        builds.append(dim) or WithDropout(dim)))
+    builds.clear()
+    dropped = get_algorithm(cfg)
+    wrapped = {f"inner.{k}": v for k, v in start.items()}
+    train(dropped, wrapped, splits[4])
+    train(dropped, wrapped, splits[3])
+    assert builds == [16, 16]
+
+
+def test_evaluate_many_gives_what_each_split_gives_alone():
+    """Splits of 1 to 40 inputs (a matrix product's rounding can depend on its row count),
+    the global parameters shared by several, a client's own parameters, no parameters
+    (zero-shot), an empty split and class masks: the same accuracy and loss, bit for bit, as
+    each split scored on its own in a module of its own."""
+    from fedclip.core.client import Scoring, Split, evaluate_many, evaluate_module, load_module
+
+    algorithm = get_algorithm(RunConfig.build())
+    text, splits = _clients()
+    shared = get_params(build_adapter(16, seed=1))
+    own = get_params(build_adapter(16, seed=2))
+    mask = torch.tensor([True, False, True, True])
+    empty = Split(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long))
+    items = [Scoring(shared, s) for s in splits] + [
+        Scoring(own, splits[1], mask), Scoring(shared, splits[0], mask),
+        Scoring(None, splits[4]), Scoring(None, splits[0], mask), Scoring(shared, empty)]
+    many = evaluate_many(algorithm, items, text, 20.0)
+    assert len(many) == len(items)
+    for item, got in zip(items, many, strict=True):
+        module = load_module(algorithm, item.params, 16)
+        alone = evaluate_module(algorithm, module, item.split, text, 20.0, item.class_mask)
+        assert got.num_examples == alone.num_examples == len(item.split)
+        for a, b in ((got.accuracy, alone.accuracy), (got.loss, alone.loss)):
+            assert a == b or (math.isnan(a) and math.isnan(b))
+    assert math.isnan(many[-1].accuracy) and many[-1].num_examples == 0
+    assert len({r.accuracy for r in many[:5]}) > 1  # the splits score differently
+
+
+def test_the_weighted_mean_is_pythons_sum_bit_for_bit():
+    """``combine`` adds the weighted terms into one buffer: the same bits as ``sum()`` of
+    them, signed zeros included (sum starts from 0, and 0 + -0.0 is 0.0)."""
+    from fedclip.aggregation import combine
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5):
+        params = [{"w": torch.randn(64, 8, generator=gen), "b": torch.randn(8, generator=gen)}
+                  for _ in range(n)]
+        params[0]["b"][:3] = torch.tensor([-0.0, 0.0, -1e-45])
+        weights = [float(w) for w in torch.rand(n, generator=gen) + 0.1]
+        got = combine(params, weights, "weighted")
+        for k in ("w", "b"):
+            want = sum(p[k] * (x / sum(weights)) for p, x in zip(params, weights, strict=True))
+            assert torch.equal(got[k], want) and torch.equal(got[k].signbit(), want.signbit())

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +56,18 @@ def min_updates(mode: str, byzantine: int) -> int:
     return 1
 
 
+def _weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]
+                  ) -> torch.Tensor:
+    """``sum(t * c for t, c in zip(tensors, coefficients))`` as Python's ``sum`` computes it
+    (0 + the first term, then each next term added in order: the same bits), with one
+    buffer for the terms instead of two new tensors per client."""
+    acc = (tensors[0] * coefficients[0]).add_(0)  # 0 + x: what sum() starts with (-0.0 -> 0.0)
+    term = torch.empty_like(acc)
+    for t, c in zip(tensors[1:], coefficients[1:], strict=True):
+        acc.add_(torch.mul(t, c, out=term))
+    return acc
+
+
 def combine(params: Sequence[Params], weights: Sequence[float], mode: str = "weighted",
             trim: float = 0.2, byzantine: int = 0, keep: int = 0) -> Params:
     """The aggregate of ``params`` (each client's shared parameters, same keys and shapes);
@@ -71,9 +83,7 @@ def combine(params: Sequence[Params], weights: Sequence[float], mode: str = "wei
                          f"non-negative and not all zero")
     if mode in ("weighted", "uniform"):
         total = sum(w)
-        return {k: cast(torch.Tensor, sum(p[k] * (x / total)
-                                          for p, x in zip(params, w, strict=True)))
-                for k in keys}
+        return {k: _weighted_sum([p[k] for p in params], [x / total for x in w]) for k in keys}
     if mode in SELECTING:
         return _flower_rule(params, w, mode, byzantine, keep)
     out = {}

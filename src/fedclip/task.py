@@ -83,9 +83,9 @@ def templates(names: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for name in names:
         if name in ENSEMBLES:
-            from open_clip import zero_shot_metadata
+            from fedclip.backbones.openclip import zero_shot_templates
 
-            out += [f("{}") for f in getattr(zero_shot_metadata, ENSEMBLES[name])]
+            out += [f("{}") for f in zero_shot_templates(ENSEMBLES[name])]
         elif name.startswith("@"):
             raise ConfigError(f"unknown prompt ensemble {name!r}; use one of "
                               f"{', '.join(ENSEMBLES)} or templates with '{{}}'")

@@ -16,7 +16,10 @@ Providers are registered by prefix; each lives in its own module and imports its
 dependencies only when a backbone of that kind is built. A provider module has
 
 * ``load(rest, device) -> Backbone`` and ``fingerprint(rest) -> str`` (known without building
-  the model, so a feature-cache hit never loads a backbone);
+  the model or importing its library, so a feature-cache hit never loads a backbone);
+* optionally ``validate(rest)``: checks that need the library (open_clip's architecture and
+  tag names), made by :func:`backbone_fingerprint` and when the backbone is built, never for
+  a run whose features are all cached (the cache entry was written by a backbone that was);
 * ``FORMS``: ``(form, description)`` pairs, what ``fedclip backbones`` lists;
 * optionally ``IS_CLIP`` (a contrastive image-text model; default True), ``NOTE`` (a warning
   shown with every result, e.g. the stand-in's), ``FINETUNABLE`` (its backbones are
@@ -199,21 +202,27 @@ def check_available(spec: str) -> None:
                         f"{OFFLINE_HINT}")
 
 
-def backbone_fingerprint(spec: str) -> str:
-    """Identity of a backbone's weights and preprocessing, without building it."""
+def backbone_fingerprint(spec: str, check: bool = True) -> str:
+    """Identity of a backbone's weights and preprocessing, without building it; ``check``:
+    with the provider's ``validate`` (which may import the backbone's library)."""
     prefix, rest = parse_spec(spec)
-    return f"{prefix}-{_provider(prefix).fingerprint(rest)}"
+    provider = _provider(prefix)
+    if check and hasattr(provider, "validate"):
+        provider.validate(rest)
+    return f"{prefix}-{provider.fingerprint(rest)}"
 
 
 class LazyBackbone:
-    """Builds the backbone on first use: runs whose features are all cached never do."""
+    """Builds the backbone on first use: runs whose features are all cached never do, nor
+    import its library (the fingerprint is known without it; the spec's names are checked
+    when the backbone is built, see ``validate`` in the module docstring)."""
 
     def __init__(self, spec: str, device: str = "cpu", precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise BackboneError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.spec, self.device, self.precision = spec, device, precision
         # a precision other than fp32 is part of the features' identity: never mixed in a cache
-        self.fingerprint = backbone_fingerprint(spec) + (
+        self.fingerprint = backbone_fingerprint(spec, check=False) + (
             "" if precision == "fp32" else f"-{precision}")
         self._backbone: Backbone | None = None
 

@@ -85,16 +85,42 @@ class OpenClipBackbone:
 
 def fingerprint(rest: str) -> str:
     """Architecture, tag (a local checkpoint also by size and mtime) and open_clip's version,
-    which together decide the weights and the preprocessing."""
+    which together decide the weights and the preprocessing. Known without importing
+    open_clip (seconds: it pulls torchvision and transformers): a run whose features are all
+    cached never does; :func:`validate` checks the names when something is encoded."""
     from importlib.metadata import version
 
     arch, tag = _split(rest)
-    _validate(arch, tag)
     ident = f"{arch}@{tag}|open_clip={version('open_clip_torch')}"
     if Path(tag).is_file():
         st = Path(tag).stat()
         ident += f"|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def validate(rest: str) -> None:
+    """A one-line BackboneError unless open_clip knows the architecture and the tag."""
+    _validate(*_split(rest))
+
+
+def zero_shot_templates(name: str) -> tuple:
+    """open_clip's named template list (``OPENAI_IMAGENET_TEMPLATES``...), read from its
+    data module without importing open_clip itself (the module holds only the lists)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("open_clip")
+    folders = list(found.submodule_search_locations or []) if found is not None else []
+    path = next((Path(f) / "zero_shot_metadata.py" for f in folders
+                 if (Path(f) / "zero_shot_metadata.py").is_file()), None)
+    if path is None:  # not a plain folder: the normal import
+        from open_clip import zero_shot_metadata
+
+        return tuple(getattr(zero_shot_metadata, name))
+    spec = importlib.util.spec_from_file_location("_fedclip_open_clip_templates", path)
+    assert spec is not None and spec.loader is not None  # a .py file that exists
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(getattr(module, name))
 
 
 def _hub_cached(repo: str, filenames: list[str]) -> bool:

@@ -9,10 +9,14 @@ clients trained together), so they agree bit for bit. The functions take the alg
 
 from __future__ import annotations
 
+import copy
+import math
+import threading
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
@@ -22,8 +26,7 @@ from torch import nn
 from fedclip.adapters import get_params, mask_classes
 from fedclip.config import RunConfig
 from fedclip.errors import TrainingError
-from fedclip.privacy import clip_update
-from fedclip.tensors import Params, State
+from fedclip.tensors import Params, State, all_finite
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class TrainResult:
     num_examples: int
     loss: float
     seconds: float
-    optimizer_state: dict[str, torch.Tensor]  # flat tensors (see flatten_optimizer)
+    optimizer_state: dict[str, torch.Tensor]  # flat tensors (flatten_optimizer); none: reset
     steps: int
 
 
@@ -219,6 +222,8 @@ def client_clip(cfg: RunConfig, params: Params, start: Params) -> Params:
     the server clips every update in any case (``fedclip.core.server.aggregate_round``)."""
     if cfg.dp != "client":
         return params
+    from fedclip.privacy import clip_update  # DP's code runs (and loads) only with DP on
+
     return clip_update(params, start, cfg.dp_clipping_norm)
 
 
@@ -239,10 +244,191 @@ def diverged(config: RoundConfig, value: float | None = None) -> TrainingError:
 
 
 def adam(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Adam:
-    """torch's Adam with the run's betas, eps and L2 weight decay (the reference recipe);
-    torch picks its multi-tensor kernels where they exist (CUDA)."""
+    """torch's Adam with the run's betas, eps and L2 weight decay (the reference recipe).
+    Its multi-tensor ("foreach") form everywhere: torch's default on CUDA, and on the CPU
+    one call per operation over all tensors, each running the single-tensor form's kernel
+    (the same bits, without a Python round trip per tensor and operation)."""
+    on_cpu = all(p.device.type == "cpu" for g in groups for p in g["params"])
     return torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, foreach=True if on_cpu else None)
+
+
+# --- the algorithm's module, built once per process --------------------------------------
+# An algorithm's module is a function of its state dict (parameters and persistent buffers):
+# what a hook needs of a client lives in the job, never on the module. So one module per
+# (algorithm, feature size, device) serves every client: its parameters are loaded, not
+# re-initialised at random (``build_module``'s initialisation is overwritten at once anyway).
+# A module with a random layer is the exception, built per use as before: its masks come
+# from torch's global generator, whose stream every build's random initialisation advances.
+_MODULES = threading.local()  # per thread: two threads never share a module
+_RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout)
+
+
+def _draws_at_random(module: nn.Module) -> bool:
+    """Whether training ``module`` draws from torch's global generator (an active dropout,
+    RReLU, open_clip's patch dropout)."""
+    return any((isinstance(m, _RANDOM_LAYERS) and m.p > 0) or isinstance(m, nn.RReLU)
+               or (type(m).__name__ == "PatchDropout" and getattr(m, "prob", 0.0) > 0)
+               for m in module.modules())
+
+
+def _modules_of(algorithm: Model) -> dict[tuple[int, str], nn.Module | None]:
+    """This thread's modules of ``algorithm`` (None: built per use), kept as long as the
+    algorithm lives; an algorithm that cannot be a weak key gets a fresh dict each time."""
+    if not hasattr(_MODULES, "by_algorithm"):
+        _MODULES.by_algorithm = weakref.WeakKeyDictionary()
+    try:
+        return cast(dict[tuple[int, str], nn.Module | None],
+                    _MODULES.by_algorithm.setdefault(algorithm, {}))
+    except TypeError:
+        return {}
+
+
+@dataclass
+class _Kept:
+    """What is kept with a shared module: its state dict's tensors by name, when loading is
+    plain copying (no module in it customises loading or has state-dict hooks); the Adam of
+    clients whose optimizer state nothing keeps, and its moment buffers."""
+
+    tensors: dict[str, torch.Tensor] | None
+    optimizer: torch.optim.Adam | None = None
+    moments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    slots: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(
+        default_factory=list)  # clients trained together: a leaf and two moments per name
+
+
+_KEPT: weakref.WeakKeyDictionary[nn.Module, _Kept] = weakref.WeakKeyDictionary()
+
+
+def _plain_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``module``'s state-dict tensors by name, if ``load_state_dict`` only copies into them."""
+    base = nn.Module
+    for m in module.modules():
+        if (type(m)._load_from_state_dict is not base._load_from_state_dict
+                or type(m)._save_to_state_dict is not base._save_to_state_dict
+                or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                or m._state_dict_hooks or m._state_dict_pre_hooks):
+            return None
+    return module.state_dict(keep_vars=True)
+
+
+def _load(module: nn.Module, params: Params) -> None:
+    """``module.load_state_dict(params)``; for a shared module with plain loading, the same
+    copies without walking the module tree (a mismatch still goes through it: its error)."""
+    kept = _KEPT.get(module)
+    tensors = kept.tensors if kept is not None else None
+    if tensors is not None and params.keys() == tensors.keys() and all(
+            params[k].shape == t.shape for k, t in tensors.items()):
+        with torch.no_grad():
+            for k, t in tensors.items():
+                t.copy_(params[k])
+    else:
+        module.load_state_dict(params)
+
+
+def _module(algorithm: Model, dim: int, device: str | torch.device, params: Params
+            ) -> tuple[nn.Module, bool]:
+    """The algorithm's module holding ``params``, and whether it is the shared one."""
+    own = _modules_of(algorithm)
+    key = (dim, str(device))
+    module = own.get(key)
+    if module is None:
+        module = algorithm.build_module(dim).to(device)
+        if key not in own:
+            shared = not _draws_at_random(module)
+            own[key] = module if shared else None
+            if shared:
+                _KEPT[module] = _Kept(_plain_tensors(module))
+    else:
+        module.zero_grad(set_to_none=True)
+    _load(module, params)
+    return module, own.get(key) is module
+
+
+def _lent_adam(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim.Adam | None:
+    """The shared module's Adam at its start (step 0, zero moments: what a fresh Adam creates
+    at its first step), for a client whose optimizer state nothing keeps. One Adam per
+    module, its moments in buffers zeroed in place: a client allocates nothing for its
+    optimizer (fresh memory costs page faults, more than a step here). None where Adam would
+    keep more state than that."""
+    kept = _KEPT.get(module)
+    if kept is None:
+        return None
+    if kept.optimizer is None:
+        kept.optimizer = adam(cfg, [{"params": list(module.parameters()), "lr": lr}])
+        kept.moments = [(torch.zeros_like(p, memory_format=torch.preserve_format),
+                         torch.zeros_like(p, memory_format=torch.preserve_format))
+                        for p in kept.optimizer.param_groups[0]["params"]]
+    optimizer = kept.optimizer
+    if not _plain_adam(optimizer):
+        return None
+    optimizer.param_groups[0]["lr"] = lr
+    _adam_start(optimizer, optimizer.param_groups[0]["params"], kept.moments)
+    return optimizer
+
+
+def _adam_start(optimizer: torch.optim.Adam, tensors: Sequence[torch.Tensor],
+                moments: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Adam's state at its start for ``tensors`` (step 0, zero moments: what it creates at
+    its first step), in ``moments`` zeroed in place."""
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for p, (exp_avg, exp_avg_sq) in zip(tensors, moments, strict=True):
+        optimizer.state[p] = {"step": torch.tensor(0.0, dtype=step_dtype),
+                              "exp_avg": exp_avg.zero_(), "exp_avg_sq": exp_avg_sq.zero_()}
+
+
+def _plain_adam(optimizer: torch.optim.Adam) -> bool:
+    """Whether Adam keeps only a step and two moments per tensor."""
+    return not any(group.get(flag) for group in optimizer.param_groups
+                   for flag in ("amsgrad", "capturable", "fused", "differentiable"))
+
+
+def together_leaves(cfg: RunConfig, module: nn.Module, starts: Sequence[Params],
+                    lrs: Sequence[float]) -> tuple[list[Params], torch.optim.Adam]:
+    """For clients trained at once through ``module``: each client's parameters as leaf
+    tensors holding ``starts[i]``, and one Adam (a parameter group per client, learning rate
+    ``lrs[i]``) at its start. For a shared module the leaves and Adam's moments are buffers
+    kept with it between rounds (filled and zeroed in place: no fresh memory, whose page
+    faults cost more than the arithmetic here); the values are those of fresh ones."""
+    names = [n for n, _ in module.named_parameters()]
+    kept = _KEPT.get(module)
+    reuse = kept is not None and all(
+        start[n].dtype == p.dtype and start[n].shape == p.shape
+        for start in starts for n, p in module.named_parameters())
+    if not reuse or kept is None:
+        leaves = [{n: start[n].detach().to(next(module.parameters()).device).clone()
+                   .requires_grad_(True) for n in names} for start in starts]
+        return leaves, adam(cfg, [{"params": list(leaf.values()), "lr": lr}
+                                  for leaf, lr in zip(leaves, lrs, strict=True)])
+    params = dict(module.named_parameters())
+    while len(kept.slots) < len(starts):
+        kept.slots.append({n: (torch.empty_like(p).requires_grad_(True), torch.zeros_like(p),
+                               torch.zeros_like(p)) for n, p in params.items()})
+    leaves = []
+    with torch.no_grad():
+        for start, slot in zip(starts, kept.slots, strict=False):
+            leaf = {}
+            for n in names:
+                tensor = slot[n][0]
+                tensor.grad = None
+                leaf[n] = tensor.copy_(start[n])
+            leaves.append(leaf)
+    optimizer = adam(cfg, [{"params": list(leaf.values()), "lr": lr}
+                           for leaf, lr in zip(leaves, lrs, strict=True)])
+    if _plain_adam(optimizer):
+        for leaf, slot in zip(leaves, kept.slots, strict=False):
+            _adam_start(optimizer, list(leaf.values()), [slot[n][1:] for n in leaf])
+    return leaves, optimizer
+
+
+def working_module(algorithm: Model, dim: int, device: str | torch.device, params: Params
+                   ) -> nn.Module:
+    """The algorithm's module for features of size ``dim`` on ``device``, holding ``params``:
+    one module per (algorithm, size, device) and thread, built once and reused by every
+    client after it (see above). A caller uses it until its next call in the same thread
+    and does not keep it (:func:`load_module` gives a module to keep)."""
+    return _module(algorithm, dim, device, params)[0]
 
 
 def train_local(
@@ -262,15 +448,19 @@ def train_local(
     ``class_text`` are the normalised class-prompt features. ``objective(task_loss, module)``
     is what is minimised (default: the task loss). Batches come from a generator seeded with
     ``seed`` (see :func:`round_seed`). With the contrastive loss, a batch of one sample is
-    skipped, as in the reference code.
+    skipped, as in the reference code. The module is the algorithm's, reused between clients
+    (:func:`working_module`).
     """
     cfg = algorithm.cfg
     start = time.perf_counter()
     device = train.x.device
-    module = algorithm.build_module(train.x.shape[1]).to(device)
-    module.load_state_dict(start_params)
+    module, shared = _module(algorithm, train.x.shape[1], device, start_params)
     module.train()
-    optimizer = adam(cfg, [{"params": list(module.parameters()), "lr": config.lr}])
+    # with optimizer_state=reset nothing keeps the optimizer's state: the shared module's
+    # Adam is lent (see _lent_adam), and its state is not returned
+    lent = _lent_adam(cfg, module, config.lr) if (
+        shared and not optimizer_state and cfg.optimizer_state == "reset") else None
+    optimizer = lent or adam(cfg, [{"params": list(module.parameters()), "lr": config.lr}])
     if optimizer_state:
         optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
     losses: list[float] = []
@@ -280,27 +470,29 @@ def train_local(
         text = algorithm.class_text(module, class_text)
         loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
         total = objective(loss, module) if objective is not None else loss
-        if not torch.isfinite(total):
-            raise diverged(config, float(total))
+        if not math.isfinite(value := float(total.detach())):
+            raise diverged(config, value)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
     params = get_params(module)
-    if not all(torch.isfinite(v).all() for v in params.values()):
+    module.zero_grad(set_to_none=True)
+    if not all_finite(params):
         raise diverged(config)
     return TrainResult(params, len(train), float(np.mean(losses)) if losses else
                        float("nan"), time.perf_counter() - start,
-                       flatten_optimizer(optimizer.state_dict()), len(losses))
+                       {} if lent is not None else flatten_optimizer(optimizer.state_dict()),
+                       len(losses))
 
 
 def load_module(algorithm: Model, params: Params | None, dim: int) -> nn.Module | None:
-    """The algorithm's module holding ``params``, in eval mode (None: no adapter)."""
+    """A module of the algorithm's own holding ``params``, in eval mode (None: no adapter),
+    for a caller that keeps it (a copy of one built module: no random initialisation)."""
     if params is None:
         return None
-    module = algorithm.build_module(dim).to(next(iter(params.values())).device)
-    module.load_state_dict(params)
-    return module.eval()
+    module, shared = _module(algorithm, dim, next(iter(params.values())).device, params)
+    return (copy.deepcopy(module) if shared else module).eval()
 
 
 def evaluate(
@@ -312,8 +504,8 @@ def evaluate(
     class_mask: torch.Tensor | None = None,
 ) -> EvalResult:
     """Accuracy (over the classes in ``class_mask``) and class cross-entropy of ``params``."""
-    module = load_module(algorithm, params, split.x.shape[1]) if len(split) else None
-    return evaluate_module(algorithm, module, split, class_text, logit_scale, class_mask)
+    return evaluate_many(algorithm, [Scoring(params, split, class_mask)], class_text,
+                         logit_scale)[0]
 
 
 @torch.no_grad()
@@ -328,13 +520,67 @@ def evaluate_module(
     """As :func:`evaluate`, with the module already built (one build for many splits)."""
     if len(split) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
-    chunks = split.x.split(algorithm.eval_batch)
-    emb = torch.cat([algorithm.embed(module, chunk) for chunk in chunks])
     text = algorithm.class_text(module, class_text)
-    logits = mask_classes(algorithm.logits(module, emb, text, logit_scale), class_mask)
+    logits = mask_classes(_forward(algorithm, module, split.x, text, logit_scale), class_mask)
     accuracy = float((logits.argmax(dim=1) == split.y).float().mean())
-    loss = float(F.cross_entropy(logits.masked_fill(torch.isinf(logits), -1e4), split.y))
-    return EvalResult(accuracy, loss, len(split))
+    return EvalResult(accuracy, _loss(logits, split.y), len(split))
+
+
+def _forward(algorithm: Model, module: nn.Module | None, x: torch.Tensor, text: torch.Tensor,
+             logit_scale: float) -> torch.Tensor:
+    """Class scores of one split's inputs, ``eval_batch`` inputs per forward."""
+    emb = torch.cat([algorithm.embed(module, chunk) for chunk in x.split(algorithm.eval_batch)])
+    return algorithm.logits(module, emb, text, logit_scale)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Class cross-entropy of masked logits (masked classes at -1e4, not -inf)."""
+    return float(F.cross_entropy(logits.masked_fill(torch.isinf(logits), -1e4), y))
+
+
+class Scoring(NamedTuple):
+    """One split to score with ``params`` (None: no adapter), over ``class_mask``."""
+
+    params: Params | None
+    split: Split
+    class_mask: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def evaluate_many(algorithm: Model, items: Sequence[Scoring], class_text: torch.Tensor,
+                  logit_scale: float) -> list[EvalResult]:
+    """:func:`evaluate` of every item, in order, with the same numbers, in one pass.
+
+    Items that share their ``params`` (the same dict object, as every client scored with the
+    global parameters does) share one loaded module and one computation of the class
+    embeddings; their predictions are compared, and their accuracies reduced, all at once.
+    Each split's forward stays at that split's own size: the rounding of a matrix product
+    can depend on how many rows it has (it does on CPU below four rows), and a split
+    scored with others must give what it gives alone."""
+    results: list[EvalResult | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        if len(item.split) == 0:
+            results[i] = EvalResult(float("nan"), float("nan"), 0)
+        else:
+            groups.setdefault(id(item.params), []).append(i)
+    for members in groups.values():
+        params = items[members[0]].params
+        module = None
+        if params is not None:
+            dim = items[members[0]].split.x.shape[1]
+            device = next(iter(params.values())).device
+            module = working_module(algorithm, dim, device, params).eval()
+        text = algorithm.class_text(module, class_text)
+        logits = [mask_classes(_forward(algorithm, module, items[i].split.x, text, logit_scale),
+                               items[i].class_mask) for i in members]
+        labels = [items[i].split.y for i in members]
+        correct = (torch.cat(logits).argmax(dim=1) == torch.cat(labels)).float()
+        sizes = [len(y) for y in labels]
+        accuracies = torch.stack([part.mean() for part in correct.split(sizes)]).tolist()
+        for i, scores, y, accuracy in zip(members, logits, labels, accuracies, strict=True):
+            results[i] = EvalResult(accuracy, _loss(scores, y), len(y))
+    return [r for r in results if r is not None]
 
 
 PERSONAL_ROUNDS = 10**6  # seeds of personalization epochs never collide with rounds

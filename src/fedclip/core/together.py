@@ -26,11 +26,13 @@ from fedclip.core.client import (
     ClientJob,
     ClientUpdate,
     Model,
-    adam,
     batch_schedule,
     diverged,
+    together_leaves,
+    working_module,
 )
 from fedclip.losses import proximal_term
+from fedclip.tensors import all_finite
 
 
 class Batchable(Model, Protocol):
@@ -45,12 +47,10 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
     cfg = algorithm.cfg
     start = time.perf_counter()
     device = jobs[0].train.x.device
-    template = algorithm.build_module(jobs[0].train.x.shape[1]).to(device)
+    template = working_module(algorithm, jobs[0].train.x.shape[1], device, jobs[0].params)
     names = [n for n, _ in template.named_parameters()]
-    leaves = [{n: job.params[n].detach().to(device).clone().requires_grad_(True) for n in names}
-              for job in jobs]
-    optimizer = adam(cfg, [{"params": list(p.values()), "lr": job.config.lr}
-                           for p, job in zip(leaves, jobs, strict=True)])
+    leaves, optimizer = together_leaves(cfg, template, [job.params for job in jobs],
+                                        [job.config.lr for job in jobs])
     mus = [algorithm.proximal_weight(job) for job in jobs]
     text, scale = jobs[0].class_text, jobs[0].logit_scale
 
@@ -91,7 +91,9 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
     updates = []
     for i, job in enumerate(jobs):
         params = {n: v.detach().clone() for n, v in leaves[i].items()}
-        if not all(torch.isfinite(v).all() for v in params.values()):
+        for v in leaves[i].values():
+            v.grad = None  # kept leaves: no gradient held between rounds
+        if not all_finite(params):
             raise diverged(job.config)
         mean = sum(losses[i]) / len(losses[i]) if losses[i] else float("nan")
         updates.append(ClientUpdate(params, {}, len(job.train), mean, seconds / len(jobs),

@@ -19,13 +19,12 @@ from fedclip.algorithms.base import Algorithm
 from fedclip.core.client import (
     ClientData,
     ClientUpdate,
+    Scoring,
     Split,
     client_job,
-    evaluate_module,
-    load_module,
+    evaluate_many,
     personalize,
     run_jobs,
-    score,
 )
 from fedclip.core.records import Personalized, RoundRecord, nanmean
 from fedclip.core.server import DIVERGED, Evaluation, RoundObserver, RoundPlan, Server
@@ -108,21 +107,19 @@ class Federation:
             nan = float("nan")
             held = nan if self.heldout is not None else None
             return {c.name: nan for c in self.clients}, {c.name: nan for c in self.clients}, held
-        args = (self.class_text, self.logit_scale)
-        val, test = {}, {}
-        for c in self.clients:
-            val[c.name], test[c.name] = score(algo.client, c, params, states.get(c.name, {}),
-                                              *args)
-        held = None
-        if self.heldout is not None:
-            if algo.communicates or params is None:
-                models = [params]
-            else:  # every parameter personal: the mean over the clients' own models
-                models = [algo.client.eval_params(params, states.get(c.name, {}))
-                          for c in self.clients]
-            held = nanmean(evaluate_module(algo.client, load_module(algo.client, p, self.dim),
-                                           self.heldout,
-                                           *args, self.heldout_mask).accuracy for p in models)
+        client, args = algo.client, (self.class_text, self.logit_scale)
+        own = {c.name: client.eval_params(params, states.get(c.name, {})) if params is not None
+               else None for c in self.clients}
+        items = [Scoring(own[c.name], split, c.class_mask) for c in self.clients
+                 for split in (c.val, c.test)]
+        if self.heldout is not None:  # every parameter personal: the mean over own models
+            models = [params] if algo.communicates or params is None else list(own.values())
+            items += [Scoring(p, self.heldout, self.heldout_mask) for p in models]
+        scored = [r.accuracy for r in evaluate_many(client, items, *args)]  # one pass
+        n = 2 * len(self.clients)
+        val = {c.name: scored[2 * i] for i, c in enumerate(self.clients)}
+        test = {c.name: scored[2 * i + 1] for i, c in enumerate(self.clients)}
+        held = nanmean(scored[n:]) if self.heldout is not None else None
         return val, test, held
 
     def zero_shot(self) -> RoundRecord:

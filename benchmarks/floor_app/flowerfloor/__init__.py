@@ -1,0 +1,1 @@
+"""Flower's floor: fedclip's deployed round without fedclip (flwr and numpy only)."""
