@@ -158,15 +158,15 @@ def test_clients_share_one_module_and_train_as_with_a_fresh_one(monkeypatch):
         return train_local(algorithm, params, split, text, 20.0,
                            config=algorithm.round_config(1), seed=7)
 
-    alone = train(get_algorithm(cfg), start, splits[4])
+    alone = train(get_algorithm(cfg).client, start, splits[4])
     shared = get_algorithm(cfg)
     builds = []
     original = type(shared).build_module
     monkeypatch.setattr(type(shared), "build_module",
                         lambda self, dim: builds.append(dim) or original(self, dim))
-    train(shared, other, splits[3])  # another client first, then an evaluation
-    evaluate(shared, other, splits[2], text, 20.0)
-    after = train(shared, start, splits[4])
+    train(shared.client, other, splits[3])  # another client first, then an evaluation
+    evaluate(shared.client, other, splits[2], text, 20.0)
+    after = train(shared.client, start, splits[4])
     assert all(torch.equal(alone.params[k], after.params[k]) for k in alone.params)
     assert alone.loss == after.loss and alone.steps == after.steps == 20
     assert builds == [16]  # one module for two clients and an evaluation
@@ -184,8 +184,8 @@ def test_clients_share_one_module_and_train_as_with_a_fresh_one(monkeypatch):
     builds.clear()
     dropped = get_algorithm(cfg)
     wrapped = {f"inner.{k}": v for k, v in start.items()}
-    train(dropped, wrapped, splits[4])
-    train(dropped, wrapped, splits[3])
+    train(dropped.client, wrapped, splits[4])
+    train(dropped.client, wrapped, splits[3])
     assert builds == [16, 16]
 
 
@@ -196,7 +196,7 @@ def test_evaluate_many_gives_what_each_split_gives_alone():
     each split scored on its own in a module of its own."""
     from fedclip.core.client import Scoring, Split, evaluate_many, evaluate_module, load_module
 
-    algorithm = get_algorithm(RunConfig.build())
+    algorithm = get_algorithm(RunConfig.build()).client
     text, splits = _clients()
     shared = get_params(build_adapter(16, seed=1))
     own = get_params(build_adapter(16, seed=2))
