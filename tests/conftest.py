@@ -98,3 +98,12 @@ def as_written(fn):  # noqa: ANN001, ANN201
         return [r.to_json() for r in out] if isinstance(out, list) else out.to_json()
 
     return wrapper
+
+
+def toy_cfg(toy_root, tiny_arch, **extra):  # noqa: ANN001, ANN003, ANN201
+    """The settings of a short run on ``toy_root`` with the tiny backbone, beta held out."""
+    from fedclip.config import RunConfig
+
+    values = {"data_root": str(toy_root), "backbone": tiny_arch, "heldout": "beta", "rounds": 2,
+              "lr": 1e-3, "personalize_epochs": 0, **extra}
+    return RunConfig.build(**values)

@@ -3,6 +3,7 @@ a backbone that must download fails at once offline."""
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -698,3 +699,104 @@ def test_paper_on_the_stand_in_says_it_is_not_clip_and_what_cannot_run():
     assert not_runnable("fedclip", "standin") is None
     assert not_runnable("fedavg-cnn", "standin") is None
     assert caveat("open_clip:ViT-B-32@openai") is None
+
+
+# --- bad input and interrupts: one line, an exit code, nothing computed lost ----------------
+@pytest.mark.parametrize("argv,needle", [
+    (["--set", "lr='1e-4'"], "lr"),
+    (["--set", "batch_size=true"], "batch_size"),
+    (["--seed", str(2**32)], "seed"),
+    (["--set", "rounds=1", "--rounds", "2"], "rounds is set twice"),
+    (["--set", "clients_per_domain=100"], "too few for 100 clients"),
+])
+def test_bad_settings_give_one_line_and_exit_2(tiny_arch, toy_root, tmp_path, capsys, argv,
+                                                needle):
+    code = main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--out",
+                 str(tmp_path / "x"), "--heldout", "beta", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_interrupt_exits_130_with_a_hint_only_where_resume_can_work(monkeypatch, capsys,
+                                                                    tmp_path):
+    import fedclip.inprocess.experiment as experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", interrupted)
+    argv = ["run", "--backbone", "standin", "--rounds", "1", "--out", str(tmp_path / "x")]
+    assert main(argv) == 130
+    assert "nothing resumable" in capsys.readouterr().err  # no folder, no --resume hint
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")
+    assert main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_sigterm_is_handled_as_an_interrupt(tiny_arch, toy_root, tmp_path, capsys,
+                                           monkeypatch):
+    """SIGTERM mid-run: exit 143 with a line, the lock released, and --resume continues."""
+    import signal
+
+    from fedclip.callbacks import Callback
+
+    out = tmp_path / "r"
+
+    class Kill(Callback):
+        def on_round_end(self, heldout, record):  # noqa: ANN001, ANN201
+            if record.round == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    import fedclip.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks, "loggers_from_specs", lambda *a, **k: [Kill()])
+    argv = ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout",
+            "beta", "--rounds", "3", "--out", str(out), "--set", "checkpoint_seconds=0"]
+    assert main(argv) == 143
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "terminated" in err and "--resume" in err
+    assert not (out / ".fedclip.lock").exists()
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"][0]["history"][-1][
+        "round"] == 3
+
+
+def test_markup_in_paths_is_printed_as_text(tiny_arch, toy_root, tmp_path, capsys):
+    out = tmp_path / "[bold red]run[/x]"
+    assert main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--out",
+                 str(out), "--heldout", "beta", "--rounds", "1"]) == 0
+    assert "[bold red]run[/x]" in capsys.readouterr().out
+    assert main(["run", "--data-root", str(tmp_path / "[/x]missing"), "--backbone",
+                 tiny_arch, "--out", str(tmp_path / "y")]) == 2
+    assert "[/x]missing" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_extraction_resumes_with_the_runs_own_settings(tiny_arch, toy_root,
+                                                                     tmp_path, capsys,
+                                                                     monkeypatch):
+    """The run folder holds its settings before extraction starts: `--resume` alone continues
+    (not the default backbone, which would download), and the hint says so."""
+    import fedclip.inprocess.experiment as experiment
+
+    out = tmp_path / "r"
+    real = experiment.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "prepare", interrupted)
+    assert main(["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout",
+                 "beta", "--rounds", "1", "--out", str(out)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["backbone"] == tiny_arch
+    monkeypatch.setattr(experiment, "prepare", real)
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["backbone"] == tiny_arch
+
+
+def test_a_client_at_zero_percent_is_drawn_at_zero():
+    from fedclip.report import _num
+
+    assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)

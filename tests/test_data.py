@@ -1,5 +1,8 @@
 """Folder scanning, validation messages, splits and partitions."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -220,3 +223,42 @@ def test_hub_datasets_are_pinned_to_a_revision_recorded_in_the_results(tiny_arch
     saved = json.loads((tmp_path / "run" / "results.json").read_text())["runs"][0]
     assert saved["data_source"] == {"dataset": "hf:flwrlabs/pacs", "revision": "c0ffee",
                                     "images": 18}
+
+
+def test_odd_files_in_a_dataset_are_skipped_not_fatal(tiny_arch, toy_root, tmp_path, caplog):
+    from fedclip.data.folder import scan_dataset
+
+    cat = toy_root / "alpha" / "cat"
+    (cat / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(cat / "pipe.jpg")
+    (cat / "loop").symlink_to(cat)  # a link back to its own folder
+    (cat / "again.png").symlink_to(cat / "img_000.png")
+    domain = scan_dataset(toy_root).domains["alpha"]
+    names = [f.name for f in domain.files if f.parent.name == "cat"]
+    # the link to img_000.png is the same image: counted once, whichever name comes first
+    assert len(names) == 10 and "pipe.jpg" not in names
+    assert ("again.png" in names) != ("img_000.png" in names)
+    assert "dangling link" in caplog.text and "not a regular file" in caplog.text
+
+
+def test_hub_names_cannot_escape_the_cache(tmp_path):
+    from PIL import Image
+
+    from fedclip.data.sources import write_image_folder
+
+    rows = [{"image": Image.new("RGB", (4, 4)), "label": 0, "domain": "../../../x"}]
+    target = write_image_folder(rows, ["../evil"], tmp_path / "hub" / "ds")
+    written = [p for p in tmp_path.rglob("*.png")]
+    assert written and all(p.resolve().is_relative_to(target.resolve()) for p in written)
+
+
+def test_a_data_root_one_level_off_is_named_before_extraction(toy_root, tmp_path):
+    from fedclip.data.folder import scan_dataset
+
+    above = tmp_path / "above"
+    above.mkdir()
+    shutil.copytree(toy_root, above / "PACS")
+    with pytest.raises(DataError, match="one level too high.*--data-root"):
+        scan_dataset(above)
+    with pytest.raises(DataError, match="hold images directly"):
+        scan_dataset(toy_root / "alpha")

@@ -1,20 +1,25 @@
 """The one owner of a run folder, seen from every runtime: the same resume rules, the same
-schema, nothing written after a refusal."""
+schema, nothing written after a refusal; what a folder holds (a lock, a checkpoint with its
+checksum, the history beside it, the run's own settings) and what it refuses."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from flwr.app import Context, RecordDict
 
+from fedclip.cli import main
 from fedclip.config import RunConfig
 from fedclip.core.records import RunResult, read_results_document
-from fedclip.errors import ResumeError, RunFolderError
+from fedclip.errors import DataError, ResumeError, RunFolderError
 from fedclip.flower import secagg
 from fedclip.flower.client_app import build_client_app
 from fedclip.flower.server_app import main as server_main
-from fedclip.inprocess import run
+from fedclip.inprocess import prepare, run
+from tests.conftest import toy_cfg
 from tests.flower_grid import LocalGrid
 
 
@@ -110,3 +115,122 @@ def test_the_settings_of_a_run_folder_are_read_through_it(tmp_path):
     (tmp_path / "b" / CONFIG).write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"b/config.json is not a JSON object of settings"):
         RunFolder.saved_settings(tmp_path / "b")
+
+
+def test_a_refused_run_writes_nothing(tiny_arch, toy_root, tmp_path):
+    out = tmp_path / "r"
+    run(toy_cfg(toy_root, tiny_arch), out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ResumeError, match="already holds a run for beta"):
+        run(toy_cfg(toy_root, tiny_arch, lr=5e-4), out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_held_out_runs_into_one_folder_add_up(tiny_arch, toy_root, tmp_path):
+    out = tmp_path / "r"
+    run(toy_cfg(toy_root, tiny_arch, heldout="beta"), out)
+    run(toy_cfg(toy_root, tiny_arch, heldout="gamma"), out)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["heldout"] for r in runs) == ["beta", "gamma"]
+
+
+def test_a_folder_that_is_not_a_run_and_a_file_are_refused(tiny_arch, toy_root, tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not a fedclip run folder"):
+        run(toy_cfg(toy_root, tiny_arch), other)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file"):
+        run(toy_cfg(toy_root, tiny_arch), tmp_path / "file")
+    assert (other / "holiday.txt").read_text() == "mine"
+
+
+def test_a_second_run_into_a_claimed_folder_is_refused(tiny_arch, toy_root, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".fedclip.lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(RunFolderError, match=f"pid {os.getppid()}"):
+        run(toy_cfg(toy_root, tiny_arch), out)
+    (out / ".fedclip.lock").write_text("999999999")  # a dead one: taken over
+    run(toy_cfg(toy_root, tiny_arch), out)
+    assert not (out / ".fedclip.lock").exists()
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_detected(tiny_arch, toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tiny_arch, checkpoint_every=1)
+    run(cfg, tmp_path / "r")
+    ckpt = tmp_path / "r" / "beta" / "checkpoint.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match="checksum"):
+        run(cfg.replace(rounds=3), tmp_path / "r", resume=True)
+
+
+def test_resume_follows_the_data_not_the_path_spelling(tiny_arch, toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tiny_arch, checkpoint_every=1)
+    run(cfg, tmp_path / "r")
+    same = cfg.replace(data_root=str(toy_root) + "/", rounds=3)
+    run(same, tmp_path / "r", resume=True)  # the same data, spelled differently: fine
+    shutil.copy(next((toy_root / "alpha" / "cat").iterdir()),
+                toy_root / "alpha" / "cat" / "extra.png")
+    with pytest.raises(ResumeError, match="data"):
+        run(cfg.replace(rounds=4), tmp_path / "r", resume=True)
+
+
+def test_resume_names_what_differs_and_refuses_to_shrink(tiny_arch, toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tiny_arch, checkpoint_every=1, rounds=3)
+    run(cfg, tmp_path / "r")
+    with pytest.raises(ResumeError, match=r"lr \(0.001 -> 0.0005\)"):
+        run(cfg.replace(lr=5e-4), tmp_path / "r", resume=True)
+    with pytest.raises(ResumeError, match="cannot shrink"):
+        run(cfg.replace(rounds=2), tmp_path / "r", resume=True)
+
+
+def test_history_lives_apart_from_the_checkpoint(tiny_arch, toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tiny_arch, checkpoint_every=1, rounds=3)
+    run(cfg, tmp_path / "r")
+    lines = (tmp_path / "r" / "beta" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "r" / "beta" / "checkpoint.safetensors"), "pt") as f:
+        assert "history" not in f.metadata()
+
+
+def test_domains_that_share_a_run_folder_are_refused(tiny_arch, toy_root, tmp_path):
+    shutil.copytree(toy_root / "alpha", toy_root / "x y")
+    shutil.copytree(toy_root / "alpha", toy_root / "x_y")
+    with pytest.raises(DataError, match="would share the run folder"):
+        run(toy_cfg(toy_root, tiny_arch), tmp_path / "r")
+
+
+def test_resume_reads_the_runs_own_settings(tiny_arch, toy_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["run", "--data-root", str(toy_root), "--backbone", tiny_arch, "--heldout", "beta",
+            "--out", str(out), "--set", "lr=1e-3", "--set", "checkpoint_every=1"]
+    assert main([*base, "--rounds", "2"]) == 0
+    # only --resume and the new round count: everything else comes from config.json
+    assert main(["run", "--out", str(out), "--resume", "--rounds", "3", "--threads", "1"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs[0]["rounds"] == 3 and runs[0]["backbone"] == tiny_arch
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--resume", "--rounds", "3", "--set",
+                 "lr=5e-4"]) == 2
+    assert "lr (0.001 -> 0.0005)" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3  # refused: unchanged
+
+
+def test_checkpoints_follow_time_as_well_as_rounds(tiny_arch, toy_root, tmp_path):
+    """checkpoint_every=100 but checkpoint_seconds=0: an interrupt after round 2 loses
+    nothing."""
+    from safetensors import safe_open
+
+    from tests.conftest import interrupted_at_round_2
+
+    cfg = toy_cfg(toy_root, tiny_arch, rounds=4, checkpoint_every=100, checkpoint_seconds=0.0)
+    interrupted_at_round_2(cfg, prepare(cfg), "beta", tmp_path / "r")
+    with safe_open(str(tmp_path / "r" / "beta" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["round"] == "2"

@@ -1,16 +1,23 @@
 """The federation's state: the best-round rule (mean or median of the clients' val
-accuracies) against a lying val accuracy."""
+accuracies), against a lying val accuracy and in a run whose training only hurts."""
 
 from __future__ import annotations
+
+import pytest
 
 from fedclip.config import RunConfig
 from fedclip.core.records import RoundRecord
 from fedclip.core.server import selection_rule
 from fedclip.core.state import FederationState
+from fedclip.errors import TrainingError
+from fedclip.inprocess import experiment as _experiment
+from tests.conftest import as_written, toy_cfg
 from tests.test_federation import (
     in_process,
     pacs_like,  # noqa: F401  (a fixture)
 )
+
+run = as_written(_experiment.run)
 
 
 def _rounds(liar: bool) -> list[RoundRecord]:
@@ -52,3 +59,14 @@ def test_robust_aggregators_select_by_the_median():
 def test_as_written_results_name_the_selection_rule(tiny_arch, pacs_like, tmp_path):  # noqa: F811
     result = in_process(tiny_arch, pacs_like, tmp_path, aggregation="median", rounds=1)
     assert result["selection"] == "median of the clients' val accuracies"
+
+
+def test_round_zero_competes_for_selection(tiny_arch, toy_root, tmp_path):
+    """A run whose training only hurts selects round 0 (the initial adapter)."""
+    cfg = toy_cfg(toy_root, tiny_arch, rounds=2, lr=10.0, weight_decay=0.0, batch_size=2)
+    try:
+        r = run(cfg, tmp_path / "r")[0]
+    except TrainingError:
+        pytest.skip("diverged to NaN before selection: covered by the divergence test")
+    vals = [h["mean_val_accuracy"] for h in r["history"]]
+    assert r["best_round"] == max(range(len(vals)), key=lambda i: (vals[i], -i))
