@@ -107,3 +107,15 @@ def toy_cfg(toy_root, tiny_arch, **extra):  # noqa: ANN001, ANN003, ANN201
     values = {"data_root": str(toy_root), "backbone": tiny_arch, "heldout": "beta", "rounds": 2,
               "lr": 1e-3, "personalize_epochs": 0, **extra}
     return RunConfig.build(**values)
+
+
+def one_line_error(capsys, argv) -> str:  # noqa: ANN001
+    """Run the CLI, expect exit 2 and exactly one error line (no traceback)."""
+    from fedclip.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -1,11 +1,13 @@
 """Backbone specs: clear errors, real code paths on what ships here."""
 
+import os
+
 import pytest
 import torch
 
 from fedclip.backbones import backbone_fingerprint, load_backbone, parse_spec
 from fedclip.errors import BackboneError
-from tests.conftest import has_standin
+from tests.conftest import has_standin, one_line_error
 
 
 def test_unknown_spec_names_the_forms():
@@ -132,3 +134,21 @@ def test_hub_specs_take_no_none_tag():
         backbone_fingerprint("open_clip:hf-hub:org/repo@none")
     assert backbone_fingerprint("open_clip:hf-hub:org/repo") == backbone_fingerprint(
         "open_clip:hf-hub:org/repo@hub")
+
+
+def test_a_pickle_named_as_a_backbone_checkpoint_is_one_line(tiny_arch, toy_root, tmp_path,
+                                                             capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(pickle.dumps(Payload()))
+    arch = tiny_arch.split(":", 1)[1].split("@")[0]
+    line = one_line_error(capsys, ["run", "--data-root", str(toy_root), "--backbone",
+                                   f"open_clip:{arch}@{bad}", "--heldout", "beta", "--rounds",
+                                   "1", "--out", str(tmp_path / "r")])
+    assert str(bad) in line and "not a plain weights file" in line
+    assert "weights_only=False" not in line  # never advise unsafe loading

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedclip.callbacks import Callback, loggers_from_specs
 from fedclip.cli import main
@@ -16,7 +17,7 @@ from fedclip.core.records import RoundRecord, RunResult
 from fedclip.errors import BackboneError, ConfigError
 from fedclip.flower.server_app import main as _server_main
 from fedclip.inprocess import experiment as _experiment
-from tests.conftest import as_written
+from tests.conftest import as_written, one_line_error
 
 run = as_written(_experiment.run)
 server_main = as_written(_server_main)
@@ -800,3 +801,33 @@ def test_a_client_at_zero_percent_is_drawn_at_zero():
     from fedclip.report import _num
 
     assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu", "cuda:x"])
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, device):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has eight GPUs")
+    line = one_line_error(capsys, ["run", "--backbone", "standin", "--device", device,
+                                   "--out", str(tmp_path / "r")])
+    assert device in line and "this machine has cpu" in line
+
+
+@pytest.mark.parametrize("flag", ["--algorithms", "--seeds"])
+def test_an_empty_compare_plan_is_one_line(tmp_path, capsys, flag):
+    line = one_line_error(capsys, ["compare", flag, "", "--backbone", "standin", "--out",
+                                   str(tmp_path / "c")])
+    assert "at least one" in line
+
+
+def test_a_bug_is_said_to_be_one(monkeypatch, capsys, tmp_path):
+    """Bad input is one line; anything else is a bug, and the line after its traceback says
+    so (exit 1), so that a user reports it instead of hunting for a mistake of theirs."""
+    import fedclip.inprocess.experiment as experiment
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal invariant")
+
+    monkeypatch.setattr(experiment, "run", broken)
+    assert main(["run", "--backbone", "standin", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug in fedclip" in err

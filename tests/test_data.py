@@ -1,10 +1,12 @@
 """Folder scanning, validation messages, splits and partitions."""
 
+import logging
 import os
 import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fedclip.data import sources
 from fedclip.data.folder import scan_dataset
@@ -262,3 +264,18 @@ def test_a_data_root_one_level_off_is_named_before_extraction(toy_root, tmp_path
         scan_dataset(above)
     with pytest.raises(DataError, match="hold images directly"):
         scan_dataset(toy_root / "alpha")
+
+
+def test_linked_and_hidden_class_folders_are_named(toy_root, caplog):
+    from fedclip.data.folder import scan_dataset
+
+    (toy_root / "alpha" / "kitten").symlink_to(toy_root / "alpha" / "cat")
+    (toy_root / "beta" / ".cache").mkdir()
+    Image.new("RGB", (8, 8)).save(toy_root / "beta" / ".cache" / "x.png")
+    with caplog.at_level(logging.WARNING):
+        dataset = scan_dataset(toy_root, "custom", ("cat", "dog", "kitten", "red_car"))
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "kitten is a link to class 'cat'" in text
+    assert "ignored hidden folder(s) .cache in domain 'beta'" in text
+    labels = dataset.domains["alpha"].labels
+    assert (labels == 2).sum() == 0 and (labels == 0).sum() == 10  # one label per file

@@ -1,13 +1,21 @@
 """The feature cache: hit, miss, invalidation, corruption; unreadable images are skipped."""
 
+import logging
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fedclip.backbones import LazyBackbone
+from fedclip.config import MAX_ASPECT_RATIO
 from fedclip.data.folder import scan_dataset
 from fedclip.features import image_features, text_features
+from fedclip.inprocess import experiment as _experiment
+from tests.conftest import as_written, toy_cfg
+
+run = as_written(_experiment.run)
 
 
 @pytest.fixture
@@ -208,3 +216,49 @@ def test_a_run_on_cached_features_imports_no_backbone_library(tiny_arch, toy_roo
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_odd_images_are_skipped_or_converted_with_one_warning_per_folder(
+        tiny_arch, toy_root, tmp_path, caplog, monkeypatch):
+    from fedclip.features import read_image
+
+    cat = toy_root / "beta" / "cat"
+    Image.new("L", (1, 100_000)).save(cat / "strip.png", optimize=True)  # a few hundred bytes
+    assert (cat / "strip.png").stat().st_size < 2000
+    grey16 = np.full((32, 32), 40_000, dtype=np.uint16)
+    Image.fromarray(grey16).save(cat / "deep.png")
+    for k in range(12):
+        (cat / f"broken_{k:02d}.jpg").write_bytes(b"not an image")
+
+    preprocess = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32))  # noqa: E731
+    pixels, why = read_image(cat / "deep.png", preprocess)
+    assert why is None and pixels is not None
+    assert abs(float(pixels.mean()) - 40_000 * 255 / 65535) < 1  # scaled, not clipped white
+    assert read_image(cat / "strip.png", preprocess)[1].startswith("1 x 100000")
+    assert f"over {MAX_ASPECT_RATIO:g}" in read_image(cat / "strip.png", preprocess)[1]
+
+    with caplog.at_level(logging.WARNING):
+        results = run(toy_cfg(toy_root, tiny_arch, rounds=1, heldout="alpha"), tmp_path / "r")
+    skipped = results[0]["skipped_images"]["beta"]
+    assert "cat/strip.png" in skipped and "cat/deep.png" not in skipped
+    assert len([s for s in skipped if "broken" in s]) == 12
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()
+             and "beta/cat" in r.getMessage()]
+    assert len(lines) == 1 and "skipped 13 image(s)" in lines[0] and "and 8 more" in lines[0]
+    assert "not an image PIL can read" in lines[0]
+
+
+def test_an_image_deleted_during_extraction_is_skipped(tiny_arch, toy_root, tmp_path,
+                                                       monkeypatch):
+    import fedclip.features as features
+
+    victim = toy_root / "beta" / "dog" / "img_003.png"
+    real = features.image_cache_key
+
+    def delete_then_key(fingerprint, domain):  # noqa: ANN001
+        victim.unlink(missing_ok=True)  # after the scan listed it, before it is read
+        return real(fingerprint, domain)
+
+    monkeypatch.setattr(features, "image_cache_key", delete_then_key)
+    results = run(toy_cfg(toy_root, tiny_arch, rounds=1), tmp_path / "r")
+    assert "dog/img_003.png" in results[0]["skipped_images"]["beta"]

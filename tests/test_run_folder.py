@@ -7,19 +7,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from fedclip.cli import main
 from fedclip.config import RunConfig
 from fedclip.core.records import RunResult, read_results_document
-from fedclip.errors import DataError, ResumeError, RunFolderError
+from fedclip.errors import DataError, FedclipError, ResumeError, RunFolderError
 from fedclip.flower import secagg
 from fedclip.flower.client_app import build_client_app
 from fedclip.flower.server_app import main as server_main
 from fedclip.inprocess import prepare, run
-from tests.conftest import toy_cfg
+from tests.conftest import one_line_error, toy_cfg
 from tests.flower_grid import LocalGrid
 
 
@@ -234,3 +236,94 @@ def test_checkpoints_follow_time_as_well_as_rounds(tiny_arch, toy_root, tmp_path
     interrupted_at_round_2(cfg, prepare(cfg), "beta", tmp_path / "r")
     with safe_open(str(tmp_path / "r" / "beta" / "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["round"] == "2"
+
+
+def test_a_checkpoint_with_other_shapes_is_refused_in_one_line(tiny_arch, toy_root, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fedclip.tensors import checksum
+
+    out = tmp_path / "r"
+    run(toy_cfg(toy_root, tiny_arch, rounds=1), out)
+    path = out / "beta" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = next(k for k in tensors if k.startswith("global/"))
+    tensors[key] = torch.zeros(*[n + 1 for n in tensors[key].shape])
+    meta.pop("checksum")
+    meta["checksum"] = checksum(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ResumeError, match="does not fit this run's model"):
+        run(toy_cfg(toy_root, tiny_arch, rounds=2), out, resume=True)
+
+
+def _fifo(path):
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("name", ["results.json", "beta/checkpoint.safetensors"])
+def test_a_fifo_in_place_of_a_run_file_is_refused_not_waited_on(tiny_arch, toy_root, tmp_path,
+                                                                name):
+    out = tmp_path / "r"
+    run(toy_cfg(toy_root, tiny_arch, rounds=1), out)
+    _fifo(out / name)
+    failure: list[BaseException] = []
+
+    def resume():
+        try:
+            run(toy_cfg(toy_root, tiny_arch, rounds=2), out, resume=True)
+        except BaseException as exc:  # noqa: BLE001
+            failure.append(exc)
+
+    worker = threading.Thread(target=resume, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # unblock the reader, then fail
+        with open(out / name, "wb"):
+            pass
+        pytest.fail(f"--resume hung on a FIFO named {name}")
+    assert failure and isinstance(failure[0], FedclipError)
+    assert "regular file" in str(failure[0])
+
+
+@pytest.mark.parametrize("content", [
+    [], "a string", {"schema": "fedclip-results/1", "config": {}, "runs": ["junk"]},
+    {"schema": "fedclip-results/1", "config": {}, "runs": [{"heldout": 3}]},
+])
+def test_a_damaged_results_json_is_refused_before_training(tiny_arch, toy_root, tmp_path,
+                                                           content, monkeypatch):
+    out = tmp_path / "r"
+    run(toy_cfg(toy_root, tiny_arch, rounds=1, heldout="alpha"), out)
+    document = json.loads((out / "results.json").read_text())
+    if isinstance(content, dict):
+        content = {**content, "schema": document["schema"], "config": document["config"]}
+    (out / "results.json").write_text(json.dumps(content))
+    import fedclip.inprocess.experiment as experiment
+
+    trained = []
+    monkeypatch.setattr(experiment, "prepare", lambda *a, **k: trained.append(1))
+    with pytest.raises(RunFolderError, match="damaged"):
+        run(toy_cfg(toy_root, tiny_arch, rounds=1), out)
+    assert not trained  # refused before any extraction or training
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"x"', "\xff\xfe"])
+def test_a_config_json_that_is_not_settings_is_one_line(tmp_path, capsys, content):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text(content, encoding="latin-1")
+    line = one_line_error(capsys, ["run", "--backbone", "standin", "--out", str(out),
+                                   "--resume"])
+    assert "config.json" in line and "settings" in line
+
+
+def test_compare_refuses_a_folder_holding_other_files(tmp_path, capsys):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    line = one_line_error(capsys, ["compare", "--algorithms", "zeroshot", "--backbone",
+                                   "standin", "--out", str(out)])
+    assert "holds other files" in line and "thesis.tex" in line
