@@ -78,7 +78,8 @@ class TorchvisionClassifier(Algorithm):
 
     def _classes(self) -> int:
         if not self.prompts:
-            raise ConfigError(f"{self.name} needs the classes: call setup(prompts) first")
+            raise ConfigError(f"{self.name} needs the classes: build it with "
+                              f"get_algorithm(cfg, Runtime(prompts=...))")
         return len(self.prompts)
 
     def _build(self, pretrained: bool) -> nn.Module:

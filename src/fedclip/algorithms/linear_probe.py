@@ -48,7 +48,7 @@ class LinearProbe(Algorithm):
     def _classes(self) -> int:
         if self.text is None:
             raise ConfigError("linear-probe starts from the class prompts' features; "
-                              "call setup(prompts, class_text) first")
+                              "build it with get_algorithm(cfg, Runtime(prompts, class_text))")
         return self.text.shape[0]
 
     def init_global(self, dim: int) -> Params | None:

@@ -77,7 +77,8 @@ class PromptFL(Algorithm):
         tok = self.backbone.tokenizer
         n_ctx = int((tok([prefix])[0] != 0).sum()) - 2  # without start and end tokens
         if not self.prompts:
-            raise ConfigError(f"{self.name} needs the class prompts: call setup(prompts) first")
+            raise ConfigError(f"{self.name} needs the class prompts: build it with "
+                              f"get_algorithm(cfg, Runtime(prompts=...))")
         return tok(list(self.prompts)).to(self.backbone.model.token_embedding.weight.device), \
             n_ctx
 

@@ -187,7 +187,7 @@ class Prototypes(Algorithm):
     def _classes(self) -> int:
         if self.text is None:
             raise ConfigError(f"{self.name} needs the class prompts' features: call "
-                              f"setup(prompts, class_text) first")
+                              f"build it with get_algorithm(cfg, Runtime(prompts, class_text))")
         return self.text.shape[0]
 
     def _grid_point(self, server_round: int) -> tuple[float, float]:
