@@ -21,8 +21,11 @@ update, ``nf`` the distance rule's ``norm_factor``):
 * ``collude``: every malicious client (two at least) sends the same crafted update, the first
   one's ``-9 D``.
 
-Personalization is the mean test accuracy of the honest clients; both accuracies are those of
-the selected round (what a run reports).
+Personalization is the mean test accuracy of the honest clients. Every row reports both the
+selected round's accuracies (what a run reports) and the last round's, so that a defence that
+silently stopped learning (a run that selects round 0) is visible. ``untrusted`` rows run
+``trust=untrusted`` (median, norm-factor 3, weights capped at the median, median selection),
+the deployment setting; the attacks adapt to its tighter distance factor.
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ sys.path.insert(0, str(HERE.parent))  # tests.flower_grid: the in-memory Flower 
 
 from fedclip.config import RunConfig  # noqa: E402
 from fedclip.core.client import ClientJob, ClientUpdate  # noqa: E402
-from fedclip.core.records import RoundRecord  # noqa: E402
 from fedclip.inprocess.experiment import build_federation  # noqa: E402
 from fedclip.inprocess.federation import Federation  # noqa: E402
 from fedclip.task import prepare  # noqa: E402
 
-AGGREGATORS = ("weighted", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+AGGREGATORS = ("weighted", "median", "trimmed-mean", "krum", "multikrum", "bulyan",
+               "untrusted")
 ATTACKS = ("scaled", "flip", "noise", "lie", "collude")
 HELDOUT = "photo"
 
@@ -82,16 +85,16 @@ def attack(fed: Federation, kind: str, malicious: set[str]) -> None:
     if kind == "lie":
         honest_eval = fed.evaluate
 
-        def evaluate(record: RoundRecord, params, states=None) -> RoundRecord:  # noqa: ANN001
-            record = honest_eval(record, params, states)
-            for c in malicious & set(record.val_accuracy or {}):
-                assert record.val_accuracy is not None
-                record.val_accuracy[c] = 1.0 if record.round == 1 else 0.0
-            return record
+        def evaluate(params, states=None):  # noqa: ANN001, ANN202
+            val, test, held = honest_eval(params, states)
+            rnd = fed.current().state.round  # the round being evaluated
+            for c in malicious & set(val):
+                val[c] = 1.0 if rnd == 1 else 0.0
+            return val, test, held
 
         fed.evaluate = evaluate  # type: ignore[method-assign]
         return
-    honest_train = algo.train_client
+    honest_train = algo.client.train_client
     shared: dict[int, dict[str, torch.Tensor]] = {}  # collude: the round's one crafted update
 
     def train(job: ClientJob) -> ClientUpdate:
@@ -105,7 +108,7 @@ def attack(fed: Federation, kind: str, malicious: set[str]) -> None:
         shared[rnd] = params
         return replace(update, params=params)
 
-    algo.train_client = train  # type: ignore[method-assign]
+    algo.client.train_client = train  # type: ignore[method-assign]
 
 
 def run_one(cfg: RunConfig, prep, kind: str | None, malicious: set[str]) -> dict:  # noqa: ANN001
@@ -115,13 +118,33 @@ def run_one(cfg: RunConfig, prep, kind: str | None, malicious: set[str]) -> dict
     start = time.perf_counter()
     state = fed.run()
     seconds = time.perf_counter() - start
-    best = next(r for r in state.history if r.round == state.best_round)
-    honest = {c: a for c, a in (best.test_accuracy or {}).items() if c not in malicious}
-    rejected = sum(len(r.rejected or {}) for r in state.history)
-    return {"heldout": best.heldout_accuracy, "personalization": statistics.fmean(honest.values()),
-            "best_round": state.best_round, "rejected": rejected,
+    return {**accuracies([r.__dict__ for r in state.history], state.best_round, malicious),
+            "rejected": sum(len(r.rejected or {}) for r in state.history),
             "seconds_per_round": seconds / max(state.round, 1),
             "epsilon": state.history[-1].epsilon}
+
+
+def accuracies(history: list[dict], best_round: int, malicious: set[str]) -> dict:
+    """Held-out and personalization (the honest clients' mean test accuracy) of the selected
+    round and of the last evaluated one."""
+    def of(record: dict) -> tuple[float | None, float]:
+        honest = [a for c, a in (record["test_accuracy"] or {}).items() if c not in malicious]
+        return record["heldout_accuracy"], statistics.fmean(honest)
+
+    best = next(r for r in history if r["round"] == best_round)
+    last = [r for r in history if r["test_accuracy"] is not None][-1]
+    (heldout, pers), (last_heldout, last_pers) = of(best), of(last)
+    return {"heldout": heldout, "personalization": pers, "best_round": best_round,
+            "last_heldout": last_heldout, "last_personalization": last_pers,
+            "last_round": last["round"]}
+
+
+def configured(cfg: RunConfig, aggregation: str, per_round: int) -> RunConfig:
+    """A row's config: the aggregator with the largest f its assumption allows, or the
+    untrusted setting (``trust=untrusted`` replaces the reference defaults)."""
+    if aggregation == "untrusted":
+        return cfg.replace(trust="untrusted")
+    return cfg.replace(aggregation=aggregation, byzantine=byzantine(aggregation, per_round))
 
 
 def shapes(base: RunConfig, quick: bool, many_lr: float
@@ -149,7 +172,7 @@ def byzantine(aggregation: str, per_round: int) -> int:
 def robust_rows(base: RunConfig, quick: bool, many_lr: float, log: Callable[[str], None]
                 ) -> list[dict]:
     rows = []
-    aggregators = AGGREGATORS if not quick else ("weighted", "krum")
+    aggregators = AGGREGATORS if not quick else ("weighted", "krum", "untrusted")
     attacks = ATTACKS if not quick else ("flip", "lie")
     for shape, (cfg, fractions) in shapes(base, quick, many_lr).items():
         prep = prepare(cfg)
@@ -157,8 +180,7 @@ def robust_rows(base: RunConfig, quick: bool, many_lr: float, log: Callable[[str
                          for n in (s.name for s in prep.splits[d]))
         per_round = cfg.clients_per_round or len(clients)
         for aggregation in aggregators:
-            run_cfg = cfg.replace(aggregation=aggregation,
-                                  byzantine=byzantine(aggregation, per_round))
+            run_cfg = configured(cfg, aggregation, per_round)
             cases = [("none", "0", None, set())]
             for label, count in fractions:
                 for kind in attacks:
@@ -190,10 +212,12 @@ def flower_rows(base: RunConfig, data_root: str, out: Path, log: Callable[[str],
     node_of = {1000 + i: d for i, d in enumerate(domains)}
     victim = next(d for d in domains if d != HELDOUT)
     rows = []
-    for aggregation in ("weighted", "median", "krum"):
+    for aggregation in ("weighted", "median", "krum", "untrusted"):
         for kind in ("none", "flip", "lie"):
+            setting = ({"trust": "untrusted"} if aggregation == "untrusted" else
+                       {"aggregation": aggregation})
             run_config = {"backbone": base.backbone, "heldout": HELDOUT, "rounds": base.rounds,
-                          "aggregation": aggregation, "data-root": data_root,
+                          **setting, "data-root": data_root,
                           "out": str(out / f"{aggregation}-{kind}"),
                           "discover-timeout": 600.0, "personalize-epochs": 0}
             nodes = [{"domain": d} for d in domains]
@@ -232,15 +256,13 @@ def flower_rows(base: RunConfig, data_root: str, out: Path, log: Callable[[str],
             start = time.perf_counter()
             result = server_main(grid, run_config).to_json()
             seconds = (time.perf_counter() - start) / base.rounds
-            best = next(r for r in result["history"] if r["round"] == result["best_round"])
-            honest = [a for c, a in best["test_accuracy"].items()
-                      if kind == "none" or c != victim]
+            malicious = set() if kind == "none" else {victim}
+            history = [{"test_accuracy": None, **r} for r in result["history"]]
             rows.append({"shape": "4 sites (3 train)", "aggregation": aggregation,
                          "byzantine": 0, "attack": kind,
                          "malicious": "0" if kind == "none" else "1 of 3",
-                         "runtime": "flower", "heldout": best["heldout_accuracy"],
-                         "personalization": statistics.fmean(honest),
-                         "best_round": result["best_round"],
+                         "runtime": "flower",
+                         **accuracies(history, result["best_round"], malicious),
                          "rejected": sum(len(r.get("rejected") or {})
                                          for r in result["history"]),
                          "seconds_per_round": seconds, "epsilon": None})
@@ -260,7 +282,7 @@ def dp_rows(base: RunConfig, quick: bool, log: Callable[[str], None]) -> list[di
         fed = build_federation(cfg.replace(rounds=1), prep, HELDOUT)
         state = fed.initial_state()
         norms = []
-        honest_train = fed.algorithm.train_client
+        honest_train = fed.algorithm.client.train_client
 
         def measure(job: ClientJob, honest=honest_train, norms=norms,  # noqa: ANN001
                     algo=fed.algorithm) -> ClientUpdate:  # noqa: ANN001
@@ -269,7 +291,7 @@ def dp_rows(base: RunConfig, quick: bool, log: Callable[[str], None]) -> list[di
             norms.append(_norm({k: update.params[k] - start[k] for k in update.params}))
             return update
 
-        fed.algorithm.train_client = measure  # type: ignore[method-assign]
+        fed.algorithm.client.train_client = measure  # type: ignore[method-assign]
         fed.run_round(state)
         clip = statistics.median(norms)
         for budget in budgets:
@@ -307,31 +329,40 @@ def write(rows: list[dict], dp: list[dict], args: argparse.Namespace, seconds: f
         f"{args.many_lr:g}: at 5e-5 its small clients barely move in {args.rounds} rounds), the "
         f"distance rule on (norm-factor 10). With 3 training clients every rule's assumption "
         f"allows only f = 0: trimmed-mean (trim 0.2 of 3 cuts none) and bulyan are then the "
-        f"plain mean, multikrum (keeps n - f = 3) the weighted one. Accuracy % at the round "
-        f"each run selects; personalization over the "
-        f"honest clients. `f`: the byzantine count each rule assumes (the largest its "
-        f"assumption allows with the round's updates: Krum 2f+3, Bulyan 4f+3). `rej.`: updates "
-        f"the distance rule rejected over the run.", "",
-        "| shape | aggregation | f | attack | malicious | runtime | held-out | pers. | "
-        "best round | rej. | s/round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        f"plain mean, multikrum (keeps n - f = 3) the weighted one. `untrusted`: "
+        f"`trust=untrusted`, the deployment setting (median, norm-factor 3, weights capped at "
+        f"the median size, best round by the median val accuracy; the attacks scale to its "
+        f"factor). Accuracy % at the round each run selects (`sel.`: what a run reports) and at "
+        f"its last round (`last`): a defence that stopped learning selects round 0 and shows "
+        f"it there. Personalization over the honest clients. `f`: the byzantine count each "
+        f"rule assumes (the largest its assumption allows with the round's updates: Krum "
+        f"2f+3, Bulyan 4f+3). `rej.`: updates the distance rule rejected over the run.", "",
+        "| shape | aggregation | f | attack | malicious | runtime | held-out sel. | "
+        "held-out last | pers. sel. | pers. last | best round | rej. | s/round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['aggregation']} | {r['byzantine']} | {r['attack']} | "
                      f"{r['malicious']} | {r['runtime']} | {pct(r['heldout'])} | "
-                     f"{pct(r['personalization'])} | {r['best_round']} | {r['rejected']} | "
-                     f"{r['seconds_per_round']:.2f} |")
+                     f"{pct(r['last_heldout'])} | {pct(r['personalization'])} | "
+                     f"{pct(r['last_personalization'])} | {r['best_round']} | "
+                     f"{r['rejected']} | {r['seconds_per_round']:.2f} |")
     lines += ["", "## Differential privacy: accuracy against epsilon", "",
               "4 sites, uniform mean, client-level DP (clip each update, noise the sum, divide by "
               "the 3 clients), delta 1e-5, Flower's RDP accountant without sampling "
               "amplification; the noise multiplier is calibrated to spend the budget in the "
-              "rounds run; the clipping norm is the median honest update norm of round 1.", "",
+              "rounds run; the clipping norm is the median honest update norm of round 1. The "
+              "noise is secret (the OS's entropy), so a DP row differs from run to run. A row "
+              "whose selected round is 0 reports the untrained model: its last round says what "
+              "the DP-trained model reached.", "",
               "| algorithm | epsilon budget | epsilon spent | noise multiplier | clipping norm | "
-              "held-out | pers. | s/round |", "|---|---|---|---|---|---|---|---|"]
+              "held-out sel. | held-out last | pers. sel. | pers. last | best round | s/round |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in dp:
         lines.append(f"| {r['algorithm']} | {r['budget'] or 'no DP'} | {num(r['epsilon'], '.2f')} "
                      f"| {num(r['noise_multiplier'], '.3g')} | {num(r['clipping_norm'], '.3g')} | "
-                     f"{pct(r['heldout'])} | {pct(r['personalization'])} | "
-                     f"{r['seconds_per_round']:.2f} |")
+                     f"{pct(r['heldout'])} | {pct(r['last_heldout'])} | "
+                     f"{pct(r['personalization'])} | {pct(r['last_personalization'])} | "
+                     f"{r['best_round']} | {r['seconds_per_round']:.2f} |")
     out_md.write_text("\n".join(lines) + "\n")
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(
         {"robust": rows, "dp": dp, "rounds": args.rounds, "seconds": seconds}, indent=1))

@@ -13,7 +13,14 @@ Parts (each prints a markdown table; everything also goes to --out as JSON):
 * rounds: seconds per round (train + aggregate) for 4, 40 and 400 clients (Dirichlet over
   the training domains; 10% participation at 400), clients one after another against
   trained together (``train_clients_together``);
-* --lodo: leave-one-domain-out, every held-out domain x 200 rounds, extraction included.
+* --lodo: leave-one-domain-out, every held-out domain x 200 rounds (--lodo-rounds),
+  extraction included, with the median round.
+
+--workers 2,8 repeats the extraction rows per loader-process count; --no-extraction and
+--no-rounds skip those parts. Each part's table is printed, and the JSON rewritten, as soon as
+it is measured (a run stopped by a time limit keeps what it measured). The GPU figures and
+how they were taken: benchmarks/README.md, "GPU (H200)"; correctness on a GPU:
+benchmarks/gpu_checks.py.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
+def extraction(cfg, images: int, workers: tuple[int, ...] = (2,)) -> list[dict]:  # noqa: ANN001
     from fedclip.backbones import LazyBackbone, resolve_device
     from fedclip.data.folder import Domain
     from fedclip.features import image_features
@@ -67,7 +74,7 @@ def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
                     (0,))
     rows = []
     precisions = ["fp32", "fp16", "bf16"] if device.startswith("cuda") else ["fp32"]
-    decodes = ["cpu", "device"] if device.startswith("cuda") else ["cpu", "device"]
+    decodes = ["cpu", "device"]
     for precision in precisions:
         lazy = LazyBackbone(cfg.backbone, device, precision)
         model = lazy.get()
@@ -86,15 +93,16 @@ def extraction(cfg, images: int) -> list[dict]:  # noqa: ANN001
         sync(device)
         forward = n / (time.perf_counter() - start)
         for decode in decodes:
-            with tempfile.TemporaryDirectory() as cache:
-                start = time.perf_counter()
-                feats = image_features(lazy, domain, cache, cfg.extract_batch_size,
-                                       cfg.extract_workers, decode=decode)
-                sync(device)
-                rate = len(files) / (time.perf_counter() - start)
-            rows.append({"precision": precision, "decode": decode, "images": len(files),
-                         "pipeline": rate, "forward": forward, "ratio": rate / forward,
-                         "valid": int(feats.valid.sum())})
+            for n_workers in workers:
+                with tempfile.TemporaryDirectory() as cache:
+                    start = time.perf_counter()
+                    feats = image_features(lazy, domain, cache, cfg.extract_batch_size,
+                                           n_workers, decode=decode)
+                    sync(device)
+                    rate = len(files) / (time.perf_counter() - start)
+                rows.append({"precision": precision, "decode": decode, "workers": n_workers,
+                             "images": len(files), "pipeline": rate, "forward": forward,
+                             "ratio": rate / forward, "valid": int(feats.valid.sum())})
     return rows
 
 
@@ -174,16 +182,46 @@ def flower_rounds(cfg, clients: tuple[int, ...], rounds: int = 5,  # noqa: ANN00
     return rows
 
 
-def lodo(cfg) -> dict:  # noqa: ANN001
+def lodo(cfg, rounds: int = 200) -> dict:  # noqa: ANN001
     from fedclip.inprocess.experiment import run
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        results = run(cfg.replace(heldout="all", rounds=200, personalize_epochs=0,
+        results = run(cfg.replace(heldout="all", rounds=rounds, personalize_epochs=0,
                                   train_clients_together=True, cache_dir=str(Path(tmp) / "c")),
                       Path(tmp) / "run")
-        return {"seconds": time.perf_counter() - start,
+        seconds = time.perf_counter() - start
+        times = sorted(h.round_seconds for r in results for h in r.history
+                       if h.round > 0 and h.round_seconds is not None)
+        return {"seconds": seconds, "rounds_each": rounds, "rounds": len(times),
+                "round_seconds_median": times[len(times) // 2] if times else None,
                 "generalization": sum(r.generalization or 0.0 for r in results) / len(results)}
+
+
+def show(report: dict, part: str) -> None:
+    """Print one part's table (each part as soon as it is measured: a run stopped by a time
+    limit keeps what it measured)."""
+    if part == "extraction" and report["extraction"]:
+        print("| precision | decode | workers | pipeline img/s | pure forward img/s | ratio |")
+        print("|---|---|---|---|---|---|")
+        for r in report["extraction"]:
+            print(f"| {r['precision']} | {r['decode']} | {r['workers']} | {r['pipeline']:.0f} "
+                  f"| {r['forward']:.0f} | {r['ratio']:.2f} |")
+    elif part == "rounds":
+        print("| clients | trained per round | mode | s/round (train + aggregate) |")
+        print("|---|---|---|---|")
+        for r in report["rounds"]:
+            disc = f" (discovery {r['discovery']:.1f} s)" if r.get("discovery") else ""
+            print(f"| {r['clients']} | {r['per_round']} | {r['mode']}{disc} "
+                  f"| {r['seconds']:.4f} |")
+    elif part == "lodo":
+        lodo = report["lodo"]
+        median = lodo["round_seconds_median"]
+        print(f"leave-one-domain-out, {lodo['rounds_each']} rounds each, extraction included: "
+              f"{lodo['seconds']:.1f} s; median round (train, aggregate, evaluate) "
+              f"{1000 * (median or float('nan')):.1f} ms over {lodo['rounds']} rounds (mean "
+              f"generalization {100 * lodo['generalization']:.1f})")
+    print(flush=True)
 
 
 def main() -> None:
@@ -193,10 +231,14 @@ def main() -> None:
     parser.add_argument("--backbone", default="standin")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--workers", default="2",
+                        help="loader processes for the extraction rows, e.g. 2,8")
     parser.add_argument("--clients", default="4,40,400")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lodo", action="store_true")
+    parser.add_argument("--lodo-rounds", type=int, default=200)
     parser.add_argument("--no-extraction", action="store_true")
+    parser.add_argument("--no-rounds", action="store_true")
     parser.add_argument("--flower", default="", help="client counts to also run as Flower "
                                                      "simulations, e.g. 4,40")
     parser.add_argument("--ray-cpus", type=float, default=1.0,
@@ -215,33 +257,31 @@ def main() -> None:
                           extract_workers=2)
     device = resolve_device(cfg.device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    report = {"device": name, "backbone": backbone,
-              "extraction": [] if args.no_extraction else extraction(cfg, args.images),
-              "rounds": rounds(cfg, tuple(int(c) for c in args.clients.split(",")),
-                               args.repeats)}
+    report: dict = {"device": name, "torch": torch.__version__, "backbone": backbone,
+                    "extraction": [], "rounds": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(part: str) -> None:
+        show(report, part)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"device: {name}, backbone: {backbone}\n", flush=True)
+    if not args.no_extraction:
+        report["extraction"] = extraction(cfg, args.images, tuple(
+            int(w) for w in args.workers.split(",")))
+        save("extraction")
+    if not args.no_rounds:
+        report["rounds"] = rounds(cfg, tuple(int(c) for c in args.clients.split(",")),
+                                  args.repeats)
     if args.flower:
         report["rounds"] += flower_rounds(cfg, tuple(int(c) for c in args.flower.split(",")),
                                           cpus_per_node=args.ray_cpus)
+    if report["rounds"]:
+        save("rounds")
     if args.lodo:
-        report["lodo"] = lodo(cfg)
-    print(f"device: {name}, backbone: {backbone}\n")
-    print("| precision | decode | pipeline img/s | pure forward img/s | ratio |")
-    print("|---|---|---|---|---|")
-    for r in report["extraction"]:
-        print(f"| {r['precision']} | {r['decode']} | {r['pipeline']:.0f} | {r['forward']:.0f} "
-              f"| {r['ratio']:.2f} |")
-    print("\n| clients | trained per round | mode | s/round (train + aggregate) |")
-    print("|---|---|---|---|")
-    for r in report["rounds"]:
-        disc = f" (discovery {r['discovery']:.1f} s)" if r.get("discovery") else ""
-        print(f"| {r['clients']} | {r['per_round']} | {r['mode']}{disc} | {r['seconds']:.3f} |")
-    if "lodo" in report:
-        print(f"\nleave-one-domain-out, 200 rounds each, extraction included: "
-              f"{report['lodo']['seconds']:.0f} s (mean generalization "
-              f"{100 * report['lodo']['generalization']:.1f})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        report["lodo"] = lodo(cfg, args.lodo_rounds)
+        save("lodo")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ def main() -> None:
                 for mode in times:
                     sync(args.device)
                     start = time.perf_counter()
-                    updates = (train_together(algorithm, batch) if mode == "together"
-                               else [algorithm.train_client(job) for job in batch])
+                    updates = (train_together(algorithm.client, batch) if mode == "together"
+                               else [algorithm.client.train_client(job) for job in batch])
                     sync(args.device)
                     times[mode].append(time.perf_counter() - start)
                     if mode == "sequential":

@@ -34,10 +34,10 @@ def last(path):
 
 def initial(cfg):
     from fedclip.algorithms import get_algorithm
+    from fedclip.algorithms.base import Runtime
 
     prep = prepare(cfg)
-    algorithm = get_algorithm(cfg)
-    algorithm.setup(prep.prompts, prep.class_text)
+    algorithm = get_algorithm(cfg, Runtime(prep.prompts, prep.class_text))
     return algorithm.init_global(prep.class_text.shape[1])
 
 

@@ -86,7 +86,7 @@ def test_nodes_with_only_their_own_domain_equal_the_in_process_run(tiny_arch, pa
 
 def test_partitions_depend_on_the_domain_name_not_on_the_other_folders(tiny_arch, pacs_like,
                                                                        tmp_path):
-    from fedclip.task import load_site
+    from fedclip.flower.site import load_site
 
     cfg = RunConfig.build(backbone=tiny_arch, heldout="sketch", clients_per_domain=2,
                           partition="dirichlet", dirichlet_alpha=0.3)
@@ -101,7 +101,7 @@ def test_partitions_depend_on_the_domain_name_not_on_the_other_folders(tiny_arch
 
 
 def test_a_node_with_other_classes_is_refused_with_their_names(tiny_arch, pacs_like, tmp_path):
-    from fedclip.task import load_site
+    from fedclip.flower.site import load_site
 
     (pacs_like / "photo" / "dog").rename(pacs_like / "photo" / "dgo")
     cfg = RunConfig.build(backbone=tiny_arch, heldout="sketch")
@@ -110,7 +110,7 @@ def test_a_node_with_other_classes_is_refused_with_their_names(tiny_arch, pacs_l
 
 
 def test_a_node_missing_a_class_is_masked(tiny_arch, pacs_like, tmp_path):
-    from fedclip.task import load_site
+    from fedclip.flower.site import load_site
 
     shutil.rmtree(pacs_like / "cartoon" / "house")
     site = load_site(RunConfig.build(backbone=tiny_arch, heldout="sketch"), pacs_like, "cartoon")
@@ -143,8 +143,7 @@ def test_a_planned_client_that_never_connects_is_refused(tiny_arch, pacs_like, t
 
 
 def test_federation_checks_name_every_problem():
-    from fedclip.flower.server_app import check_federation
-    from fedclip.flower.strategy import NodeInfo
+    from fedclip.flower.discovery import NodeInfo, check_federation
 
     cfg = RunConfig.build(heldout="sketch", clients_per_domain=2)
 

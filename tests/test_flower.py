@@ -244,7 +244,7 @@ def test_app_config_in_pyproject_agrees_with_the_defaults():
     import tomllib
     from pathlib import Path
 
-    from fedclip.flower.codec import FLOWER_KEYS, run_config_to_cfg
+    from fedclip.flower.settings import FLOWER_KEYS, run_config_to_cfg
 
     app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     config = app["tool"]["flwr"]["app"]["config"]
@@ -281,15 +281,18 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
 
     from fedclip.algorithms import get_algorithm
     from fedclip.core.client import ClientUpdate
-    from fedclip.flower.secagg import AdapterClient, SecureStrategy
+    from fedclip.core.server import Server
+    from fedclip.flower.secagg import SecureStrategy
+    from fedclip.flower.secagg_client import AdapterClient
 
     algorithm = get_algorithm(RunConfig.build(backbone="standin", heldout="d",
                                               classes=("x", "y")))
-    server = SimpleNamespace(algorithm=algorithm, sizes={
-        "train:a": {"num-train": 10}, "train:b": {"num-train": 30},
-        "train:c": {"num-train": 1000}, "heldout:d": {"num-test": 40}})
-    config = SecureStrategy.fit_config(server, 3)
-    assert config["weight-cap"] == 60.0 and config["server-round"] == 3
+    server = Server(algorithm, {"a": 10, "b": 30, "c": 1000})
+    server.start(algorithm.init_global(4))
+    strategy = SecureStrategy(server, {}, None, 1.0)
+    strategy.plan = server.plan()
+    config = strategy.fit_config(1)
+    assert config["weight-cap"] == 60.0 and config["server-round"] == 1
 
     class Big(AdapterClient):
         def __init__(self) -> None:  # a site of 1000 train examples, no backbone needed
@@ -300,11 +303,13 @@ def test_secagg_sends_the_weight_cap_and_clients_weigh_themselves_under_it():
         def _params(self, arrays):  # noqa: ANN001, ANN202
             return {"w": torch.zeros(1)}
 
-    algorithm.train_client = lambda job: ClientUpdate({"w": torch.zeros(1)}, {}, 1000, 0.1)
+    algorithm.client.train_client = lambda job: ClientUpdate({"w": torch.zeros(1)}, {}, 1000, 0.1)
     _, weight, _ = Big().fit([torch.zeros(1).numpy()], config)
     assert weight == 60
     _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 5000.0})
     assert weight == 1000
+    _, weight, _ = Big().fit([torch.zeros(1).numpy()], {**config, "weight-cap": 60.5})
+    assert weight == 60.5  # a float cap is not truncated (as every runtime weighs)
 
 
 def test_the_polling_grid_waits_for_every_reply_and_stops_at_the_timeout():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fedclip.algorithms import get_algorithm
-from fedclip.algorithms.base import ClientJob
+from fedclip.algorithms.base import ClientJob, Runtime
 from fedclip.algorithms.fedpft import dp_noise_std, sample_mixtures
 from fedclip.config import RunConfig
 from fedclip.core.client import ClientData, Split
@@ -58,15 +58,14 @@ def test_prototypes_with_mixing_weight_zero_are_the_zero_shot_classifier(tiny_ar
     assert result["history"][1]["heldout_accuracy"] == result["zeroshot"]["generalization"]
     assert result["history"][1]["test_accuracy"] == \
         result["zeroshot"]["personalization"]["per_client"]
-    algorithm = get_algorithm(cfg)
     text = F.normalize(torch.randn(3, 8), dim=-1)
-    algorithm.setup(("a", "b", "c"), text)
+    algorithm = get_algorithm(cfg, Runtime(("a", "b", "c"), text))
     module = algorithm.build_module(8)
     module.prototypes.copy_(torch.randn(3, 8))
     emb = F.normalize(torch.randn(5, 8), dim=-1)
-    assert torch.equal(algorithm.logits(module, emb, text, 7.0), 7.0 * (emb @ text.T))
+    assert torch.equal(algorithm.client.logits(module, emb, text, 7.0), 7.0 * (emb @ text.T))
     module.alpha.fill_(1.0)
-    assert not torch.equal(algorithm.logits(module, emb, text, 7.0), 7.0 * (emb @ text.T))
+    assert not torch.equal(algorithm.client.logits(module, emb, text, 7.0), 7.0 * (emb @ text.T))
 
 
 def test_prototypes_choose_alpha_and_beta_on_the_val_splits(tiny_arch, toy_root, tmp_path):
@@ -102,7 +101,7 @@ def test_fedpft_samples_reproduce_the_union_means_and_variances(covariance):
                           options={"fedpft": {"covariance": covariance,
                                               "samples_per_class": 100000}})
     algorithm = get_algorithm(cfg)
-    updates = [algorithm.train_client(_job(x, y, classes)) for x, y in ((a_x, a_y),
+    updates = [algorithm.client.train_client(_job(x, y, classes)) for x, y in ((a_x, a_y),
                                                                         (b_x, b_y))]
     synthetic = sample_mixtures(updates, 100000, torch.Generator().manual_seed(1))
     x, y = torch.cat([a_x, b_x]), torch.cat([a_y, b_y])
@@ -133,7 +132,7 @@ def test_fedpft_sends_exactly_the_analytic_bytes_and_is_refused_where_it_cannot_
             algorithm = get_algorithm(RunConfig.build(
                 algorithm="fedpft", backbone="standin",
                 options={"fedpft": {"components": k, "covariance": cov, "half": half}}))
-            update = algorithm.train_client(_job(x, y, classes))
+            update = algorithm.client.train_client(_job(x, y, classes))
             mixture_values = classes * (k * d + k * per + k)  # means, covariances, weights
             want = mixture_values * (2 if half else 4) + classes * 4  # + counts (fp32)
             assert tensor_bytes(update.extras) == want and update.params == {}
@@ -162,10 +161,33 @@ def test_fedpft_dp_release_spends_its_epsilon_and_adds_noise():
     plain = get_algorithm(RunConfig.build(algorithm="fedpft", backbone="standin"))
     private = get_algorithm(RunConfig.build(algorithm="fedpft", backbone="standin",
                                             options={"fedpft": {"dp_epsilon": 2.0}}))
-    a = plain.train_client(_job(F.normalize(x, dim=-1), y, 2)).extras
-    b = private.train_client(_job(x, y, 2)).extras
+    a = plain.client.train_client(_job(F.normalize(x, dim=-1), y, 2)).extras
+    b = private.client.train_client(_job(x, y, 2)).extras
     assert (a["means"] - b["means"]).abs().max() > 1e-3  # noised
     assert (a["means"] - b["means"]).abs().max() < 1.0  # and still near (std / 100 samples)
+
+
+def test_fedpft_dp_noise_is_a_secret_of_the_client():
+    """The server FedPFT's DP protects against knows the run seed, the round and the client's
+    name (the job's seed comes from them): none of them regenerates the client's noise. Two
+    releases of the same job differ, and removing the noise regenerated from the job's seed
+    (the previous versions' source) leaves the noise in place; an injected generator is what
+    the noise then comes from."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 8, generator=gen), torch.arange(200) % 2
+    private = get_algorithm(RunConfig.build(algorithm="fedpft", backbone="standin",
+                                            options={"fedpft": {"dp_epsilon": 2.0}}))
+    job = _job(x, y, 2, seed=1234)
+    first, second = (private.client.train_client(job).extras["counts"] for _ in range(2))
+    assert not torch.equal(first, second)
+    exact = torch.bincount(y, minlength=2).float()
+    std = dp_noise_std(2.0, 1e-5)
+    regenerated = exact + std * torch.randn(2, generator=torch.Generator().manual_seed(1234))
+    assert not torch.allclose(first, regenerated.clamp(min=0), atol=1e-3)
+    injected = [private.client.train_client(job, noise=torch.Generator().manual_seed(1234))
+                .extras["counts"] for _ in range(2)]
+    assert torch.equal(injected[0], injected[1])
+    assert torch.allclose(injected[0], regenerated.clamp(min=0))
 
 
 # --- personal parts: never sent, and they pay off where label maps differ --------------------
@@ -212,8 +234,7 @@ def _swapped_federation(algorithm_name, **options):
     cfg = RunConfig.build(algorithm=algorithm_name, backbone="standin", rounds=20, lr=1e-2,
                           batch_size=16, weight_decay=0.0, loss="ce", personalize_epochs=0,
                           options={algorithm_name: options} if options else {})
-    algorithm = get_algorithm(cfg)
-    algorithm.setup(("x", "y"), text)
+    algorithm = get_algorithm(cfg, Runtime(("x", "y"), text, 10.0, len(clients)))
     return Federation(algorithm, clients, text, 10.0)
 
 

@@ -8,10 +8,9 @@ import torch.nn.functional as F
 
 from fedclip.adapters import AttentionAdapter, build_adapter, count_parameters, get_params
 from fedclip.algorithms import get_algorithm
-from fedclip.algorithms.fedprox import proximal_term
 from fedclip.config import RunConfig
 from fedclip.errors import ConfigError
-from fedclip.losses import class_ce_loss, clip_loss
+from fedclip.losses import class_ce_loss, clip_loss, proximal_term
 
 
 def test_adapter_shape_and_parameter_count():
@@ -63,7 +62,7 @@ def test_aggregation_against_hand_computation(mode, expected):
     algo = get_algorithm(RunConfig.build(aggregation=mode))
     updates = [ClientUpdate({"w": torch.full((2,), v)}, {}, n, 0.0, weight=float(n))
                for v, n in ((1.0, 10), (5.0, 30))]
-    out, state = algo.aggregate({"w": torch.zeros(2)}, updates, {})
+    out, state = algo.server.aggregate({"w": torch.zeros(2)}, updates, {})
     torch.testing.assert_close(out["w"], torch.full((2,), expected))
     assert state == {}
 
@@ -92,12 +91,19 @@ def test_robust_aggregation_bounds_one_scaled_up_client():
 
 def test_proximal_term_against_hand_computation():
     adapter = build_adapter(2, seed=0)
+    params = dict(adapter.named_parameters())
     glob = {k: torch.zeros_like(v) for k, v in get_params(adapter).items()}
     squared = sum((p.detach() ** 2).sum().item() for p in adapter.parameters())
-    assert proximal_term(adapter, glob, mu=0.3).item() == pytest.approx(0.5 * 0.3 * squared,
-                                                                         rel=1e-5)
+    assert proximal_term(params, glob, mu=0.3).item() == pytest.approx(0.5 * 0.3 * squared,
+                                                                       rel=1e-5)
     same = get_params(adapter)
-    assert proximal_term(adapter, same, mu=0.3).item() == 0.0
+    assert proximal_term(params, same, mu=0.3).item() == 0.0
+    # only the parameters both name count (a reference may hold more, a module other ones)
+    first = next(iter(params))
+    part = proximal_term(params, {first: glob[first], "other": torch.ones(3)}, mu=0.3)
+    assert part.item() == pytest.approx(0.5 * 0.3 * (params[first].detach() ** 2).sum().item(),
+                                        rel=1e-5)
+    assert proximal_term(params, {"other": torch.ones(3)}, mu=0.3).item() == 0.0
 
 
 def test_unknown_algorithm_and_bad_config_are_clear():

@@ -47,17 +47,17 @@ def test_the_noise_has_the_scale_the_mechanism_claims():
     current = {"w": torch.zeros(400, 500)}
     clip, z, sampled = 0.5, 1.2, 3
     out = privacy.noisy_mean(current, [current] * sampled, sampled, clip, z,
-                             privacy.noise_generator(7, 1))
+                             privacy.secret_generator())
     noise = out["w"].flatten().double()
     expected = z * clip / sampled  # Flower's compute_stdv: z C / n
     assert abs(noise.std().item() / expected - 1) < 0.01  # 200k draws: std error 0.16 %
     assert abs(noise.mean().item()) < 4 * expected / noise.numel() ** 0.5
     again = privacy.noisy_mean(current, [current] * sampled, sampled, clip, z,
-                               privacy.noise_generator(7, 1))
-    assert torch.equal(out["w"], again["w"])  # seeded: both runtimes draw the same
-    other = privacy.noisy_mean(current, [current] * sampled, sampled, clip, z,
-                               privacy.noise_generator(7, 2))
-    assert not torch.equal(out["w"], other["w"])
+                               privacy.secret_generator())
+    assert not torch.equal(out["w"], again["w"])  # a fresh secret each time
+    injected = [privacy.noisy_mean(current, [current] * sampled, sampled, clip, z,
+                                   torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(injected[0]["w"], injected[1]["w"])  # what a test injects, it gets
 
 
 def test_clipping_bounds_each_update_and_the_mean_divides_by_the_clients_sampled():
@@ -69,7 +69,7 @@ def test_clipping_bounds_each_update_and_the_mean_divides_by_the_clients_sampled
     assert privacy.clip_update(near, current, 0.5) is near  # inside the bound: untouched
     # 3 sampled, 2 answered: a missing client adds 0, the denominator stays 3
     out = privacy.noisy_mean(current, [clipped, clipped], 3, 0.5, 1e-12,
-                             privacy.noise_generator(0, 1))
+                             privacy.secret_generator())
     moved = privacy.update_norm(out, current)
     assert moved == pytest.approx(2 * 0.5 / 3, rel=1e-5)
 
@@ -101,15 +101,81 @@ def test_a_budget_stops_the_run_at_the_round_the_accountant_says(tiny_arch, pacs
     assert result["privacy"]["stopped_by_budget"] is True
     assert "val_accuracy" in result["history"][-1]  # the last round run is evaluated
     from fedclip.core.records import RunResult
-    from fedclip.core.report import privacy_note
+    from fedclip.report import privacy_note
 
     note = privacy_note([RunResult.from_json(result)]) or ""  # the line the CLI prints
     assert f"epsilon {epsilons[allowed - 1]:.3g} spent" in note
     assert f"stopped it after round {allowed}" in note
 
 
+def inject_noise(monkeypatch, seed: int = 7) -> None:
+    """Every runtime's default noise source replaced by a generator seeded with ``seed``,
+    fresh at each call (one per round): the runtimes then draw the same noise each round,
+    so their parity can be compared with the noise on."""
+    monkeypatch.setattr(privacy, "secret_generator",
+                        lambda device="cpu": torch.Generator(device=device).manual_seed(seed))
+
+
+def old_noise_generator(seed: int, server_round: int) -> torch.Generator:
+    """The noise source of the previous versions: seeded by (run seed, round), both written
+    to config.json and results.json and sent to every node."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, server_round, 0xD9]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def test_nothing_written_or_sent_regenerates_the_dp_noise(tiny_arch, pacs_like,  # noqa: F811
+                                                          tmp_path):
+    """The noise of a run cannot be rebuilt from its seed, round, config.json or results.json:
+    two runs that write the same config and are sent the same run config release different
+    adapters, and subtracting the noise regenerated the old way from (seed, round) does not
+    give back the noise-free aggregate."""
+    import json
+
+    first = in_process(tiny_arch, pacs_like, tmp_path, rounds=1, name="a", **DP)
+    second = in_process(tiny_arch, pacs_like, tmp_path, rounds=1, name="b", **DP)
+    assert json.loads((tmp_path / "a/config.json").read_text()) == \
+        json.loads((tmp_path / "b/config.json").read_text())
+    assert first["privacy"] == second["privacy"]
+    a = adapter(tmp_path / "a/sketch/adapter-last.safetensors")
+    b = adapter(tmp_path / "b/sketch/adapter-last.safetensors")
+    std = first["privacy"]["noise_std"]
+    assert max_diff(a, b) > 2 * std  # different noise (independent draws differ by ~4 std)
+    # the mechanism itself: the same round aggregated with the noise on and off
+    from fedclip.core.client import ClientUpdate
+    from fedclip.core.server import aggregate_round
+
+    cfg = RunConfig.build(**DP, seed=0)
+    algo = get_algorithm(cfg)
+    rules = server_rules(cfg, algo, 3)
+    current = {"w": torch.zeros(2000)}
+    gen = torch.Generator().manual_seed(1)
+    updates = [ClientUpdate({"w": 0.01 * torch.randn(2000, generator=gen)}, {}, 10, 0.0)
+               for _ in range(3)]
+    plan = rules.privacy
+    assert plan is not None
+    clipped = [privacy.clip_update(u.params, current, plan.clipping_norm) for u in updates]
+    clean = sum(c["w"] for c in clipped) / plan.sampled
+    noisy = [aggregate_round(algo.server, current, updates, {}, rules, cfg.seed, 1)[0]["w"]
+             for _ in range(2)]
+    assert not torch.equal(noisy[0], noisy[1])
+    regenerated = torch.randn(2000, generator=old_noise_generator(cfg.seed, 1)) * (
+        plan.noise_multiplier * plan.clipping_norm) / plan.sampled
+    recovered = noisy[0] - regenerated
+    # what is left is still the full noise (~ std per coordinate), not zero
+    left = (recovered - clean).std().item()
+    assert left > 0.9 * plan.noise_multiplier * plan.clipping_norm / plan.sampled
+    # and an injected generator is what the noise then comes from (tests' parity)
+    injected = aggregate_round(algo.server, current, updates, {}, rules, cfg.seed, 1,
+                               noise=old_noise_generator(cfg.seed, 1))[0]["w"]
+    assert torch.allclose(injected - regenerated, clean, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["server", "client"])
-def test_flower_equals_in_process_under_dp(tiny_arch, pacs_like, tmp_path, mode):  # noqa: F811
+def test_flower_equals_in_process_under_dp(tiny_arch, pacs_like, tmp_path, mode,  # noqa: F811
+                                           monkeypatch):
+    inject_noise(monkeypatch)
     nodes = own_sites(pacs_like, tmp_path)
     dp = {**DP, "dp": mode}
     run_config = flower_config(tiny_arch, tmp_path, rounds=2,
@@ -128,9 +194,11 @@ def test_flower_equals_in_process_under_dp(tiny_arch, pacs_like, tmp_path, mode)
                     adapter(tmp_path / "local/sketch/adapter-last.safetensors")) > 1e-3
 
 
-def test_secagg_with_client_side_dp_equals_in_process(tiny_arch, pacs_like, tmp_path):  # noqa: F811
+def test_secagg_with_client_side_dp_equals_in_process(tiny_arch, pacs_like, tmp_path,  # noqa: F811
+                                                      monkeypatch):
     from flwr.app import Context, RecordDict
 
+    inject_noise(monkeypatch)
     from fedclip.flower import secagg
 
     nodes = own_sites(pacs_like, tmp_path)
@@ -177,3 +245,9 @@ def test_secagg_refuses_server_side_clipping():
 
     cfg = RunConfig.build(**DP)
     assert "use dp=client" in (refusal(get_algorithm(cfg), FlowerSettings()) or "")
+
+
+def test_the_results_say_what_dp_covers_next_to_the_epsilon():
+    plan = privacy.plan("server", 0.1, 1.0, 0.0, 1e-5, 5, 3, 3).to_json()
+    assert "accuracies" in plan["not_covered"] and "sizes" in plan["not_covered"]
+    assert plan["noise"].startswith("secret") and "participation" in plan["protects"]

@@ -12,11 +12,12 @@ from fedclip.aggregation import TooFewUpdates, combine
 from fedclip.algorithms import get_algorithm
 from fedclip.config import RunConfig
 from fedclip.core.records import RoundRecord
-from fedclip.core.server import selection_rule, server_rules
+from fedclip.core.server import Server, selection_rule, server_rules
 from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError
 from fedclip.flower.codec import encode
-from fedclip.flower.strategy import FedClipStrategy, NodeInfo
+from fedclip.flower.discovery import NodeInfo
+from fedclip.flower.strategy import FedClipStrategy
 from tests.test_federation import (
     adapter,
     flower_config,
@@ -111,15 +112,16 @@ class Grid:
 
 def _strategy(aggregation: str, **settings) -> FedClipStrategy:
     cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"),
-                          aggregation=aggregation, **settings)
+                          aggregation=aggregation, **{"norm_factor": 10.0, **settings})
     algorithm = get_algorithm(cfg)
     nodes = {n: NodeInfo(n, f"c{n}", "train", f"c{n}", 0, 20, 5, 5, 30, DIM, 100.0)
              for n in range(1, N_TRAIN + 1)}
     nodes[99] = NodeInfo(99, "d", "heldout", "d", 0, 0, 0, 40, 40, DIM, 100.0)
     init = algorithm.init_global(DIM)
     assert init is not None
-    state = FederationState(0, init, server_state=algorithm.init_server_state(init))
-    strategy = FedClipStrategy(algorithm, nodes, state, norm_factor=10.0)
+    server = Server(algorithm, {f"c{n}": 20 for n in range(1, N_TRAIN + 1)})
+    server.start(init)
+    strategy = FedClipStrategy(server, nodes)
     list(strategy.configure_train(1, encode(init), ConfigRecord(), Grid()))
     return strategy
 
@@ -154,7 +156,7 @@ def _attack(aggregation: str, **settings) -> tuple[float, float, dict[str, str]]
                for n, d in enumerate([*honest, attacker])]
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None
-    record = s._pending["train"]
+    record = s.pending.record
     mean = {k: sum(d[k] for d in honest) / len(honest) for k in init}
     landed = _norm({k: s.state.params[k] - init[k] - mean[k] for k in init})
     # coordinate-wise: no honest-range rule can leave the box of the honest values
@@ -176,11 +178,10 @@ def test_an_attacker_under_the_distance_rule_owns_the_weighted_mean_not_krum_or_
 
 
 def test_flower_krum_equals_the_hand_rule_on_replies():
-    s = _strategy("krum", byzantine=1)
+    # the distance rule would reject 100 first: switch it off, Krum alone must drop it
+    s = _strategy("krum", byzantine=1, norm_factor=0.0)
     init = s.state.params
     values = [0.0, 1.0, 3.0, 4.5, 100.0, 2.0, 2.5]
-    # the distance rule would reject 100 first: switch it off, Krum alone must drop it
-    s.norm_factor = 0.0
     updates = [{k: init[k] + v * 1e-4 for k in init} for v in values]
     s.aggregate_train(1, [_reply(n + 1, u) for n, u in enumerate(updates)])
     expected = combine(updates, [1.0] * len(updates), "krum", byzantine=1)

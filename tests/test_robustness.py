@@ -101,8 +101,7 @@ def test_a_malformed_identity_is_refused_with_the_node_named(tiny_arch, toy_root
 
 
 def test_a_training_node_without_examples_is_refused():
-    from fedclip.flower.server_app import check_federation
-    from fedclip.flower.strategy import NodeInfo
+    from fedclip.flower.discovery import NodeInfo, check_federation
 
     cfg = RunConfig.build(heldout="gamma", classes=("a", "b"))
     nodes = {1: NodeInfo(1, "alpha", "train", "alpha", 0, 0, 0, 0, 0, 32, 10.0),
@@ -114,16 +113,16 @@ def test_a_training_node_without_examples_is_refused():
 def test_a_failing_client_is_recorded_not_raised(tiny_arch, toy_root, tmp_path, monkeypatch):
     """A ClientApp that raises during training (here: it diverges) becomes an error reply,
     recorded as such; the round aggregates the others and the run completes."""
-    from fedclip.algorithms.base import Algorithm
+    from fedclip.algorithms.base import ClientSide
 
-    real = Algorithm.train_client
+    real = ClientSide.train_client
 
     def diverging(self, job):
         if job.name == "alpha":
             raise TrainingError("training diverged: the local loss became nan")
         return real(self, job)
 
-    monkeypatch.setattr(Algorithm, "train_client", diverging)
+    monkeypatch.setattr(ClientSide, "train_client", diverging)
     run_config, nodes = _federation(toy_root, tiny_arch, tmp_path)
     result = server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)
     for r in result["history"][1:]:
@@ -135,16 +134,16 @@ def test_a_run_that_diverges_on_every_client_fails_and_keeps_its_checkpoint(
         tiny_arch, toy_root, tmp_path, monkeypatch):
     """Divergence on every client is the run's failure (exit 2 on the command line), never a
     completed run of unchanged parameters; the last checkpoint written stays."""
-    from fedclip.algorithms.base import Algorithm
+    from fedclip.algorithms.base import ClientSide
 
-    real = Algorithm.train_client
+    real = ClientSide.train_client
 
     def diverging(self, job):
         if job.config.server_round >= 2:
             raise TrainingError("training diverged: the local loss became nan")
         return real(self, job)
 
-    monkeypatch.setattr(Algorithm, "train_client", diverging)
+    monkeypatch.setattr(ClientSide, "train_client", diverging)
     run_config, nodes = _federation(toy_root, tiny_arch, tmp_path, **{"checkpoint-every": 1})
     run_config["rounds"] = 3
     with pytest.raises(TrainingError, match="diverged on every client.*round 2"):
@@ -252,7 +251,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     cfg = _cfg(toy_root, tiny_arch, checkpoint_every=1, rounds=3)
     prep = prepare(cfg)
     run_heldout(cfg, prep, "beta", tmp_path / "r")
-    import fedclip.algorithms.base as client  # where Algorithm.train_client finds it
+    import fedclip.algorithms.base as client  # where ClientSide.train_client finds it
 
     real = client.train_local
 
@@ -460,7 +459,7 @@ def test_a_data_root_one_level_off_is_named_before_extraction(toy_root, tmp_path
 
 
 def test_a_client_at_zero_percent_is_drawn_at_zero():
-    from fedclip.core.report import _num
+    from fedclip.report import _num
 
     assert _num(0.0) == 0.0 and _num(None) != _num(None)  # None: a gap (NaN)
 

@@ -86,3 +86,27 @@ def test_a_damaged_results_file_is_refused_before_training(tiny_arch, toy_root, 
         _in_process(toy_root, tiny_arch, out)
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # nothing else written
+
+
+def test_the_settings_of_a_run_folder_are_read_through_it(tmp_path):
+    """config.json is read in one place: what write_config wrote comes back; a folder without
+    one (or with a non-regular file by that name) has none; one that is not an object is a
+    one-line refusal naming the file."""
+    import os
+
+    from fedclip.core.run_folder import CONFIG, RunFolder
+    from fedclip.errors import ConfigError
+
+    cfg = RunConfig.build(lr=1e-3, **{"fedprox.mu": 0.5})
+    folder = RunFolder(tmp_path / "a", cfg)
+    folder.out.mkdir()
+    assert RunFolder.saved_settings(folder.out) == {} and not RunFolder.holds_settings(folder.out)
+    folder.write_config()
+    assert RunFolder.holds_settings(folder.out)
+    assert RunConfig.validated(RunFolder.saved_settings(folder.out)) == cfg
+    os.mkfifo(tmp_path / CONFIG)  # never opened: a read would block
+    assert RunFolder.saved_settings(tmp_path) == {}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / CONFIG).write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"b/config.json is not a JSON object of settings"):
+        RunFolder.saved_settings(tmp_path / "b")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedclip.algorithms.registry import names as algorithm_names
 from fedclip.config import RunConfig
 from fedclip.data.splits import partition
 from fedclip.flower.client_app import build_client_app
@@ -68,16 +69,16 @@ class DeviceSpy:
         self.seen = set()
 
     def install(self, monkeypatch):
-        from fedclip.algorithms.base import Algorithm
+        from fedclip.algorithms.base import ClientSide
 
-        real = Algorithm.embed
+        real = ClientSide.embed
 
         def embed(algorithm, module, x):
             if module is not None and module.training:
                 self.seen.add((next(module.parameters()).device.type, x.device.type))
             return real(algorithm, module, x)
 
-        monkeypatch.setattr(Algorithm, "embed", embed)
+        monkeypatch.setattr(ClientSide, "embed", embed)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -138,8 +139,8 @@ def test_training_clients_together_equals_the_sequential_loop(algorithm, loss):
                                  text, 20.0, seed=100 + i))
         return out
 
-    sequential = [algo.train_client(job) for job in jobs()]
-    together = train_together(algo, jobs())
+    sequential = [algo.client.train_client(job) for job in jobs()]
+    together = train_together(algo.client, jobs())
     for a, b in zip(sequential, together, strict=True):
         assert a.steps == b.steps and a.num_examples == b.num_examples
         assert max((a.params[k] - b.params[k]).abs().max().item() for k in a.params) < 1e-5
@@ -190,3 +191,21 @@ def test_device_decoding_is_close_to_the_pil_path_and_cached_apart(tiny_arch, tm
         assert torch.equal(a.valid, b.valid) and int(a.valid.sum()) == 6
         cos = torch.nn.functional.cosine_similarity(a.features[a.valid], b.features[b.valid])
         assert cos.min() > 0.98
+
+
+TEXT_FROM_BACKBONE = {"promptfl", "promptfolio"}  # encode the prompts on cfg.device themselves
+
+
+@pytest.mark.parametrize("algorithm", sorted(set(algorithm_names()) - TEXT_FROM_BACKBONE))
+def test_class_embeddings_stay_on_the_device_of_the_class_features(tiny_arch, algorithm):
+    """What a GPU run found: the CNN baselines' identity 'class embeddings' were made on the
+    CPU, so scoring on a GPU failed (mat2 on cpu). The meta device stands in for a GPU."""
+    from fedclip.algorithms import get_algorithm
+    from fedclip.algorithms.base import Runtime
+
+    text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1).to("meta")
+    algo = get_algorithm(RunConfig.build(algorithm=algorithm, backbone=tiny_arch),
+                         Runtime(("a cat", "a dog", "a car"), text))
+    module = algo.build_module(32)
+    out = algo.client.class_text(module.to("meta") if module is not None else None, text)
+    assert out.device.type == "meta"

@@ -9,10 +9,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedclip.algorithms import get_algorithm
+from fedclip.algorithms.base import Runtime
 from fedclip.config import RunConfig
-from fedclip.core.state import FederationState
+from fedclip.core.server import Server
 from fedclip.flower.codec import encode
-from fedclip.flower.strategy import FedClipStrategy, NodeInfo
+from fedclip.flower.discovery import NodeInfo
+from fedclip.flower.strategy import FedClipStrategy
 
 DIM = 4
 TRAIN = {1: ("a", 10), 2: ("b", 30), 3: ("c", 20)}  # node id -> (client, declared train size)
@@ -36,15 +38,16 @@ class Grid:
 def _strategy(aggregation: str = "weighted", norm_factor: float = 0.0, **settings
               ) -> FedClipStrategy:
     cfg = RunConfig.build(backbone="standin", heldout="d", classes=("x", "y"),
-                          aggregation=aggregation, **settings)
-    algorithm = get_algorithm(cfg)
+                          aggregation=aggregation, norm_factor=norm_factor, **settings)
+    algorithm = get_algorithm(cfg, Runtime(num_clients=len(TRAIN)))
     nodes = {n: NodeInfo(n, c, "train", c, 0, size, 5, 5, size + 10, DIM, 100.0)
              for n, (c, size) in TRAIN.items()}
     nodes[9] = NodeInfo(9, "d", "heldout", "d", 0, 0, 0, 40, 40, DIM, 100.0)
     init = algorithm.init_global(DIM)
     assert init is not None
-    state = FederationState(0, init, server_state=algorithm.init_server_state(init))
-    strategy = FedClipStrategy(algorithm, nodes, state, norm_factor=norm_factor)
+    server = Server(algorithm, {c: size for c, size in TRAIN.values()})
+    server.start(init)
+    strategy = FedClipStrategy(server, nodes)
     list(strategy.configure_train(1, encode(init), ConfigRecord(), Grid()))
     return strategy
 
@@ -75,7 +78,7 @@ def test_honest_replies_are_weighted_by_their_declared_sizes():
     for value in arrays.to_torch_state_dict().values():
         assert torch.allclose(value, torch.full_like(value, expected))
     assert metrics["num-updates"] == 3
-    assert s._pending["train"].rejected == {}
+    assert not s.pending.record.rejected
 
 
 def test_uniform_ignores_the_sizes():
@@ -105,7 +108,7 @@ def test_a_bad_reply_is_rejected_and_the_rest_aggregate(make, why):
     assert arrays is not None
     assert all(torch.allclose(v, torch.full_like(v, expected))
                for v in arrays.to_torch_state_dict().values())
-    assert any(why in reason for reason in s._pending["train"].rejected.values())
+    assert any(why in reason for reason in s.pending.record.rejected.values())
 
 
 def test_an_error_reply_is_recorded_not_raised():
@@ -115,7 +118,7 @@ def test_an_error_reply_is_recorded_not_raised():
 
     error = Message(Error(code=0, reason="boom"), reply_to=instruction)
     arrays, _ = s.aggregate_train(1, [error, _reply(2, _params(s, 2.0), 30)])
-    assert arrays is not None and "boom" in s._pending["train"].rejected["a"]
+    assert arrays is not None and "boom" in s.pending.record.rejected["a"]
 
 
 def test_a_node_that_answers_twice_counts_for_nothing():
@@ -128,8 +131,8 @@ def test_a_node_that_answers_twice_counts_for_nothing():
     assert arrays is not None
     assert all(torch.allclose(v, torch.full_like(v, 2.0))
                for v in arrays.to_torch_state_dict().values())
-    assert "twice" in s._pending["train"].rejected["a"]
-    assert set(s._pending["train"].train_loss) == {"b"}
+    assert "twice" in s.pending.record.rejected["a"]
+    assert set(s.pending.record.train_loss) == {"b"}
 
 
 def test_no_valid_reply_leaves_the_global_parameters_unchanged():
@@ -145,7 +148,7 @@ def _moved(s: FedClipStrategy, node: int, fraction: float) -> dict[str, torch.Te
     from fedclip.core.client import RoundConfig
 
     x = s.algorithm.shared(s.state.params)
-    unit = s.algorithm.update_bound(x, TRAIN[node][1], s.algorithm.round_config(1))
+    unit = s.algorithm.server.update_bound(x, TRAIN[node][1], s.algorithm.round_config(1))
     assert isinstance(unit, float) and isinstance(s.algorithm.round_config(1), RoundConfig)
     size = sum(v.numel() for v in x.values())
     return {k: v + fraction * unit / size ** 0.5 for k, v in x.items()}  # norm: fraction x unit
@@ -157,8 +160,8 @@ def test_the_distance_rule_rejects_a_far_update():
     arrays, _ = s.aggregate_train(1, [_reply(1, far, 10), _reply(2, _moved(s, 2, 0.5), 30),
                                       _reply(3, _moved(s, 3, 0.8), 20)])
     assert arrays is not None and "the most its local steps move" in \
-        s._pending["train"].rejected["a"]
-    assert set(s._pending["train"].train_loss) == {"b", "c"}
+        s.pending.record.rejected["a"]
+    assert set(s.pending.record.train_loss) == {"b", "c"}
 
 
 def test_the_ceiling_does_not_grow_with_the_global_parameters():
@@ -169,8 +172,8 @@ def test_the_ceiling_does_not_grow_with_the_global_parameters():
     s.state.global_params = {k: v * 1e6 for k, v in s.state.params.items()}
     flipped = {k: -8.0 * v for k, v in s.state.params.items()}  # 9 x the norm away
     s.aggregate_train(1, [_reply(1, flipped, 10), _reply(2, _moved(s, 2, 0.9), 30)])
-    assert "the most its local steps move" in s._pending["train"].rejected["a"]
-    assert set(s._pending["train"].train_loss) == {"b"}
+    assert "the most its local steps move" in s.pending.record.rejected["a"]
+    assert set(s.pending.record.train_loss) == {"b"}
 
 
 def test_colluders_echoing_the_global_parameters_cannot_exclude_an_honest_update():
@@ -180,7 +183,7 @@ def test_colluders_echoing_the_global_parameters_cannot_exclude_an_honest_update
     echo = dict(s.algorithm.shared(s.state.params))
     s.aggregate_train(1, [_reply(1, echo, 10), _reply(2, _moved(s, 2, 0.9), 30),
                           _reply(3, echo, 20)])
-    assert s._pending["train"].rejected == {}
+    assert not s.pending.record.rejected
 
 
 def test_one_declared_size_cannot_own_the_average():
@@ -208,7 +211,7 @@ def test_an_array_record_with_extra_arrays_is_rejected():
     reply = _reply(1, None, 10)
     reply.content["arrays"] = ArrayRecord({k: v.contiguous() for k, v in params.items()})
     s.aggregate_train(1, [reply, _reply(2, _params(s, 2.0), 30)])
-    assert "keys" in s._pending["train"].rejected["a"]
+    assert "keys" in s.pending.record.rejected["a"]
 
 
 # --- what a reply's bytes may claim -----------------------------------------------------------
@@ -247,16 +250,16 @@ def test_an_array_is_judged_by_its_declared_metadata_before_any_decoding(fields,
 
     honest = [_reply(2, _params(s, 2.0), 30), _reply(3, _params(s, 4.0), 20)]
     monkeypatch.setattr(Array, "numpy", no_decoding)
-    s._check(forged)  # rejected without decoding
-    assert why in s._check(forged)[2]
+    s._check(forged, s.pending.plan)  # rejected without decoding
+    assert why in s._check(forged, s.pending.plan)[2]
     monkeypatch.undo()
     arrays, _ = s.aggregate_train(1, [forged, *honest])
-    assert arrays is not None and why in s._pending["train"].rejected["a"]
-    assert s._pending["train"].bytes_received < (1 << 20) + 10_000  # counted, not decoded
+    assert arrays is not None and why in s.pending.record.rejected["a"]
+    assert s.pending.record.bytes_received < (1 << 20) + 10_000  # counted, not decoded
 
 
 def test_a_discovery_reply_without_its_task_names_the_node():
-    from fedclip.flower.server_app import _node_info
+    from fedclip.flower.discovery import node_info as _node_info
 
     content = RecordDict({"node": ConfigRecord({"client": "a", "role": "train", "domain": "a"}),
                           "metrics": MetricRecord({"client-index": 0, "num-train": 3,
@@ -294,7 +297,7 @@ def test_honest_control_variates_pass_and_a_huge_one_is_rejected():
     honest = [_scaffold_reply(s, n, 1e-4 * n, steps[n]) for n in (2, 3)]
     huge = _scaffold_reply(s, 1, 1e-4, steps[1], scale_dc=1e35)  # far past what it implies
     s.aggregate_train(1, [huge, *honest])
-    record = s._pending["train"]
+    record = s.pending.record
     assert set(record.train_loss) == {"b", "c"}
     assert "control variate" in record.rejected["a"]
     assert all(float(v.abs().max()) < 1e6 for v in s.state.server_state.values())
@@ -303,7 +306,7 @@ def test_honest_control_variates_pass_and_a_huge_one_is_rejected():
 def test_a_reply_that_misreports_its_local_steps_is_rejected():
     s = _scaffold()
     s.aggregate_train(1, [_scaffold_reply(s, 1, 1e-4, 1), _scaffold_reply(s, 2, 1e-4, 8)])
-    assert "local steps" in s._pending["train"].rejected["a"]
+    assert "local steps" in s.pending.record.rejected["a"]
 
 
 def test_every_client_diverging_fails_the_round():
@@ -319,4 +322,4 @@ def test_every_client_diverging_fails_the_round():
         s.aggregate_train(1, replies)
     s = _strategy()  # one diverging client among honest ones: recorded, the rest aggregate
     arrays, _ = s.aggregate_train(1, [replies[0], _reply(2, _params(s, 2.0), 30)])
-    assert arrays is not None and "diverged" in s._pending["train"].rejected["a"]
+    assert arrays is not None and "diverged" in s.pending.record.rejected["a"]

@@ -51,7 +51,7 @@ def test_no_import_circle():
     graph = grimp.build_graph("fedclip", include_external_packages=False,
                               exclude_type_checking_imports=True, cache_dir=None)
     assert "fedclip.core.run_folder" in graph.modules  # the graph sees the whole package
-    assert "fedclip.core.report" in graph.find_modules_directly_imported_by(
+    assert "fedclip.report" in graph.find_modules_directly_imported_by(
         "fedclip.core.run_folder")  # ... function-level imports included
     assert _cycles(graph) == []
 
@@ -155,3 +155,24 @@ def test_a_clientapp_process_trains_without_importing_torch_dynamo():
     assert deferred[4].endswith("__init__.py")
     assert deferred[5] == plain[5]  # bit for bit
     assert run("defer", "submodule")[2:] == deferred[2:]  # submodules load the real package
+
+
+def test_the_dynamo_stand_in_is_set_only_on_a_torch_it_is_tested_with(monkeypatch, caplog):
+    """On a torch release the stand-in was not tested with, torch._dynamo is left to load as
+    usual (nothing replaced, no import hook added), and the log says so at info level (-v)."""
+    import logging
+    import sys
+
+    import torch
+
+    from fedclip.flower import client_app
+
+    # the release this environment runs is one the test above checks
+    assert client_app.torch_release(torch.__version__) in client_app.DYNAMO_STAND_IN_TORCH
+    assert client_app.torch_release("2.14.1+cu130") == "2.14"
+    before, finders = sys.modules.get("torch._dynamo"), list(sys.meta_path)
+    monkeypatch.setattr(torch, "__version__", "2.99.0+cpu")
+    with caplog.at_level(logging.INFO, logger="fedclip.flower.client_app"):
+        assert client_app.defer_dynamo_import() is False
+    assert sys.modules.get("torch._dynamo") is before and sys.meta_path == finders
+    assert "torch 2.99.0+cpu: torch._dynamo is imported as usual" in caplog.text

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from fedclip.core.records import RoundRecord, RunResult
 from fedclip.errors import ConfigError
@@ -90,3 +91,30 @@ def close(callbacks: Sequence[Callback]) -> None:
     """Every callback's ``close``."""
     for callback in callbacks:
         callback.close()
+
+
+class Reporter(Protocol):
+    """Progress for people (the CLI's progress bars); the runners themselves print nothing."""
+
+    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
+        """``done`` of ``total`` images of ``domain`` encoded (``cached``: all of them read
+        from the feature cache at once)."""
+
+    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
+        """A round of the ``heldout`` run ended."""
+
+    def info(self, message: str) -> None:
+        """A line for the user."""
+
+
+class SilentReporter(Reporter):
+    """A reporter that reports nothing."""
+
+    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
+        pass
+
+    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -28,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from typer.core import TyperCommand
 
-from fedclip.config import RunConfig
+from fedclip.config import RunConfig, parse_settings
 from fedclip.core.records import RoundRecord, RunResult
 from fedclip.errors import ConfigError, FedclipError
 
@@ -157,16 +156,12 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
               **flags: Any) -> RunConfig:
     """Defaults, then (``--resume``) the run folder's own config.json, then the preset, then
     ``--set``, then flags; one key set two ways to two values is an error that names it."""
-    saved: Any = {}
-    if resume_from is not None and (resume_from / "config.json").is_file():
-        try:
-            saved = json.loads((resume_from / "config.json").read_text(encoding="utf-8"))
-        except ValueError:  # UnicodeDecodeError included
-            saved = None
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{resume_from / 'config.json'} is not a JSON object of "
-                              f"settings; pass the settings again, or start another --out")
-    values = _parse_set(items)
+    saved: dict[str, Any] = {}
+    if resume_from is not None:
+        from fedclip.core.run_folder import RunFolder
+
+        saved = RunFolder.saved_settings(resume_from)
+    values = parse_settings(items)
     for key, value in flags.items():
         if value is None:
             continue
@@ -180,21 +175,6 @@ def _settings(preset: Path | None, items: list[str], resume_from: Path | None = 
         return RunConfig.validated({**saved, **(load_preset(preset) if preset else {}),
                                     **values})
     return RunConfig.build(preset, **values)
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value (got {item!r})")
-        algo, dot, name = key.strip().rpartition(".")
-        key = f"{algo}.{name.replace('-', '_')}" if dot else name.replace("-", "_")
-        try:
-            values[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key] = raw
-    return values
 
 
 # --- options shared by `run` and `compare` (one definition each; help from RunConfig) -----
@@ -239,6 +219,14 @@ Partition = Annotated[str | None, typer.Option(click_type=_choices("partition"),
 DirichletAlpha = Annotated[float | None, typer.Option(
     help=f"Dirichlet concentration: smaller is more skewed (default "
          f"{_default('dirichlet_alpha')}).")]
+Trust = Annotated[str | None, typer.Option(click_type=_choices("trust"), help=(
+    f"Whom the server trusts (default {_default('trust')}). untrusted, for a deployment: "
+    "where the reference defaults stand, aggregation=median, norm_factor=3, weights capped "
+    "at the median size, best round by the median val accuracy. Bad updates each rule "
+    "tolerates among the n of a round (--set aggregation=..., --set byzantine=f): weighted, "
+    "uniform 0 (one client moves the mean up to norm_factor x an honest reach); median "
+    "(n-1)//2; trimmed-mean int(trim_fraction x n); krum, multikrum, bulyan f, when n >= "
+    "2f+3 (bulyan 4f+3); results.json states the run's."))]
 Resume = Annotated[bool, typer.Option(
     help="Continue the run in --out where it stopped, with its own settings (flags given "
          "now override).")]
@@ -310,7 +298,7 @@ def _threads(threads: int) -> None:
 def _print_note(backbone: str, note: str | None = None) -> None:
     """The backbone's warning (the stand-in's: not CLIP); ``note`` when already known."""
     if note is None:
-        from fedclip.core.report import backbone_note
+        from fedclip.report import backbone_note
 
         note = backbone_note(backbone)
     if note and Verbosity.level >= 0:
@@ -332,7 +320,7 @@ REAL_EXPERIMENT = ("The real experiment, full PACS (9,991 images; about 20 minut
 def _print_results(algorithm: str, results: list[RunResult], out: Path, sample: bool) -> None:
     """The table and its notes (not with -q), then where the results are (always);
     ``sample``: a run on the embedded sample, which says what it can show."""
-    from fedclip.core.report import COLUMNS, privacy_note, round_zero_note, table_rows
+    from fedclip.report import COLUMNS, privacy_note, round_zero_note, table_rows
 
     if Verbosity.level >= 0:
         table = Table(title=f"{algorithm} — accuracy % (gen.: held-out domain; pers.: "
@@ -403,6 +391,7 @@ def run_command(
     clients_per_domain: ClientsPerDomain = None,
     partition: Partition = None,
     dirichlet_alpha: DirichletAlpha = None,
+    trust: Trust = None,
     out: Annotated[Path, typer.Option(help="Run folder for all outputs.")] = Path("runs/latest"),
     resume: Resume = False,
     config: Preset = None,
@@ -452,6 +441,7 @@ def compare_command(
     clients_per_domain: ClientsPerDomain = None,
     partition: Partition = None,
     dirichlet_alpha: DirichletAlpha = None,
+    trust: Trust = None,
     out: Annotated[Path, typer.Option(help="Folder for all runs and tables.")] = Path(
         "runs/compare"),
     resume: Resume = False,
@@ -718,7 +708,9 @@ def _interrupted_hint() -> str:
         return "nothing to resume"
     out = _outs[-1]
     folders = [out, *(f for f in out.glob("*-seed*") if f.is_dir())] if out.is_dir() else []
-    if any((f / "config.json").is_file() for f in folders):
+    from fedclip.core.run_folder import RunFolder
+
+    if any(RunFolder.holds_settings(f) for f in folders):
         return (f"continue with the same command and --resume (--out {out}: what was done "
                 f"is kept)")
     return "nothing resumable was written yet; run the command again"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,8 +96,19 @@ class RunConfig(BaseModel):
                                "can move (K lr sqrt(P)), or x the round's median distance "
                                "(floored); every runtime; 0: off.")
     byzantine: int = Field(0, ge=0, le=10**6, description="krum, multikrum, bulyan: f, the "
-                           "bad updates per round the rule assumes (krum and multikrum need "
-                           "2f+3 updates a round, bulyan 4f+3).")
+                           "bad updates per round the rule assumes and tolerates (krum and "
+                           "multikrum need 2f+3 updates a round, bulyan 4f+3).")
+    trust: Literal["reference", "untrusted"] = Field(
+        "reference", description="'reference': the settings as given (the reference's "
+        "behaviour in-process). 'untrusted', for a deployment whose clients may lie: the "
+        "reference defaults of aggregation, norm_factor, max_weight_ratio and selection become "
+        "aggregation=median (uniform under dp, whose clipping bounds each client), "
+        "norm_factor=3, max_weight_ratio=1 and selection=median; values set to anything else "
+        "are kept.")
+    selection: Literal["auto", "mean", "median"] = Field(
+        "auto", description="How the best round is chosen from the clients' val accuracies: "
+        "their 'mean', or their 'median' (one lying client cannot move it outside the honest "
+        "clients' range); 'auto': median under a robust aggregator, else mean.")
     multikrum_keep: int = Field(0, ge=0, le=10**7, description="multikrum: m, the best-scored "
                                 "updates averaged; 0: n - f.")
     dp: Literal["off", "server", "client"] = Field(
@@ -138,6 +150,21 @@ class RunConfig(BaseModel):
     extract_decode: Literal["auto", "cpu", "device"] = Field(
         "auto", description="Where images are decoded and resized: 'cpu' (PIL in loader "
         "processes), 'device' (nvJPEG on the GPU, batched), 'auto' (device on CUDA).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trust_preset(cls, values: Any) -> Any:
+        """``trust=untrusted``: the reference defaults of the settings that bound one client's
+        influence become the untrusted ones (UNTRUSTED); other values are the user's."""
+        if not isinstance(values, dict) or values.get("trust") != "untrusted":
+            return values
+        out = dict(values)
+        untrusted = {**UNTRUSTED, **({"aggregation": "uniform"}
+                                     if out.get("dp", "off") != "off" else {})}
+        for key, value in untrusted.items():
+            if out.get(key, cls.model_fields[key].default) == cls.model_fields[key].default:
+                out[key] = value
+        return out
 
     @model_validator(mode="after")
     def _fractions_fit(self) -> RunConfig:
@@ -208,6 +235,10 @@ class RunConfig(BaseModel):
                 "train_clients_together"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
+
+# trust=untrusted: what replaces the reference defaults (README: privacy and robustness)
+UNTRUSTED: dict[str, Any] = {"aggregation": "median", "norm_factor": 3.0,
+                             "max_weight_ratio": 1.0, "selection": "median"}
 
 EXTRACT_BATCH_SIZE = 64  # images per forward when neither the run nor the backbone says
 EXTRACT_CHUNK_IMAGES = 1024  # extraction saves its progress every this many images: an
@@ -291,6 +322,49 @@ class FlowerSettings(BaseModel):
     def keys(cls) -> dict[str, Any]:
         """Every key as a run config spells it, with its default."""
         return {name.replace("_", "-"): f.default for name, f in cls.model_fields.items()}
+
+
+# --- flat settings: `--set key=value` on the command line, Flower's run config ------------
+LIST_SEPARATORS = {"classes": ",", "prompt_templates": "|"}  # a list as one flat value
+
+
+def setting_key(key: str) -> str:
+    """A flat setting's key as RunConfig spells it: ``train-fraction`` -> ``train_fraction``;
+    ``NAME.KEY`` is an algorithm option (``fedprox.mu``, ``NAME.some-key`` ->
+    ``NAME.some_key``)."""
+    algo, dot, name = key.strip().partition(".")
+    return f"{algo}.{name.replace('-', '_')}" if dot else algo.replace("-", "_")
+
+
+def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings (``key`` or ``NAME.KEY``, dashes or underscores) as the values
+    :meth:`RunConfig.validated` takes: the one reader of ``--set`` and of a Flower run config.
+    A list may come as one string (a Flower run config has no lists): ``classes``
+    comma-separated, ``prompt_templates`` "|"-separated; an empty one is None."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = setting_key(key)
+        if key in LIST_SEPARATORS and isinstance(value, str):
+            items = value.split(LIST_SEPARATORS[key])
+            value = (tuple(c.strip() for c in items if c.strip()) if key == "classes"
+                     else tuple(t for t in items if t.strip())) or None
+        out[key] = value
+    return out
+
+
+def parse_settings(items: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` strings (``--set``) as flat settings (:func:`flat_settings`); a value
+    is read as TOML (``1e-4``, ``true``, ``'text'``, ``["a", "b"]``), else as the text it is."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value (got {item!r})")
+        try:
+            values[setting_key(key)] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[setting_key(key)] = raw
+    return flat_settings(values)
 
 
 def nest_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from fedclip.config import (
     env_path,
 )
 from fedclip.data.folder import Domain
+from fedclip.errors import RunFolderError
 from fedclip.io import atomic_save_tensors
 from fedclip.tensors import checksum
 
@@ -370,3 +372,15 @@ def text_features(backbone: LazyBackbone, prompts: list[str],
     _save_entry(path, key, {"features": feats}, logit_scale=repr(model.logit_scale),
                 backbone=backbone.spec)
     return TextFeatures(feats, float(model.logit_scale))
+
+
+def check_cache_writable(folder: Path) -> None:
+    """Refuse an unwritable feature cache before anything is extracted."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise RunFolderError(f"the feature cache {folder} is not writable ({exc.strerror}); "
+                             f"pass --cache-dir with a folder you can write to, or set "
+                             f"FEDCLIP_CACHE") from None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fedclip.algorithms import get_algorithm
+from fedclip.algorithms.base import Runtime
 from fedclip.backbones import LazyBackbone, resolve_device, weights_source
 from fedclip.config import RunConfig
 from fedclip.core.adapter_file import load_adapter
@@ -64,7 +65,6 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
                         options={adapter.algorithm: adapter.options})
     except ValueError as exc:
         raise FedclipError(f"{adapter_path} has settings fedclip cannot use ({exc})") from None
-    algorithm = get_algorithm(run)
     lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
     files = [f.resolve() for f in list_images(inputs)]
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
@@ -81,7 +81,7 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
         raise BackboneError(f"backbone {adapter.backbone} gives {text.features.shape[1]}-d "
                             f"features but the adapter expects {adapter.dim}")
     class_text = F.normalize(text.features, dim=-1)
-    algorithm.setup(tuple(prompts), class_text)
+    algorithm = get_algorithm(run, Runtime(tuple(prompts), class_text, text.logit_scale))
     module = algorithm.build_module(adapter.dim)
     try:
         module.load_state_dict(adapter.params)
@@ -90,9 +90,10 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
                            f"dimension {adapter.dim} ({str(exc).splitlines()[0]})") from None
     module.eval()
     with torch.no_grad():
-        emb = algorithm.embed(module, feats.features)
-        logits = algorithm.logits(module, emb, algorithm.class_text(module, class_text),
-                                  text.logit_scale)
+        client = algorithm.client
+        emb = client.embed(module, feats.features)
+        logits = client.logits(module, emb, client.class_text(module, class_text),
+                               text.logit_scale)
     probs = logits.softmax(dim=-1)
     rows: list[dict[str, Any]] = []
     for i, f in enumerate(files):

@@ -19,19 +19,25 @@ count, so it is known before the run starts: the budget decides how many rounds 
 
 Why not Flower's wrappers themselves: their accounted mode requires the wrapped strategy to
 use ``FedAvg.aggregate_train`` unchanged (fedclip's validates every reply first), and their
-noise comes from numpy's global generator (no seed); here the noise is drawn from a
-generator seeded by (run seed, round), so both runtimes release the same noised aggregate.
+noise comes from numpy's global generator.
+
+The noise is drawn from :func:`secret_generator`: seeded from the operating system's entropy
+on the party that adds it (the server, or under FedPFT's DP each client), and never written,
+logged or sent. Nothing a run writes or sends (its seed, the round, a client's name,
+config.json, results.json, the run config every node receives) regenerates it, so no client
+and no reader of the results can subtract it. Tests that compare runtimes inject a generator
+(the ``generator``/``noise`` arguments) or compare with the noise off.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedclip.errors import ConfigError
@@ -58,10 +64,11 @@ def clip_update(params: Params, current: Params, norm: float) -> Params:
     return {k: current[k] + (v - current[k]) * factor for k, v in params.items()}
 
 
-def noise_generator(seed: int, server_round: int) -> torch.Generator:
-    """The round's noise source: the same (seed, round) gives the same noise anywhere."""
-    state = np.random.SeedSequence([seed, server_round, 0xD9]).generate_state(2, np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+def secret_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A noise source no one else can regenerate: a generator on ``device`` seeded with 63
+    bits of the operating system's entropy (``secrets``), a fresh seed on every call. The seed
+    lives only in this generator: it is never written, logged or sent."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def noisy_mean(current: Params, clipped: Sequence[Params], sampled: int, clip: float,
@@ -160,6 +167,11 @@ class PrivacyPlan:
                 "delta": self.delta, "epsilon_budget": self.budget or None,
                 "sampled_per_round": self.sampled, "population": self.population,
                 "accountant": "flwr RdpAccountant (no sampling amplification)",
+                "noise": "secret: drawn from the OS's entropy, never written or sent",
+                "protects": "one client's participation, against whoever sees the released "
+                            "global parameters (with SecAgg+, the server too)",
+                "not_covered": "each client's per-round val/test accuracies, its exact "
+                               "train/val/test sizes and losses, which clients answered",
                 "rounds_allowed": self.rounds, "stopped_by_budget": self.stopped_by_budget}
 
 

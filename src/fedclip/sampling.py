@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedclip.config import RunConfig
+
 
 def sample_clients(names: list[str], k: int, seed: int, server_round: int) -> list[str]:
     ordered = sorted(names)
@@ -16,3 +18,9 @@ def sample_clients(names: list[str], k: int, seed: int, server_round: int) -> li
         return ordered
     rng = np.random.default_rng([seed, server_round, 0x5A])
     return sorted(ordered[i] for i in rng.choice(len(ordered), size=k, replace=False))
+
+
+def sampled_per_round(cfg: RunConfig, population: int) -> int:
+    """How many clients train in a round (``clients_per_round``, 0: all)."""
+    k = cfg.clients_per_round
+    return population if k <= 0 or k >= population else k

@@ -3,17 +3,15 @@
 The in-process runner (``fedclip.inprocess``) and the Flower apps (``fedclip.flower``) are
 peers on this layer; neither imports the other. The task is **defined by the run**: class
 names in order (``classes``, or the dataset spec's), prompt template, backbone, split
-fractions, seed, clients per domain and partition. A site (a Flower node) reads only its own
-domain's folder and checks it against that definition; its partitions and splits depend only
-on (seed, domain name, client index, its own files), so every site computes the same ones as
-the in-process runner does on the whole dataset.
+fractions, seed, clients per domain and partition. A Flower node builds its own domain's part
+of it (``fedclip.flower.site``) from these same functions.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from fedclip.algorithms import get_algorithm
 from fedclip.backbones import LazyBackbone, resolve_device
 from fedclip.config import PROMPT_ENSEMBLES, RunConfig
 from fedclip.core.client import ClientData, Split
-from fedclip.data.folder import Domain, DomainDataset, scan_dataset, scan_domain
+from fedclip.data.folder import Domain, DomainDataset, scan_dataset
 from fedclip.data.sources import resolve_data_root
 from fedclip.data.specs import SPECS, class_to_text, detect_spec
 from fedclip.data.splits import ClientSplit, domain_clients
@@ -121,7 +119,7 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
     algorithm = get_algorithm(cfg)
     if algorithm.inputs == "pixels":
         return image_pixels(backbone, domain, cfg.extract_batch_size, cfg.extract_workers, report,
-                            preprocess=algorithm.preprocess())
+                            preprocess=algorithm.client.preprocess())
     decode = cfg.extract_decode
     if decode == "auto":
         decode = "device" if str(backbone.device).startswith("cuda") else "cpu"
@@ -192,10 +190,11 @@ class Prepared:
         return F.normalize(self.text.features, dim=-1)
 
 
-def data_fingerprint(dataset: DomainDataset) -> str:
-    """The identity of the data a run trains on: every file's path within its domain, size
-    and modification time (not the root's spelling: the same data under another path or
-    with a trailing slash is the same data)."""
+def dataset_identity(dataset: DomainDataset) -> str:
+    """The identity of the data a run trains on, which a resume must find unchanged (the
+    run folder's checkpoints hold it): every file's path within its domain, size and
+    modification time (not the root's spelling: the same data under another path or with a
+    trailing slash is the same data)."""
     import hashlib
     import json
 
@@ -249,100 +248,3 @@ def training_clients(prep: Prepared, heldout: str) -> list[ClientData]:
     return [client_tensors(domain, prep.features[name], split, n)
             for name, domain in prep.dataset.domains.items() if name != heldout
             for split in prep.splits[name]]
-
-
-# --- one site's own data (a Flower node) --------------------------------------------------
-@dataclass(frozen=True)
-class Site:
-    """What one node holds: its identity, its tensors and the class prompts' features."""
-
-    role: str  # "train" or "heldout"
-    name: str  # client name: the domain, or "<domain>#<index>"
-    domain: str
-    index: int
-    classes: tuple[str, ...]
-    class_text: torch.Tensor  # normalised
-    logit_scale: float
-    data: ClientData | None = None  # training sites
-    heldout: Split | None = None  # the held-out site
-    heldout_mask: torch.Tensor | None = None
-    images: int = 0
-    skipped: tuple[str, ...] = ()
-    folders: tuple[str, ...] = ()  # every folder its images came from (a change: rescan)
-
-    def to(self, device: str | torch.device) -> Site:
-        """The same site with its tensors on ``device`` (a node's own GPU)."""
-        from dataclasses import replace
-
-        return replace(self, class_text=self.class_text.to(device),
-                       data=self.data.to(device) if self.data is not None else None,
-                       heldout=self.heldout.to(device) if self.heldout is not None else None,
-                       heldout_mask=(self.heldout_mask.to(device)
-                                     if self.heldout_mask is not None else None))
-
-    def sizes(self) -> dict[str, int]:
-        """Train/val/test sizes (the held-out site: its domain as test)."""
-        if self.data is None:
-            return {"train": 0, "val": 0, "test": len(self.heldout or ())}
-        return {"train": len(self.data.train), "val": len(self.data.val),
-                "test": len(self.data.test)}
-
-
-@dataclass(frozen=True)
-class DomainSites:
-    """A domain as the run defines it, before it is one node's: its files, features, class
-    prompts and client splits (computed once, shared by every client of the domain)."""
-
-    domain: Domain
-    feats: ImageFeatures
-    class_text: torch.Tensor  # normalised
-    logit_scale: float
-    splits: tuple[ClientSplit, ...]  # empty for the held-out domain
-    folders: tuple[str, ...]  # every folder its images came from (a change: rescan)
-
-
-def check_index(cfg: RunConfig, domain: str, index: int) -> None:
-    """Refuse, in one line, a client index the run does not have for ``domain``."""
-    if domain == cfg.heldout and index != 0:
-        raise ConfigError(f"the held-out domain {domain!r} is one evaluation-only node; "
-                          f"client-index {index} is not valid for it")
-    if domain != cfg.heldout and not 0 <= index < cfg.clients_per_domain:
-        raise ConfigError(f"client-index {index} is out of range: this run splits each domain "
-                          f"into {cfg.clients_per_domain} client(s) (0..."
-                          f"{cfg.clients_per_domain - 1})")
-
-
-def load_domain(cfg: RunConfig, root: Path, domain: str) -> DomainSites:
-    """What every site of ``domain`` shares: the scan, its cached features, the class
-    prompts' features and the partition into clients."""
-    classes = run_classes(cfg)
-    found = scan_domain(root, domain, classes)
-    lazy, cache = backbone(cfg), cache_dir(cfg)
-    feats = domain_inputs(cfg, lazy, found, cache)
-    text = class_text_features(lazy, classes, cfg.prompt_template, cfg.prompt_templates, cache)
-    folders = tuple(sorted({str(found.root), *(str(f.parent) for f in found.files)}))
-    splits = tuple(clients_of(cfg, found)) if domain != cfg.heldout else ()
-    return DomainSites(found, feats, F.normalize(text.features, dim=-1), text.logit_scale,
-                       splits, folders)
-
-
-def site_of(cfg: RunConfig, sites: DomainSites, index: int = 0) -> Site:
-    """Client ``index`` of a loaded domain (of the held-out domain: its one node)."""
-    classes, found, feats = run_classes(cfg), sites.domain, sites.feats
-    check_index(cfg, found.name, index)
-    site = Site("heldout", found.name, found.name, 0, classes, sites.class_text,
-                sites.logit_scale, images=len(found), skipped=feats.skipped,
-                folders=sites.folders)
-    if found.name == cfg.heldout:
-        held, mask = heldout_tensors(found, feats, len(classes))
-        return replace(site, heldout=held, heldout_mask=mask)
-    split = sites.splits[index]
-    return replace(site, role="train", name=split.name, index=index,
-                   data=client_tensors(found, feats, split, len(classes)))
-
-
-def load_site(cfg: RunConfig, root: Path, domain: str, index: int = 0) -> Site:
-    """A site's own domain under ``root``, as the run defines the task. Nothing but this
-    domain's folder has to exist on the machine."""
-    check_index(cfg, domain, index)  # before any scan
-    return site_of(cfg, load_domain(cfg, root, domain), index)

@@ -1,10 +1,22 @@
-"""The algorithm contract: a few hooks that both runtimes call, and named state.
+"""The algorithm contract: an algorithm in three parts, under one registry name and one
+``Options`` model (FL-bench's server/client pair).
 
-An algorithm declares how it differs from FedCLIP by overriding a hook; it never copies the
-round loop. Every runtime (the in-process runner ``fedclip.inprocess``, the Flower apps and the
-SecAgg+ path in ``fedclip.flower``) calls the same hooks with the same values, so they give the
-same numbers. The values that cross the contract (``RoundConfig``, ``ClientJob``,
-``ClientUpdate``) and the client functions live in ``fedclip.core.client``.
+* :class:`Algorithm`, the registered unit: its name, its declared capabilities (checked
+  against each other when it registers: ``capabilities``, ``RULES``), its options, and its
+  model: ``build_module`` and ``init_global`` (the trainable module and its parameters before
+  round 1), ``shared`` (what travels), ``round_config`` (what a round tells the clients). It
+  is built with what the runtime knows (:class:`Runtime`) and never written into afterwards.
+* :class:`ClientSide` (``Algorithm.Client``): what runs on a client: the objective
+  (``task_loss``, ``local_loss``, ``proximal_weight``), local training (``train_client``) and
+  scoring (``embed``, ``class_text``, ``logits``, ``eval_params``).
+* :class:`ServerSide` (``Algorithm.Server``): what runs on the server: its state
+  (``init_server_state``), the extras sent with a round and their bounds (``client_extras``,
+  ``reply_extras``, ``check_extras``, ``update_bound``) and ``aggregate``.
+
+An algorithm declares how it differs from FedCLIP by overriding a hook of one side; it never
+copies the round loop. Every runtime (the in-process runner, the Flower apps and SecAgg+)
+calls the client side through the one client entry (``fedclip.core.client``) and the server
+side through the one server (``fedclip.core.server.Server``), so they give the same numbers.
 
 What an algorithm may keep and send:
 
@@ -27,6 +39,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -44,13 +57,83 @@ from fedclip.core.client import (
     train_local,
 )
 from fedclip.errors import ConfigError
-from fedclip.losses import class_ce_loss, clip_loss
+from fedclip.losses import class_ce_loss, clip_loss, proximal_term
 from fedclip.tensors import Params, State
 
-__all__ = ["Algorithm", "ClientJob", "ClientUpdate", "NoOptions", "Objective", "Params",
-           "RoundConfig", "State"]
+__all__ = ["Algorithm", "ClientJob", "ClientSide", "ClientUpdate", "NoOptions", "Objective",
+           "Params", "RoundConfig", "Runtime", "ServerSide", "State"]
 PERSONAL = "personal/"  # client-state prefix of personal parameters
 OPTIMIZER = "optimizer/"  # client-state prefix of the optimizer's tensors (optimizer_state=keep)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the runtime knows and tells an algorithm when it builds it (never written into
+    the algorithm afterwards): the class prompts and their normalised text features (where a
+    backbone runs), the backbone's logit scale, the number of planned training clients."""
+
+    prompts: tuple[str, ...] = ()
+    class_text: torch.Tensor | None = None
+    logit_scale: float | None = None
+    num_clients: int = 0
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """An algorithm's capabilities: the declared ones and those derived from its hooks."""
+
+    trains: bool
+    inputs: str
+    uses_text: str
+    personal: tuple[str, ...]
+    init_needs_text: bool
+    has_zero_shot: bool
+    sends_params: bool
+    fine_tunes: bool
+    aggregates_mean: bool
+    batchable: bool
+    sends_extras: bool  # derived: it declares reply extras
+    overrides: frozenset[str]  # derived: the hooks it overrides
+
+
+HOOKS = ("train_client", "local_loss", "proximal_weight", "embed", "class_text", "logits",
+         "aggregate", "reply_extras", "check_extras", "eval_params")
+
+
+def _defined_in(cls: type, hook: str) -> type | None:
+    return next((k for k in cls.__mro__ if hook in vars(k)), None)
+
+
+# (the rule, as the refusal names it; when a class breaks it)
+RULES: tuple[tuple[str, Callable[[Any, Capabilities], bool]], ...] = (
+    ("inputs must be 'features' or 'pixels'",
+     lambda cls, c: c.inputs not in ("features", "pixels")),
+    ("uses_text must be 'features', 'tower' or 'none'",
+     lambda cls, c: c.uses_text not in ("features", "tower", "none")),
+    ("init_needs_text = True needs uses_text other than 'none'",
+     lambda cls, c: c.init_needs_text and c.uses_text == "none"),
+    ("fine_tunes = True needs trains = True",
+     lambda cls, c: c.fine_tunes and not c.trains),
+    ("trains = False must not override train_client or aggregate (nothing would call them)",
+     lambda cls, c: not c.trains and bool({"train_client", "aggregate"} & c.overrides)),
+    ("aggregates_mean = True cannot hold with reply extras (reply_extras is overridden): a "
+     "secure sum or DP mean cannot carry per-client extras",
+     lambda cls, c: c.aggregates_mean and c.sends_extras),
+    ("sends_params = False needs aggregates_mean = False, declared reply_extras and its own "
+     "aggregate (the server builds the parameters from the statistics)",
+     lambda cls, c: not c.sends_params and (c.aggregates_mean or not c.sends_extras
+                                            or "aggregate" not in c.overrides)),
+    ("batchable = True needs the objective that clients trained together compute: no own "
+     "train_client, embed, class_text or logits, and a local_loss only beside the "
+     "proximal_weight that states it",
+     lambda cls, c: c.batchable and (
+         bool({"train_client", "embed", "class_text", "logits"} & c.overrides)
+         or ("local_loss" in c.overrides
+             and _defined_in(cls.Client, "local_loss")
+             is not _defined_in(cls.Client, "proximal_weight")))),
+    ("batchable = True needs inputs = 'features' and no personal parameters",
+     lambda cls, c: c.batchable and (c.inputs != "features" or bool(c.personal))),
+)
 
 
 class NoOptions(BaseModel):
@@ -86,20 +169,87 @@ class Algorithm:
     # it is trained by gradient steps: the training-free prototypes)
     fine_tunes: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # its two sides: what runs on a client and what runs on the server (defaults: FedCLIP's)
+    Client: ClassVar[type[ClientSide]]
+    Server: ClassVar[type[ServerSide]]
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, runtime: Runtime | None = None) -> None:
         self.cfg = cfg
         self.options = self.parse_options(cfg.options.get(self.name, {}))
-        self.num_clients = 0  # set by the runtime: the planned training clients
-        self.logit_scale: float | None = None  # set by the runtime: the backbone's
-        self.prompts: tuple[str, ...] = ()
-        self.text: torch.Tensor | None = None
+        self.runtime = runtime or Runtime()
+        self._client: ClientSide | None = None
+        self._server: ServerSide | None = None
+
+    @property
+    def client(self) -> ClientSide:
+        """Its client side: the objective, training and scoring (built once)."""
+        if self._client is None:
+            self._client = self.Client(self)
+        return self._client
+
+    @property
+    def server(self) -> ServerSide:
+        """Its server side: the server state, aggregation, the extras and their bounds."""
+        if self._server is None:
+            self._server = self.Server(self)
+        return self._server
+
+    # what the runtime told it (read-only: a runtime never writes into an algorithm)
+    @property
+    def num_clients(self) -> int:
+        """The planned training clients (0 where unknown: on a node)."""
+        return self.runtime.num_clients
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The backbone's logit scale (None where unknown)."""
+        return self.runtime.logit_scale
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The class prompts, in label order."""
+        return self.runtime.prompts
+
+    @property
+    def text(self) -> torch.Tensor | None:
+        """The class prompts' normalised text features (None where no backbone runs: the
+        server)."""
+        return self.runtime.class_text
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        """What the algorithm declares and what follows from the hooks it overrides, in one
+        typed value (help, tables and the runtimes read this)."""
+        def overrides(hook: str) -> bool:
+            side, base = (cls.Client, ClientSide) if hasattr(ClientSide, hook) else \
+                (cls.Server, ServerSide)
+            return getattr(side, hook) is not getattr(base, hook)
+
+        return Capabilities(
+            trains=cls.trains, inputs=cls.inputs, uses_text=cls.uses_text,
+            personal=cls.personal, init_needs_text=cls.init_needs_text,
+            has_zero_shot=cls.has_zero_shot, sends_params=cls.sends_params,
+            fine_tunes=cls.fine_tunes, aggregates_mean=cls.aggregates_mean,
+            batchable=cls.batchable, sends_extras=overrides("reply_extras"),
+            overrides=frozenset(h for h in HOOKS if overrides(h)))
+
+    @classmethod
+    def contradiction(cls) -> str | None:
+        """The first rule the class's declarations break (None: they agree). The registry
+        refuses such a class, naming the rule."""
+        caps = cls.capabilities()
+        for rule, broken in RULES:
+            if broken(cls, caps):
+                return rule
+        return None
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> BaseModel:
-        """``values`` checked against ``Options`` (a one-line ConfigError naming each)."""
+        """``values`` checked against ``Options``, strictly as the run configuration is (true
+        is not a number, 2.0 or "2" not a count, 1 not a switch; an int is a float): a
+        one-line ConfigError naming each problem."""
         try:
-            return cls.Options(**values)
+            return cls.Options.model_validate(values, strict=True)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors())
@@ -107,7 +257,6 @@ class Algorithm:
             raise ConfigError(f"invalid options for algorithm {cls.name!r} ({problems}); "
                               f"its options: {known}") from None
 
-    # --- where it runs --------------------------------------------------------------------
     @property
     def communicates(self) -> bool:
         """Whether anything is averaged by a server (False: every parameter is personal)."""
@@ -117,7 +266,7 @@ class Algorithm:
     def keeps_own_models(self) -> bool:
         """Whether a client is scored with a model of its own (personal parameters, or an
         ``eval_params`` override such as Ditto's personal adapter)."""
-        return bool(self.personal) or type(self).eval_params is not Algorithm.eval_params
+        return bool(self.personal) or self.Client.eval_params is not ClientSide.eval_params
 
     @property
     def runs_on_flower(self) -> bool:
@@ -129,22 +278,6 @@ class Algorithm:
         """Whether clients fine-tune the selected global model afterwards
         (``personalize_epochs``): it communicates, on cached features, by gradient steps."""
         return self.communicates and self.inputs == "features" and self.fine_tunes
-
-    def planned_rounds(self, configured: int) -> int:
-        """The rounds this algorithm trains when ``rounds`` = ``configured`` (one-shot
-        methods: fewer)."""
-        return configured
-
-    # --- model ----------------------------------------------------------------------------
-    def setup(self, prompts: tuple[str, ...], class_text: torch.Tensor | None = None) -> None:
-        """Called once before any training with the class prompts and their normalised
-        text features (algorithms that start from them, or train the text side)."""
-        self.prompts, self.text = prompts, class_text
-
-    def preprocess(self) -> Callable | None:
-        """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
-        backbone's)."""
-        return None
 
     def init_global(self, dim: int) -> Params | None:
         """The global trainable state before round 1 (None: nothing to train)."""
@@ -161,6 +294,93 @@ class Algorithm:
     def shared(self, params: Params) -> Params:
         """The parameters that travel (everything but the personal ones)."""
         return {k: v for k, v in params.items() if not self.is_personal(k)}
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        """The hyperparameters of one round, sent to every client (``lr_decay`` schedule)."""
+        values = {k: v for k, v in self.options.model_dump().items()
+                  if isinstance(v, bool | int | float | str)}
+        return RoundConfig(server_round, self.cfg.lr * self.cfg.lr_decay ** (server_round - 1),
+                           self.cfg.local_epochs, values)
+
+
+class Side:
+    """One side of an algorithm, built by it: the run's settings (``cfg``), the algorithm's
+    options, and, by name, what the algorithm declares and holds (its model: ``build_module``,
+    ``init_global``; ``shared``; what the runtime told it). A side never sees the other
+    side's hooks."""
+
+    options: Any  # the algorithm's Options instance
+
+    def __init__(self, algorithm: Algorithm) -> None:
+        self.algorithm = algorithm
+        self.cfg, self.options = algorithm.cfg, algorithm.options
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.algorithm, name)
+
+
+class ClientSide(Side):
+    """What runs on a client: the objective, local training and scoring (FedCLIP's: the
+    attention adapter against the class prompts, the run's loss)."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings of a batch of inputs (features: through the adapter)."""
+        return embed(module, x)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        """Normalised class-prompt embeddings (fixed, unless the module changes them)."""
+        return class_text
+
+    def logits(self, module: nn.Module | None, emb: torch.Tensor, class_text: torch.Tensor,
+               logit_scale: float) -> torch.Tensor:
+        """Class scores of normalised image embeddings ``emb`` against the normalised class
+        embeddings (``class_text(module, ...)``): ``s * emb @ class_text.T`` unless the
+        module scores otherwise (a cache model)."""
+        return logit_scale * emb @ class_text.T
+
+    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+                  logit_scale: float) -> torch.Tensor:
+        """``emb`` normalised image embeddings, ``class_text`` normalised class prompts."""
+        if self.cfg.loss == "ce":
+            return class_ce_loss(emb, class_text, labels, logit_scale)
+        return clip_loss(emb, class_text[labels], logit_scale)
+
+    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
+        """The objective a client minimises, given the task loss: plus
+        ``proximal_weight(job)/2 ||w - w_global||^2`` when that weight is not 0 (FedProx),
+        the one proximal term the clients trained together compute too."""
+        mu = self.proximal_weight(job)
+        if mu == 0:
+            return loss
+        return loss + proximal_term(dict(module.named_parameters()), job.global_params, mu)
+
+    def proximal_weight(self, job: ClientJob) -> float:
+        """The weight of ``||w - w_global||^2 / 2`` in the local objective (FedProx: mu)."""
+        return 0.0
+
+    def train_client(self, job: ClientJob) -> ClientUpdate:
+        """One round on one client: local epochs from ``job.params``; personal parameters and
+        (``optimizer_state=keep``) the optimizer's state stay in ``job.state``."""
+        keep = self.cfg.optimizer_state == "keep"
+        result = train_local(self, job.params, job.train, job.class_text, job.logit_scale,
+                             config=job.config, seed=job.seed,
+                             objective=lambda loss, module: self.local_loss(loss, module, job),
+                             optimizer_state=_prefixed(job.state, OPTIMIZER) if keep else None)
+        if keep:
+            job.state.update({OPTIMIZER + k: v for k, v in result.optimizer_state.items()})
+        job.state.update({PERSONAL + k: v for k, v in result.params.items()
+                          if self.is_personal(k)})
+        return ClientUpdate(self.shared(result.params), {}, result.num_examples, result.loss,
+                            result.seconds, result.steps)
+
+    def eval_params(self, global_params: Params | None, state: State) -> Params | None:
+        """What a client is scored with on its own splits (personalization)."""
+        if global_params is None:
+            return None
+        return self.with_personal(global_params, state)
+
 
     def complete(self, received: Params, dim: int) -> Params:
         """Parameters as a client received them (the shared ones) with the personal ones at
@@ -180,17 +400,19 @@ class Algorithm:
                if k.startswith(PERSONAL) and k.removeprefix(PERSONAL) in params}
         return {**params, **own} if own else params
 
-    # --- server ---------------------------------------------------------------------------
+    def preprocess(self) -> Callable | None:
+        """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
+        backbone's)."""
+        return None
+
+
+class ServerSide(Side):
+    """What runs on the server: its state between rounds, the extras sent with a round and
+    their bounds, and aggregation (FedCLIP's: the weighted mean of the shared parameters)."""
+
     def init_server_state(self, global_params: Params) -> State:
         """What the server keeps between rounds (none by default)."""
         return {}
-
-    def round_config(self, server_round: int) -> RoundConfig:
-        """The hyperparameters of one round, sent to every client (``lr_decay`` schedule)."""
-        values = {k: v for k, v in self.options.model_dump().items()
-                  if isinstance(v, bool | int | float | str)}
-        return RoundConfig(server_round, self.cfg.lr * self.cfg.lr_decay ** (server_round - 1),
-                           self.cfg.local_epochs, values)
 
     def client_extras(self, server_state: State, client: str) -> dict[str, torch.Tensor]:
         """Tensors sent down to ``client`` with the round, beside the global parameters."""
@@ -200,10 +422,16 @@ class Algorithm:
         """Names and shapes of the extras a client must send back (checked by the server)."""
         return {}
 
+    def reply_shapes(self, global_params: Params) -> dict[str, torch.Size]:
+        """Names and shapes of the parameters a reply carries (the shared ones, or none)."""
+        if not self.sends_params:
+            return {}
+        return {k: v.shape for k, v in self.shared(global_params).items()}
+
     def sends_extras(self) -> bool:
         """Whether its replies carry per-client extras (``reply_extras``), which a rule that
         selects whole updates (Krum) or DP's clipping would have to cover too."""
-        return type(self).reply_extras is not Algorithm.reply_extras
+        return type(self).reply_extras is not ServerSide.reply_extras
 
     def update_bound(self, current: Params, num_examples: int, config: RoundConfig
                      ) -> float | None:
@@ -233,63 +461,14 @@ class Algorithm:
                          cfg.aggregation, cfg.trim_fraction, cfg.byzantine, cfg.multikrum_keep)
         return {**current, **params}, server_state
 
-    # --- client ---------------------------------------------------------------------------
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        """Normalised image embeddings of a batch of inputs (features: through the adapter)."""
-        return embed(module, x)
+    def planned_rounds(self, configured: int) -> int:
+        """The rounds this algorithm trains when ``rounds`` = ``configured`` (one-shot
+        methods: fewer)."""
+        return configured
 
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        """Normalised class-prompt embeddings (fixed, unless the module changes them)."""
-        return class_text
 
-    def logits(self, module: nn.Module | None, emb: torch.Tensor, class_text: torch.Tensor,
-               logit_scale: float) -> torch.Tensor:
-        """Class scores of normalised image embeddings ``emb`` against the normalised class
-        embeddings (``class_text(module, ...)``): ``s * emb @ class_text.T`` unless the
-        module scores otherwise (a cache model)."""
-        return logit_scale * emb @ class_text.T
-
-    def reply_shapes(self, global_params: Params) -> dict[str, torch.Size]:
-        """Names and shapes of the parameters a reply carries (the shared ones, or none)."""
-        if not self.sends_params:
-            return {}
-        return {k: v.shape for k, v in self.shared(global_params).items()}
-
-    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
-                  logit_scale: float) -> torch.Tensor:
-        """``emb`` normalised image embeddings, ``class_text`` normalised class prompts."""
-        if self.cfg.loss == "ce":
-            return class_ce_loss(emb, class_text, labels, logit_scale)
-        return clip_loss(emb, class_text[labels], logit_scale)
-
-    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
-        """The objective a client minimises, given the task loss (FedProx adds a term)."""
-        return loss
-
-    def proximal_weight(self, job: ClientJob) -> float:
-        """The weight of ``||w - w_global||^2 / 2`` in the local objective (FedProx: mu)."""
-        return 0.0
-
-    def train_client(self, job: ClientJob) -> ClientUpdate:
-        """One round on one client: local epochs from ``job.params``; personal parameters and
-        (``optimizer_state=keep``) the optimizer's state stay in ``job.state``."""
-        keep = self.cfg.optimizer_state == "keep"
-        result = train_local(self, job.params, job.train, job.class_text, job.logit_scale,
-                             config=job.config, seed=job.seed,
-                             objective=lambda loss, module: self.local_loss(loss, module, job),
-                             optimizer_state=_prefixed(job.state, OPTIMIZER) if keep else None)
-        if keep:
-            job.state.update({OPTIMIZER + k: v for k, v in result.optimizer_state.items()})
-        job.state.update({PERSONAL + k: v for k, v in result.params.items()
-                          if self.is_personal(k)})
-        return ClientUpdate(self.shared(result.params), {}, result.num_examples, result.loss,
-                            result.seconds, result.steps)
-
-    def eval_params(self, global_params: Params | None, state: State) -> Params | None:
-        """What a client is scored with on its own splits (personalization)."""
-        if global_params is None:
-            return None
-        return self.with_personal(global_params, state)
+Algorithm.Client = ClientSide
+Algorithm.Server = ServerSide
 
 
 def _prefixed(state: State, prefix: str) -> State:

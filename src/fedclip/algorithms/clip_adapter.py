@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, ClientSide
 from fedclip.algorithms.registry import register
 from fedclip.tensors import Params
 
@@ -37,12 +37,20 @@ class ResidualAdapter(nn.Module):
         return self.alpha * self.mlp(x) + (1 - self.alpha) * x
 
 
+class ClipAdapterClient(ClientSide):
+    """ClipAdapter's client side."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(module(x) if module is not None else x, dim=-1)
+
+
 @register
 class ClipAdapter(Algorithm):
     name = "clip-adapter"
     summary = "CLIP-Adapter: residual bottleneck MLP on the image features, averaged"
     Options = ClipAdapterOptions
     options: ClipAdapterOptions
+    Client = ClipAdapterClient
 
     def build_module(self, dim: int) -> nn.Module:
         return ResidualAdapter(dim, self.options.reduction, self.options.alpha)
@@ -51,6 +59,3 @@ class ClipAdapter(Algorithm):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             return get_params(self.build_module(dim))
-
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(module(x) if module is not None else x, dim=-1)

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.base import Algorithm
-from fedclip.algorithms.fedprox import FedProx
+from fedclip.algorithms.base import Algorithm, ClientSide
+from fedclip.algorithms.fedprox import FedProxClient
 from fedclip.algorithms.registry import register
 from fedclip.errors import BackboneError, ConfigError
 from fedclip.tensors import Params
@@ -47,6 +47,26 @@ def _resize_normalise(size: int) -> Callable:
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class TorchvisionClassifierClient(ClientSide):
+    """TorchvisionClassifier's client side."""
+
+    def preprocess(self) -> Callable | None:
+        return _resize_normalise(self.options.image_size)
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        if module is None:  # zero-shot lines come from the backbone's features, not here
+            raise ConfigError(f"{self.name} has no zero-shot classifier of its own")
+        return module(x)  # class logits
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        # logits pass through class_logits unchanged; on the run's device (a GPU's logits)
+        return torch.eye(self._classes(), device=class_text.device)
+
+    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
+                  logit_scale: float) -> torch.Tensor:
+        return F.cross_entropy(emb, labels)
+
+
 class TorchvisionClassifier(Algorithm):
     uses_text = "none"  # class logits from the network, no prompt
     inputs = "pixels"
@@ -54,9 +74,7 @@ class TorchvisionClassifier(Algorithm):
     has_zero_shot = False
     Options = CnnOptions
     options: CnnOptions
-
-    def preprocess(self) -> Callable | None:
-        return _resize_normalise(self.options.image_size)
+    Client = TorchvisionClassifierClient
 
     def _classes(self) -> int:
         if not self.prompts:
@@ -92,18 +110,6 @@ class TorchvisionClassifier(Algorithm):
     def build_module(self, dim: int) -> nn.Module:
         return self._build(pretrained=False)
 
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        if module is None:  # zero-shot lines come from the backbone's features, not here
-            raise ConfigError(f"{self.name} has no zero-shot classifier of its own")
-        return module(x)  # class logits
-
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        return torch.eye(self._classes())  # logits pass through class_logits unchanged
-
-    def task_loss(self, emb: torch.Tensor, labels: torch.Tensor, class_text: torch.Tensor,
-                  logit_scale: float) -> torch.Tensor:
-        return F.cross_entropy(emb, labels)
-
 
 def _last_linear(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -131,10 +137,15 @@ class FedAvgCnn(TorchvisionClassifier):
     summary = "a torchvision classifier on pixels (the paper's AlexNet FedAvg baseline)"
 
 
+class FedProxCnnClient(TorchvisionClassifierClient):
+    """FedProxCnn's client side."""
+
+    proximal_weight = FedProxClient.proximal_weight
+
+
 @register
 class FedProxCnn(TorchvisionClassifier):
     name = "fedprox-cnn"
     summary = "the same with the proximal term (the paper's AlexNet FedProx baseline)"
     Options = CnnProxOptions
-    proximal_weight = FedProx.proximal_weight
-    local_loss = FedProx.local_loss
+    Client = FedProxCnnClient

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedclip.algorithms.base import Algorithm, ClientUpdate, State
+from fedclip.algorithms.base import Algorithm, ClientUpdate, ServerSide, State
 from fedclip.algorithms.registry import register
 from fedclip.tensors import Params
 
@@ -43,26 +43,13 @@ class MomentumOptions(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
-class ServerOptimizer(Algorithm):
-    """Clients as FedCLIP; the server steps an optimizer on the averaged delta."""
-
-    batchable = True
-    Options: ClassVar[type[BaseModel]] = AdaptiveOptions  # FedAdam, FedYogi; FedAvgM: its own
-    options: Any  # an instance of the subclass's Options
+class ServerOptimizerServer(ServerSide):
+    """ServerOptimizer's server side."""
 
     def init_server_state(self, global_params: Params) -> State:
         zeros = {k: torch.zeros_like(v) for k, v in self.shared(global_params).items()}
         return {**{f"m/{k}": v for k, v in zeros.items()},
                 **{f"v/{k}": v.clone() for k, v in zeros.items()}, STEP: torch.zeros(())}
-
-    def step(self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-             t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One server step on ``x`` from the averaged delta; the new (x, m, v)."""
-        raise NotImplementedError
-
-    def first_moment(self, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The first moment after ``delta`` (beta1 average)."""
-        return self.options.beta1 * m + (1 - self.options.beta1) * delta
 
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
                   ) -> tuple[Params, State]:
@@ -73,6 +60,24 @@ class ServerOptimizer(Algorithm):
             params[k], state[f"m/{k}"], state[f"v/{k}"] = self.step(
                 current[k], avg - current[k], server_state[f"m/{k}"], server_state[f"v/{k}"], t)
         return params, state
+
+
+class ServerOptimizer(Algorithm):
+    """Clients as FedCLIP; the server steps an optimizer on the averaged delta."""
+
+    batchable = True
+    Options: ClassVar[type[BaseModel]] = AdaptiveOptions  # FedAdam, FedYogi; FedAvgM: its own
+    options: Any  # an instance of the subclass's Options
+    Server = ServerOptimizerServer
+
+    def step(self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+             t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One server step on ``x`` from the averaged delta; the new (x, m, v)."""
+        raise NotImplementedError
+
+    def first_moment(self, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The first moment after ``delta`` (beta1 average)."""
+        return self.options.beta1 * m + (1 - self.options.beta1) * delta
 
 
 @register

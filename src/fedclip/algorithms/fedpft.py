@@ -6,9 +6,11 @@ synthetic features from the union of the mixtures and trains the classifier head
 Following the paper: per class ``c`` client ``k`` fits ``sum_j pi_kcj N(mu_kcj, Sigma_kcj)``
 (``components`` K, ``covariance`` spherical | diag | full: the paper's Eq. 2-3); the server
 draws, for each class, as many features as the clients hold (``samples_per_class`` to set
-another number), each from a client's mixture with probability proportional to its count of
-the class (the mixture of the clients' mixtures), and trains the head by gradient steps on
-them (the paper's server-side classifier training). Choices where the paper leaves one open:
+another number; a sample that would not fit in memory is refused, saying what it needs,
+before anything is allocated), each from a client's mixture with probability proportional
+to its count of the class (the mixture of the clients' mixtures), and trains the head by
+gradient steps on them (the paper's server-side classifier training). Choices where the
+paper leaves one open:
 
 * the head is the linear probe's cosine classifier (C x d, initialised at the class prompts'
   text features, so it can also be fine-tuned and used by ``predict``), trained with the run's
@@ -24,6 +26,11 @@ them (the paper's server-side classifier training). Choices where the paper leav
   counts change by at most sqrt(3) in L2 when one feature is added or removed; one Gaussian
   release of that sensitivity with noise std z sqrt(3) is (``dp_epsilon``, ``dp_delta``)-DP
   for the client's data, z calibrated with Flower's RDP accountant (``fedclip.privacy``).
+  The noise is drawn on the client from :func:`fedclip.privacy.secret_generator` (the OS's
+  entropy; never written or sent), so the server it protects against cannot regenerate it
+  from the run seed, the round or the client's name. Not covered: the train size each client
+  declares (``num_examples``, an exact count the server uses to bound the reply) and the
+  val/test accuracies it reports.
 
 Bytes per client: one upload of C (K d + K cov + K + 1) values (cov: 1, d or d^2 per
 component) and the head sent down once; no loop. The server checks every reply's shapes and
@@ -34,6 +41,7 @@ variances positive and no larger than the features allow.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Literal
@@ -42,11 +50,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedclip.algorithms.base import ClientJob, ClientUpdate, RoundConfig, State
-from fedclip.algorithms.linear_probe import LinearProbe
+from fedclip.algorithms.base import ClientJob, ClientUpdate, RoundConfig, ServerSide, State
+from fedclip.algorithms.linear_probe import LinearProbe, LinearProbeClient
 from fedclip.algorithms.registry import register
 from fedclip.core.client import Split, round_seed, train_local
 from fedclip.errors import ConfigError
+from fedclip.privacy import secret_generator
 from fedclip.tensors import Params
 
 SERVER = "fedpft/server"  # the seed key of the server's sampling and training
@@ -120,12 +129,62 @@ def dp_noise_std(epsilon: float, delta: float) -> float:
     return calibrate(epsilon, 1, 1, 1, delta) * math.sqrt(3)
 
 
+SAMPLE_CHUNK = 1 << 16  # synthetic features drawn at a time (bounds the sampling's overhead)
+
+
+def synthetic_counts(updates: Sequence[ClientUpdate], per_class: int) -> list[int]:
+    """How many synthetic features each class gets: ``per_class`` (0: as many as the
+    clients hold), none for a class no client holds."""
+    counts = []
+    for c in range(len(updates[0].extras["counts"]) if updates else 0):
+        total = float(sum(u.extras["counts"][c] for u in updates))
+        counts.append(0 if total <= 0 else per_class or int(round(total)))
+    return counts
+
+
+def free_memory() -> int | None:
+    """Bytes this machine can still allocate (Linux's MemAvailable; else the free pages; None:
+    unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_synthetic_memory(rows: int, dim: int, per_class: int, device: torch.device) -> None:
+    """Refuse, in one line and before anything is allocated, a synthetic sample that does
+    not fit: ``rows`` features of ``dim`` float32 and their int64 labels, in host memory and
+    again on an accelerator."""
+    need = rows * (dim * 4 + 8)
+    places = [("host memory", free_memory())]
+    if device.type == "cuda":
+        places.append((f"{device}", int(torch.cuda.mem_get_info(device)[0])))
+    def size(n: float) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+    for where, free in places:
+        if free is not None and need > 0.8 * free:
+            raise ConfigError(
+                f"fedpft: {rows:,} synthetic features of {dim} floats need about {size(need)} "
+                f"of {where}, but {size(free)} are free; lower fedpft.samples_per_class (now "
+                f"{per_class or 'as many as the clients hold'})")
+
+
 def sample_mixtures(updates: Sequence[ClientUpdate], per_class: int, generator: torch.Generator
                     ) -> Split:
     """Synthetic features from the clients' mixtures: for each class, ``per_class`` draws (0:
     as many as the clients hold), each from a component chosen with probability (client's
-    count of the class x the component's weight). Independent of the updates' order (they are
-    put in a canonical order first), so both runtimes draw the same features."""
+    count of the class x the component's weight), drawn ``SAMPLE_CHUNK`` at a time into one
+    preallocated tensor (memory: the sample itself, and a chunk). Independent of the updates'
+    order (they are put in a canonical order first), so both runtimes draw the same
+    features."""
     ordered = sorted(updates, key=lambda u: (u.extras["counts"].tolist(),
                                              u.extras["means"].flatten()[:16].tolist()))
     means = torch.stack([u.extras["means"].float() for u in ordered], 1)  # [C, k, K, d]
@@ -133,55 +192,54 @@ def sample_mixtures(updates: Sequence[ClientUpdate], per_class: int, generator: 
     mix = torch.stack([u.extras["weights"].float() * u.extras["counts"].float()[:, None]
                        for u in ordered], 1)  # [C, k, K]
     classes, clients, comps, dim = means.shape
-    xs, ys = [], []
-    for c in range(classes):
-        total = float(sum(u.extras["counts"][c] for u in ordered))
-        n = per_class or int(round(total))
-        if total <= 0 or n == 0:
+    counts = synthetic_counts(ordered, per_class)
+    xs = torch.empty(sum(counts), dim)
+    ys = torch.empty(sum(counts), dtype=torch.long)
+    at = 0
+    for c, n in enumerate(counts):
+        if n == 0:
             continue
         probs = mix[c].flatten().clamp(min=0)
-        pick = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
-        mu = means[c].reshape(clients * comps, dim)[pick]
-        z = torch.randn(n, dim, generator=generator)
-        cov = covs[c].reshape(clients * comps, *covs.shape[3:])[pick]
-        if cov.dim() == 1:  # spherical
-            x = mu + z * cov.clamp(min=0).sqrt()[:, None]
-        elif cov.dim() == 2:  # diag
-            x = mu + z * cov.clamp(min=0).sqrt()
-        else:  # full: L L^T = Sigma
-            chol = torch.linalg.cholesky(cov.double()).float()
-            x = mu + (chol @ z[:, :, None]).squeeze(-1)
-        xs.append(x)
-        ys.append(torch.full((n,), c, dtype=torch.long))
-    if not xs:
-        return Split(torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
-    return Split(torch.cat(xs), torch.cat(ys))
+        probs = probs / probs.sum()
+        flat_means = means[c].reshape(clients * comps, dim)
+        flat_covs = covs[c].reshape(clients * comps, *covs.shape[3:])
+        chol = (torch.linalg.cholesky(flat_covs.double()).float() if flat_covs.dim() == 3
+                else None)
+        for start in range(0, n, SAMPLE_CHUNK):
+            m = min(SAMPLE_CHUNK, n - start)
+            pick = torch.multinomial(probs, m, replacement=True, generator=generator)
+            z = torch.randn(m, dim, generator=generator)
+            if chol is not None:  # full: L L^T = Sigma
+                x = flat_means[pick] + (chol[pick] @ z[:, :, None]).squeeze(-1)
+            elif flat_covs.dim() == 1:  # spherical
+                x = flat_means[pick] + z * flat_covs[pick].clamp(min=0).sqrt()[:, None]
+            else:  # diag
+                x = flat_means[pick] + z * flat_covs[pick].clamp(min=0).sqrt()
+            xs[at:at + m] = x
+            ys[at:at + m] = c
+            at += m
+    return Split(xs, ys)
 
 
-@register
-class FedPFT(LinearProbe):
-    name = "fedpft"
-    summary = "one round: per-class Gaussian mixtures of the features; server trains the head"
-    aggregates_mean = False  # mixtures per client, not a mean of parameters
-    sends_params = False
-    Options = PFTOptions
-    options: PFTOptions
+class FedPFTClient(LinearProbeClient):
+    """FedPFT's client side."""
+
+    def train_client(self, job: ClientJob, noise: torch.Generator | None = None
+                     ) -> ClientUpdate:
+        """The client's release (``noise``: the DP noise's source; None: a secret one)."""
+        start = time.perf_counter()
+        release = self._release(job, noise)
+        half = self.options.half
+        release = {k: v.to(torch.float16) if half and k != "counts" else v
+                   for k, v in release.items()}
+        return ClientUpdate({}, release, len(job.train), 0.0, time.perf_counter() - start)
+
+
+class FedPFTServer(ServerSide):
+    """FedPFT's server side."""
 
     def planned_rounds(self, configured: int) -> int:
         return min(configured, 1)
-
-    def _classes(self) -> int:
-        if self.text is None and getattr(self, "_head_classes", None):
-            return self._head_classes  # the server (on Flower it holds no class text)
-        return super()._classes()
-
-    def _shapes(self, classes: int, dim: int) -> dict[str, torch.Size]:
-        opts = self.options
-        k = opts.components
-        cov = {"spherical": (k,), "diag": (k, dim),
-               "full": (k, dim, dim)}[opts.covariance]
-        return {"weights": torch.Size([classes, k]), "means": torch.Size([classes, k, dim]),
-                "covs": torch.Size([classes, *cov]), "counts": torch.Size([classes])}
 
     def reply_extras(self, global_params: Params) -> dict[str, torch.Size]:
         return self._shapes(*global_params["weight"].shape)
@@ -216,8 +274,55 @@ class FedPFT(LinearProbe):
             return "mixture means or variances out of any feature's range"
         return None
 
-    def _release(self, job: ClientJob) -> dict[str, torch.Tensor]:
-        """The mixtures (and counts) this client sends, noised under ``dp_epsilon``."""
+    def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
+                  ) -> tuple[Params, State]:
+        if self.logit_scale is None:
+            raise ConfigError("fedpft trains its head on the server with the backbone's logit "
+                              "scale; the runtime did not set it")
+        seed = round_seed(self.cfg.seed, 1, SERVER)
+        device = current["weight"].device
+        per_class = self.options.samples_per_class
+        check_synthetic_memory(sum(synthetic_counts(updates, per_class)),
+                               current["weight"].shape[1], per_class, device)
+        synthetic = sample_mixtures(updates, per_class, torch.Generator().manual_seed(seed))
+        if len(synthetic) == 0:
+            return current, server_state
+        opts = self.options
+        config = RoundConfig(1, opts.server_lr, opts.server_epochs)
+        head = train_local(self.algorithm.client, current, synthetic.to(device),
+                           F.normalize(current["weight"], dim=-1), self.logit_scale,
+                           config=config, seed=seed)
+        return head.params, server_state
+
+
+@register
+class FedPFT(LinearProbe):
+    name = "fedpft"
+    summary = "one round: per-class Gaussian mixtures of the features; server trains the head"
+    aggregates_mean = False  # mixtures per client, not a mean of parameters
+    sends_params = False
+    Options = PFTOptions
+    options: PFTOptions
+    Client = FedPFTClient
+    Server = FedPFTServer
+
+    def _classes(self) -> int:
+        if self.text is None and self.prompts:
+            return len(self.prompts)  # the server: it holds the prompts, not their features
+        return super()._classes()
+
+    def _shapes(self, classes: int, dim: int) -> dict[str, torch.Size]:
+        opts = self.options
+        k = opts.components
+        cov = {"spherical": (k,), "diag": (k, dim),
+               "full": (k, dim, dim)}[opts.covariance]
+        return {"weights": torch.Size([classes, k]), "means": torch.Size([classes, k, dim]),
+                "covs": torch.Size([classes, *cov]), "counts": torch.Size([classes])}
+
+    def _release(self, job: ClientJob, noise: torch.Generator | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """The mixtures (and counts) this client sends, noised under ``dp_epsilon`` from
+        ``noise`` (None: a secret generator; tests inject one)."""
         opts = self.options
         x, y = job.train.x.detach().cpu().float(), job.train.y.cpu()
         classes, dim = job.class_text.shape[0], x.shape[1]
@@ -225,7 +330,8 @@ class FedPFT(LinearProbe):
         out = {k: torch.zeros(s) for k, s in shapes.items()}
         out["counts"] = torch.bincount(y, minlength=classes).float()
         if opts.dp_epsilon > 0:
-            return self._private_release(x, y, out, job)
+            return self._private_release(x, y, out,
+                                         noise if noise is not None else secret_generator())
         for c in range(classes):
             xc = x[y == c]
             if len(xc):
@@ -236,14 +342,13 @@ class FedPFT(LinearProbe):
         return out
 
     def _private_release(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor],
-                         job: ClientJob) -> dict[str, torch.Tensor]:
+                         gen: torch.Generator) -> dict[str, torch.Tensor]:
         opts = self.options
         classes = len(out["counts"])
         xn = F.normalize(x, dim=-1)
         sums = torch.zeros(classes, x.shape[1]).index_add_(0, y, xn)
         squares = torch.zeros(classes, x.shape[1]).index_add_(0, y, xn ** 2)
         std = dp_noise_std(opts.dp_epsilon, opts.dp_delta)
-        gen = torch.Generator().manual_seed(job.seed)
         counts = out["counts"] + std * torch.randn(classes, generator=gen)
         sums = sums + std * torch.randn(sums.shape, generator=gen)
         squares = squares + std * torch.randn(squares.shape, generator=gen)
@@ -257,30 +362,3 @@ class FedPFT(LinearProbe):
         out["covs"][:, 0] = var[:, 0] if var.shape[1] == 1 else var
         out["counts"] = counts.clamp(min=0)
         return out
-
-    def train_client(self, job: ClientJob) -> ClientUpdate:
-        start = time.perf_counter()
-        release = self._release(job)
-        half = self.options.half
-        release = {k: v.to(torch.float16) if half and k != "counts" else v
-                   for k, v in release.items()}
-        return ClientUpdate({}, release, len(job.train), 0.0, time.perf_counter() - start)
-
-    def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
-                  ) -> tuple[Params, State]:
-        if self.logit_scale is None:
-            raise ConfigError("fedpft trains its head on the server with the backbone's logit "
-                              "scale; the runtime did not set it")
-        seed = round_seed(self.cfg.seed, 1, SERVER)
-        synthetic = sample_mixtures(updates, self.options.samples_per_class,
-                                    torch.Generator().manual_seed(seed))
-        device = current["weight"].device
-        if len(synthetic) == 0:
-            return current, server_state
-        opts = self.options
-        self._head_classes = current["weight"].shape[0]
-        config = RoundConfig(1, opts.server_lr, opts.server_epochs)
-        head = train_local(self, current, synthetic.to(device),
-                           F.normalize(current["weight"], dim=-1), self.logit_scale,
-                           config=config, seed=seed)
-        return head.params, server_state

@@ -20,16 +20,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.base import Algorithm
-from fedclip.algorithms.fedprox import FedProx
+from fedclip.algorithms.base import Algorithm, ClientSide
+from fedclip.algorithms.fedprox import FedProx, FedProxClient
 from fedclip.algorithms.registry import register
 from fedclip.tensors import Params
+
+
+class FullFineTuningClient(ClientSide):
+    """FullFineTuning's client side."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        model: Any = module if module is not None else self.backbone.model  # open_clip CLIP
+        return F.normalize(model.encode_image(x).float(), dim=-1)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        if module is None:  # the frozen backbone: its cached prompt features
+            return class_text
+        tokens = self.backbone.tokenizer(list(self.prompts)).to(x_device(module))
+        clip: Any = module  # a copy of the open_clip model
+        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
 
 
 class FullFineTuning(Algorithm):
     uses_text = "tower"  # both encoders train
     inputs = "pixels"
     eval_batch = 32
+    Client = FullFineTuningClient
 
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
@@ -48,17 +64,6 @@ class FullFineTuning(Algorithm):
         module = copy.deepcopy(self.backbone.model)
         return module.requires_grad_(True)
 
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        model: Any = module if module is not None else self.backbone.model  # open_clip CLIP
-        return F.normalize(model.encode_image(x).float(), dim=-1)
-
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        if module is None:  # the frozen backbone: its cached prompt features
-            return class_text
-        tokens = self.backbone.tokenizer(list(self.prompts)).to(x_device(module))
-        clip: Any = module  # a copy of the open_clip model
-        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
-
 
 @register
 class FedAvgFull(FullFineTuning):
@@ -66,15 +71,18 @@ class FedAvgFull(FullFineTuning):
     summary = "both open_clip encoders fine-tuned (the paper's FedAvg baseline)"
 
 
+class FedProxFullClient(FullFineTuningClient):
+    """FedProxFull's client side."""
+
+    proximal_weight = FedProxClient.proximal_weight  # the same objective, on the whole model
+
+
 @register
 class FedProxFull(FullFineTuning):
     name = "fedprox-full"
     summary = "the same, plus the proximal term"
     Options = FedProx.Options
-    proximal_weight = FedProx.proximal_weight
-    local_loss = FedProx.local_loss  # the same proximal objective, on the whole model
-
-
+    Client = FedProxFullClient
 def x_device(module: nn.Module) -> torch.device:
     """The device inputs go to."""
     return next(module.parameters()).device

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, ClientSide
 from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params
@@ -27,11 +27,23 @@ class ClassVectors(nn.Module):
         self.weight = nn.Parameter(torch.zeros(classes, dim))
 
 
+class LinearProbeClient(ClientSide):
+    """LinearProbe's client side."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        return class_text if module is None else F.normalize(
+            cast(torch.Tensor, module.weight), dim=-1)
+
+
 @register
 class LinearProbe(Algorithm):
     name = "linear-probe"
     summary = "a linear (cosine) classifier on the features, zero-shot initialised"
     init_needs_text = True
+    Client = LinearProbeClient
 
     def _classes(self) -> int:
         if self.text is None:
@@ -48,10 +60,3 @@ class LinearProbe(Algorithm):
 
     def build_module(self, dim: int) -> nn.Module:
         return ClassVectors(self._classes(), dim)
-
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1)
-
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        return class_text if module is None else F.normalize(
-            cast(torch.Tensor, module.weight), dim=-1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, ClientSide
 from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params
@@ -33,12 +33,25 @@ class PromptContext(nn.Module):
         self.ctx = nn.Parameter(torch.zeros(n_ctx, width))
 
 
+class PromptFLClient(ClientSide):
+    """PromptFL's client side."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        if module is None:
+            return class_text
+        return self.encode_context(cast(torch.Tensor, module.ctx))
+
+
 @register
 class PromptFL(Algorithm):
     uses_text = "tower"  # the context runs through the text encoder at every step
     name = "promptfl"
     summary = "learned prompt context (CoOp) through the frozen text encoder, averaged"
     init_needs_text = True  # the context starts at the template words' embeddings (nodes')
+    Client = PromptFLClient
 
     @property
     def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
@@ -79,14 +92,6 @@ class PromptFL(Algorithm):
     def build_module(self, dim: int) -> nn.Module:
         tokens, n_ctx = self._tokens()
         return PromptContext(n_ctx, self.backbone.model.token_embedding.weight.shape[1])
-
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1)
-
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        if module is None:
-            return class_text
-        return self.encode_context(cast(torch.Tensor, module.ctx))
 
     def encode_context(self, ctx: torch.Tensor) -> torch.Tensor:
         """Normalised class embeddings with the context vectors ``ctx`` [M, width] in place of

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.promptfl import PromptContext, PromptFL
+from fedclip.algorithms.promptfl import PromptContext, PromptFL, PromptFLClient
 from fedclip.algorithms.registry import register
 from fedclip.tensors import Params
 
@@ -47,6 +47,20 @@ class PromptPair(nn.Module):
         self.local: PromptContext = PromptContext(n_ctx, width)
 
 
+class PromptFolioClient(PromptFLClient):
+    """PromptFolio's client side."""
+
+    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
+        if module is None:
+            return class_text
+        theta = self.options.theta
+        glob = self.encode_context(cast(torch.Tensor, module.ctx))
+        if theta == 0:
+            return glob
+        local = self.encode_context(cast(PromptPair, module).local.ctx)
+        return F.normalize((1 - theta) * glob + theta * local, dim=-1)
+
+
 @register
 class PromptFolio(PromptFL):
     name = "promptfolio"
@@ -54,6 +68,7 @@ class PromptFolio(PromptFL):
     personal = ("local.*",)
     Options = FolioOptions
     options: FolioOptions
+    Client = PromptFolioClient
 
     def init_global(self, dim: int) -> Params | None:
         start = super().init_global(dim)
@@ -67,13 +82,3 @@ class PromptFolio(PromptFL):
     def build_module(self, dim: int) -> nn.Module:
         _, n_ctx = self._tokens()
         return PromptPair(n_ctx, self.backbone.model.token_embedding.weight.shape[1])
-
-    def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
-        if module is None:
-            return class_text
-        theta = self.options.theta
-        glob = self.encode_context(cast(torch.Tensor, module.ctx))
-        if theta == 0:
-            return glob
-        local = self.encode_context(cast(PromptPair, module).local.ctx)
-        return F.normalize((1 - theta) * glob + theta * local, dim=-1)

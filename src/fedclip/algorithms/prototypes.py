@@ -44,7 +44,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, RoundConfig, State
+from fedclip.algorithms.base import (
+    Algorithm,
+    ClientJob,
+    ClientSide,
+    ClientUpdate,
+    RoundConfig,
+    ServerSide,
+    State,
+)
 from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params
@@ -102,45 +110,8 @@ def check_class_stats(counts: torch.Tensor, norms: torch.Tensor, num_examples: i
     return None
 
 
-@register
-class Prototypes(Algorithm):
-    name = "prototypes"
-    summary = "training-free: class prototypes (feature means) as a cache beside zero-shot"
-    init_needs_text = True  # the class count comes from the prompts' features
-    aggregates_mean = False  # sums and counts per client, not a mean of parameters
-    sends_params = False
-    fine_tunes = False
-    Options = PrototypeOptions
-    options: PrototypeOptions
-
-    def _classes(self) -> int:
-        if self.text is None:
-            raise ConfigError(f"{self.name} needs the class prompts' features: call "
-                              f"setup(prompts, class_text) first")
-        return self.text.shape[0]
-
-    def _grid_point(self, server_round: int) -> tuple[float, float]:
-        """(alpha, beta) of ``server_round`` (1-based; round 0: the options')."""
-        opts = self.options
-        if not opts.search or server_round < 1:
-            return opts.alpha, opts.beta
-        return GRID[min(server_round, len(GRID)) - 1]
-
-    def planned_rounds(self, configured: int) -> int:
-        if not self.options.search:
-            return min(configured, 1)
-        return min(configured, len(GRID))
-
-    def init_global(self, dim: int) -> Params | None:
-        params = get_params(PrototypeHead(self._classes(), dim))
-        alpha, beta = self._grid_point(0)
-        return {**params, "alpha": torch.tensor(alpha), "beta": torch.tensor(beta)}
-
-    def build_module(self, dim: int) -> nn.Module:
-        return PrototypeHead(self._classes(), dim)
-
-    def init_server_state(self, global_params: Params) -> State:
-        return {"round": torch.zeros(())}
+class PrototypesClient(ClientSide):
+    """Prototypes's client side."""
 
     def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)
@@ -154,6 +125,24 @@ class Prototypes(Algorithm):
         protos = F.normalize(head.prototypes, dim=-1)
         cache = torch.exp(-head.beta * (1 - emb @ protos.T))
         return logit_scale * (zero_shot + head.alpha * cache)
+
+    def train_client(self, job: ClientJob) -> ClientUpdate:
+        start = time.perf_counter()
+        sums, counts = class_sums(job.train.x, job.train.y, job.class_text.shape[0])
+        return ClientUpdate({}, {"sums": sums, "counts": counts}, len(job.train), 0.0,
+                            time.perf_counter() - start)
+
+
+class PrototypesServer(ServerSide):
+    """Prototypes's server side."""
+
+    def planned_rounds(self, configured: int) -> int:
+        if not self.options.search:
+            return min(configured, 1)
+        return min(configured, len(GRID))
+
+    def init_server_state(self, global_params: Params) -> State:
+        return {"round": torch.zeros(())}
 
     def reply_extras(self, global_params: Params) -> dict[str, torch.Size]:
         classes, dim = global_params["prototypes"].shape
@@ -169,12 +158,6 @@ class Prototypes(Algorithm):
                                  update.extras["sums"].norm(dim=-1), update.num_examples,
                                  quantum)
 
-    def train_client(self, job: ClientJob) -> ClientUpdate:
-        start = time.perf_counter()
-        sums, counts = class_sums(job.train.x, job.train.y, job.class_text.shape[0])
-        return ClientUpdate({}, {"sums": sums, "counts": counts}, len(job.train), 0.0,
-                            time.perf_counter() - start)
-
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
                   ) -> tuple[Params, State]:
         server_round = int(server_state.get("round", torch.zeros(()))) + 1
@@ -186,3 +169,38 @@ class Prototypes(Algorithm):
                "alpha": torch.tensor(alpha, device=device),
                "beta": torch.tensor(beta, device=device)}
         return new, {**server_state, "round": torch.tensor(float(server_round))}
+
+
+@register
+class Prototypes(Algorithm):
+    name = "prototypes"
+    summary = "training-free: class prototypes (feature means) as a cache beside zero-shot"
+    init_needs_text = True  # the class count comes from the prompts' features
+    aggregates_mean = False  # sums and counts per client, not a mean of parameters
+    sends_params = False
+    fine_tunes = False
+    Options = PrototypeOptions
+    options: PrototypeOptions
+    Client = PrototypesClient
+    Server = PrototypesServer
+
+    def _classes(self) -> int:
+        if self.text is None:
+            raise ConfigError(f"{self.name} needs the class prompts' features: call "
+                              f"setup(prompts, class_text) first")
+        return self.text.shape[0]
+
+    def _grid_point(self, server_round: int) -> tuple[float, float]:
+        """(alpha, beta) of ``server_round`` (1-based; round 0: the options')."""
+        opts = self.options
+        if not opts.search or server_round < 1:
+            return opts.alpha, opts.beta
+        return GRID[min(server_round, len(GRID)) - 1]
+
+    def init_global(self, dim: int) -> Params | None:
+        params = get_params(PrototypeHead(self._classes(), dim))
+        alpha, beta = self._grid_point(0)
+        return {**params, "alpha": torch.tensor(alpha), "beta": torch.tensor(beta)}
+
+    def build_module(self, dim: int) -> nn.Module:
+        return PrototypeHead(self._classes(), dim)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fedclip.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedclip.algorithms.base import Algorithm
+    from fedclip.algorithms.base import Algorithm, Runtime
     from fedclip.config import RunConfig
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -50,7 +50,12 @@ BUILTIN: dict[str, str] = {
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make ``cls`` known by its ``name``."""
+    """Class decorator: make ``cls`` known by its ``name``, after checking that its declared
+    capabilities agree (``Algorithm.contradiction``: a TypeError naming the rule)."""
+    rule = cls.contradiction()
+    if rule is not None:
+        raise TypeError(f"algorithm {cls.name!r} ({cls.__module__}.{cls.__qualname__}) is "
+                        f"not registered: {rule}")
     ALGORITHMS[cls.name] = cls
     return cls
 
@@ -107,7 +112,9 @@ def check_options(options: dict[str, dict[str, Any]]) -> None:
         algorithm_class(name).parse_options(values)
 
 
-def get_algorithm(cfg: RunConfig) -> Algorithm:
-    """The configured algorithm, after checking every ``NAME.KEY`` option of the run."""
+def get_algorithm(cfg: RunConfig, runtime: Runtime | None = None) -> Algorithm:
+    """The configured algorithm, after checking every ``NAME.KEY`` option of the run, told
+    what the runtime knows (``runtime``: the class prompts and features, the logit scale,
+    the number of clients; none while a run is only being validated)."""
     check_options(cfg.options)
-    return algorithm_class(cfg.algorithm)(cfg)
+    return algorithm_class(cfg.algorithm)(cfg, runtime)

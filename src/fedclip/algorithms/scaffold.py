@@ -17,7 +17,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from fedclip.algorithms.base import Algorithm, ClientJob, ClientUpdate, State
+from fedclip.algorithms.base import (
+    Algorithm,
+    ClientJob,
+    ClientSide,
+    ClientUpdate,
+    ServerSide,
+    State,
+)
 from fedclip.algorithms.registry import register
 from fedclip.core.client import RoundConfig, steps_per_round
 from fedclip.tensors import Params
@@ -25,11 +32,28 @@ from fedclip.tensors import Params
 C, CI, DC = "c/", "ci/", "dc/"  # server variate (sent), client variate (kept), its change (sent)
 
 
-@register
-class Scaffold(Algorithm):
-    name = "scaffold"
-    summary = "the adapter with SCAFFOLD control variates (server and client state)"
-    aggregates_mean = False  # the control variates' changes travel per client
+class ScaffoldClient(ClientSide):
+    """Scaffold's client side."""
+
+    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
+        named = dict(module.named_parameters())
+        correction = sum(((job.extras[C + k] - job.state.get(CI + k, 0.0)) * named[k]).sum()
+                         for k in named if C + k in job.extras)
+        return loss + correction
+
+    def train_client(self, job: ClientJob) -> ClientUpdate:
+        update = super().train_client(job)
+        scale = 1.0 / (max(update.steps, 1) * job.config.lr)
+        deltas = {}
+        for k, y in update.params.items():
+            c_i = job.state.get(CI + k, torch.zeros_like(y))
+            new = c_i - job.extras[C + k] + (job.params[k] - y) * scale
+            deltas[DC + k], job.state[CI + k] = new - c_i, new
+        return replace(update, extras=deltas)
+
+
+class ScaffoldServer(ServerSide):
+    """Scaffold's server side."""
 
     def init_server_state(self, global_params: Params) -> State:
         return {C + k: torch.zeros_like(v) for k, v in self.shared(global_params).items()}
@@ -68,22 +92,6 @@ class Scaffold(Algorithm):
                     f"imply (off by {drift:.3g}, bound {bound:.3g})")
         return None
 
-    def local_loss(self, loss: torch.Tensor, module: nn.Module, job: ClientJob) -> torch.Tensor:
-        named = dict(module.named_parameters())
-        correction = sum(((job.extras[C + k] - job.state.get(CI + k, 0.0)) * named[k]).sum()
-                         for k in named if C + k in job.extras)
-        return loss + correction
-
-    def train_client(self, job: ClientJob) -> ClientUpdate:
-        update = super().train_client(job)
-        scale = 1.0 / (max(update.steps, 1) * job.config.lr)
-        deltas = {}
-        for k, y in update.params.items():
-            c_i = job.state.get(CI + k, torch.zeros_like(y))
-            new = c_i - job.extras[C + k] + (job.params[k] - y) * scale
-            deltas[DC + k], job.state[CI + k] = new - c_i, new
-        return replace(update, extras=deltas)
-
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate], server_state: State
                   ) -> tuple[Params, State]:
         params, _ = super().aggregate(current, updates, server_state)
@@ -91,3 +99,12 @@ class Scaffold(Algorithm):
         state = {k: v + sum(u.extras[DC + k.removeprefix(C)] for u in updates) / total
                  for k, v in server_state.items()}
         return params, state
+
+
+@register
+class Scaffold(Algorithm):
+    name = "scaffold"
+    summary = "the adapter with SCAFFOLD control variates (server and client state)"
+    aggregates_mean = False  # the control variates' changes travel per client
+    Client = ScaffoldClient
+    Server = ScaffoldServer

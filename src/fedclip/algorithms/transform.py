@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedclip.adapters import get_params
-from fedclip.algorithms.linear_probe import LinearProbe
+from fedclip.algorithms.linear_probe import LinearProbe, LinearProbeClient
 from fedclip.algorithms.registry import register
 from fedclip.tensors import Params
 
@@ -72,6 +72,15 @@ class TransformedProbe(nn.Module):
         self.transform = Orthogonal(dim) if kind == "orthogonal" else LowRank(dim, rank)
 
 
+class PersonalTransformClient(LinearProbeClient):
+    """PersonalTransform's client side."""
+
+    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        if module is None:
+            return F.normalize(x, dim=-1)
+        return F.normalize(cast(TransformedProbe, module).transform(x), dim=-1)
+
+
 @register
 class PersonalTransform(LinearProbe):
     name = "personal-transform"
@@ -79,6 +88,7 @@ class PersonalTransform(LinearProbe):
     personal = ("transform.*",)
     Options = TransformOptions
     options: TransformOptions
+    Client = PersonalTransformClient
 
     def build_module(self, dim: int) -> nn.Module:
         return TransformedProbe(self._classes(), dim, self.options.kind, self.options.rank)
@@ -93,8 +103,3 @@ class PersonalTransform(LinearProbe):
                 module.transform.down.copy_(torch.randn(module.transform.down.shape,
                                                         generator=gen) / dim ** 0.5)
         return get_params(module)
-
-    def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        if module is None:
-            return F.normalize(x, dim=-1)
-        return F.normalize(cast(TransformedProbe, module).transform(x), dim=-1)

@@ -10,6 +10,7 @@ class ZeroShot(Algorithm):
     name = "zeroshot"
     summary = "nothing: the backbone's class-prompt classifier"
     trains = False
+    fine_tunes = False  # nothing is trained
 
     def init_global(self, dim: int) -> Params | None:
         return None

@@ -12,6 +12,8 @@ way; most users already hold CLIP here.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,8 +66,16 @@ class HfBackbone:
                                 "'fedclip[hf]'") from None
         self.spec, self.name, self.device = f"hf:{name}", name, device
         try:
-            model = AutoModel.from_pretrained(name)
+            with warnings.catch_warnings():  # torch's note on a pickle's protocol: refused below
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model = AutoModel.from_pretrained(name)
             processor = AutoProcessor.from_pretrained(name)
+        except (pickle.UnpicklingError, EOFError):  # torch.load(weights_only=True) refused a
+            # pickled pytorch_model.bin (its text suggests weights_only=False: never here)
+            raise BackboneError(f"{self.spec}: its weights are a pickle that safe loading "
+                                f"refuses (no code from it was run); save the model with "
+                                f"safetensors (save_pretrained's default) and pass that folder"
+                                ) from None
         except (OSError, ValueError) as exc:
             reason = str(exc).splitlines()[0][:200]
             raise BackboneError(f"could not load {self.spec} ({reason}); offline, save the "

@@ -74,7 +74,7 @@ def _read_history(path: Path) -> list[RoundRecord]:
     return records
 
 
-def _append_history(path: Path, history: list[RoundRecord]) -> None:
+def append_history(path: Path, history: list[RoundRecord]) -> None:
     """Append the records after the file's last round (the file holds rounds in order)."""
     done = _read_last_round(path)
     new = [r for r in history if r.round > done]
@@ -111,7 +111,7 @@ def save_checkpoint(path: Path, state: FederationState, fingerprint: str,
                     fields: dict[str, Any] | None = None) -> None:
     """Append the new history, then write ``state`` atomically with its checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _append_history(path.with_name(HISTORY), state.history)  # first: never behind the file
+    append_history(path.with_name(HISTORY), state.history)  # first: never behind the file
     tensors = state_tensors(state)
     meta = {"format": "fedclip-checkpoint/2", "fingerprint": fingerprint,
             "round": str(state.round), "best_round": str(state.best_round),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -359,3 +359,77 @@ def personalize(algorithm: Model, params: Params, data: ClientData, class_text: 
         if val.accuracy > best_val.accuracy:
             best, best_val, best_epoch = own, val, epoch
     return evaluate(algorithm, best, data.test, *args, data.class_mask).accuracy, best_epoch
+
+
+# --- the one client entry: every driver builds, trains and scores a client through these ---
+class Trainer(Model, Protocol):
+    """The hooks of an algorithm that a client's round needs beyond :class:`Model`."""
+
+    @property
+    def communicates(self) -> bool:
+        """Whether anything leaves a client."""
+
+    def with_personal(self, params: Params, state: State) -> Params:
+        """``params`` with the client's personal parameters in place."""
+
+    def shared(self, params: Params) -> Params:
+        """The parameters that travel."""
+
+    def train_client(self, job: ClientJob) -> ClientUpdate:
+        """One round on one client."""
+
+    def eval_params(self, global_params: Params | None, state: State) -> Params | None:
+        """What a client is scored with on its own splits."""
+
+
+def client_job(algorithm: Trainer, name: str, train: Split, received: Params,
+               extras: dict[str, torch.Tensor], config: RoundConfig, state: State,
+               class_text: torch.Tensor, logit_scale: float) -> ClientJob:
+    """What client ``name`` trains in a round: the parameters it ``received`` (the shared
+    ones, completed) with its personal ones from ``state`` in place, the round's extras and
+    configuration, and its batch seed (:func:`round_seed`)."""
+    start = algorithm.with_personal(received, state)
+    return ClientJob(name, train, start, start, extras, config, state, class_text, logit_scale,
+                     round_seed(algorithm.cfg.seed, config.server_round, name))
+
+
+def run_jobs(algorithm: Trainer, jobs: list[ClientJob],
+             together: Callable[[Any, list[ClientJob]], list[ClientUpdate]] | None = None
+             ) -> list[ClientUpdate | None]:
+    """The clients' rounds (``together``: :func:`fedclip.core.together.train_together`, for a
+    batchable algorithm), each update clipped by its client under ``dp=client``; None for a
+    client whose training diverged (the server decides what that means for the run)."""
+    trained: list[ClientUpdate | None]
+    try:
+        trained = list(together(algorithm, jobs)) if together is not None and jobs else \
+            [_train(algorithm, job) for job in jobs]
+    except TrainingError:  # one of them diverged: find which, one after another (same bits)
+        trained = [_train(algorithm, job) for job in jobs]
+    if not algorithm.communicates:  # nothing leaves the client: nothing to clip
+        return trained
+    return [None if update is None else replace(
+        update, params=client_clip(algorithm.cfg, update.params, algorithm.shared(job.params)))
+        for job, update in zip(jobs, trained, strict=True)]
+
+
+def _train(algorithm: Trainer, job: ClientJob) -> ClientUpdate | None:
+    try:
+        return algorithm.train_client(job)
+    except TrainingError:
+        return None
+
+
+def run_job(algorithm: Trainer, job: ClientJob) -> ClientUpdate | None:
+    """One client's round (see :func:`run_jobs`)."""
+    return run_jobs(algorithm, [job])[0]
+
+
+def score(algorithm: Trainer, data: ClientData, params: Params | None, state: State,
+          class_text: torch.Tensor, logit_scale: float) -> tuple[float, float]:
+    """A training client's (val, test) accuracy of the global ``params`` with its own state
+    (personal parameters, a personal model): how every runtime scores a client."""
+    own = algorithm.eval_params(params, state) if params is not None else None
+    module = load_module(algorithm, own, data.train.x.shape[1]) if own is not None else None
+    args = (class_text, logit_scale, data.class_mask)
+    return (evaluate_module(algorithm, module, data.val, *args).accuracy,
+            evaluate_module(algorithm, module, data.test, *args).accuracy)

@@ -61,6 +61,14 @@ def _accuracies(value: Any) -> dict[str, float]:
     return {str(k): (math.nan if (v := _num(x)) is None else v) for k, x in value.items()}
 
 
+def _strings(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecordError(f"expected a list of strings, got {value!r}"[:200])
+    return list(value)
+
+
 # --- rounds -------------------------------------------------------------------------------
 @dataclass
 class RoundRecord:
@@ -84,6 +92,9 @@ class RoundRecord:
     # Flower: what the slowest training node says each part of its message took (process
     # start and imports, loading its site, evaluating the previous round, training)
     node_seconds: dict[str, float] | None = None
+    # what the server noticed about the round (identical or echoing updates, a model that
+    # stopped moving while clients report training)
+    warnings: list[str] | None = None
 
     @property
     def evaluated(self) -> bool:
@@ -137,7 +148,7 @@ class RoundRecord:
             "mean_train_loss": self.mean_train_loss, "seconds": self.seconds,
             "bytes": self.bytes, "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received}
-        for name in ("missing", "rejected", "eval_missing", "node_seconds"):
+        for name in ("missing", "rejected", "eval_missing", "node_seconds", "warnings"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.evaluated:
@@ -168,7 +179,8 @@ class RoundRecord:
                          eval_missing=data.get("eval_missing"),
                          epsilon=_num(data.get("epsilon")),
                          node_seconds=(_accuracies(data["node_seconds"])
-                                       if "node_seconds" in data else None))
+                                       if "node_seconds" in data else None),
+                         warnings=_strings(data.get("warnings")))
             if "val_accuracy" in data:
                 record.set_evaluation(_accuracies(data["val_accuracy"]),
                                       _accuracies(data["test_accuracy"]),

@@ -31,6 +31,7 @@ from fedclip.config import RunConfig
 from fedclip.core.adapter_file import save_adapter
 from fedclip.core.checkpoint import (
     HISTORY,
+    append_history,
     config_fingerprint,
     fingerprint_fields,
     load_checkpoint,
@@ -47,7 +48,7 @@ from fedclip.core.records import (
     safe_name,
 )
 from fedclip.core.state import FederationState
-from fedclip.errors import DataError, ResumeError, RunFolderError
+from fedclip.errors import ConfigError, DataError, ResumeError, RunFolderError
 from fedclip.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from fedclip.tensors import Params
 
@@ -68,7 +69,7 @@ class RunFolder:
 
     def __init__(self, out: str | Path, cfg: RunConfig, data: str | None = None) -> None:
         self.out, self.cfg = Path(out), cfg
-        self.data = data  # a fingerprint of the data itself (in-process), or None (Flower)
+        self.data = data  # the dataset's identity (in-process: task.dataset_identity), or None
         self._previous: list[RunResult] = []
 
     # --- paths ----------------------------------------------------------------------------
@@ -163,6 +164,27 @@ class RunFolder:
         """config.json: what ``--resume`` continues with."""
         atomic_write_json(self.out / CONFIG, self.cfg.model_dump(mode="json"))
 
+    @staticmethod
+    def saved_settings(out: str | Path) -> dict[str, Any]:
+        """The settings ``out`` was run with (its config.json, what ``--resume`` continues
+        with); empty when it holds none. One that is not a JSON object: a one-line error."""
+        path = Path(out) / CONFIG
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{path} is not a JSON object of settings; pass the settings "
+                              f"again, or start another --out")
+        return saved
+
+    @staticmethod
+    def holds_settings(out: str | Path) -> bool:
+        """Whether ``out`` holds a run's settings (so that ``--resume`` can continue it)."""
+        return (Path(out) / CONFIG).is_file()
+
     def start(self, heldout: str, resumed: FederationState | None) -> HeldoutRun:
         """The writer of one held-out run (``resumed`` from :meth:`prepare`)."""
         return HeldoutRun(self, heldout, resumed)
@@ -171,7 +193,7 @@ class RunFolder:
     def merge(self, result: RunResult) -> list[RunResult]:
         """Every run of this configuration in the folder, ``result`` replacing its held-out
         domain's earlier run; written to results.json and results.md."""
-        from fedclip.core import report
+        from fedclip import report
 
         runs = [r for r in self._previous if r.heldout != result.heldout] + [result]
         self._previous = runs
@@ -223,13 +245,18 @@ class HeldoutRun:
         save_checkpoint(self.dir / CHECKPOINT, state, self.fingerprint, self.fields)
         self._saved = time.monotonic()
 
-    def round_end(self, state: FederationState) -> None:
-        """Checkpoint when due: every ``checkpoint_every`` rounds, at the last round, or when
-        ``checkpoint_seconds`` have passed since the last write."""
+    def round_end(self, state: FederationState, last: bool = False) -> None:
+        """Checkpoint when due: every ``checkpoint_every`` rounds, at the last round (``last``,
+        or ``rounds``), or when ``checkpoint_seconds`` have passed since the last write."""
         cfg = self.folder.cfg
-        if (state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds
+        if (last or state.round % cfg.checkpoint_every == 0 or state.round == cfg.rounds
                 or time.monotonic() - self._saved >= cfg.checkpoint_seconds):
             self.checkpoint(state)
+
+    def write_history(self, state: FederationState) -> None:
+        """Append ``state``'s rounds not yet in the history file (a refused round, recorded
+        when the run stops; the checkpoint stays at the last good round)."""
+        append_history(self.dir / HISTORY, state.history)
 
     def result(self, state: FederationState, zero: RoundRecord, *, dataset: str,
                trainable_params: int, seconds: float, clients: Sequence[ClientInfo],
@@ -264,7 +291,7 @@ class HeldoutRun:
         atomic_write_json(self.dir / RESULT, result.to_json())
         runs = self.folder.merge(result)
         if plots:
-            from fedclip.core import report
+            from fedclip import report
 
             report.plot_history(result, self.dir / PLOT)
         return runs

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedclip.aggregation import ROBUST
+from fedclip.config import RunConfig
 from fedclip.core.records import RoundRecord, is_better
 from fedclip.tensors import Params, State
 
@@ -55,3 +57,12 @@ class FederationState:
             self.best_round, self.best_val = record.round, score
             self.best_params = self.global_params
             self.best_client_states = {c: dict(s) for c, s in self.client_states.items()}
+
+
+def selection_rule(cfg: RunConfig) -> str:
+    """How the best round is chosen: by the mean of the clients' val accuracies, or by their
+    median, which one client cannot move outside the range of the others' values; ``selection``
+    says which ('auto': the median with a robust aggregator, which assumes some clients lie)."""
+    if cfg.selection != "auto":
+        return cfg.selection
+    return "median" if cfg.aggregation in ROBUST else "mean"

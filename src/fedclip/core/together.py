@@ -30,6 +30,7 @@ from fedclip.core.client import (
     batch_schedule,
     diverged,
 )
+from fedclip.losses import proximal_term
 
 
 class Batchable(Model, Protocol):
@@ -37,13 +38,6 @@ class Batchable(Model, Protocol):
 
     def proximal_weight(self, job: ClientJob) -> float:
         """The weight of the proximal term for ``job`` (0: none)."""
-
-
-def _proximal(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], mu: float
-              ) -> torch.Tensor:
-    """``mu/2 ||params - reference||^2`` (FedProx's term, as ``train_local`` adds it)."""
-    return 0.5 * mu * torch.stack([((p - reference[n]) ** 2).sum()
-                                   for n, p in params.items()]).sum()
 
 
 def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[ClientUpdate]:
@@ -83,7 +77,7 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob]) -> list[Clie
             y = torch.stack([jobs[i].train.y[b] for i, b in zip(group, batches, strict=True)])
             params = {n: torch.stack([leaves[i][n] for i in group]) for n in names}
             task = batched_loss(params, x, y)
-            prox = torch.stack([_proximal(leaves[i], jobs[i].global_params, mus[i])
+            prox = torch.stack([proximal_term(leaves[i], jobs[i].global_params, mus[i])
                                 if mus[i] else task.new_zeros(()) for i in group])
             total = task + prox
             if not torch.isfinite(total).all():

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,12 +21,13 @@ from flwr.clientapp import ClientApp
 
 from fedclip.algorithms.base import Algorithm
 from fedclip.config import FlowerSettings
-from fedclip.core.client import ClientJob, RoundConfig, client_clip, personalize, round_seed
+from fedclip.core.client import RoundConfig, client_job, personalize, run_job, score
 from fedclip.core.client import evaluate as evaluate_split
-from fedclip.errors import TrainingError
-from fedclip.flower.codec import decode, encode, one_line_refusals, run_config_to_cfg
+from fedclip.flower.codec import decode, encode
+from fedclip.flower.logs import one_line_refusals
 from fedclip.flower.node import node_for
-from fedclip.task import Site
+from fedclip.flower.settings import run_config_to_cfg
+from fedclip.flower.site import Site
 from fedclip.tensors import Params, State
 
 STATE_KEY = "fedclip.client-state"
@@ -46,6 +46,16 @@ def _process_age() -> float:
         return 0.0
 
 
+# torch releases (major.minor) whose torch.optim the torch._dynamo stand-in is tested with
+# (tests/test_structure.py): on any other, torch._dynamo is imported as usual
+DYNAMO_STAND_IN_TORCH = ("2.14",)
+
+
+def torch_release(version: str) -> str:
+    """``major.minor`` of a torch version string (``2.14.1+cu130`` -> ``2.14``)."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def defer_dynamo_import() -> bool:
     """In a process that never compiles, keep torch.optim from importing ``torch._dynamo``.
 
@@ -56,7 +66,13 @@ def defer_dynamo_import() -> bool:
     it is outside compilation) and ``graph_break`` (nothing to break); any other attribute,
     and any import of a submodule (``from torch._dynamo.utils import ...``, as torchvision
     does), loads the real ``torch._dynamo`` in its place first. Returns whether the stand-in
-    was set (not when ``torch._dynamo`` is already loaded)."""
+    was set: not when ``torch._dynamo`` is already loaded, nor on a torch release the stand-in
+    is not tested with (:data:`DYNAMO_STAND_IN_TORCH`; said in the log at info level)."""
+    if torch_release(torch.__version__) not in DYNAMO_STAND_IN_TORCH:
+        log.info("torch %s: torch._dynamo is imported as usual (fedclip's stand-in, which "
+                 "spares a node's process that import, is tested with torch %s)",
+                 torch.__version__, ", ".join(DYNAMO_STAND_IN_TORCH))
+        return False
     import importlib
     import importlib.abc
     import importlib.machinery
@@ -162,48 +178,39 @@ def save_state(context_state: RecordDict | None, state: State) -> None:
 def own_accuracies(site: Site, algorithm: Algorithm, params: Params | None, state: State,
                    prefix: str = "") -> dict[str, float]:
     """A training node's val and test accuracy of ``params`` (with its own state: personal
-    parameters, a personal model), as the in-process runner scores that client."""
+    parameters, a personal model), as every runtime scores a client (``core.client.score``)."""
     assert site.data is not None  # a training node
-    own = algorithm.eval_params(params, state) if params is not None else None
-    args = (site.class_text, site.logit_scale, site.data.class_mask)
-    return {f"{prefix}val-accuracy": evaluate_split(algorithm, own, site.data.val, *args).accuracy,
-            f"{prefix}test-accuracy": evaluate_split(algorithm, own, site.data.test,
-                                                     *args).accuracy}
+    val, test = score(algorithm.client, site.data, params, state, site.class_text,
+                      site.logit_scale)
+    return {f"{prefix}val-accuracy": val, f"{prefix}test-accuracy": test}
 
 
 def handle_train(site: Site, algorithm: Algorithm, content: RecordDict, transfer: str,
                  context_state: RecordDict | None = None) -> RecordDict:
-    """One round of local training (``Algorithm.train_client``, as in-process). With
-    ``evaluate-round`` in the config, the node first scores the parameters it received (the
-    previous round's, on its val and test splits) and sends the accuracies with its update:
-    one message per round instead of two."""
+    """One round of local training through the one client entry (``core.client.client_job``
+    and ``run_job``, as every runtime). With ``evaluate-round`` in the config, the node first
+    scores the parameters it received (the previous round's, on its val and test splits) and
+    sends the accuracies with its update: one message per round instead of two."""
     if site.data is None:
         raise RuntimeError(f"node {site.name!r} holds the held-out domain and never trains")
-    raw = dict(content["config"])
-    config = RoundConfig.from_record(raw)
+    client, raw = algorithm.client, dict(content["config"])
     device = site.class_text.device
     state = load_state(context_state, device)
     records = content.array_records
-    dim = int(site.class_text.shape[1])
-    received = algorithm.complete(decode(records["arrays"], device), dim)
+    received = client.complete(decode(records["arrays"], device), int(site.class_text.shape[1]))
     evaluation: dict[str, float] = {}
     if "evaluate-round" in raw:
         began = time.perf_counter()
         evaluation = own_accuracies(site, algorithm, received, state)
         evaluation["eval-seconds"] = time.perf_counter() - began
-    start = algorithm.with_personal(received, state)
     extras = decode(records["extras"], device) if "extras" in records else {}
-    job = ClientJob(site.name, site.data.train, start, start, extras, config, state,
-                    site.class_text, site.logit_scale,
-                    round_seed(algorithm.cfg.seed, config.server_round, site.name))
-    try:
-        update = algorithm.train_client(job)
-    except TrainingError as exc:  # the server decides what a divergence means for the run
-        log.warning("%s: %s", site.name, exc)
+    job = client_job(client, site.name, site.data.train, received, extras,
+                     RoundConfig.from_record(raw), state, site.class_text, site.logit_scale)
+    update = run_job(client, job)
+    if update is None:  # the server decides what a divergence means for the run
+        log.warning("%s: its training diverged in round %d", site.name, job.config.server_round)
         return RecordDict({"metrics": MetricRecord({"diverged": 1, **evaluation})})
     save_state(context_state, state)
-    update = replace(update, params=client_clip(algorithm.cfg, update.params,
-                                                algorithm.shared(start)))
     metrics = MetricRecord({"num-examples": update.num_examples, "train-loss": update.loss,
                             "train-seconds": update.seconds, "steps": update.steps,
                             **evaluation})
@@ -218,17 +225,18 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
     """Training nodes: val and test split (with their own state, as in-process); the
     held-out node: its whole domain. ``zeroshot`` in the config: the same without the
     adapter too; ``personalize-epochs``: fine-tune a copy and report its test accuracy."""
+    client = algorithm.client
     arrays = content.array_records["arrays"]
     config = dict(content.config_records["config"])
-    params = (algorithm.complete(decode(arrays, site.class_text.device),
-                                 int(site.class_text.shape[1])) if len(arrays) else None)
+    params = (client.complete(decode(arrays, site.class_text.device),
+                              int(site.class_text.shape[1])) if len(arrays) else None)
     args = (site.class_text, site.logit_scale)
     epochs = config.get("personalize-epochs", 0)
     epochs = int(epochs) if isinstance(epochs, int | float) else 0
     if epochs > 0:
         if site.data is None or params is None:
             return RecordDict({"metrics": MetricRecord({})})
-        accuracy, epoch = personalize(algorithm, params, site.data, *args, epochs)
+        accuracy, epoch = personalize(client, params, site.data, *args, epochs)
         return RecordDict({"metrics": MetricRecord({"personalized-accuracy": accuracy,
                                                     "personalized-epoch": epoch})})
     variants: list[tuple[str, Any]] = [("", params)]
@@ -241,7 +249,7 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
             values |= own_accuracies(site, algorithm, p, state, prefix)
         else:
             assert site.heldout is not None  # a site is a training or the held-out one
-            held = evaluate_split(algorithm, p, site.heldout, *args, site.heldout_mask)
+            held = evaluate_split(client, p, site.heldout, *args, site.heldout_mask)
             values |= {f"{prefix}heldout-accuracy": held.accuracy}
     return RecordDict({"metrics": MetricRecord(values)})
 

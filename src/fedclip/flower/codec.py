@@ -1,24 +1,20 @@
-"""Parameters <-> Flower records, run config <-> RunConfig, and checks on what comes back."""
+"""The codec: parameters <-> Flower records, and checks on what comes back (arrays before
+they are decoded, metric values)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from pydantic import ValidationError
 
-from fedclip.config import FlowerSettings, RunConfig
-from fedclip.errors import ConfigError, FedclipError
 from fedclip.tensors import Params
 
 TRANSFER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 HEADER_BYTES = 4096  # the most an array's wire header may add to its data (numpy's .npy: 128)
-FLOWER_KEYS = FlowerSettings.keys()  # run-config keys of the Flower layer, with defaults
 
 
 def encode(params: Params, transfer: str = "fp32") -> ArrayRecord:
@@ -113,67 +109,3 @@ def finite_number(value: Any, low: float = -math.inf, high: float = math.inf) ->
         return None
     value = float(value)
     return value if math.isfinite(value) and low <= value <= high else None
-
-
-class OneLineRefusals(logging.Filter):
-    """Flower logs an app's exception with its traceback; a refusal of fedclip's own (bad
-    settings, a run folder in use, data that does not fit) is one line, like on the command
-    line. Any other exception keeps its traceback: it is a bug."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, FedclipError):
-            record.msg, record.args = "fedclip refused the run: %s", (str(exc),)
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def one_line_refusals() -> None:
-    """Install :class:`OneLineRefusals` on Flower's logger (once per process)."""
-    logger = logging.getLogger("flwr")
-    if not any(isinstance(f, OneLineRefusals) for f in logger.filters):
-        logger.addFilter(OneLineRefusals())
-
-
-def require_one_heldout(cfg: RunConfig) -> None:
-    """A Flower run trains one federation: one held-out domain, named."""
-    if cfg.heldout == "all":
-        raise ConfigError("on Flower, heldout must name one domain (one run per held-out "
-                          "domain: flwr run . -c \"heldout='sketch'\", then the next); "
-                          "heldout='all' is for fedclip run")
-
-
-def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any
-                      ) -> tuple[RunConfig, FlowerSettings]:
-    """Split Flower's run config into a validated RunConfig and the Flower-only options.
-
-    ``NAME.KEY`` keys (Flower flattens a ``[tool.flwr.app.config.NAME]`` table to them) are
-    algorithm options, as ``--set NAME.KEY=VALUE`` is on the command line."""
-    flower: dict[str, Any] = {}
-    values: dict[str, Any] = {}
-    for key, value in run_config.items():
-        if key in FLOWER_KEYS:
-            flower[key] = value
-        elif "." in key:
-            algo, _, name = key.partition(".")
-            values[f"{algo}.{name.replace('-', '_')}"] = value
-        else:
-            values[key.replace("-", "_")] = value
-    try:
-        settings = FlowerSettings(**{k.replace("-", "_"): v for k, v in flower.items()})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"invalid Flower setting ({problems})") from None
-    if settings.data_root:
-        values["data_root"] = settings.data_root
-    if settings.cache_dir:
-        values["cache_dir"] = settings.cache_dir
-    if isinstance(values.get("classes"), str):  # a run-config value is a string
-        values["classes"] = tuple(c.strip() for c in values["classes"].split(",")
-                                  if c.strip()) or None
-    if isinstance(values.get("prompt_templates"), str):  # "|"-separated in a run config
-        values["prompt_templates"] = tuple(t for t in values["prompt_templates"].split("|")
-                                           if t.strip()) or None
-    values.update(overrides)
-    return RunConfig.validated(values), settings

@@ -1,4 +1,5 @@
-"""Which client a SuperNode is, and its data (loaded once per process).
+"""Which client a SuperNode is, and its site (:mod:`fedclip.flower.site`), built once per
+process and kept in its site file between processes.
 
 A node holds **only its own data** and finds it through its node config:
 
@@ -15,39 +16,33 @@ The task (classes, prompts, splits) comes from the run config, the same for ever
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedclip.algorithms import get_algorithm
-from fedclip.algorithms.base import Algorithm
+from fedclip.algorithms.base import Algorithm, Runtime
 from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
-from fedclip.core.client import ClientData, Split
 from fedclip.data.folder import _subdirs
 from fedclip.data.sources import resolve_data_root
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import require_one_heldout
-from fedclip.io import atomic_save_tensors
-from fedclip.task import (
+from fedclip.flower.settings import require_one_heldout
+from fedclip.flower.site import (
     DomainSites,
     Site,
-    cache_dir,
     check_index,
     load_domain,
-    prompts,
-    run_classes,
+    read_site,
+    refuse_special,
+    save_site,
+    site_file,
     site_of,
 )
+from fedclip.task import cache_dir, prompts, run_classes
 
 log = logging.getLogger(__name__)
-SITE_FORMAT = "fedclip-site/1"
 # what this process has built: sites (with their algorithm) and the domains they come from
 _SITES: dict[str, tuple[Site, Algorithm, tuple[int, ...]]] = {}
 _DOMAINS: dict[str, tuple[DomainSites, tuple[int, ...]]] = {}
@@ -63,118 +58,6 @@ def folder_stamp(folders: tuple[str, ...]) -> tuple[int, ...]:
         except OSError:
             stamps.append(-1)
     return tuple(stamps)
-
-
-def data_fingerprint(folders: tuple[str, ...]) -> str:
-    """Every entry of a site's folders with its size and modification time (what the
-    feature cache checks of each image): an image added, removed, renamed or rewritten
-    changes it. One directory listing per folder, no image opened."""
-    digest = hashlib.sha256()
-    for folder in folders:
-        digest.update(f"{folder}\0".encode())
-        try:
-            with os.scandir(folder) as entries:
-                rows = sorted((e.name, e.stat(follow_symlinks=True)) for e in entries)
-        except OSError:
-            digest.update(b"-")
-            continue
-        for name, st in rows:
-            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def site_file(cfg: RunConfig, root: Path, domain: str, index: int) -> Path:
-    """Where a node keeps its site between processes (in the feature cache's folder)."""
-    who = hashlib.sha256(f"{root.resolve()}|{domain}|{index}".encode()).hexdigest()[:24]
-    return cache_dir(cfg) / "sites" / f"{who}.safetensors"
-
-
-def _task_key(cfg: RunConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
-
-
-def save_site(path: Path, site: Site, cfg: RunConfig) -> None:
-    """``site`` as one safetensors file: its tensors, and its identity, the run's task key
-    and the data fingerprint as metadata (written atomically)."""
-    tensors = {"class_text": site.class_text}
-    if site.data is not None:
-        for part in ("train", "val", "test"):
-            split = getattr(site.data, part)
-            tensors |= {f"{part}.x": split.x, f"{part}.y": split.y}
-        tensors["class_mask"] = site.data.class_mask
-    else:
-        assert site.heldout is not None and site.heldout_mask is not None
-        tensors |= {"heldout.x": site.heldout.x, "heldout.y": site.heldout.y,
-                    "class_mask": site.heldout_mask}
-    meta = {"role": site.role, "name": site.name, "domain": site.domain, "index": site.index,
-            "classes": list(site.classes), "logit_scale": site.logit_scale,
-            "images": site.images, "skipped": list(site.skipped),
-            "folders": list(site.folders)}
-    try:
-        atomic_save_tensors(path, tensors, {
-            "format": SITE_FORMAT, "task": _task_key(cfg), "site": json.dumps(meta),
-            "fingerprint": data_fingerprint(site.folders)})
-    except OSError as exc:  # a read-only cache: the node still runs, rebuilding each time
-        log.warning("could not keep this node's site in %s (%s)", path, exc)
-
-
-def read_site(path: Path, cfg: RunConfig) -> Site | None:
-    """The site kept in ``path`` when it was built for this run's task from data that is
-    unchanged (the fingerprint); None otherwise (absent, stale, damaged: rebuild)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != SITE_FORMAT or header.get("task") != _task_key(cfg):
-                return None
-            meta = json.loads(header["site"])
-            folders = tuple(str(x) for x in meta["folders"])
-            if data_fingerprint(folders) != header.get("fingerprint"):
-                return None
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open's API)
-        name = str(meta["name"])
-        site = Site("heldout", name, str(meta["domain"]), int(meta["index"]),
-                    tuple(str(c) for c in meta["classes"]), t["class_text"],
-                    float(meta["logit_scale"]), images=int(meta["images"]), folders=folders,
-                    skipped=tuple(str(x) for x in meta["skipped"]))
-        if meta["role"] == "train":
-            train, val, test = (Split(t[f"{p}.x"], t[f"{p}.y"]) for p in ("train", "val", "test"))
-            site = replace(site, role="train",
-                           data=ClientData(name, train, val, test, t["class_mask"]))
-        else:
-            site = replace(site, heldout=Split(t["heldout.x"], t["heldout.y"]),
-                           heldout_mask=t["class_mask"])
-        _check_site(site, run_classes(cfg))
-        return site
-    except Exception as exc:  # noqa: BLE001 (a damaged file is rebuilt, never trusted)
-        if path.exists():
-            log.info("rebuilding this node's site: %s is unreadable (%s)", path, exc)
-        return None
-
-
-def _check_site(site: Site, classes: tuple[str, ...]) -> None:
-    """A site file holds the run's classes and tensors that agree with each other: float32
-    features of the prompts' size, one int64 label in range per row, a boolean class mask."""
-    n_classes = len(classes)
-    if site.classes != classes or site.class_text.ndim != 2 or \
-            site.class_text.shape[0] != n_classes or site.class_text.dtype != torch.float32:
-        raise ValueError("its classes or class prompts are not this run's")
-    dim = site.class_text.shape[1]
-    mask = site.data.class_mask if site.data is not None else site.heldout_mask
-    if mask is None or mask.dtype != torch.bool or mask.shape != (n_classes,):
-        raise ValueError("its class mask is not one flag per class")
-    splits = ([site.data.train, site.data.val, site.data.test] if site.data is not None
-              else [site.heldout] if site.heldout is not None else [])
-    if not splits or site.role not in ("train", "heldout"):
-        raise ValueError("it holds no split")
-    for split in splits:
-        assert split is not None
-        if split.x.dtype != torch.float32 or split.y.dtype != torch.int64 or \
-                split.x.ndim != 2 or split.x.shape[1] != dim or split.y.shape != (len(split.x),):
-            raise ValueError("a split's features or labels have the wrong type or shape")
-        if len(split.y) and not 0 <= int(split.y.min()) <= int(split.y.max()) < n_classes:
-            raise ValueError("labels out of range")
 
 
 def _drop_if_changed(store: dict[str, Any], key: str) -> None:
@@ -201,6 +84,7 @@ def build_site(cfg: RunConfig, root: Path, domain: str, index: int) -> Site:
     partition), else built (once per domain and process) and kept in that file."""
     check_index(cfg, domain, index)
     path = site_file(cfg, root, domain, index)
+    refuse_special(path)
     site = read_site(path, cfg)
     if site is None:
         site = site_of(cfg, domain_of(cfg, root, domain), index)
@@ -258,8 +142,8 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorit
         domain, index = identify(cfg, node_config)
         device = resolve_device(str(node_config.get("device", cfg.device)))
         site = build_site(cfg, _root(cfg), domain, index).to(device)
-        algorithm = get_algorithm(cfg)
-        algorithm.setup(prompts(cfg, run_classes(cfg)), site.class_text)
+        algorithm = get_algorithm(cfg, Runtime(prompts(cfg, run_classes(cfg)), site.class_text,
+                                               float(site.logit_scale)))
         _SITES[key] = (site, algorithm, folder_stamp(site.folders))
     site, algorithm, _ = _SITES[key]
     return site, algorithm

@@ -11,26 +11,27 @@ the run folder. Progress goes to an optional :class:`Reporter`; round callbacks
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 from fedclip import callbacks as cb
 from fedclip.algorithms import get_algorithm
+from fedclip.algorithms.base import Runtime
 from fedclip.backbones import resolve_device
+from fedclip.callbacks import Reporter, SilentReporter
 from fedclip.config import RunConfig
-from fedclip.core.records import ClientInfo, RoundRecord, RunResult, safe_name
+from fedclip.core.records import ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import HeldoutRun, RunFolder
 from fedclip.core.server import server_rules
+from fedclip.core.state import FederationState
 from fedclip.data.sources import data_source
-from fedclip.errors import RunFolderError
-from fedclip.inprocess.federation import Federation, FederationState
+from fedclip.features import check_cache_writable
+from fedclip.inprocess.federation import Federation
 from fedclip.task import (
     Prepared,
     cache_dir,
-    data_fingerprint,
+    dataset_identity,
     heldout_tensors,
     plan_clients,
     prepare,
@@ -39,42 +40,16 @@ from fedclip.task import (
 )
 
 
-class Reporter(Protocol):
-    """Progress for people (the CLI's progress bars); the runner itself prints nothing."""
-
-    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
-        """``done`` of ``total`` images of ``domain`` encoded (``cached``: all of them read
-        from the feature cache at once)."""
-
-    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
-        """A round of the ``heldout`` run ended."""
-
-    def info(self, message: str) -> None:
-        """A line for the user."""
-
-
-class SilentReporter(Reporter):
-    """A reporter that reports nothing."""
-
-    def extraction(self, domain: str, done: int, total: int, cached: bool = False) -> None:
-        pass
-
-    def round_end(self, heldout: str, record: RoundRecord, total_rounds: int) -> None:
-        pass
-
-    def info(self, message: str) -> None:
-        pass
-
-
 def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation:
-    """The clients (every domain but ``heldout``) and the held-out test set, as tensors."""
+    """The clients (every domain but ``heldout``) and the held-out test set, as tensors, and
+    the algorithm told what this runtime knows (``Runtime``)."""
     clients = training_clients(prep, heldout)
     held_split, held_mask = heldout_tensors(prep.dataset.domains[heldout],
                                             prep.features[heldout], len(prep.dataset.classes))
-    algorithm = get_algorithm(cfg)
     device = resolve_device(cfg.device)
     class_text = prep.class_text.to(device)
-    algorithm.setup(prep.prompts, class_text)
+    algorithm = get_algorithm(cfg, Runtime(prep.prompts, class_text, prep.text.logit_scale,
+                                           len(clients)))
     return Federation(algorithm, clients, class_text, prep.text.logit_scale, held_split,
                       held_mask)
 
@@ -85,7 +60,7 @@ def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, out: str | Path, *
                 callbacks: Sequence[cb.Callback] = ()) -> RunResult:
     """One held-out run on features already prepared, into the run folder ``out`` (its
     files in ``out/<heldout>/``); :func:`run` does the same for every held-out domain."""
-    folder = RunFolder(out, cfg, data_fingerprint(prep.dataset))
+    folder = RunFolder(out, cfg, dataset_identity(prep.dataset))
     with folder.claimed():
         resumed = folder.prepare([heldout], resume)[heldout]
         folder.write_config()
@@ -97,72 +72,35 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
                   reporter: Reporter | None = None,
                   on_round: Callable[[FederationState, RoundRecord], None] | None = None,
                   callbacks: Sequence[cb.Callback] = ()) -> RunResult:
-    """Train with ``writer.heldout`` left out (continuing ``writer.resumed``); the run
-    folder writes checkpoints, adapters and results. Returns the result."""
+    """A held-out run, top to bottom: the clients, the server, round 0, the rounds, the
+    personalization of the selected model, the result and its files (``writer``)."""
     reporter = reporter or SilentReporter()
-    heldout = writer.heldout
+    heldout, start = writer.heldout, time.perf_counter()
     fed = build_federation(cfg, prep, heldout)
-    state = writer.resumed
-    if state is not None:
-        writer.check_shapes(fed.algorithm.init_global(fed.dim))
-    if state is not None:
-        reporter.info(f"[{heldout}] resuming after round {state.round}")
+    def progress(state: FederationState, record: RoundRecord) -> None:
+        reporter.round_end(heldout, record, server.rules.rounds)
 
-    def round_end(st: FederationState, record: RoundRecord) -> None:
-        reporter.round_end(heldout, record, fed.rules.rounds)
-        cb.round_end(callbacks, heldout, record)
-        writer.round_end(st)
-        if on_round is not None:
-            on_round(st, record)
-
-    start = time.perf_counter()
-    if state is None:  # a fresh run: round 0 (the initial model) is a round like any other
-        state = fed.initial_state()
-        cb.round_end(callbacks, heldout, state.history[0])
-    plan = fed.rules.privacy
-    if plan is not None and plan.stopped_by_budget:
-        reporter.info(f"[{heldout}] dp: the budget epsilon={plan.budget:g} (delta "
-                      f"{plan.delta:g}) allows {plan.rounds} of {cfg.rounds} rounds; the run "
-                      f"stops after round {plan.rounds}")
-    state = fed.run(state, callbacks=[round_end])
-    if state.round == 0:
-        writer.checkpoint(state)
+    server = fed.server(writer, callbacks=callbacks, resumed=writer.resumed,
+                        observers=[progress, *([on_round] if on_round else [])])
+    if writer.resumed is not None:
+        reporter.info(f"[{heldout}] resuming after round {writer.resumed.round}")
+    if (note := server.budget_note()) is not None:
+        reporter.info(f"[{heldout}] {note}")
+    state = fed.run(server)  # round 0 (a fresh run), then every planned round
     algo = fed.algorithm
     personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
                     if state.best_params is not None and cfg.personalize_epochs > 0
                     and algo.personalizes else None)
-    result = writer.result(
-        state, fed.zero_shot(), dataset=prep.dataset.name,
-        trainable_params=fed.trainable_parameters(), seconds=time.perf_counter() - start,
+    return server.finish(
+        fed.zero_shot(), personalized=personalized,
         clients=[ClientInfo(c.name, len(c.train), len(c.val), len(c.test))
                  for c in fed.clients],
         heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
-        runtime="in-process", personalized=personalized,
+        runtime="in-process", dataset=prep.dataset.name, classes=prep.dataset.classes,
+        logit_scale=prep.text.logit_scale, dim=fed.dim, seconds=time.perf_counter() - start,
+        trainable_params=fed.trainable_parameters(),
         skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
-        data_source=data_source(prep.dataset.root), **fed.rules.extra(state.round))
-    adapters = [("adapter", state.best_params, state.best_round),
-                ("adapter-last", state.global_params, state.round)]
-    if algo.keeps_own_models and state.best_params is not None:  # each client's own model
-        adapters += [(f"adapter-{safe_name(c.name)}", algo.eval_params(
-            state.best_params, state.best_client_states.get(c.name, {})), state.best_round)
-            for c in fed.clients]
-    if not algo.communicates:  # no global adapter at all
-        adapters = adapters[2:]
-    writer.finish(result, adapters, prep.dataset.classes, prep.text.logit_scale, fed.dim)
-    cb.run_end(callbacks, heldout, result)
-    return result
-
-
-def check_cache_writable(folder: Path) -> None:
-    """Refuse an unwritable feature cache before anything is extracted."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise RunFolderError(f"the feature cache {folder} is not writable ({exc.strerror}); "
-                             f"pass --cache-dir with a folder you can write to, or set "
-                             f"FEDCLIP_CACHE") from None
+        data_source=data_source(prep.dataset.root))
 
 
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
@@ -192,7 +130,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
         heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
         for h in heldouts:  # the aggregator's client count, the DP budget: before extraction
             server_rules(cfg, algorithm, sum(len(s) for d, s in splits.items() if d != h))
-        folder.data = data_fingerprint(dataset)
+        folder.data = dataset_identity(dataset)
         starts = folder.prepare(heldouts, resume)  # every resume decided before any write
         check_cache_writable(cache_dir(cfg))
         folder.write_config()  # before extraction: an interrupted run resumes with --resume

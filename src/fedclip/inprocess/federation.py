@@ -1,18 +1,16 @@
-"""The in-process federation: one round loop for every algorithm, no Flower import.
+"""The in-process driver: every client of a federation in this process, no Flower import.
 
-Each round the server asks the algorithm for the round's configuration and each client's
-extras, every client trains from the global parameters (``Algorithm.train_client``; its state
-kept in ``FederationState.client_states``), and the server aggregates
-(``Algorithm.aggregate``, weighted by each client's train size). Then the global state is
-evaluated on every client's val and test split and on the held-out domain. Callbacks observe
-each round (progress, checkpoints); the loop itself neither prints nor writes files.
+It only moves values between the clients and the one server (:class:`fedclip.core.server.
+Server`, which decides everything about a round): it asks the server for a round's plan,
+trains the sampled clients through the one client entry (:func:`fedclip.core.client.run_jobs`;
+their state kept in ``FederationState.client_states``), hands the updates to the server, and
+scores every client and the held-out domain when the plan says the round is evaluated.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 
 import torch
 
@@ -20,29 +18,25 @@ from fedclip.adapters import count_parameters
 from fedclip.algorithms.base import Algorithm
 from fedclip.core.client import (
     ClientData,
-    ClientJob,
+    ClientUpdate,
     Split,
-    client_clip,
-    client_weights,
+    client_job,
     evaluate_module,
     load_module,
     personalize,
-    round_seed,
+    run_jobs,
+    score,
 )
 from fedclip.core.records import Personalized, RoundRecord, nanmean
-from fedclip.core.server import aggregate_round, outliers, server_rules
+from fedclip.core.server import DIVERGED, Evaluation, RoundObserver, RoundPlan, Server
 from fedclip.core.state import FederationState
 from fedclip.core.together import train_together
-from fedclip.errors import TrainingError
-from fedclip.sampling import sample_clients
-from fedclip.tensors import Params, State, all_finite, tensor_bytes
-
-RoundCallback = Callable[[FederationState, RoundRecord], None]
+from fedclip.tensors import Params, State, tensor_bytes
 
 
 class Federation:
-    """The clients' tensors, the held-out split and the algorithm: rounds, evaluation and
-    personalization, in one process."""
+    """The clients' tensors, the held-out split and the algorithm: how the clients of a
+    held-out run train and are scored in one process."""
 
     def __init__(self, algorithm: Algorithm, clients: list[ClientData], class_text: torch.Tensor,
                  logit_scale: float, heldout: Split | None = None,
@@ -55,19 +49,19 @@ class Federation:
         self.heldout = heldout.to(self.device) if heldout is not None else None
         self.heldout_mask = heldout_mask.to(self.device) if heldout_mask is not None else None
         self.cfg = algorithm.cfg
-        algorithm.num_clients = len(clients)
-        algorithm.logit_scale = logit_scale
         self.together = (self.cfg.train_clients_together and algorithm.batchable
                          and self.cfg.optimizer_state == "reset")
         self._trainable: int | None = None
-        self.weights = client_weights({c.name: len(c.train) for c in self.clients}, self.cfg)
-        # rounds (a DP budget may end the run early), DP, the best-round rule: as on Flower
-        self.rules = server_rules(self.cfg, algorithm, len(clients))
+        self._server: Server | None = None
 
     @property
     def dim(self) -> int:
         """The feature size."""
         return self.class_text.shape[1]
+
+    def sizes(self) -> dict[str, int]:
+        """Every client's train size (what the server weighs by)."""
+        return {c.name: len(c.train) for c in self.clients}
 
     def trainable_parameters(self) -> int:
         """Parameters the algorithm trains (what a round sends, per client)."""
@@ -75,41 +69,67 @@ class Federation:
             self._trainable = count_parameters(self.algorithm.init_global(self.dim))
         return self._trainable
 
-    # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, record: RoundRecord, params: Params | None,
-                 states: dict[str, State] | None = None) -> RoundRecord:
+    def init(self) -> Params | None:
+        """The algorithm's global parameters before round 1, on this federation's device."""
+        params = self.algorithm.init_global(self.dim)
+        return {k: v.to(self.device) for k, v in params.items()} if params else params
+
+    # --- the clients ----------------------------------------------------------------------
+    def train(self, plan: RoundPlan, server: Server
+              ) -> tuple[dict[str, ClientUpdate], dict[str, str], int, int]:
+        """The sampled clients' round: (updates, diverged ones, bytes sent, bytes received)."""
+        algo, state = self.algorithm, server.state
+        by_name = {c.name: c for c in self.clients}
+        shared = algo.shared(state.params) if algo.communicates else {}
+        jobs = [client_job(algo.client, name, by_name[name].train, state.params,
+                           plan.extras(server, name), plan.config,
+                           state.client_states.setdefault(name, {}), self.class_text,
+                           self.logit_scale) for name in plan.clients]
+        trained = run_jobs(algo.client, jobs, train_together if self.together else None)
+        updates, diverged, sent, received = {}, {}, 0, 0
+        for job, update in zip(jobs, trained, strict=True):
+            if update is None:
+                diverged[job.name] = DIVERGED
+                continue
+            updates[job.name] = update
+            if algo.communicates:
+                sent += tensor_bytes(shared) + tensor_bytes(job.extras)
+                received += tensor_bytes(update.params) + tensor_bytes(update.extras)
+        return updates, diverged, sent, received
+
+    def evaluate(self, params: Params | None, states: dict[str, State] | None = None
+                 ) -> Evaluation:
         """Accuracies of ``params`` on every client's val/test split (with each client's own
         state: personal parameters, a personal model) and on the held-out domain (the global
-        parameters; the mean over the clients' models when every parameter is personal), into
-        ``record``."""
+        parameters; the mean over the clients' models when every parameter is personal)."""
         algo, states = self.algorithm, states or {}
+        held: float | None
         if params is None and not algo.has_zero_shot:  # nothing to score: NaN, not a guess
             nan = float("nan")
-            record.set_evaluation({c.name: nan for c in self.clients},
-                                  {c.name: nan for c in self.clients},
-                                  nan if self.heldout is not None else None)
-            return record
-        shared = load_module(algo, params, self.dim)  # built once, used by every plain client
-        modules = {}
-        for c in self.clients:
-            own = algo.eval_params(params, states.get(c.name, {}))
-            modules[c.name] = shared if own is params else load_module(algo, own, self.dim)
+            held = nan if self.heldout is not None else None
+            return {c.name: nan for c in self.clients}, {c.name: nan for c in self.clients}, held
         args = (self.class_text, self.logit_scale)
-        val = {c.name: evaluate_module(algo, modules[c.name], c.val, *args, c.class_mask).accuracy
-               for c in self.clients}
-        test = {c.name: evaluate_module(algo, modules[c.name], c.test, *args,
-                                        c.class_mask).accuracy for c in self.clients}
-        heldout = None
+        val, test = {}, {}
+        for c in self.clients:
+            val[c.name], test[c.name] = score(algo.client, c, params, states.get(c.name, {}),
+                                              *args)
+        held = None
         if self.heldout is not None:
-            models = [shared] if algo.communicates or params is None else list(modules.values())
-            heldout = nanmean(evaluate_module(algo, m, self.heldout, *args,
-                                              self.heldout_mask).accuracy for m in models)
-        record.set_evaluation(val, test, heldout)
-        return record
+            if algo.communicates or params is None:
+                models = [params]
+            else:  # every parameter personal: the mean over the clients' own models
+                models = [algo.client.eval_params(params, states.get(c.name, {}))
+                          for c in self.clients]
+            held = nanmean(evaluate_module(algo.client, load_module(algo.client, p, self.dim),
+                                           self.heldout,
+                                           *args, self.heldout_mask).accuracy for p in models)
+        return val, test, held
 
     def zero_shot(self) -> RoundRecord:
         """Every split scored with no trained parameters (the zero-shot classifier)."""
-        return self.evaluate(RoundRecord(0), None)
+        record = RoundRecord(0)
+        record.set_evaluation(*self.evaluate(None))
+        return record
 
     def personalize(self, params: Params, epochs: int) -> Personalized:
         """Each client fine-tunes its own copy of ``params`` (see
@@ -117,87 +137,62 @@ class Federation:
         per_client, chosen = {}, {}
         for c in self.clients:
             per_client[c.name], chosen[c.name] = personalize(
-                self.algorithm, params, c, self.class_text, self.logit_scale, epochs)
+                self.algorithm.client, params, c, self.class_text, self.logit_scale, epochs)
         return Personalized(per_client, chosen)
 
-    # --- rounds ---------------------------------------------------------------------------
-    def initial_state(self) -> FederationState:
-        """Round 0: the initial parameters, evaluated (round 0 competes for selection)."""
-        params = self.algorithm.init_global(self.dim)
-        params = {k: v.to(self.device) for k, v in params.items()} if params else params
-        server_state = self.algorithm.init_server_state(params) if params is not None else {}
-        record = self.evaluate(RoundRecord(0), params)
-        state = FederationState(0, params, server_state=server_state, history=[record])
-        state.select(record, self.rules.selection)
-        return state
+    # --- driving the server ---------------------------------------------------------------
+    def server(self, run: object = None, *, callbacks: Sequence[object] = (),
+               observers: Sequence[RoundObserver] = (),
+               resumed: FederationState | None = None) -> Server:
+        """The one server of this federation, started (``resumed``, or round 0 to record)."""
+        self._server = Server(self.algorithm, self.sizes(), run, callbacks=callbacks,
+                              observers=observers)
+        self._server.start(self.init(), resumed.to(self.device) if resumed else None)
+        return self._server
 
-    def client_job(self, state: FederationState, client: ClientData, server_round: int
-                   ) -> ClientJob:
-        """What ``client`` trains from in ``server_round``."""
-        algo = self.algorithm
-        own = state.client_states.setdefault(client.name, {})
-        start = algo.with_personal(state.params, own)
-        return ClientJob(client.name, client.train, start, start,
-                         algo.client_extras(state.server_state, client.name),
-                         algo.round_config(server_round), own, self.class_text,
-                         self.logit_scale, round_seed(self.cfg.seed, server_round, client.name))
+    def round_zero(self, server: Server) -> None:
+        """Round 0 (a fresh run): the initial parameters, evaluated; it competes for
+        selection like any round."""
+        if not server.started:
+            server.complete(RoundRecord(0), self.evaluate(server.state.global_params))
 
-    def run_round(self, state: FederationState) -> RoundRecord:
-        """One round: sample, train, aggregate, evaluate (when due); appended to history."""
-        algo, server_round = self.algorithm, state.round + 1
+    def run_round(self, server: Server | FederationState | None = None) -> RoundRecord | None:
+        """One round through ``server``: plan, train, accept, evaluate when due, complete
+        (None: no round left)."""
+        server = server if isinstance(server, Server) else self.current()
+        plan = server.plan()
+        if plan is None:
+            return None
         start = time.perf_counter()
-        losses, sent, received = {}, 0, 0
-        chosen = set(sample_clients([c.name for c in self.clients], self.cfg.clients_per_round,
-                                    self.cfg.seed, server_round))
-        clients = [c for c in self.clients if c.name in chosen]
-        jobs = [self.client_job(state, c, server_round) for c in clients]
-        if self.together:
-            trained = train_together(algo, jobs)
-        else:
-            trained = [algo.train_client(job) for job in jobs]
-        replies = {}
-        for client, job, update in zip(clients, jobs, trained, strict=True):
-            if algo.communicates:
-                update = replace(update, params=client_clip(self.cfg, update.params,
-                                                            algo.shared(job.params)))
-            replies[client.name] = replace(update, weight=self.weights[client.name])
-            losses[client.name] = update.loss
-            if algo.communicates:
-                sent += tensor_bytes(algo.shared(state.params)) + tensor_bytes(job.extras)
-                received += tensor_bytes(update.params) + tensor_bytes(update.extras)
-        rejected = {}
-        if algo.communicates:  # the server's distance rule, as on Flower
-            rejected = outliers(algo, state.params, replies, algo.round_config(server_round),
-                                self.cfg.norm_factor)
-        updates = [u for c, u in replies.items() if c not in rejected]
-        if algo.communicates and updates:
-            new, server_state = aggregate_round(algo, state.params, updates,
-                                                state.server_state, self.rules, self.cfg.seed,
-                                                server_round)
-            if not all_finite(new):
-                raise TrainingError(f"round {server_round}: the aggregate is not finite; lower "
-                                    f"the learning rate (or the server's). The last good "
-                                    f"checkpoint is kept")
-            state.global_params, state.server_state = new, server_state
-        state.round = server_round
-        record = RoundRecord(server_round, losses, time.perf_counter() - start, sent, received,
-                             rejected=rejected or None, epsilon=self.rules.epsilon(server_round))
-        if server_round % self.cfg.eval_every == 0 or server_round == self.rules.rounds:
-            self.evaluate(record, state.global_params, state.client_states)
-            state.select(record, self.rules.selection)
+        updates, diverged, sent, received = self.train(plan, server)
+        record = server.accept(plan, updates, rejected=diverged, sent=sent, received=received)
+        record.seconds = time.perf_counter() - start  # train and aggregate
+        state = server.state
+        evaluation = self.evaluate(state.global_params, state.client_states) \
+            if plan.evaluated else None
         record.round_seconds = time.perf_counter() - start  # train, aggregate, evaluate
-        state.history.append(record)
-        return record
+        return server.complete(record, evaluation)
 
-    def run(self, state: FederationState | None = None,
-            callbacks: Sequence[RoundCallback] = ()) -> FederationState:
-        """Train until ``cfg.rounds``, or the last round a DP budget allows (continuing
-        ``state`` when given)."""
-        state = state.to(self.device) if state is not None else self.initial_state()
-        if not self.algorithm.trains:
-            return state
-        while state.round < self.rules.rounds:
-            record = self.run_round(state)
-            for callback in callbacks:
-                callback(state, record)
-        return state
+    def run(self, server: Server | None = None) -> FederationState:
+        """Round 0 when due, then every round the server plans."""
+        server = server or self.current()
+        self.round_zero(server)
+        while self.run_round(server) is not None:
+            pass
+        return server.state
+
+    # conveniences for benchmarks and tests: a server without a run folder
+    def current(self) -> Server:
+        """The server this federation drives (a fresh one, without a run folder, if none)."""
+        return self._server or self.server()
+
+    def initial_state(self) -> FederationState:
+        """A fresh server's state after round 0."""
+        server = self.server()
+        self.round_zero(server)
+        return server.state
+
+    @property
+    def rules(self):  # noqa: ANN201
+        """The server's rules (rounds, sampling, selection, DP)."""
+        return self.current().rules

@@ -1,14 +1,20 @@
-"""Results for people: the markdown table and the plots (the run folder writes them)."""
+"""Results for people: the markdown table and the plots (the run folder writes them).
+
+Below the core in the layers (the run folder calls it): it reads a run's results
+(:class:`fedclip.core.records.RunResult`) by their fields and never imports the core."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedclip.config import RunConfig
-from fedclip.core.records import RunResult
 from fedclip.io import atomic_write
+
+if TYPE_CHECKING:
+    from fedclip.core.records import RunResult
 
 
 def backbone_note(spec: str) -> str | None:
