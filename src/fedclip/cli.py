@@ -295,6 +295,9 @@ def run_command(
     log_to: LogTo = None,
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
+    from fedclip.dynamo import defer_dynamo_import
+
+    defer_dynamo_import()  # this process never compiles: no torch._dynamo for the optimizer
     from fedclip.callbacks import loggers_from_specs
     from fedclip.core.report import COLUMNS, privacy_note, round_zero_note, table_rows
     from fedclip.inprocess.experiment import run
