@@ -194,7 +194,8 @@ def test_an_interrupted_extraction_continues_where_it_stopped(tiny_arch, toy_roo
 def test_a_run_on_cached_features_imports_no_backbone_library(tiny_arch, toy_root, tmp_path):
     """The backbone's identity is checked from what the cache recorded: a run whose features
     are all cached imports neither open_clip (with torchvision and transformers) nor the
-    stand-in's libraries; they are imported only when something must be encoded."""
+    stand-in's libraries; they are imported only when something must be encoded. Nor does
+    its optimizer import torch._dynamo (with sympy): `fedclip run` never compiles."""
     import subprocess
     import sys
 
@@ -204,7 +205,8 @@ def test_a_run_on_cached_features_imports_no_backbone_library(tiny_arch, toy_roo
     cache = tmp_path / "cache"
     prepare(RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma",
                             cache_dir=str(cache)))  # every domain and the prompts, cached
-    heavy = ("open_clip", "transformers", "sentence_transformers", "torchvision", "timm")
+    heavy = ("open_clip", "transformers", "sentence_transformers", "torchvision", "timm",
+             "sympy")
     script = ("import sys\nfrom fedclip.cli import main\ncode = main(sys.argv[1:])\n"
               f"print(sorted(m for m in {heavy!r} if m in sys.modules))\nsys.exit(code)")
     # the subprocess never registers the tiny architecture: open_clip would not know it

@@ -114,7 +114,7 @@ def test_the_client_app_imports_only_what_a_message_needs():
 
 DYNAMO_SCRIPT = """
 import sys, torch
-from fedclip.flower.client_app import defer_dynamo_import
+from fedclip.dynamo import defer_dynamo_import
 deferred = defer_dynamo_import() if sys.argv[1] == "defer" else False
 torch.manual_seed(0)
 p = torch.nn.Parameter(torch.randn(64, 64))
@@ -165,14 +165,14 @@ def test_the_dynamo_stand_in_is_set_only_on_a_torch_it_is_tested_with(monkeypatc
 
     import torch
 
-    from fedclip.flower import client_app
+    from fedclip import dynamo
 
     # the release this environment runs is one the test above checks
-    assert client_app.torch_release(torch.__version__) in client_app.DYNAMO_STAND_IN_TORCH
-    assert client_app.torch_release("2.14.1+cu130") == "2.14"
+    assert dynamo.torch_release(torch.__version__) in dynamo.DYNAMO_STAND_IN_TORCH
+    assert dynamo.torch_release("2.14.1+cu130") == "2.14"
     before, finders = sys.modules.get("torch._dynamo"), list(sys.meta_path)
     monkeypatch.setattr(torch, "__version__", "2.99.0+cpu")
-    with caplog.at_level(logging.INFO, logger="fedclip.flower.client_app"):
-        assert client_app.defer_dynamo_import() is False
+    with caplog.at_level(logging.INFO, logger="fedclip.dynamo"):
+        assert dynamo.defer_dynamo_import() is False
     assert sys.modules.get("torch._dynamo") is before and sys.meta_path == finders
     assert "torch 2.99.0+cpu: torch._dynamo is imported as usual" in caplog.text

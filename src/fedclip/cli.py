@@ -401,6 +401,9 @@ def run_command(
     log_to: LogTo = None,
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
+    from fedclip.dynamo import defer_dynamo_import
+
+    defer_dynamo_import()  # this process never compiles: no torch._dynamo for the optimizer
     _outs.append(out)
     cfg = _settings(config, set_ or [], resume_from=out if resume else None,
                     **_flags(locals()))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,6 +43,22 @@ import torch
 
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params
+
+_SCRATCH = threading.local()  # per thread and device: float64 room for one tensor
+
+
+def _wide(v: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of ``v`` (what ``v.to(torch.float64, copy=True)`` gives), in room kept
+    between calls when ``v`` is contiguous: fresh memory for every update's copy costs page
+    faults. Valid until the next call in the same thread."""
+    if not v.is_contiguous():
+        return v.to(torch.float64, copy=True)
+    rooms: dict[torch.device, torch.Tensor] = getattr(_SCRATCH, "rooms", None) or {}
+    _SCRATCH.rooms = rooms
+    room = rooms.get(v.device)
+    if room is None or room.numel() < v.numel():
+        room = rooms[v.device] = torch.empty(v.numel(), dtype=torch.float64, device=v.device)
+    return room[:v.numel()].view(v.shape).copy_(v)
 
 
 def _squares(v: torch.Tensor) -> float:
@@ -54,17 +71,17 @@ def tensor_norm(tensors: Params) -> float:
 
     Float64, which this computation needs: an update's norm decides DP's clipping factor
     (so the clipped update's bits) and the distance rule, over hundreds of thousands of
-    values. One float64 copy per tensor, squared in place (``x * x``, what ``x ** 2`` computes)
-    and summed: the same value, bit for bit, as squaring a second copy."""
-    return math.sqrt(sum(_squares(v.to(torch.float64, copy=True)) for v in tensors.values()))
+    values. One float64 copy per tensor (in room kept between calls), squared in place
+    (``x * x``, what ``x ** 2`` computes) and summed: the same value, bit for bit, as
+    squaring a second copy."""
+    return math.sqrt(sum(_squares(_wide(v)) for v in tensors.values()))
 
 
 def update_norm(params: Params, current: Params) -> float:
     """``||params - current||`` over the keys of ``params`` (float64, see
     :func:`tensor_norm`: one float64 copy of each tensor, ``current`` subtracted in place with
     its float32 values widened exactly as a float64 copy of them would be)."""
-    return math.sqrt(sum(_squares(params[k].to(torch.float64, copy=True).sub_(current[k]))
-                         for k in params))
+    return math.sqrt(sum(_squares(_wide(params[k]).sub_(current[k])) for k in params))
 
 
 def clip_update(params: Params, current: Params, norm: float) -> Params:
