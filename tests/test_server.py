@@ -185,6 +185,8 @@ def test_every_driver_gives_the_same_round_records(scenario, tiny_arch, data, tm
         assert result["best_round"] == reference["best_round"] or noisy, driver
         assert result["rounds"] == reference["rounds"], driver
     if scenario == "honest":
+        sizes = sorted(c["train"] for c in reference["clients"])
+        assert sizes[-1] > 2 * sizes[len(sizes) // 2]  # alpha's weight is capped: the cap binds
         evaluated = [r["evaluated"] for r in expected]
         assert evaluated == [True, False, True, True]  # round 0, eval_every=2, the last
         assert all(r["rejected"] == [] for r in expected)
