@@ -163,6 +163,22 @@ def test_suspicious_names_echoes_and_identical_updates():
     assert suspicious(current, {}) == []
 
 
+def test_an_honest_round_hashes_no_update(monkeypatch):
+    """Identical updates have equal distances: updates at distinct distances are never hashed
+    (the check costs the server nothing beyond the distances its distance rule computes)."""
+    from fedclip.core import influence
+
+    gen = torch.Generator().manual_seed(1)
+    current = {"w": torch.randn(50, generator=gen)}
+    honest = {c: {"w": current["w"] + 0.01 * torch.randn(50, generator=gen)} for c in "abcd"}
+    hashed = []
+    real = influence._digest
+    monkeypatch.setattr(influence, "_digest", lambda p: hashed.append(1) or real(p))
+    assert suspicious(current, honest) == [] and hashed == []
+    copied = {**honest, "z": {"w": honest["b"]["w"].clone()}}
+    assert "b, z sent identical" in suspicious(current, copied)[0] and len(hashed) == 2
+
+
 def test_stalled_when_the_model_has_not_moved_for_k_trained_rounds():
     assert stalled([0.3, 0.0, 0.0, 0.0], k=3)
     assert not stalled([0.3, 0.2, 0.0, 0.0], k=3)

@@ -154,28 +154,37 @@ def _digest(params: Params) -> str:
     return h.hexdigest()
 
 
-def suspicious(current: Params, updates: Mapping[str, Params], tolerance: float = 1e-7
-               ) -> list[str]:
+def suspicious(current: Params, updates: Mapping[str, Params], tolerance: float = 1e-7,
+               distances: Mapping[str, float] | None = None) -> list[str]:
     """Warnings about a round's accepted updates (client -> its shared parameters, over the
     keys of ``current`` that it holds): an update within ``tolerance`` x ||current|| of the
     global parameters (it did not train, or echoes the model: colluders doing so freeze it
     under Krum or the median), and updates that are bit-for-bit identical (no two honest
-    clients with their own data and batches send the same one). Empty: nothing to say."""
+    clients with their own data and batches send the same one). Empty: nothing to say.
+    ``distances``: each update's ``update_norm`` from ``current`` when the caller has them
+    (the server's distance rule does); identical updates have equal distances, so only
+    updates that share one are compared tensor by tensor (an honest round compares none)."""
     from fedclip.privacy import tensor_norm
 
     out: list[str] = []
     if not updates:
         return out
+    dist = dict(distances) if distances is not None else {
+        c: update_norm(p, current) for c, p in updates.items()}
     scale = max(tensor_norm({k: current[k] for k in next(iter(updates.values()))}), 1.0)
-    still = sorted(c for c, p in updates.items()
-                   if update_norm(p, current) <= tolerance * scale)
+    still = sorted(c for c in updates if dist[c] <= tolerance * scale)
     if still:
         out.append(f"{len(still)} accepted update{'s' * (len(still) != 1)} did not move the "
                    f"global parameters ({', '.join(still)}): clients that did not train, or "
                    f"that echo the global model")
+    by_distance: dict[float, list[str]] = {}
+    for client in updates:
+        by_distance.setdefault(dist[client], []).append(client)
     groups: dict[str, list[str]] = {}
-    for client, params in updates.items():
-        groups.setdefault(_digest(params), []).append(client)
+    for clients in by_distance.values():
+        if len(clients) > 1:  # only updates that could be identical are hashed
+            for client in clients:
+                groups.setdefault(_digest(updates[client]), []).append(client)
     for clients in sorted(sorted(g) for g in groups.values() if len(g) > 1):
         if set(clients) <= set(still):
             continue  # already said: they all equal the global parameters

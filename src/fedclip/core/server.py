@@ -161,7 +161,8 @@ def aggregate_round(algorithm: Aggregator, current: Params, updates: Sequence[Cl
 
 
 def outliers(algorithm: Aggregator, current: Params, updates: Mapping[str, ClientUpdate],
-             config: RoundConfig, norm_factor: float) -> dict[str, str]:
+             config: RoundConfig, norm_factor: float,
+             distances: Mapping[str, float] | None = None) -> dict[str, str]:
     """Updates too far from the global parameters (client -> why), by two rules that no
     reply can widen (``norm_factor`` 0: off):
 
@@ -180,7 +181,8 @@ def outliers(algorithm: Aggregator, current: Params, updates: Mapping[str, Clien
     if norm_factor <= 0 or not updates:
         return {}
 
-    dist = {c: privacy.update_norm(u.params, current) for c, u in updates.items()}
+    dist = dict(distances) if distances is not None else {
+        c: privacy.update_norm(u.params, current) for c, u in updates.items()}
     bound = {c: algorithm.update_bound(current, u.num_examples, config)
              for c, u in updates.items()}
     scale = max(privacy.tensor_norm(algorithm.shared(current)), 1.0)
@@ -374,22 +376,27 @@ class Server:
                 rejected[client] = "not a training client sampled for this round"
                 continue
             if update.extras:
-                why = self.side.check_extras(self.state.params, update, self.state.server_state,
-                                        plan.config, self.quantum)
+                why = self.side.check_extras(self.state.params, update,
+                                             self.state.server_state, plan.config,
+                                             self.quantum)
                 if why is not None:
                     rejected[client] = why
                     continue
             kept[client] = update
+        dist: dict[str, float] | None = None
         if algo.communicates:  # the distance rule (nothing is sent otherwise)
+            # each update's distance from the global parameters, once for both rules below
+            dist = {c: privacy.update_norm(u.params, self.state.params)
+                    for c, u in kept.items()} if algo.sends_params else None
             for client, why in outliers(self.side, self.state.params, kept, plan.config,
-                                        self.cfg.norm_factor).items():
+                                        self.cfg.norm_factor, dist).items():
                 rejected[client] = why
                 del kept[client]
         for client, why in sorted(rejected.items()):
             self.warn(f"round {rnd}: rejected the update of {client}: {why}")
         noticed = [f"round {rnd}: {w}" for w in suspicious(
-            self.state.params, {c: u.params for c, u in kept.items()})] \
-            if algo.communicates and algo.sends_params else []
+            self.state.params, {c: u.params for c, u in kept.items()},
+            distances={c: dist[c] for c in kept})] if dist else []
         absent = sorted(set(plan.clients) - set(kept) - set(rejected) | set(missing or ()))
         if absent:
             self.warn(f"round {rnd}: no update from {', '.join(absent)}")
