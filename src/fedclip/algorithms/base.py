@@ -461,6 +461,13 @@ class ServerSide(Side):
                          cfg.aggregation, cfg.trim_fraction, cfg.byzantine, cfg.multikrum_keep)
         return {**current, **params}, server_state
 
+    def round_metrics(self, current: Params, new: Params, updates: Sequence[ClientUpdate]
+                      ) -> dict[str, float]:
+        """What to record about a round's aggregate (``RoundRecord.metrics``): ``current`` the
+        global parameters before it, ``new`` after, ``updates`` the accepted ones (weights
+        set). Called only where the server sees the individual updates (not SecAgg+)."""
+        return {}
+
     def planned_rounds(self, configured: int) -> int:
         """The rounds this algorithm trains when ``rounds`` = ``configured`` (one-shot
         methods: fewer)."""

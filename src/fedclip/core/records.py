@@ -95,6 +95,9 @@ class RoundRecord:
     # what the server noticed about the round (identical or echoing updates, a model that
     # stopped moving while clients report training)
     warnings: list[str] | None = None
+    # what the algorithm's server side measured of its aggregate (``round_metrics``: LoRA's
+    # aggregation error), by name
+    metrics: dict[str, float] | None = None
 
     @property
     def evaluated(self) -> bool:
@@ -148,7 +151,8 @@ class RoundRecord:
             "mean_train_loss": self.mean_train_loss, "seconds": self.seconds,
             "bytes": self.bytes, "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received}
-        for name in ("missing", "rejected", "eval_missing", "node_seconds", "warnings"):
+        for name in ("missing", "rejected", "eval_missing", "node_seconds", "warnings",
+                     "metrics"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.evaluated:
@@ -180,7 +184,9 @@ class RoundRecord:
                          epsilon=_num(data.get("epsilon")),
                          node_seconds=(_accuracies(data["node_seconds"])
                                        if "node_seconds" in data else None),
-                         warnings=_strings(data.get("warnings")))
+                         warnings=_strings(data.get("warnings")),
+                         metrics=(_accuracies(data["metrics"]) if "metrics" in data
+                                  else None))
             if "val_accuracy" in data:
                 record.set_evaluation(_accuracies(data["val_accuracy"]),
                                       _accuracies(data["test_accuracy"]),

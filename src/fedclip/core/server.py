@@ -68,6 +68,10 @@ class Aggregator(Protocol):
                   ) -> tuple[Params, State]:
         """The next global parameters (and server state) from the round's updates."""
 
+    def round_metrics(self, current: Params, new: Params, updates: Sequence[ClientUpdate]
+                      ) -> dict[str, float]:
+        """What it measured of the round's aggregate (recorded by name)."""
+
 
 @dataclass(frozen=True)
 class ServerRules:
@@ -423,6 +427,7 @@ class Server:
             except TooFewUpdates as exc:  # rejections left too few for the rule's guarantee
                 self.warn(f"round {rnd}: the global parameters are unchanged: {exc}")
             else:
+                record.metrics = self.side.round_metrics(self.state.params, new, ordered) or None
                 self._commit(record, new, server_state)
         else:
             self.warn(f"round {rnd}: no valid update; the global parameters are unchanged")
