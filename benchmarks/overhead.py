@@ -170,7 +170,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="open_clip:ViT-B-32@none")
     parser.add_argument("--many", type=int, default=39, help="clients of the second shape")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=2, help="alternated runs per checkout")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternated runs per checkout (0: start-up only)")
     parser.add_argument("--startups", type=int, default=5)
     parser.add_argument("--before", help="an earlier checkout, measured side by side")
     parser.add_argument("--work", help="where the subset and its cache live (kept)")
@@ -236,7 +237,7 @@ def main() -> None:
           f"ms/client-round | arithmetic ms/client-round | **fixed ms/client-round** |")
     print("|---|---|---|---|---|---|---|")
     delta = args.many - 3
-    for name, _ in checkouts:
+    for name, _ in checkouts if args.repeats else ():
         for together in (0, 1):
             few_key, many_key = f"3/{together}", f"{args.many}/{together}"
             mine = runs[name]
@@ -266,11 +267,12 @@ def main() -> None:
                                    / r["rounds"][f"{args.many}/0"]["cpu"] for r in runs[name]])
         print(f"| {name} | together / one after another, {args.many} clients | | "
               f"**{ratio:.2f}** | | | |")
-    arith = runs[checkouts[-1][0]][-1]["arithmetic"]
-    step_text = ", ".join(f"{1e3 * v:.2f} ms (batch {k})" for k, v in arith["step"].items())
-    print(f"\narithmetic of the last run (CPU, least of 5): a training step {step_text}; an "
-          f"update's float64 norm {1e3 * arith['norm']:.2f} ms; its term of the mean "
-          f"{1e3 * arith['mean']:.2f} ms; a 3-input forward {1e3 * arith['eval']:.2f} ms\n")
+    if args.repeats:
+        arith = runs[checkouts[-1][0]][-1]["arithmetic"]
+        step_text = ", ".join(f"{1e3 * v:.2f} ms (batch {k})" for k, v in arith["step"].items())
+        print(f"\narithmetic of the last run (CPU, least of 5): a training step {step_text}; "
+              f"an update's float64 norm {1e3 * arith['norm']:.2f} ms; its term of the mean "
+              f"{1e3 * arith['mean']:.2f} ms; a 3-input forward {1e3 * arith['eval']:.2f} ms\n")
     if args.startups:
         base_wall, base_cpu = (statistics.median(v[i] for v in startup["import torch"])
                                for i in (0, 1))

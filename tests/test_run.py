@@ -226,3 +226,30 @@ def test_backbone_fedavg_trains_the_backbone_and_fedclip_never_does(tiny_arch, t
     assert drift(prox1) < drift(avg1)  # the proximal term keeps clients near the global
     with pytest.raises(Exception, match="open_clip"):
         run(base.replace(algorithm="fedavg-full", backbone="standin"), tmp_path / "bad")
+
+
+def test_plots_drawn_in_background_are_the_plots_drawn_here(tiny_arch, toy_root, tmp_path):
+    """``fedclip run`` draws its history plots in a second process (matplotlib's import off
+    the run's path): the same PNG as drawn in-process, every plot there when the block ends,
+    and a worker that died leaves the plot to this process."""
+    from fedclip import report
+    from fedclip.core.records import RunResult
+
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma", rounds=2)
+    run(cfg, tmp_path / "run")
+    result = RunResult.from_json(json.loads((tmp_path / "run" / "results.json").read_text())
+                                 ["runs"][0])
+    report.plot_history(result, tmp_path / "here.png")
+    with report.plots_in_background():
+        worker = report._WORKER.get()
+        assert worker is not None
+        report.plot_history(result, tmp_path / "there.png")
+        assert worker.sent == [tmp_path / "there.png"]
+    assert worker.proc.returncode == 0
+    assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+    with report.plots_in_background():
+        worker = report._WORKER.get()
+        worker.proc.kill()
+        worker.proc.wait()
+        report.plot_history(result, tmp_path / "fallback.png")  # drawn here
+        assert worker.sent == [] and (tmp_path / "fallback.png").exists()

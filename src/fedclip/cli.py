@@ -401,12 +401,19 @@ def run_command(
     log_to: LogTo = None,
 ) -> None:
     """Train with leave-one-domain-out and report generalization and personalization."""
+    from fedclip.report import plots_in_background
+
+    with plots_in_background():  # started first: it imports matplotlib while we import torch
+        _run(out, resume, set_, config, threads, log_to, _flags(locals()))
+
+
+def _run(out: Path, resume: bool, set_: list[str] | None, config: Path | None, threads: int,
+         log_to: list[str] | None, flags: dict[str, Any]) -> None:
     from fedclip.dynamo import defer_dynamo_import
 
     defer_dynamo_import()  # this process never compiles: no torch._dynamo for the optimizer
     _outs.append(out)
-    cfg = _settings(config, set_ or [], resume_from=out if resume else None,
-                    **_flags(locals()))
+    cfg = _settings(config, set_ or [], resume_from=out if resume else None, **flags)
     if resume and not log_to and (done := finished_results(cfg, out)) is not None:
         _print_note(cfg.backbone, done[1] or "")
         if Verbosity.level >= 0:

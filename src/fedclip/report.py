@@ -5,16 +5,24 @@ Below the core in the layers (the run folder calls it): it reads a run's results
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedclip.config import RunConfig
 from fedclip.io import atomic_write
 
 if TYPE_CHECKING:
     from fedclip.core.records import RunResult
+
+log = logging.getLogger(__name__)
 
 
 def backbone_note(spec: str) -> str | None:
@@ -124,42 +132,136 @@ def _num(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
+def history_data(result: RunResult) -> dict[str, Any]:
+    """What the history plot shows of a run, as plain JSON (so that another process can draw
+    it): the evaluated rounds' per-client test and held-out accuracies, the trained rounds'
+    per-client losses, the selected round."""
+    evaluated = [r for r in result.history if r.test_accuracy is not None]
+    trained = [r for r in result.history if r.round > 0]
+    return {"heldout": result.heldout, "best_round": result.best_round, "loss": result.loss,
+            "rounds": [r.round for r in evaluated],
+            "test": [dict(r.test_accuracy or {}) for r in evaluated],
+            "heldout_accuracy": [r.heldout_accuracy for r in evaluated],
+            "trained": [r.round for r in trained],
+            "train_loss": [dict(r.train_loss) for r in trained]}
+
+
 def plot_history(result: RunResult, path: Path) -> None:
     """Accuracy per round (each client's test split, the held-out domain) and training loss;
-    each client in one colour and marker in both panels."""
+    each client in one colour and marker in both panels. Drawn by the background process of
+    :func:`plots_in_background` when one is running, else here."""
+    data = history_data(result)
+    worker = _WORKER.get()
+    if worker is not None and worker.submit(data, path):
+        return
+    draw_history(data, path)
+
+
+def draw_history(data: dict[str, Any], path: Path) -> None:
+    """The history plot of :func:`history_data`'s ``data``, written to ``path`` (PNG)."""
     from fedclip.plots import pyplot, styles
 
     plt = pyplot()
     if plt is None:
         return
-
-    evaluated = [r for r in result.history if r.test_accuracy is not None]
-    rounds = [r.round for r in evaluated]
+    rounds, nan = data["rounds"], float("nan")
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    clients = sorted({c for r in evaluated for c in r.test_accuracy or {}})
+    clients = sorted({c for acc in data["test"] for c in acc})
     style = styles(clients)
     every = max(1, len(rounds) // 10)
-    nan = float("nan")
     for client in clients:  # a client missing from a round (it left) leaves a gap
-        ax_acc.plot(rounds, [100 * _num((r.test_accuracy or {}).get(client)) for r in evaluated],
+        ax_acc.plot(rounds, [100 * _num(acc.get(client)) for acc in data["test"]],
                     label=f"{client} (test)", markevery=every, markersize=4, **style[client])
-    ax_acc.plot(rounds, [100 * _num(r.heldout_accuracy) for r in evaluated], "k-", lw=2,
-                label=f"{result.heldout} (held out)")
-    ax_acc.axvline(result.best_round, color="grey", ls=":", label="selected round")
-    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {result.heldout}")
+    ax_acc.plot(rounds, [100 * _num(a) for a in data["heldout_accuracy"]], "k-", lw=2,
+                label=f"{data['heldout']} (held out)")
+    ax_acc.axvline(data["best_round"], color="grey", ls=":", label="selected round")
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {data['heldout']}")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    trained = [r for r in result.history if r.round > 0]
     for client in clients:
-        ax_loss.plot([r.round for r in trained],
-                     [r.train_loss.get(client, nan) for r in trained], label=client,
-                     markevery=every, markersize=4, **style[client])
-    ax_loss.set(xlabel="round", ylabel=f"train loss ({result.loss})", title="training loss")
+        ax_loss.plot(data["trained"], [loss.get(client, nan) for loss in data["train_loss"]],
+                     label=client, markevery=every, markersize=4, **style[client])
+    ax_loss.set(xlabel="round", ylabel=f"train loss ({data['loss']})", title="training loss")
     # one legend for both panels (a client has the same colour and marker in each), outside
     fig.legend(*ax_acc.get_legend_handles_labels(), loc="center left",
                bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
+
+
+class _PlotWorker:
+    """A second Python process that imports matplotlib at once and then draws the history
+    plots it is sent (one JSON line each: the data and the PNG's path), so that neither the
+    import nor the drawing waits on this process's training."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from fedclip.report import serve_plots; serve_plots()"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        self.sent: list[Path] = []
+
+    def submit(self, data: dict[str, Any], path: Path) -> bool:
+        """Send one plot; False when the process is gone (the caller draws it itself)."""
+        if self.proc.poll() is not None or self.proc.stdin is None:
+            return False
+        try:
+            self.proc.stdin.write(json.dumps({"data": data, "path": str(path)})  # NaN survives
+                                  + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return False
+        self.sent.append(path)
+        return True
+
+    def close(self, timeout: float = 300.0) -> None:
+        """Wait for every plot sent; one that was not drawn is drawn nowhere and logged (the
+        tables and results are written already). Nothing sent: stopped at once."""
+        if not self.sent:
+            self.proc.kill()
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        missing = [p for p in self.sent if not p.exists()]
+        if self.proc.returncode or missing:
+            why = (err or "").strip().splitlines()[-1:] or [f"exit {self.proc.returncode}"]
+            log.warning("%d plot(s) not drawn (%s): %s", len(missing), why[0],
+                        ", ".join(map(str, missing)))
+
+
+_WORKER: ContextVar[_PlotWorker | None] = ContextVar("fedclip_plot_worker", default=None)
+
+
+@contextmanager
+def plots_in_background() -> Iterator[None]:
+    """Within this block, history plots are drawn by a second process started now, which
+    imports matplotlib while this one imports torch and trains; leaving the block waits for
+    them (every plot exists afterwards). On a machine with a free core this takes plotting
+    off a short run's wall time (the CLI's ``run`` uses it); where the process cannot start,
+    plots are drawn here as before."""
+    try:
+        worker: _PlotWorker | None = _PlotWorker()
+    except OSError:
+        worker = None
+    token = _WORKER.set(worker)
+    try:
+        yield
+    finally:
+        _WORKER.reset(token)
+        if worker is not None:
+            worker.close()
+
+
+def serve_plots() -> None:
+    """The plot process's loop: matplotlib first, then one plot per line on stdin."""
+    from fedclip.plots import pyplot
+
+    pyplot()  # the import, while the parent imports torch
+    for line in sys.stdin:
+        job = json.loads(line)
+        draw_history(job["data"], Path(job["path"]))
