@@ -244,7 +244,7 @@ def test_plots_drawn_in_background_are_the_plots_drawn_here(tiny_arch, toy_root,
         worker = report._WORKER.get()
         assert worker is not None
         report.plot_history(result, tmp_path / "there.png")
-        assert worker.sent == [tmp_path / "there.png"]
+        assert [path for _, path in worker.sent] == [tmp_path / "there.png"]
     assert worker.proc.returncode == 0
     assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()
     with report.plots_in_background():
@@ -253,3 +253,10 @@ def test_plots_drawn_in_background_are_the_plots_drawn_here(tiny_arch, toy_root,
         worker.proc.wait()
         report.plot_history(result, tmp_path / "fallback.png")  # drawn here
         assert worker.sent == [] and (tmp_path / "fallback.png").exists()
+    with report.plots_in_background():  # a process that cannot draw: drawn here at the end
+        worker = report._WORKER.get()
+        worker.proc.stdin.write("not json\n")
+        worker.proc.stdin.flush()
+        worker.proc.wait()
+        worker.sent.append((report.history_data(result), tmp_path / "late.png"))
+    assert (tmp_path / "late.png").read_bytes() == (tmp_path / "here.png").read_bytes()

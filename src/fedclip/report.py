@@ -202,7 +202,7 @@ class _PlotWorker:
             [sys.executable, "-c", "from fedclip.report import serve_plots; serve_plots()"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
-        self.sent: list[Path] = []
+        self.sent: list[tuple[dict[str, Any], Path]] = []
 
     def submit(self, data: dict[str, Any], path: Path) -> bool:
         """Send one plot; False when the process is gone (the caller draws it itself)."""
@@ -214,12 +214,13 @@ class _PlotWorker:
             self.proc.stdin.flush()
         except OSError:
             return False
-        self.sent.append(path)
+        self.sent.append((data, path))
         return True
 
     def close(self, timeout: float = 300.0) -> None:
-        """Wait for every plot sent; one that was not drawn is drawn nowhere and logged (the
-        tables and results are written already). Nothing sent: stopped at once."""
+        """Wait for every plot sent; one the process did not draw (it failed: a missing
+        import, a full disk) is drawn here, so every plot exists afterwards. Nothing sent:
+        stopped at once."""
         if not self.sent:
             self.proc.kill()
         try:
@@ -227,11 +228,13 @@ class _PlotWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate()
-        missing = [p for p in self.sent if not p.exists()]
-        if self.proc.returncode or missing:
+        missing = [(data, path) for data, path in self.sent if not path.exists()]
+        if missing:
             why = (err or "").strip().splitlines()[-1:] or [f"exit {self.proc.returncode}"]
-            log.warning("%d plot(s) not drawn (%s): %s", len(missing), why[0],
-                        ", ".join(map(str, missing)))
+            log.debug("the plot process drew %d of %d plots (%s); drawing the rest here",
+                      len(self.sent) - len(missing), len(self.sent), why[0])
+        for data, path in missing:
+            draw_history(data, path)
 
 
 _WORKER: ContextVar[_PlotWorker | None] = ContextVar("fedclip_plot_worker", default=None)
