@@ -234,3 +234,26 @@ def test_the_protocol_decides_the_numbers_a_resume_must_match():
     assert fields["protocol"] == "base2novel" and fields["class_split_seed"] == 2
     with pytest.raises(ConfigError, match="protocol"):
         RunConfig.build(protocol="novel")
+
+
+def test_a_prompt_method_scores_the_novel_names_through_the_text_tower(tiny_arch, four_classes,
+                                                                      tmp_path):
+    """promptfl's learned context, trained with the base prompts, is run through the text
+    tower with the novel class names: the scorer's class embeddings are the novel prompts'
+    with that context (not the base ones, not the fixed novel text features)."""
+    from fedclip.core.client import working_module
+
+    cfg = cfg_of(four_classes, tiny_arch, algorithm="promptfl", rounds=1, lr=1e-2)
+    prep = prepare(cfg)
+    fed = build_federation(cfg, prep, "beta")
+    state = fed.run()
+    scorer = fed.novel.algorithm if fed.novel is not None else None
+    assert scorer is not None and state.best_params is not None
+    split = class_split(4, cfg.class_split_seed)
+    module = working_module(scorer, fed.dim, fed.device, state.params)
+    novel = scorer.client.class_text(module, fed.novel.class_text)
+    assert novel.shape[0] == len(split.novel)
+    assert torch.allclose(novel, scorer.encode_context(state.params["ctx"]))
+    assert not torch.allclose(novel, fed.novel.class_text, atol=1e-3)  # the context counts
+    result = experiment.run(cfg, tmp_path / "p")[0].base2novel
+    assert result is not None and result.best.novel is not None and result.novel_note is None
