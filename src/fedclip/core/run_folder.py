@@ -13,6 +13,10 @@ Layout::
       config.json  results.json  results.md  .fedclip.lock
       <heldout>/checkpoint.safetensors  history.jsonl  result.json  history.png
                 adapter.safetensors  adapter-last.safetensors  [adapter-<client>.safetensors]
+
+Under ``protocol=base2novel`` config.json holds the protocol and its ``class_split_seed``, and
+results.json, result.json and results.md name the base and novel classes beside their scores
+(the adapters are of the base classes, the classes they were trained on).
 """
 
 from __future__ import annotations
