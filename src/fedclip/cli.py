@@ -320,7 +320,15 @@ REAL_EXPERIMENT = ("The real experiment, full PACS (9,991 images; about 20 minut
 def _print_results(algorithm: str, results: list[RunResult], out: Path, sample: bool) -> None:
     """The table and its notes (not with -q), then where the results are (always);
     ``sample``: a run on the embedded sample, which says what it can show."""
-    from fedclip.report import COLUMNS, privacy_note, round_zero_note, table_rows
+    from fedclip.report import (
+        BASE_NOVEL_COLUMNS,
+        COLUMNS,
+        base_novel_note,
+        base_novel_rows,
+        privacy_note,
+        round_zero_note,
+        table_rows,
+    )
 
     if Verbosity.level >= 0:
         table = Table(title=f"{algorithm} — accuracy % (gen.: held-out domain; pers.: "
@@ -330,7 +338,14 @@ def _print_results(algorithm: str, results: list[RunResult], out: Path, sample: 
         for row in table_rows(results):
             table.add_row(*map(escape, row))
         out_console.print(table)
-        notes = [round_zero_note(results), privacy_note(results)]
+        if (rows := base_novel_rows(results)) is not None:  # protocol=base2novel
+            b2n = Table(title="base to novel — accuracy %")
+            for col in BASE_NOVEL_COLUMNS:
+                b2n.add_column(col, justify="right")
+            for row in rows:
+                b2n.add_row(*map(escape, row))
+            out_console.print(b2n)
+        notes = [round_zero_note(results), privacy_note(results), base_novel_note(results)]
         if sample:
             notes += [SAMPLE_NOTE, REAL_EXPERIMENT]
         for note in notes:

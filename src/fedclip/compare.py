@@ -13,14 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedclip.config import RunConfig
-from fedclip.core.records import RunResult
+from fedclip.core.records import BaseNovelScores, RunResult, harmonic_mean
 from fedclip.io import atomic_write, atomic_write_json, atomic_write_text
 
 Runs = dict[str, dict[int, list[RunResult]]]  # algorithm -> seed -> one result per held-out domain
 
 
 def _stat(values: list[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
+    vals = [v for v in values if v is not None and v == v]  # NaN (an empty split): unknown
     if not vals:
         return None, None
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -122,6 +122,71 @@ def resource_table(runs: Runs, backbone_params: int | None) -> tuple[list[str], 
     return header, rows
 
 
+BASE_NOVEL_KEYS = ("base", "novel", "hm", "heldout_base", "heldout_novel", "heldout_hm")
+ZERO_SHOT = "zero-shot"  # the base-to-novel table's first row: what a method must beat on novel
+
+
+def _known(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and v == v]  # NaN (an empty split): unknown
+    return statistics.fmean(vals) if vals else None
+
+
+def _base_novel_seed(scores: list[BaseNovelScores]) -> dict[str, float | None]:
+    """One seed's base-to-novel numbers over its held-out runs: the mean base and novel, and
+    the harmonic mean of those means (as the papers average over datasets)."""
+    out = {k: _known([getattr(s, k) for s in scores]) for k in
+           ("base", "novel", "heldout_base", "heldout_novel")}
+    return {**out, "hm": harmonic_mean(out["base"], out["novel"]),
+            "heldout_hm": harmonic_mean(out["heldout_base"], out["heldout_novel"])}
+
+
+def base_novel_values(runs: Runs) -> dict[str, dict[str, list[float | None]]] | None:
+    """Under protocol=base2novel: the zero-shot classifier (from the runs that score it: it
+    is the backbone's, the same for every method), then each algorithm's selected model ->
+    base, novel, HM (clients' test splits; held-out domain) -> one value per seed. None: the
+    runs are of another protocol."""
+    if not any(r.base2novel for seeds in runs.values() for rs in seeds.values() for r in rs):
+        return None
+    values: dict[str, dict[str, list[float | None]]] = {}
+
+    def per_seed(seeds: dict[int, list[RunResult]], zero: bool
+                 ) -> dict[str, list[float | None]]:
+        rows = [_base_novel_seed([(r.base2novel.zeroshot if zero else r.base2novel.best)
+                                  for r in rs if r.base2novel is not None])
+                for rs in seeds.values()]
+        return {k: [row[k] for row in rows] for k in BASE_NOVEL_KEYS}
+
+    scored = [seeds for seeds in runs.values() if any(
+        r.base2novel is not None and _known([r.base2novel.zeroshot.novel]) is not None
+        for rs in seeds.values() for r in rs)]
+    if scored:
+        values[ZERO_SHOT] = per_seed(scored[0], zero=True)
+    for a, seeds in runs.items():
+        if a != "zeroshot":  # its selected model is the zero-shot classifier: that row
+            values[a] = per_seed(seeds, zero=False)
+    return values
+
+
+def base_novel_table(runs: Runs) -> tuple[list[str], list[list[str]]] | None:
+    """Base, novel and HM per method (mean ± std over seeds), the zero-shot row first, and
+    how far each method's novel accuracy is above zero-shot's (points)."""
+    values = base_novel_values(runs)
+    if values is None:
+        return None
+    zero = _stat(values[ZERO_SHOT]["novel"])[0] if ZERO_SHOT in values else None
+    header = ["method", "base", "novel", "HM", "novel vs 0-shot", "held-out base",
+              "held-out novel", "held-out HM"]
+    rows = []
+    for m, per in values.items():
+        novel = _stat(per["novel"])[0]
+        gain = ("-" if m == ZERO_SHOT else "n/a" if novel is None or zero is None
+                else f"{100 * (novel - zero):+.1f}")
+        rows.append([m, _cell(per["base"]), _cell(per["novel"]), _cell(per["hm"]), gain,
+                     _cell(per["heldout_base"]), _cell(per["heldout_novel"]),
+                     _cell(per["heldout_hm"])])
+    return header, rows
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(r) + " |" for r in rows])
@@ -138,7 +203,9 @@ def plot(runs: Runs, out: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     style = styles(list(runs))
-    fig, (ax_round, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
+    b2n = base_novel_values(runs)
+    fig, axes = plt.subplots(1, 3 if b2n else 2, figsize=(18 if b2n else 12, 4.2))
+    ax_round, ax_bar = axes[0], axes[1]
     for a, seeds in runs.items():
         results = [r for rs in seeds.values() for r in rs]
         evaluated: dict[int, list[float]] = {}
@@ -178,6 +245,8 @@ def plot(runs: Runs, out: Path) -> None:
                 ax_bar.text(x, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
     ax_bar.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, rotation=20)
     ax_bar.set(ylabel="accuracy (%)", title="generalization (held-out domain)")
+    if b2n:
+        base_novel_panel(axes[2], b2n, style)
     handles, labels = ax_round.get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                title="algorithm")
@@ -187,7 +256,48 @@ def plot(runs: Runs, out: Path) -> None:
     plt.close(fig)
 
 
+def base_novel_panel(ax, values: dict[str, dict[str, list[float | None]]],  # noqa: ANN001
+                     style: dict[str, dict]) -> None:
+    """Base, novel and HM (clients' test splits) per method, bars side by side, zero-shot's
+    novel accuracy as the line to beat."""
+    groups = ("base", "novel", "hm")
+    width = 0.8 / len(values)
+    for i, (m, per) in enumerate(values.items()):
+        colour = "grey" if m == ZERO_SHOT else style.get(m, {}).get("color")
+        xs = [g + i * width for g in range(len(groups))]
+        means = [_stat(per[k])[0] for k in groups]
+        ax.bar([x for x, v in zip(xs, means, strict=True) if v is not None],
+               [100 * v for v in means if v is not None], width, color=colour, label=m,
+               hatch="//" if m == ZERO_SHOT else None)
+        for x, v in zip(xs, means, strict=True):  # not applicable: say so, never a 0 % bar
+            if v is None:
+                ax.text(x, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    zero = _stat(values[ZERO_SHOT]["novel"])[0] if ZERO_SHOT in values else None
+    if zero is not None:
+        ax.axhline(100 * zero, color="grey", ls="--", lw=1, label="zero-shot novel")
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], ["base", "novel", "HM"])
+    ax.set(ylabel="accuracy (%)", title="base to novel (clients' test splits)")
+    ax.legend(fontsize=7, loc="lower right")
+
+
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
+
+
+def base_novel_intro(runs: Runs) -> str:
+    """What the base-to-novel table says, and the class split it used."""
+    first = next(r.base2novel for seeds in runs.values() for rs in seeds.values() for r in rs
+                 if r.base2novel is not None)
+    notes = sorted({r.base2novel.novel_note for seeds in runs.values() for rs in seeds.values()
+                    for r in rs if r.base2novel is not None and r.base2novel.novel_note})
+    return (f"Protocol base2novel (class split seed {first.split_seed}): base classes "
+            f"{', '.join(first.base_classes)}; novel classes {', '.join(first.novel_classes)}. "
+            f"Clients train and validate on base classes only, so the generalization and "
+            f"personalization tables are on base classes. base-to-novel: base accuracy (base "
+            f"test images among the base classes), novel (novel test images among the novel "
+            f"classes, with their prompts), HM their harmonic mean (of the means over held-out "
+            f"runs), on the clients' test splits and on the held-out domain; zero-shot is the "
+            f"row to beat on novel classes."
+            + "".join(f" {n}." for n in notes))
 
 
 def check_compare_folder(out: Path) -> None:
@@ -250,6 +360,9 @@ def compare(base: RunConfig, algorithms: list[str], seeds: list[int], out: str |
     text = [f"# fedclip compare: {', '.join(algorithms)}", "",
             f"Backbone `{base.backbone}`, {base.rounds} rounds, seeds {seeds}; accuracy % "
             f"(mean ± std over seeds).", ""]
+    if (b2n := base_novel_table(runs)) is not None:
+        tables = {"base-to-novel": b2n, **tables}
+        text += [base_novel_intro(runs), ""]
     for name, (header, rows) in tables.items():
         text += [f"## {name}", "", markdown(header, rows), ""]
     atomic_write_text(out / COMPARE_FILES[0], "\n".join(text))

@@ -58,6 +58,15 @@ class RunConfig(BaseModel):
         "batched matmuls; fedclip, fedprox, fedadam/yogi/avgm) instead of one after another. "
         "Same numbers to float rounding; far cheaper per client on a GPU.")
     dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
+    protocol: Literal["all-classes", "base2novel"] = Field(
+        "all-classes", description="Which classes train, beside the held-out domain and the "
+        "partition: 'all-classes'; 'base2novel' (FedTPG, FedPGP): the classes split into base "
+        "and novel halves (class_split_seed), clients train and validate on base classes "
+        "only, and the result adds novel accuracy (novel test images among the novel "
+        "classes, scored with their prompts) and the harmonic mean of base and novel.")
+    class_split_seed: int = Field(0, ge=0, le=2**32 - 1, description="base2novel: the seed "
+                                  "of the base/novel class split (not the run's seed: seeds "
+                                  "vary training, never the split).")
 
     # --- model --------------------------------------------------------------------------
     backbone: str = Field("open_clip:ViT-B-32@openai", description="Backbone spec string.")

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from fedclip.config import RunConfig
 from fedclip.io import atomic_write
 
 if TYPE_CHECKING:
-    from fedclip.core.records import RunResult
+    from fedclip.core.records import BaseNovelScores, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,66 @@ def table_rows(results: list[RunResult]) -> list[tuple[str, ...]]:
     return rows
 
 
+# protocol=base2novel: the selected model and the zero-shot classifier, a row each
+BASE_NOVEL_COLUMNS = ("held out", "model", "base", "novel", "HM", "held-out base",
+                      "held-out novel", "held-out HM")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def base_novel_rows(results: list[RunResult]) -> list[tuple[str, ...]] | None:
+    """Under protocol=base2novel: per held-out run, the selected model's and the zero-shot
+    classifier's base, novel and HM on the clients' test splits and on the held-out domain;
+    then their means (HM of the mean base and mean novel, as the papers average). None: no
+    run of this protocol."""
+    runs = [r for r in results if r.base2novel is not None]
+    if not runs:
+        return None
+
+    def cells(scores: list[BaseNovelScores]) -> tuple[str, ...]:
+        # the means, as the records' own type (its hm: the one rule, without importing it)
+        m = replace(scores[0], base=_mean([s.base for s in scores]),
+                    novel=_mean([s.novel for s in scores]),
+                    heldout_base=_mean([s.heldout_base for s in scores]),
+                    heldout_novel=_mean([s.heldout_novel for s in scores]))
+        return tuple(_pct(v) for v in (m.base, m.novel, m.hm, m.heldout_base, m.heldout_novel,
+                                       m.heldout_hm))
+
+    rows: list[tuple[str, ...]] = []
+    for r in runs:
+        assert r.base2novel is not None
+        rows.append((r.heldout, f"{r.algorithm} (rnd {r.best_round})", *cells([r.base2novel.best])))
+        rows.append((r.heldout, "zero-shot", *cells([r.base2novel.zeroshot])))
+    if len(runs) > 1:
+        rows.append(("mean", runs[0].algorithm,
+                     *cells([r.base2novel.best for r in runs if r.base2novel])))
+        rows.append(("mean", "zero-shot",
+                     *cells([r.base2novel.zeroshot for r in runs if r.base2novel])))
+    return rows
+
+
+def base_novel_note(results: list[RunResult]) -> str | None:
+    """The class split of a base2novel run and what its columns mean (None: another
+    protocol)."""
+    runs = [r for r in results if r.base2novel is not None]
+    if not runs or runs[0].base2novel is None:
+        return None
+    b = runs[0].base2novel
+    lines = [f"Base to novel (class split seed {b.split_seed}): base classes "
+             f"{', '.join(b.base_classes)}; novel classes {', '.join(b.novel_classes)}. "
+             f"Clients train and validate on base-class images only. base: accuracy on "
+             f"base-class test images among the base classes; novel: on novel-class test "
+             f"images among the novel classes, scored with the novel class names' prompts; HM: "
+             f"their harmonic mean. Clients' test splits (mean over clients) and the held-out "
+             f"domain. Zero-shot is the row a method must beat on novel classes."]
+    if b.novel_note:
+        lines.append(b.novel_note + ".")
+    return "\n".join(lines)
+
+
 def round_zero_note(results: list[RunResult]) -> str | None:
     """Why a row selected at round 0 shows a gen. other than zero-shot, when one does (a
     method whose round 0 is the zero-shot classifier needs no note)."""
@@ -94,11 +155,15 @@ def privacy_note(results: list[RunResult]) -> str | None:
     return "\n".join(lines) or None
 
 
+def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(results: list[RunResult]) -> str:
     """The results table as markdown."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
-    return "\n".join(lines)
+    return markdown(COLUMNS, table_rows(results))
 
 
 def markdown_report(cfg: RunConfig, results: list[RunResult]) -> str:
@@ -117,6 +182,10 @@ def markdown_report(cfg: RunConfig, results: list[RunResult]) -> str:
     for note in (round_zero_note(results), privacy_note(results)):
         if note is not None:
             parts += [note, ""]
+    rows = base_novel_rows(results)
+    if rows is not None:
+        parts += ["## Base to novel", "", "The table above is on the base classes alone.", "",
+                  markdown(BASE_NOVEL_COLUMNS, rows), "", base_novel_note(results) or "", ""]
     for r in results:
         clients = ", ".join(f"{k} {_pct(v)}" for k, v in r.best.per_client.items())
         parts.append(f"- held-out **{r.heldout}**: per client {clients}; at the last round "
@@ -143,7 +212,10 @@ def history_data(result: RunResult) -> dict[str, Any]:
             "test": [dict(r.test_accuracy or {}) for r in evaluated],
             "heldout_accuracy": [r.heldout_accuracy for r in evaluated],
             "trained": [r.round for r in trained],
-            "train_loss": [dict(r.train_loss) for r in trained]}
+            "train_loss": [dict(r.train_loss) for r in trained],
+            **({"novel": result.base2novel.best.novel,
+                "heldout_novel": result.base2novel.best.heldout_novel}
+               if result.base2novel is not None else {})}
 
 
 def plot_history(result: RunResult, path: Path) -> None:
@@ -175,7 +247,15 @@ def draw_history(data: dict[str, Any], path: Path) -> None:
     ax_acc.plot(rounds, [100 * _num(a) for a in data["heldout_accuracy"]], "k-", lw=2,
                 label=f"{data['heldout']} (held out)")
     ax_acc.axvline(data["best_round"], color="grey", ls=":", label="selected round")
-    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=f"held out: {data['heldout']}")
+    title = f"held out: {data['heldout']}"
+    if data.get("novel") is not None:  # the lines are base classes; novel: the selected model
+        title += " (lines: base classes)"
+        for value, marker, where in ((data["novel"], "*", "clients' test"),
+                                     (data["heldout_novel"], "X", data["heldout"])):
+            if value is not None and not math.isnan(value):
+                ax_acc.plot([data["best_round"]], [100 * value], linestyle="none", color="k",
+                            marker=marker, markersize=10, label=f"novel classes, {where}")
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title=title)
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_acc, ax_loss):

@@ -92,6 +92,7 @@ class Capabilities:
     fine_tunes: bool
     aggregates_mean: bool
     batchable: bool
+    open_vocabulary: bool
     sends_extras: bool  # derived: it declares reply extras
     overrides: frozenset[str]  # derived: the hooks it overrides
 
@@ -168,6 +169,10 @@ class Algorithm:
     # False: the selected global model is not fine-tuned per client afterwards (nothing in
     # it is trained by gradient steps: the training-free prototypes)
     fine_tunes: ClassVar[bool] = True
+    # False: its parameters are per class (a classifier head, class prototypes), so it cannot
+    # score classes it never trained on; protocol=base2novel reports its novel accuracy n/a
+    # (True: built with other classes' prompts, the same parameters score those classes)
+    open_vocabulary: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = NoOptions
     # its two sides: what runs on a client and what runs on the server (defaults: FedCLIP's)
     Client: ClassVar[type[ClientSide]]
@@ -230,7 +235,8 @@ class Algorithm:
             personal=cls.personal, init_needs_text=cls.init_needs_text,
             has_zero_shot=cls.has_zero_shot, sends_params=cls.sends_params,
             fine_tunes=cls.fine_tunes, aggregates_mean=cls.aggregates_mean,
-            batchable=cls.batchable, sends_extras=overrides("reply_extras"),
+            batchable=cls.batchable, open_vocabulary=cls.open_vocabulary,
+            sends_extras=overrides("reply_extras"),
             overrides=frozenset(h for h in HOOKS if overrides(h)))
 
     @classmethod

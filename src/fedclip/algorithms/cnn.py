@@ -72,6 +72,7 @@ class TorchvisionClassifier(Algorithm):
     inputs = "pixels"
     eval_batch = 64
     has_zero_shot = False
+    open_vocabulary = False  # the network's last layer has an output per class
     Options = CnnOptions
     options: CnnOptions
     Client = TorchvisionClassifierClient

@@ -43,6 +43,7 @@ class LinearProbe(Algorithm):
     name = "linear-probe"
     summary = "a linear (cosine) classifier on the features, zero-shot initialised"
     init_needs_text = True
+    open_vocabulary = False  # a class vector per class (fedpft, personal-transform: too)
     Client = LinearProbeClient
 
     def _classes(self) -> int:

@@ -179,6 +179,7 @@ class Prototypes(Algorithm):
     aggregates_mean = False  # sums and counts per client, not a mean of parameters
     sends_params = False
     fine_tunes = False
+    open_vocabulary = False  # a prototype per class
     Options = PrototypeOptions
     options: PrototypeOptions
     Client = PrototypesClient

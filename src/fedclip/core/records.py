@@ -257,6 +257,86 @@ class Personalized:
                    {str(k): int(v) for k, v in data.get("epochs", {}).items()})
 
 
+def harmonic_mean(base: float | None, novel: float | None) -> float | None:
+    """The base-to-novel summary: ``2 b n / (b + n)`` of base and novel accuracy (0 when both
+    are 0; None when either is unknown)."""
+    if base is None or novel is None or math.isnan(base) or math.isnan(novel):
+        return None
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+@dataclass(frozen=True)
+class BaseNovelScores:
+    """One model under the base-to-novel protocol: on the clients' own test splits (the mean
+    over clients) and on the held-out domain, the accuracy on base-class images among the
+    base classes and on novel-class images among the novel classes (scored with the novel
+    class names' prompts). None: not applicable (a model whose parameters are per class)."""
+
+    base: float | None
+    novel: float | None
+    heldout_base: float | None = None
+    heldout_novel: float | None = None
+    per_client_novel: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def hm(self) -> float | None:
+        """The harmonic mean of base and novel on the clients' test splits."""
+        return harmonic_mean(self.base, self.novel)
+
+    @property
+    def heldout_hm(self) -> float | None:
+        """The harmonic mean on the held-out domain."""
+        return harmonic_mean(self.heldout_base, self.heldout_novel)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"base", "novel", "hm", "heldout": {"base", "novel", "hm"}, "per_client_novel"}``."""
+        return {"base": self.base, "novel": self.novel, "hm": self.hm,
+                "heldout": {"base": self.heldout_base, "novel": self.heldout_novel,
+                            "hm": self.heldout_hm},
+                "per_client_novel": dict(sorted(self.per_client_novel.items()))}
+
+    @classmethod
+    def from_json(cls, data: Any) -> BaseNovelScores:
+        """Back from :meth:`to_json` (the harmonic means are recomputed)."""
+        held = data.get("heldout") or {}
+        return cls(_num(data.get("base")), _num(data.get("novel")), _num(held.get("base")),
+                   _num(held.get("novel")), _accuracies(data.get("per_client_novel") or {}))
+
+
+@dataclass(frozen=True)
+class Base2Novel:
+    """What a run under ``protocol=base2novel`` adds to its result: the class split (its seed
+    and the class names of each half), the selected model's and the zero-shot classifier's
+    base and novel accuracies, and why novel is not applicable when it is not."""
+
+    split_seed: int
+    base_classes: tuple[str, ...]
+    novel_classes: tuple[str, ...]
+    best: BaseNovelScores
+    zeroshot: BaseNovelScores
+    novel_note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``base2novel`` entry of a run in results.json."""
+        return {"split_seed": self.split_seed, "base_classes": list(self.base_classes),
+                "novel_classes": list(self.novel_classes), "best": self.best.to_json(),
+                "zeroshot": self.zeroshot.to_json(), "novel_note": self.novel_note}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Base2Novel | None:
+        """None stays None (a run of another protocol)."""
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise RecordError(f"base2novel is an object, got {type(data).__name__}")
+        note = data.get("novel_note")
+        return cls(int(data["split_seed"]), tuple(_strings(data["base_classes"]) or ()),
+                   tuple(_strings(data["novel_classes"]) or ()),
+                   BaseNovelScores.from_json(data["best"]),
+                   BaseNovelScores.from_json(data["zeroshot"]),
+                   str(note) if note is not None else None)
+
+
 @dataclass(frozen=True)
 class ClientInfo:
     """A training client and its split sizes (None where the server cannot know them)."""
@@ -297,6 +377,7 @@ class RunResult:
     skipped_images: dict[str, list[str]] = field(default_factory=dict)
     personalized: Personalized | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific: transfer, ...
+    base2novel: Base2Novel | None = None  # protocol=base2novel: novel accuracy, the split
 
     @property
     def rounds(self) -> int:
@@ -340,6 +421,7 @@ class RunResult:
             "heldout_images": self.heldout_images, "skipped_images": self.skipped_images,
             "personalized": self.personalized.to_json() if self.personalized else None,
             "runtime": self.runtime, **self.extra,
+            **({"base2novel": self.base2novel.to_json()} if self.base2novel else {}),
             "history": [r.to_json() for r in self.history]})
 
     @classmethod
@@ -370,7 +452,8 @@ class RunResult:
                 skipped_images={str(k): list(v) for k, v in
                                 (data.get("skipped_images") or {}).items()},
                 personalized=Personalized.from_json(data.get("personalized")),
-                extra={k: v for k, v in data.items() if k not in known})
+                extra={k: v for k, v in data.items() if k not in known},
+                base2novel=Base2Novel.from_json(data.get("base2novel")))
         except RecordError:
             raise
         except KeyError as exc:

@@ -13,6 +13,10 @@ Layout::
       config.json  results.json  results.md  .fedclip.lock
       <heldout>/checkpoint.safetensors  history.jsonl  result.json  history.png
                 adapter.safetensors  adapter-last.safetensors  [adapter-<client>.safetensors]
+
+Under ``protocol=base2novel`` config.json holds the protocol and its ``class_split_seed``, and
+results.json, result.json and results.md name the base and novel classes beside their scores
+(the adapters are of the base classes, the classes they were trained on).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fedclip.core.checkpoint import (
     save_checkpoint,
 )
 from fedclip.core.records import (
+    Base2Novel,
     ClientInfo,
     Personalized,
     RecordError,
@@ -261,9 +266,11 @@ class HeldoutRun:
     def result(self, state: FederationState, zero: RoundRecord, *, dataset: str,
                trainable_params: int, seconds: float, clients: Sequence[ClientInfo],
                heldout_images: int, runtime: str, skipped: dict[str, list[str]] | None = None,
-               personalized: Personalized | None = None, **extra: Any) -> RunResult:
+               personalized: Personalized | None = None, base2novel: Base2Novel | None = None,
+               **extra: Any) -> RunResult:
         """The run's result from its state (history, selected round) and what the runtime
-        knows (sizes, costs)."""
+        knows (sizes, costs; ``base2novel``: the novel classes' scores and the class split,
+        under that protocol)."""
         from fedclip.backbones import backbone_traits
 
         cfg = self.folder.cfg
@@ -276,7 +283,7 @@ class HeldoutRun:
             zeroshot=zero.scores(), trainable_params=trainable_params, train_seconds=seconds,
             clients=tuple(clients), heldout_images=heldout_images,
             history=tuple(state.history), runtime=runtime, skipped_images=skipped or {},
-            personalized=personalized, extra=extra)
+            personalized=personalized, extra=extra, base2novel=base2novel)
 
     def finish(self, result: RunResult, adapters: Sequence[AdapterSpec],
                classes: tuple[str, ...], logit_scale: float, dim: int,

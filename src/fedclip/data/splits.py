@@ -118,3 +118,40 @@ def make_clients(dataset: DomainDataset, heldout: str | None, *, seed: int,
         raise DataError(f"no training domains left after holding out {heldout!r}; "
                         f"a dataset needs at least two domains")
     return clients
+
+
+# --- base-to-novel (protocol=base2novel) ----------------------------------------------------
+@dataclass(frozen=True)
+class ClassSplit:
+    """The base-to-novel split of a dataset's classes (indices in label order): clients
+    train and validate on ``base``; ``novel`` is scored on classes no client trained on."""
+
+    base: tuple[int, ...]
+    novel: tuple[int, ...]
+    seed: int
+
+    def names(self, classes: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(base, novel) class names."""
+        return tuple(classes[i] for i in self.base), tuple(classes[i] for i in self.novel)
+
+
+def class_split(n_classes: int, seed: int) -> ClassSplit:
+    """The classes split into base and novel halves: a permutation drawn from ``seed`` alone
+    (every site and every run seed computes the same), the first ``ceil(n/2)`` base (CoOp's
+    and FedTPG's halves), each half in label order."""
+    if n_classes < 2:
+        raise DataError(f"protocol=base2novel splits the classes into base and novel halves; "
+                        f"this dataset has {n_classes} class; use protocol=all-classes")
+    order = np.random.default_rng([seed, *b"base2novel"]).permutation(n_classes)
+    cut = (n_classes + 1) // 2
+    return ClassSplit(tuple(sorted(int(i) for i in order[:cut])),
+                      tuple(sorted(int(i) for i in order[cut:])), seed)
+
+
+def keep_classes(split: ClientSplit, labels: np.ndarray, classes: tuple[int, ...]
+                 ) -> ClientSplit:
+    """The client's indices whose images are of ``classes`` (its other images are left out
+    of every split)."""
+    wanted = np.isin(labels, np.asarray(classes, dtype=np.int64))
+    return ClientSplit(split.name, split.domain, *(idx[wanted[idx]] for idx in
+                                                   (split.train, split.val, split.test)))

@@ -15,11 +15,14 @@ FLOWER_KEYS = FlowerSettings.keys()  # run-config keys of the Flower layer, with
 
 
 def require_one_heldout(cfg: RunConfig) -> None:
-    """A Flower run trains one federation: one held-out domain, named."""
+    """A Flower run trains one federation: one held-out domain, named, on every class."""
     if cfg.heldout == "all":
         raise ConfigError("on Flower, heldout must name one domain (one run per held-out "
                           "domain: flwr run . -c \"heldout='sketch'\", then the next); "
                           "heldout='all' is for fedclip run")
+    if cfg.protocol == "base2novel":
+        raise ConfigError("protocol=base2novel runs in-process (fedclip run, fedclip compare): "
+                          "Flower's evaluation does not score the novel classes yet")
 
 
 def run_config_to_cfg(run_config: dict[str, Any], **overrides: Any

@@ -15,19 +15,24 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from fedclip import callbacks as cb
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Runtime
 from fedclip.backbones import resolve_device
 from fedclip.callbacks import Reporter, SilentReporter
 from fedclip.config import RunConfig
-from fedclip.core.records import ClientInfo, RoundRecord, RunResult
+from fedclip.core.records import Base2Novel, ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import HeldoutRun, RunFolder
 from fedclip.core.server import server_rules
 from fedclip.core.state import FederationState
+from fedclip.data.folder import DomainDataset
 from fedclip.data.sources import data_source
+from fedclip.data.splits import ClassSplit, ClientSplit, class_split, keep_classes
+from fedclip.errors import DataError
 from fedclip.features import check_cache_writable
-from fedclip.inprocess.federation import Federation
+from fedclip.inprocess.federation import Federation, NovelClasses, restrict, restrict_client
 from fedclip.task import (
     Prepared,
     cache_dir,
@@ -42,16 +47,84 @@ from fedclip.task import (
 
 def build_federation(cfg: RunConfig, prep: Prepared, heldout: str) -> Federation:
     """The clients (every domain but ``heldout``) and the held-out test set, as tensors, and
-    the algorithm told what this runtime knows (``Runtime``)."""
+    the algorithm told what this runtime knows (``Runtime``). Under ``protocol=base2novel``
+    the federation holds the base classes alone and scores the novel ones at the end
+    (:class:`~fedclip.inprocess.federation.NovelClasses`)."""
     clients = training_clients(prep, heldout)
     held_split, held_mask = heldout_tensors(prep.dataset.domains[heldout],
                                             prep.features[heldout], len(prep.dataset.classes))
     device = resolve_device(cfg.device)
     class_text = prep.class_text.to(device)
-    algorithm = get_algorithm(cfg, Runtime(prep.prompts, class_text, prep.text.logit_scale,
-                                           len(clients)))
-    return Federation(algorithm, clients, class_text, prep.text.logit_scale, held_split,
-                      held_mask)
+    scale = prep.text.logit_scale
+    if cfg.protocol != "base2novel":
+        algorithm = get_algorithm(cfg, Runtime(prep.prompts, class_text, scale, len(clients)))
+        return Federation(algorithm, clients, class_text, scale, held_split, held_mask)
+    split = base_novel_split(cfg, prep.dataset)
+    base, novel = split.base, split.novel
+    n = len(prep.dataset.classes)
+
+    def among(classes: tuple[int, ...]) -> tuple[tuple[str, ...], torch.Tensor]:
+        index = torch.as_tensor(classes, dtype=torch.long)
+        return tuple(prep.prompts[i] for i in classes), class_text[index.to(device)]
+
+    base_prompts, base_text = among(base)
+    novel_prompts, novel_text = among(novel)
+    algorithm = get_algorithm(cfg, Runtime(base_prompts, base_text, scale, len(clients)))
+    # the same parameters on the novel classes: the algorithm built with their prompts
+    scorer = get_algorithm(cfg, Runtime(novel_prompts, novel_text, scale, len(clients))) \
+        if algorithm.open_vocabulary else None
+    tests = {c.name: (restrict(c.test, novel, n), c.class_mask[list(novel)]) for c in clients}
+    trained = [restrict_client(c, base) for c in clients]
+    for c in trained:
+        if len(c.train) == 0:
+            raise no_base_image(c.name)
+    return Federation(algorithm, trained, base_text, scale,
+                      restrict(held_split, base, n), held_mask[list(base)],
+                      NovelClasses(scorer, novel_text, tests, restrict(held_split, novel, n),
+                                   held_mask[list(novel)]))
+
+
+def base_novel_split(cfg: RunConfig, dataset: DomainDataset,
+                     splits: dict[str, list[ClientSplit]] | None = None) -> ClassSplit:
+    """The run's base/novel class split (``class_split_seed``); with ``splits`` (before any
+    feature is extracted) every client is checked to keep a training image of a base class."""
+    split = class_split(len(dataset.classes), cfg.class_split_seed)
+    for name, clients in (splits or {}).items():
+        labels = dataset.domains[name].labels
+        for c in clients:
+            if len(keep_classes(c, labels, split.base).train) == 0:
+                raise no_base_image(c.name)
+    return split
+
+
+def no_base_image(client: str) -> DataError:
+    """The error of a client left without a training image under base2novel."""
+    return DataError(f"client {client!r} has no training image of a base class under "
+                     f"protocol=base2novel; change class_split_seed, or the partition "
+                     f"(clients_per_domain, dirichlet_alpha)")
+
+
+def novel_note(algorithm: str) -> str:
+    """Why a method's novel accuracy is not applicable (one line)."""
+    return (f"{algorithm}'s parameters are per class (open_vocabulary = False): it cannot "
+            f"score classes it never trained on, so its novel accuracy and HM are n/a")
+
+
+def base_to_novel(cfg: RunConfig, fed: Federation, state: FederationState, zero: RoundRecord,
+                  classes: tuple[str, ...]) -> Base2Novel | None:
+    """What ``protocol=base2novel`` adds to a result: the class split, and the base and
+    novel accuracies of the selected model (its round's base scores, the novel classes
+    scored with the same parameters) and of the zero-shot classifier."""
+    if fed.novel is None:
+        return None
+    split = class_split(len(classes), cfg.class_split_seed)
+    base_names, novel_names = split.names(classes)
+    by_round = {r.round: r for r in state.history}
+    best = fed.base_novel(by_round[state.best_round].scores(), state.best_params,
+                          state.best_client_states)
+    return Base2Novel(split.seed, base_names, novel_names, best,
+                      fed.base_novel(zero.scores(), None),
+                      None if fed.algorithm.open_vocabulary else novel_note(cfg.algorithm))
 
 
 def run_heldout(cfg: RunConfig, prep: Prepared, heldout: str, out: str | Path, *,
@@ -92,16 +165,20 @@ def train_heldout(writer: HeldoutRun, cfg: RunConfig, prep: Prepared, *,
     personalized = (fed.personalize(state.best_params, cfg.personalize_epochs)
                     if state.best_params is not None and cfg.personalize_epochs > 0
                     and algo.personalizes else None)
+    zero = fed.zero_shot()
+    novel = base_to_novel(cfg, fed, state, zero, prep.dataset.classes)
     return server.finish(
-        fed.zero_shot(), personalized=personalized,
+        zero, personalized=personalized,
         clients=[ClientInfo(c.name, len(c.train), len(c.val), len(c.test))
                  for c in fed.clients],
         heldout_images=len(fed.heldout) if fed.heldout is not None else 0,
-        runtime="in-process", dataset=prep.dataset.name, classes=prep.dataset.classes,
+        runtime="in-process", dataset=prep.dataset.name,
+        classes=novel.base_classes if novel is not None else prep.dataset.classes,
         logit_scale=prep.text.logit_scale, dim=fed.dim, seconds=time.perf_counter() - start,
         trainable_params=fed.trainable_parameters(),
         skipped={d: list(f.skipped) for d, f in prep.features.items() if f.skipped},
-        data_source=data_source(prep.dataset.root))
+        data_source=data_source(prep.dataset.root),
+        **({"base2novel": novel} if novel is not None else {}))
 
 
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False,
@@ -129,6 +206,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, reporter: Reporter | None,
         splits = plan_clients(cfg, dataset)
         folder.check_names(list(dataset.domains))
         heldouts = list(dataset.domains) if cfg.heldout == "all" else [cfg.heldout]
+        if cfg.protocol == "base2novel":  # a training client without a base class: now
+            base_novel_split(cfg, dataset, {d: s for d, s in splits.items()
+                                            if any(d != h for h in heldouts)})
         for h in heldouts:  # the aggregator's client count, the DP budget: before extraction
             server_rules(cfg, algorithm, sum(len(s) for d, s in splits.items() if d != h))
         folder.data = dataset_identity(dataset)

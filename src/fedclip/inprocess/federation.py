@@ -5,12 +5,18 @@ Server`, which decides everything about a round): it asks the server for a round
 trains the sampled clients through the one client entry (:func:`fedclip.core.client.run_jobs`;
 their state kept in ``FederationState.client_states``), hands the updates to the server, and
 scores every client and the held-out domain when the plan says the round is evaluated.
+
+Under ``protocol=base2novel`` the federation holds the base classes alone (the clients' splits
+and the held-out domain restricted to base-class images, labels renumbered among the base
+classes, the algorithm built with the base prompts), and :class:`NovelClasses` what scores
+the same parameters on the novel classes at the end (:meth:`Federation.evaluate_novel`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -26,20 +32,65 @@ from fedclip.core.client import (
     personalize,
     run_jobs,
 )
-from fedclip.core.records import Personalized, RoundRecord, nanmean
+from fedclip.core.records import BaseNovelScores, Personalized, RoundRecord, Scores, nanmean
 from fedclip.core.server import DIVERGED, Evaluation, RoundObserver, RoundPlan, Server
 from fedclip.core.state import FederationState
 from fedclip.core.together import train_together
 from fedclip.tensors import Params, State, tensor_bytes
 
 
+def restrict(split: Split, classes: Sequence[int], n_classes: int) -> Split:
+    """The images of ``classes`` alone, labelled by their position in ``classes``."""
+    lookup = torch.full((n_classes,), -1, dtype=torch.long, device=split.y.device)
+    lookup[torch.as_tensor(list(classes), dtype=torch.long, device=split.y.device)] = \
+        torch.arange(len(classes), device=split.y.device)
+    mapped = lookup[split.y]
+    kept = mapped >= 0
+    return Split(split.x[kept], mapped[kept])
+
+
+def restrict_client(data: ClientData, classes: Sequence[int]) -> ClientData:
+    """A client's splits with the images of ``classes`` alone (renumbered as :func:`restrict`
+    does) and its domain's classes among them."""
+    n = len(data.class_mask)
+    index = torch.as_tensor(list(classes), dtype=torch.long, device=data.class_mask.device)
+    return ClientData(data.name, restrict(data.train, classes, n),
+                      restrict(data.val, classes, n), restrict(data.test, classes, n),
+                      data.class_mask[index])
+
+
+@dataclass(frozen=True)
+class NovelClasses:
+    """Base-to-novel: what scores a federation's parameters on the classes it never trained
+    on: the algorithm built with the novel class prompts and text features (None: its
+    parameters are per class, ``open_vocabulary = False``), the novel classes' normalised text
+    features, and each client's test images and the held-out domain's images of the novel
+    classes (labels among the novel classes) with the novel classes each domain has."""
+
+    algorithm: Algorithm | None
+    class_text: torch.Tensor
+    tests: dict[str, tuple[Split, torch.Tensor]]  # client -> (novel test images, class mask)
+    heldout: Split | None = None
+    heldout_mask: torch.Tensor | None = None
+
+    def to(self, device: str | torch.device) -> NovelClasses:
+        """The same on ``device``."""
+        return NovelClasses(self.algorithm, self.class_text.to(device),
+                            {c: (s.to(device), m.to(device)) for c, (s, m) in self.tests.items()},
+                            self.heldout.to(device) if self.heldout is not None else None,
+                            self.heldout_mask.to(device) if self.heldout_mask is not None
+                            else None)
+
+
 class Federation:
     """The clients' tensors, the held-out split and the algorithm: how the clients of a
-    held-out run train and are scored in one process."""
+    held-out run train and are scored in one process (``novel``: under base2novel, what
+    scores the novel classes)."""
 
     def __init__(self, algorithm: Algorithm, clients: list[ClientData], class_text: torch.Tensor,
                  logit_scale: float, heldout: Split | None = None,
-                 heldout_mask: torch.Tensor | None = None) -> None:
+                 heldout_mask: torch.Tensor | None = None,
+                 novel: NovelClasses | None = None) -> None:
         self.device = class_text.device  # where the run happens: every tensor lives there
         self.algorithm = algorithm
         self.clients = [c.to(self.device) for c in clients]
@@ -47,6 +98,7 @@ class Federation:
         self.logit_scale = logit_scale
         self.heldout = heldout.to(self.device) if heldout is not None else None
         self.heldout_mask = heldout_mask.to(self.device) if heldout_mask is not None else None
+        self.novel = novel.to(self.device) if novel is not None else None
         self.cfg = algorithm.cfg
         self.together = (self.cfg.train_clients_together and algorithm.batchable
                          and self.cfg.optimizer_state == "reset")
@@ -101,26 +153,63 @@ class Federation:
         """Accuracies of ``params`` on every client's val/test split (with each client's own
         state: personal parameters, a personal model) and on the held-out domain (the global
         parameters; the mean over the clients' models when every parameter is personal)."""
-        algo, states = self.algorithm, states or {}
-        held: float | None
+        algo = self.algorithm
         if params is None and not algo.has_zero_shot:  # nothing to score: NaN, not a guess
             nan = float("nan")
             held = nan if self.heldout is not None else None
             return {c.name: nan for c in self.clients}, {c.name: nan for c in self.clients}, held
-        client, args = algo.client, (self.class_text, self.logit_scale)
-        own = {c.name: client.eval_params(params, states.get(c.name, {})) if params is not None
-               else None for c in self.clients}
-        items = [Scoring(own[c.name], split, c.class_mask) for c in self.clients
-                 for split in (c.val, c.test)]
-        if self.heldout is not None:  # every parameter personal: the mean over own models
+        per, held = self._score(algo, params, states or {}, self.class_text,
+                                {c.name: [(c.val, c.class_mask), (c.test, c.class_mask)]
+                                 for c in self.clients}, self.heldout, self.heldout_mask)
+        return ({name: v[0] for name, v in per.items()}, {name: v[1] for name, v in per.items()},
+                held)
+
+    def _score(self, algo: Algorithm, params: Params | None, states: dict[str, State],
+               class_text: torch.Tensor, splits: dict[str, list[tuple[Split, torch.Tensor]]],
+               heldout: Split | None, heldout_mask: torch.Tensor | None
+               ) -> tuple[dict[str, list[float]], float | None]:
+        """Each client's accuracy on each of its ``splits`` (with its own state) and the
+        held-out accuracy, against ``class_text``, in one pass of the client entry."""
+        client, args = algo.client, (class_text, self.logit_scale)
+        own = {name: client.eval_params(params, states.get(name, {})) if params is not None
+               else None for name in splits}
+        items = [Scoring(own[name], split, mask) for name, parts in splits.items()
+                 for split, mask in parts]
+        if heldout is not None:  # every parameter personal: the mean over own models
             models = [params] if algo.communicates or params is None else list(own.values())
-            items += [Scoring(p, self.heldout, self.heldout_mask) for p in models]
+            items += [Scoring(p, heldout, heldout_mask) for p in models]
         scored = [r.accuracy for r in evaluate_many(client, items, *args)]  # one pass
-        n = 2 * len(self.clients)
-        val = {c.name: scored[2 * i] for i, c in enumerate(self.clients)}
-        test = {c.name: scored[2 * i + 1] for i, c in enumerate(self.clients)}
-        held = nanmean(scored[n:]) if self.heldout is not None else None
-        return val, test, held
+        per, at = {}, 0
+        for name, parts in splits.items():
+            per[name], at = scored[at:at + len(parts)], at + len(parts)
+        return per, (nanmean(scored[at:]) if heldout is not None else None)
+
+    def evaluate_novel(self, params: Params | None, states: dict[str, State] | None = None
+                       ) -> tuple[dict[str, float], float | None] | None:
+        """Base-to-novel: the accuracy of ``params`` (None: the zero-shot classifier) on each
+        client's novel-class test images and on the held-out domain's, among the novel
+        classes, through the algorithm built with their prompts; None where it cannot score
+        them (no novel classes here, or per-class parameters)."""
+        novel = self.novel
+        if novel is None:
+            return None
+        # no parameters: nothing per class, the run's own algorithm scores the novel prompts
+        algo = novel.algorithm if params is not None else (novel.algorithm or self.algorithm)
+        if algo is None or (params is None and not algo.has_zero_shot):
+            return None
+        per, held = self._score(algo, params, states or {}, novel.class_text,
+                                {c: [part] for c, part in novel.tests.items()}, novel.heldout,
+                                novel.heldout_mask)
+        return {c: v[0] for c, v in per.items()}, held
+
+    def base_novel(self, base: Scores, params: Params | None,
+                   states: dict[str, State] | None = None) -> BaseNovelScores:
+        """A model's base-to-novel scores: ``base`` its scores on the base classes (a round's
+        record), and its novel accuracies (:meth:`evaluate_novel`; None: not applicable)."""
+        novel = self.evaluate_novel(params, states)
+        per, held = novel if novel is not None else ({}, None)
+        return BaseNovelScores(base.personalization, nanmean(per.values()) if novel else None,
+                               base.generalization, held, per)
 
     def zero_shot(self) -> RoundRecord:
         """Every split scored with no trained parameters (the zero-shot classifier)."""
