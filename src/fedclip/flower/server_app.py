@@ -63,10 +63,9 @@ def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] =
     require_one_heldout(cfg)  # before any node is asked anything: one line, no node errors
     algorithm = get_algorithm(cfg)
     if not algorithm.runs_on_flower:
-        why = ("sends nothing to a server" if not algorithm.communicates
-               else "trains the backbone on pixels")
-        raise ConfigError(f"algorithm {cfg.algorithm!r} does not run on Flower (it {why}); "
-                          f"run it in-process: fedclip run --algorithm {cfg.algorithm}")
+        raise ConfigError(f"algorithm {cfg.algorithm!r} does not run on Flower (it sends "
+                          f"nothing to a server); run it in-process: fedclip run --algorithm "
+                          f"{cfg.algorithm}")
     classes = run_classes(cfg)  # the task is the run's: fail before asking any node
     folder = RunFolder(flower.out, cfg)
     callbacks = [*callbacks, *loggers_from_specs([flower.log_to], flower.out)]
