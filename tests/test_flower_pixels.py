@@ -325,3 +325,30 @@ def test_a_pixel_method_deployed_gives_the_in_process_result(name, images, tmp_p
     for key in ("val_accuracy", "test_accuracy", "heldout_accuracy"):
         assert same([r[key] for r in deployed["history"]], [r[key] for r in local["history"]])
     assert deployed["bytes_per_round"] == local["bytes_per_round"] > 0
+
+
+@pytest.mark.slow  # Ray starts its actors (about 20 s)
+@pytest.mark.parametrize("name", PIXELS)
+def test_a_pixel_method_in_a_ray_simulation_gives_the_in_process_result(name, images,
+                                                                       tmp_path, monkeypatch):
+    """Flower's Ray simulation (an actor per node, each decoding its own part of the
+    shared folder): the in-process result."""
+    from flwr.simulation import run_simulation
+
+    from fedclip.flower.server_app import build_server_app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = tiny_model_folder(tmp_path / "model")
+    defaults = {**flower_config(name, backbone, images, tmp_path / "sim", rounds=2),
+                "cache-dir": str(tmp_path / "cache")}
+    run_simulation(build_server_app(defaults), build_client_app(defaults), num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    (sim,) = json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]
+    cfg = RunConfig.build(backbone=backbone, data_root=str(images), heldout="gamma", rounds=2,
+                          lr=1e-3, classes=list(CLASSES), algorithm=name,
+                          options={name: small_options(name)})
+    local = run(cfg, tmp_path / "local")[0]
+    assert max_diff(final(tmp_path / "sim"), final(tmp_path / "local")) < 1e-5
+    for key in ("val_accuracy", "test_accuracy", "heldout_accuracy"):
+        assert same([r[key] for r in sim["history"]], [r[key] for r in local["history"]])
+    assert sim["bytes_per_round"] == local["bytes_per_round"] > 0
