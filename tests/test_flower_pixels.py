@@ -369,3 +369,37 @@ def test_a_pixel_methods_options_are_keys_of_the_flower_app(name):
     cfg, _ = run_config_to_cfg({"algorithm": name, **{f"{name}.{k}": v
                                                       for k, v in declared.items()}})
     assert cfg.options.get(name, {}) == options.model_dump()
+
+
+def test_a_deployments_run_config_reaches_flower_as_one_string(monkeypatch):
+    """Flower 1.42 merges separate ``--run-config`` items shallowly: of two keys of one
+    option table given apart only the last would reach the run (a pixel method's model and
+    image size). ``fedclip flower-run`` passes them as one string, which keeps both."""
+    from flwr.common.config import parse_config_args
+
+    from fedclip.errors import FedclipError
+    from fedclip.flower import launch
+
+    items = ["fedprox-cnn.model='squeezenet1_1@none'", "fedprox-cnn.image-size=32",
+             "algorithm='fedprox-cnn'"]
+    seen: dict[str, list[str]] = {}
+
+    class Popen:  # flwr run, as far as the command line it is given
+        def __init__(self, cmd: list[str], **kwargs: Any) -> None:
+            seen["cmd"], self.stdout, self.returncode = cmd, iter(()), 0
+
+        def __enter__(self) -> Popen:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Popen)
+    monkeypatch.setattr(launch, "ensure_local_superlink", lambda *args: None)
+    with pytest.raises(FedclipError, match="did not start a run"):
+        launch.flower_run(Path(__file__).parents[1], "deploy", items)
+    given = [seen["cmd"][i + 1] for i, a in enumerate(seen["cmd"]) if a == "--run-config"]
+    assert parse_config_args(given) == {"fedprox-cnn.model": "squeezenet1_1@none",
+                                        "fedprox-cnn.image-size": 32,
+                                        "algorithm": "fedprox-cnn"}
+    assert "fedprox-cnn.model" not in parse_config_args(items)  # Flower's merge, item by item
