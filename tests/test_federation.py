@@ -164,8 +164,7 @@ def test_federation_checks_name_every_problem():
 
 def test_runs_that_cannot_work_on_flower_are_refused(tiny_arch, pacs_like, tmp_path):
     nodes = own_sites(pacs_like, tmp_path)
-    for algorithm, why in (("local", "sends nothing"), ("zeroshot", "sends nothing"),
-                           ("fedavg-full", "pixels")):
+    for algorithm, why in (("local", "sends nothing"), ("zeroshot", "sends nothing")):
         run_config = flower_config(tiny_arch, tmp_path, algorithm=algorithm)
         with pytest.raises(ConfigError, match=f"does not run on Flower.*{why}.*fedclip run"):
             server_main(LocalGrid(build_client_app(), nodes, run_config), run_config)

@@ -276,8 +276,9 @@ class Algorithm:
 
     @property
     def runs_on_flower(self) -> bool:
-        """Whether the Flower apps can run it (it communicates, on cached features)."""
-        return self.communicates and self.inputs == "features"
+        """Whether the Flower apps can run it: it communicates (a pixel method's site runs
+        its backbone on its own images)."""
+        return self.communicates
 
     @property
     def personalizes(self) -> bool:

@@ -9,12 +9,13 @@ clients trained together), so they agree bit for bit. The functions take the alg
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -422,6 +423,25 @@ def together_leaves(cfg: RunConfig, module: nn.Module, starts: Sequence[Params],
     return leaves, optimizer
 
 
+@contextlib.contextmanager
+def _seeded_draws(device: str | torch.device, seed: int, draws: bool) -> Iterator[None]:
+    """``draws``: a module that draws from torch's global generator (dropout) draws, for
+    one client's round, from a stream seeded with the round's seed, so that its masks are
+    the same in every runtime and process; the global generators are restored after."""
+    if not draws:
+        yield
+        return
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def working_module(algorithm: Model, dim: int, device: str | torch.device, params: Params
                    ) -> nn.Module:
     """The algorithm's module for features of size ``dim`` on ``device``, holding ``params``:
@@ -464,18 +484,19 @@ def train_local(
     if optimizer_state:
         optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
     losses: list[float] = []
-    for batch in batch_schedule(cfg, len(train), config.local_epochs, seed):
-        batch = batch.to(device)
-        emb = algorithm.embed(module, train.x[batch])
-        text = algorithm.class_text(module, class_text)
-        loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
-        total = objective(loss, module) if objective is not None else loss
-        if not math.isfinite(value := float(total.detach())):
-            raise diverged(config, value)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    with _seeded_draws(device, seed, not shared):
+        for batch in batch_schedule(cfg, len(train), config.local_epochs, seed):
+            batch = batch.to(device)
+            emb = algorithm.embed(module, train.x[batch])
+            text = algorithm.class_text(module, class_text)
+            loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
+            total = objective(loss, module) if objective is not None else loss
+            if not math.isfinite(value := float(total.detach())):
+                raise diverged(config, value)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
     params = get_params(module)
     module.zero_grad(set_to_none=True)
     if not all_finite(params):

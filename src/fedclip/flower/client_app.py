@@ -163,7 +163,7 @@ def handle_evaluate(site: Site, algorithm: Algorithm, content: RecordDict,
         return RecordDict({"metrics": MetricRecord({"personalized-accuracy": accuracy,
                                                     "personalized-epoch": epoch})})
     variants: list[tuple[str, Any]] = [("", params)]
-    if config.get("zeroshot", False):
+    if config.get("zeroshot", False) and algorithm.has_zero_shot:  # else: none to score
         variants.append(("zeroshot-", None))
     values: dict[str, Any] = {}  # MetricRecord values
     for prefix, p in variants:

@@ -250,8 +250,10 @@ def flower_run(app_dir: str | Path = ".", superlink: str | None = None,
     env = {**os.environ, **QUIET_FLOWER}
     env["PATH"] = f"{Path(_flwr()).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [_flwr(), "run", str(app_dir), *([superlink] if superlink else []), "--stream"]
-    for item in run_config or []:
-        cmd += ["--run-config", item]
+    if run_config:  # one string: Flower 1.42 merges separate --run-config items shallowly,
+        # so of two keys of one table (fedprox-cnn.model, fedprox-cnn.image-size) given in
+        # separate items only the last would remain
+        cmd += ["--run-config", " ".join(run_config)]
     for item in federation_config or []:  # simulation: num-supernodes=4, ...
         cmd += ["--federation-config", item]
     run_id = None

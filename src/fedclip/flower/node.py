@@ -11,6 +11,11 @@ A node holds **only its own data** and finds it through its node config:
   training clients in order, then the held-out domain, so a simulation needs ``len(plan)``
   SuperNodes.
 
+A pixel method's node (``inputs = "pixels"``: it trains through the backbone) decodes its own
+images with the algorithm's preprocessing (``ClientSide.preprocess()``) and keeps them in
+memory only, on its own device (``device`` in its node config); a deployed SuperNode, which
+starts a process per message, decodes them at each message.
+
 The task (classes, prompts, splits) comes from the run config, the same for every node.
 """
 
@@ -21,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedclip.algorithms import get_algorithm
+from fedclip.algorithms import algorithm_class, get_algorithm
 from fedclip.algorithms.base import Algorithm, Runtime
 from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
@@ -81,8 +86,12 @@ def domain_of(cfg: RunConfig, root: Path, domain: str) -> DomainSites:
 
 def build_site(cfg: RunConfig, root: Path, domain: str, index: int) -> Site:
     """A node's site: from its site file when the data is unchanged (no scan, no
-    partition), else built (once per domain and process) and kept in that file."""
+    partition), else built (once per domain and process) and kept in that file. A pixel
+    method's site (its images decoded by its own preprocessing) stays in this process's
+    memory: never written to a file (nor into any reply)."""
     check_index(cfg, domain, index)
+    if algorithm_class(cfg.algorithm).inputs == "pixels":
+        return site_of(cfg, domain_of(cfg, root, domain), index)
     path = site_file(cfg, root, domain, index)
     refuse_special(path)
     site = read_site(path, cfg)
@@ -142,8 +151,9 @@ def node_for(cfg: RunConfig, node_config: dict[str, Any]) -> tuple[Site, Algorit
         domain, index = identify(cfg, node_config)
         device = resolve_device(str(node_config.get("device", cfg.device)))
         site = build_site(cfg, _root(cfg), domain, index).to(device)
-        algorithm = get_algorithm(cfg, Runtime(prompts(cfg, run_classes(cfg)), site.class_text,
-                                               float(site.logit_scale)))
+        # on this node's device: what the algorithm builds there (a backbone it trains)
+        algorithm = get_algorithm(cfg.replace(device=device), Runtime(
+            prompts(cfg, run_classes(cfg)), site.class_text, float(site.logit_scale)))
         _SITES[key] = (site, algorithm, folder_stamp(site.folders))
     site, algorithm, _ = _SITES[key]
     return site, algorithm

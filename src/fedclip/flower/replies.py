@@ -52,6 +52,14 @@ def evaluation_of(replies: Iterable[Reply], prefix: str = "") -> Evaluation:
     return val, test, heldout
 
 
+def no_zero_shot(clients: Iterable[str]) -> Evaluation:
+    """The zero-shot evaluation of an algorithm without a zero-shot classifier (its inputs
+    never meet the class prompts: a CNN on pixels): NaN for every training client and the
+    held-out domain, as in-process (nothing is asked of the nodes)."""
+    nan = float("nan")
+    return {c: nan for c in clients}, {c: nan for c in clients}, nan
+
+
 def personalized_of(replies: Iterable[Reply], epochs: int) -> Personalized:
     """Each training node's personalized test accuracy and chosen epoch (in [0, epochs]); a
     reply without both counts as no answer."""

@@ -62,9 +62,10 @@ from fedclip.flower.replies import (
     evaluate_all,
     evaluation_of,
     identities,
+    no_zero_shot,
     personalized_of,
 )
-from fedclip.flower.secagg_client import build_client_app, client_app
+from fedclip.flower.secagg_client import build_client_app, client_app, wire
 from fedclip.flower.secagg_guard import GuardedSecAggPlusWorkflow, implausible_mean
 from fedclip.flower.settings import require_one_heldout, run_config_to_cfg
 from fedclip.task import prompts, run_classes
@@ -82,6 +83,21 @@ def refusal(algorithm: Algorithm, flower: FlowerSettings) -> str | None:
         return ("resume=true is not available with SecAgg+ (Flower's legacy workflow cannot "
                 "start from a checkpoint); start the run again into a new out")
     return secure_sum_refusal(algorithm)
+
+
+def beyond_clipping_range(arrays: dict[str, np.ndarray]) -> str | None:
+    """Why parameters cannot travel through SecAgg+'s secure sum (its clients clip every
+    value to [-SECAGG_CLIPPING_RANGE, SECAGG_CLIPPING_RANGE] before masking, so a larger one
+    would be averaged wrong, silently), or None. A whole backbone (a pixel method) can hold
+    such values (a logit scale, a LayerNorm gain)."""
+    over = {k: float(np.abs(a).max()) for k, a in arrays.items()
+            if a.size and float(np.abs(a).max()) > SECAGG_CLIPPING_RANGE}
+    if not over:
+        return None
+    name, value = max(over.items(), key=lambda kv: kv[1])
+    return (f"{len(over)} parameter tensor(s) hold values beyond the secure sum's clipping "
+            f"range {SECAGG_CLIPPING_RANGE:g} ({name}: {value:.3g}), which it would clip; run "
+            f"this model without SecAgg+")
 
 
 def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
@@ -108,6 +124,7 @@ class SecureStrategy(LegacyFedAvg):
         self.nodes, self.grid, self.timeout = nodes, grid, timeout
         self.drops: dict[str, str] = {}  # this round: client -> why the guard dropped it
         self.keys: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.plan: RoundPlan | None = None
         self.record: RoundRecord | None = None
         self.started = time.perf_counter()
@@ -123,12 +140,12 @@ class SecureStrategy(LegacyFedAvg):
     # --- parameters -----------------------------------------------------------------------
     def as_params(self, arrays: list[np.ndarray]) -> Params:
         """Legacy arrays back as named tensors (``keys`` order)."""
-        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).clone()
-                for k, a in zip(self.keys, arrays, strict=True)}
+        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32).reshape(self.shapes[k]))
+                .clone() for k, a in zip(self.keys, arrays, strict=True)}
 
     def as_arrays(self, params: Params) -> list[np.ndarray]:
         """Named tensors as legacy arrays (``keys`` order)."""
-        return [params[k].detach().cpu().numpy() for k in self.keys]
+        return [wire(params[k].detach().cpu().numpy()) for k in self.keys]
 
     def replies(self, answers: list[tuple[int, dict]]) -> list[Reply]:
         """Answers of known nodes, by the name and role each gave first."""
@@ -139,10 +156,12 @@ class SecureStrategy(LegacyFedAvg):
         dim = int(initial[0].shape[-1])
         shapes = {k: tuple(v.shape) for k, v in
                   self.algorithm.build_module(dim).state_dict().items()}
-        if [tuple(a.shape) for a in initial] != list(shapes.values()):
+        if [tuple(a.shape) for a in initial] != [wire(np.zeros(s)).shape for s in shapes.values()]:
             raise ConfigError(f"the node's initial parameters do not fit algorithm "
                               f"{self.algorithm.name!r} (shapes {[a.shape for a in initial]})")
-        self.keys = list(shapes)
+        self.keys, self.shapes = list(shapes), shapes
+        if (why := beyond_clipping_range(dict(zip(self.keys, initial, strict=True)))) is not None:
+            raise ConfigError(f"SecAgg+: {why}")
         self.server.start(self.as_params(initial))
         answers = evaluate_all(self.grid, initial, {}, self.timeout)
         self.server.complete(RoundRecord(0), evaluation_of(self.replies(answers)))
@@ -246,8 +265,9 @@ def _run(grid: Grid, context: Context, flower: FlowerSettings, classes: tuple[st
     server = Server(algorithm, {c: sizes[c].get("num-train", 0) for c in train},
                     folder.start(cfg.heldout, None), callbacks=callbacks)
     zero = RoundRecord(0)
-    zero.set_evaluation(*evaluation_of([(*nodes[n], m) for n, m in answers],
-                                       prefix="zeroshot-"))
+    zero.set_evaluation(*(evaluation_of([(*nodes[n], m) for n, m in answers],
+                                        prefix="zeroshot-") if algorithm.has_zero_shot
+                          else no_zero_shot(train)))
     count = len(nodes)
     strategy = SecureStrategy(server, nodes, grid, timeout, fraction_fit=1.0,
                               fraction_evaluate=1.0, min_fit_clients=count,

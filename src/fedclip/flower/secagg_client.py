@@ -4,6 +4,7 @@ scored through the same client entry as every runtime (:mod:`fedclip.core.client
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,12 @@ OK = Status(Code.OK, "")
 MAX_SAMPLED_CHARS = 1 << 20  # the sampled-clients list a round's config may carry
 
 
+def wire(array: np.ndarray) -> np.ndarray:
+    """An array as it travels through SecAgg+: a 0-d one (a model's logit scale) as one
+    element (Flower's masking of a 0-d array unmasks to a wrong value)."""
+    return array.reshape(1) if array.ndim == 0 else array
+
+
 class AdapterClient(NumPyClient):
     """One site under SecAgg+: the algorithm's shared parameters as arrays in ``keys`` order,
     trained and scored through the same client entry as every runtime."""
@@ -48,12 +55,12 @@ class AdapterClient(NumPyClient):
 
     def get_parameters(self, config):  # noqa: ANN001, ANN201
         """The initial parameters (the server asks one node; it holds no backbone)."""
-        return [self.init[k].cpu().numpy() for k in self.keys]
+        return [wire(self.init[k].cpu().numpy()) for k in self.keys]
 
     def _params(self, arrays: list[np.ndarray]) -> Params:
         device = self.site.class_text.device
-        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)
-                for k, a in zip(self.keys, arrays, strict=True)}
+        return {k: torch.from_numpy(np.asarray(a, dtype=np.float32).reshape(self.init[k].shape))
+                .to(device) for k, a in zip(self.keys, arrays, strict=True)}
 
     def fit(self, parameters, config):  # noqa: ANN001, ANN201
         """One round (:func:`fedclip.core.client.run_job` with the server's ``RoundConfig``).
@@ -76,7 +83,7 @@ class AdapterClient(NumPyClient):
             cap = finite_number(config.get("weight-cap"), 0)
             weight = float(update.num_examples) if cap is None else \
                 min(float(update.num_examples), cap)
-        return ([update.params[k].cpu().numpy() for k in self.keys], weight,
+        return ([wire(update.params[k].cpu().numpy()) for k in self.keys], weight,
                 {"train-loss": update.loss})
 
     def evaluate(self, parameters, config):  # noqa: ANN001, ANN201
@@ -89,15 +96,19 @@ class AdapterClient(NumPyClient):
                   "dim": int(site.class_text.shape[1])}
         prefix = "zeroshot-" if params is None else ""
         epochs = int(config.get("personalize-epochs", 0))
+        nothing = params is None and not self.algorithm.has_zero_shot  # NaN: none to score
         if site.data is None:
-            held = evaluate(algo, params, site.heldout, *args, site.heldout_mask)
-            return 0.0, max(held.num_examples, 1), {
-                **common, f"{prefix}heldout-accuracy": held.accuracy,
-                "num-test": held.num_examples}
+            assert site.heldout is not None  # a site is a training or the held-out one
+            held = evaluate(algo, params, site.heldout, *args, site.heldout_mask) \
+                if not nothing else None
+            return 0.0, max(len(site.heldout), 1), {
+                **common, f"{prefix}heldout-accuracy": held.accuracy if held else math.nan,
+                "num-test": len(site.heldout)}
         if epochs > 0 and params is not None:
             acc, epoch = personalize(algo, params, site.data, *args, epochs)
             return 0.0, 1, {**common, "personalized-accuracy": acc, "personalized-epoch": epoch}
-        val, test = score(algo, site.data, params, {}, *args)
+        val, test = score(algo, site.data, params, {}, *args) if not nothing else \
+            (math.nan, math.nan)
         return 0.0, max(len(site.data.test), 1), {
             **common, f"{prefix}val-accuracy": val, f"{prefix}test-accuracy": test,
             "num-train": len(site.data.train), "num-val": len(site.data.val),

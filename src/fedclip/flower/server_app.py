@@ -25,12 +25,13 @@ from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm, Runtime
 from fedclip.callbacks import Callback, close, loggers_from_specs
 from fedclip.config import FlowerSettings, RunConfig
+from fedclip.core.client import steps_per_round
 from fedclip.core.records import ClientInfo, RoundRecord, RunResult
 from fedclip.core.run_folder import RunFolder
 from fedclip.core.server import Server
 from fedclip.core.state import FederationState
 from fedclip.errors import ConfigError
-from fedclip.flower.codec import encode
+from fedclip.flower.codec import encode, fp16_rounds_away
 from fedclip.flower.discovery import dataset_name, discover, planned_domains
 from fedclip.flower.grid import PollingGrid
 from fedclip.flower.logs import one_line_refusals
@@ -63,10 +64,9 @@ def main(grid: Grid, run_config: dict[str, Any], callbacks: Sequence[Callback] =
     require_one_heldout(cfg)  # before any node is asked anything: one line, no node errors
     algorithm = get_algorithm(cfg)
     if not algorithm.runs_on_flower:
-        why = ("sends nothing to a server" if not algorithm.communicates
-               else "trains the backbone on pixels")
-        raise ConfigError(f"algorithm {cfg.algorithm!r} does not run on Flower (it {why}); "
-                          f"run it in-process: fedclip run --algorithm {cfg.algorithm}")
+        raise ConfigError(f"algorithm {cfg.algorithm!r} does not run on Flower (it sends "
+                          f"nothing to a server); run it in-process: fedclip run --algorithm "
+                          f"{cfg.algorithm}")
     classes = run_classes(cfg)  # the task is the run's: fail before asking any node
     folder = RunFolder(flower.out, cfg)
     callbacks = [*callbacks, *loggers_from_specs([flower.log_to], flower.out)]
@@ -96,6 +96,11 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
     init = next(iter(inits.values())) if inits else algorithm.init_global(first.dim)
     if init is None:  # refused above (runs_on_flower); a plugin that breaks the contract
         raise ConfigError(f"algorithm {cfg.algorithm!r} has no global parameters to federate")
+    if flower.transfer == "fp16":  # only where half precision would change the result
+        steps = max(steps_per_round(cfg, i.num_train, cfg.local_epochs) for i in train)
+        why = fp16_rounds_away(algorithm.shared(init), steps * algorithm.round_config(1).lr)
+        if why is not None:
+            raise ConfigError(why)
     folder.write_config()
     writer = folder.start(cfg.heldout, resumed)
 

@@ -36,6 +36,7 @@ from fedclip.flower.discovery import NodeInfo
 from fedclip.flower.replies import (
     Reply,
     evaluation_of,
+    no_zero_shot,
     node_seconds,
     personalized_of,
     train_update,
@@ -209,13 +210,15 @@ class FedClipStrategy(FedAvg):
     def evaluate_initial(self, grid: Grid, timeout: float) -> RoundRecord:
         """Round 0: the initial parameters and zero-shot, on every node, in one exchange.
         Records round 0 (a fresh run) and returns zero-shot."""
-        messages = self.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zeroshot": True}),
+        zeroshot = self.algorithm.has_zero_shot
+        messages = self.configure_evaluate(0, ArrayRecord(), ConfigRecord({"zeroshot": zeroshot}),
                                            grid)
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         if not self.server.started:
             self._complete(RoundRecord(0), replies)
         zero = RoundRecord(0)
-        zero.set_evaluation(*evaluation_of(self._replies(replies), prefix="zeroshot-"))
+        zero.set_evaluation(*(evaluation_of(self._replies(replies), prefix="zeroshot-")
+                              if zeroshot else no_zero_shot(self.by_client)))
         return zero
 
     def personalize(self, grid: Grid, epochs: int, timeout: float) -> Personalized | None:
