@@ -327,10 +327,12 @@ def plots_in_background() -> Iterator[None]:
     them (every plot exists afterwards). On a machine with a free core this takes plotting
     off a short run's wall time (the CLI's ``run`` uses it); where the process cannot start,
     plots are drawn here as before."""
-    try:
-        worker: _PlotWorker | None = _PlotWorker()
-    except OSError:
-        worker = None
+    worker: _PlotWorker | None = None
+    if _matplotlib_installed():  # else drawn here, where pyplot() warns once what to install
+        try:
+            worker = _PlotWorker()
+        except OSError:
+            worker = None
     token = _WORKER.set(worker)
     try:
         yield
@@ -338,6 +340,16 @@ def plots_in_background() -> Iterator[None]:
         _WORKER.reset(token)
         if worker is not None:
             worker.close()
+
+
+def _matplotlib_installed() -> bool:
+    """Whether this process could import matplotlib, found without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def serve_plots() -> None:
