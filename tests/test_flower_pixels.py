@@ -354,10 +354,10 @@ def test_a_pixel_method_in_a_ray_simulation_gives_the_in_process_result(name, im
     assert sim["bytes_per_round"] == local["bytes_per_round"] > 0
 
 
-@pytest.mark.parametrize("name", PIXELS)
-def test_a_pixel_methods_options_are_keys_of_the_flower_app(name):
-    """A deployment's `flwr run -c` accepts only the keys the app declares: each option of a
-    pixel method is one ([tool.flwr.app.config] NAME.KEY), at the option's default."""
+@pytest.mark.parametrize("name", [n for n in names() if algorithm_class(n).Options.model_fields])
+def test_a_methods_options_are_keys_of_the_flower_app(name):
+    """A deployment's `flwr run -c` accepts only the keys the app declares: each option of
+    every method is one ([tool.flwr.app.config] NAME.KEY), at the option's default."""
     import tomllib
 
     from fedclip.flower.settings import run_config_to_cfg
@@ -365,7 +365,7 @@ def test_a_pixel_methods_options_are_keys_of_the_flower_app(name):
     app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     declared = app["tool"]["flwr"]["app"]["config"].get(name, {})
     options = algorithm_class(name).Options()
-    assert {k.replace("-", "_") for k in declared} == set(options.model_fields)
+    assert {k.replace("-", "_") for k in declared} == set(type(options).model_fields)
     cfg, _ = run_config_to_cfg({"algorithm": name, **{f"{name}.{k}": v
                                                       for k, v in declared.items()}})
     assert cfg.options.get(name, {}) == options.model_dump()
