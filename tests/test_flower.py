@@ -199,6 +199,13 @@ def test_secagg_plus_aggregate_equals_plain_fedavg(tiny_arch, toy_root, tmp_path
     assert diff < 1e-3, diff  # quantization (2^22 levels over [-8, 8]) and weight rounding
     assert any(m.metadata.message_type == "train" for m in grid.sent)
     assert result.runtime == "flower-secagg+" and [r.round for r in result.history] == [0, 1, 2]
+    # the payloads: float32 arrays (numpy's .npy header, 128 bytes each) down to all three
+    # nodes (the legacy workflow instructs the held-out one too; it answers with 0 examples),
+    # an int64 masked vector up from each of the two training clients
+    values = sum(t.numel() for t in plain.values())
+    down = 4 * values + 128 * len(plain)
+    assert [(r.bytes_sent, r.bytes_received) for r in result.history[1:]] == [
+        (3 * down, 2 * 8 * values)] * 2
 
 
 def test_secagg_plus_runs_the_algorithms_server_step(tiny_arch, toy_root, tmp_path):

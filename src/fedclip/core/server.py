@@ -448,8 +448,8 @@ class Server:
 
     def accept_mean(self, plan: RoundPlan, mean: Params, answered: int,
                     losses: Mapping[str, float], *, diverged: int = 0, seconds: float = 0.0,
-                    rejected: Mapping[str, str] | None = None, refused: str | None = None
-                    ) -> RoundRecord:
+                    rejected: Mapping[str, str] | None = None, refused: str | None = None,
+                    sent: int = 0, received: int = 0) -> RoundRecord:
         """SecAgg+: the round as one securely computed weighted mean of ``answered`` clients'
         parameters. With ``dp=client`` the clients clipped their own updates and the server
         noises the sum (:func:`fedclip.privacy.noisy_mean`); the algorithm's ``aggregate``
@@ -457,7 +457,8 @@ class Server:
         if refused is not None:  # an implausible secure mean: no aggregate this round
             return self.refuse(plan, {**(rejected or {}), "secure mean": refused})
         rnd, plan_dp = plan.round, self.rules.privacy
-        record = RoundRecord(rnd, dict(losses), seconds, rejected=dict(rejected or {}) or None,
+        record = RoundRecord(rnd, dict(losses), seconds, sent, received,
+                             rejected=dict(rejected or {}) or None,
                              epsilon=self.rules.epsilon(rnd))
         if plan_dp is not None and all_finite(mean):
             current = self.state.params

@@ -73,6 +73,9 @@ from fedclip.tensors import Params
 
 # the documented component path (pyproject: clientapp = "fedclip.flower.secagg:client_app")
 __all__ = ["build_client_app", "build_server_app", "client_app", "run", "server_app"]
+# the bytes of one value in a masked vector (Flower 1.42 adds int64 masks to the quantized
+# values); a round's record counts these payloads, not the key exchange's few hundred bytes
+MASKED_BYTES = 8
 SECAGG_CLIPPING_RANGE = 8.0  # SecAggPlusWorkflow's default clipping_range: values travel in it
 
 
@@ -128,6 +131,7 @@ class SecureStrategy(LegacyFedAvg):
         self.plan: RoundPlan | None = None
         self.record: RoundRecord | None = None
         self.started = time.perf_counter()
+        self.sent = 0  # this round: the parameters' bytes, once per instructed node
 
     def fit_config(self, server_round: int) -> dict[str, Any]:
         """The round's plan as the legacy fit config: the ``RoundConfig``, the clients
@@ -175,7 +179,9 @@ class SecureStrategy(LegacyFedAvg):
         self.plan = self.server.plan()
         if self.plan is None:
             return []
-        return super().configure_fit(server_round, parameters, client_manager)
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.sent = sum(len(t) for t in parameters.tensors) * len(instructions)
+        return instructions
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         plan = self.plan
@@ -190,8 +196,11 @@ class SecureStrategy(LegacyFedAvg):
         mean = self.as_params(arrays) if results else self.server.state.params
         wrong = implausible_mean(arrays, SECAGG_CLIPPING_RANGE) if results else None
         drops, self.drops = self.drops, {}
+        # each answer's masked vector: int64 per value (Flower's masks), whatever it carried
+        received = len(results) and sum(a.size for a in arrays) * MASKED_BYTES * len(counted)
         self.record = self.server.accept_mean(plan, mean, len(counted), losses,
-                                              diverged=diverged, rejected=drops, refused=wrong)
+                                              diverged=diverged, rejected=drops, refused=wrong,
+                                              sent=self.sent, received=received)
         self.record.seconds = time.perf_counter() - self.started
         if not plan.evaluated:
             self.server.complete(self.record, None)
