@@ -27,6 +27,8 @@ from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params
 
+PLACEHOLDER = "X"  # the placeholder word of a prompt whose context starts at random
+
 
 class PromptContext(nn.Module):
     def __init__(self, n_ctx: int, width: int) -> None:
@@ -80,6 +82,27 @@ class PromptFL(Algorithm):
         if key not in towers:
             towers[key] = self.backbone.prompt_tower(list(prompts), prefix)
         return towers[key]
+
+    def placeholder_tower(self, n_ctx: int):  # noqa: ANN201 - fedclip.backbones.PromptTower
+        """The text tower for the class prompts with ``n_ctx`` placeholder words "X" in place
+        of the template's words before the class name (FedPGP's and FedTPG's prompt)."""
+        prefix, words = self.template_prefix(), " ".join([PLACEHOLDER] * n_ctx)
+        if not self.prompts:
+            raise ConfigError(f"{self.name} needs the class prompts: build it with "
+                              f"get_algorithm(cfg, Runtime(prompts=...))")
+        tower = self.prompt_tower(tuple(words + p[len(prefix):] for p in self.prompts), words)
+        if tower.n_ctx != n_ctx:
+            raise ConfigError(f"the backbone's tokenizer splits the placeholder word "
+                              f"{PLACEHOLDER!r} into several tokens; {self.name} needs one")
+        return tower
+
+    def class_names(self) -> tuple[str, ...]:
+        """The class names, read back from the class prompts (the template's words around
+        them removed)."""
+        prefix = self.template_prefix()
+        suffix = self.cfg.prompt_template.split("{}", 1)[1].strip()
+        return tuple(p[len(prefix):].strip().removesuffix(suffix).strip() if suffix else
+                     p[len(prefix):].strip() for p in self.prompts)
 
     @property
     def tower(self):  # noqa: ANN201 - fedclip.backbones.PromptTower
