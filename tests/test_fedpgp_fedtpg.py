@@ -217,3 +217,22 @@ def test_fedtpg_prompts_the_novel_classes_and_reports_them_apart(tiny_arch, tmp_
     assert b2n["best"]["novel"] is not None and b2n["best"]["base"] is not None
     assert b2n["best"]["heldout"]["novel"] is not None
     assert algorithm_class("fedpgp").capabilities().open_vocabulary
+
+
+def test_fedpgp_scores_novel_classes_with_its_prompt_and_can_start_at_the_template(tiny_arch,
+                                                                                   tmp_path):
+    """The personal term is one U V for every class name (not per class): open-vocabulary,
+    the novel classes scored with the same prompt. init=template: the global prompt starts at
+    the template words and the positive anchor is the zero-shot prompt itself."""
+    four = make_image_folder(tmp_path / "four", {d: {"cat": 4, "dog": 4, "horse": 4,
+                                                     "red_car": 4}
+                                                 for d in ("alpha", "beta", "gamma")}, size=32)
+    cfg = config(four, tiny_arch, algorithm="fedpgp", protocol="base2novel", rounds=1,
+                 heldout="beta")
+    result = _experiment.run(cfg, tmp_path / "out")[0].base2novel
+    assert result is not None and result.novel_note is None and result.best.novel is not None
+    a = algo("fedpgp", tiny_arch, init="template")
+    zero_shot = F.normalize(a.backbone.encode_texts(["a picture of a cat", "a picture of a dog"]),
+                            dim=-1)
+    assert torch.allclose(a.anchor.cpu(), zero_shot, atol=1e-5)
+    assert torch.equal(a.init_global(32)["ctx"], a.tower.template_context())
