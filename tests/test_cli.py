@@ -487,8 +487,10 @@ def test_the_embedded_sample_says_what_it_can_show_and_the_real_command(tiny_arc
 def test_promptfolio_is_refused_under_its_own_name():
     from fedclip.algorithms import algorithm_class
 
-    algo = algorithm_class("promptfolio")(RunConfig(algorithm="promptfolio", backbone="standin"))
-    with pytest.raises(BackboneError, match="^promptfolio learns tokens of a CLIP text tower"):
+    algo = algorithm_class("promptfolio")(RunConfig(algorithm="promptfolio",
+                                                    backbone="hf:org/model"))
+    with pytest.raises(BackboneError, match="^promptfolio learns tokens of a text tower; "
+                                            "backbone 'hf:org/model' has no text tower"):
         algo.backbone  # noqa: B018 - the property loads (and refuses) the backbone
 
 

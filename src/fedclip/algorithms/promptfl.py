@@ -7,13 +7,14 @@ The context starts at the template words' own token embeddings, so round 0 is ex
 zero-shot classifier. It needs the text encoder in every client process (class prompts only,
 never images): each training step runs the text tower forward and backward over the C class
 prompts, which is the price of its tiny payload (M x text width: 2,048 values for ViT-B/32
-with "a picture of a"). Open_clip backbones with a CLIP text tower only: the offline stand-in
-encodes text with MiniLM followed by a ridge map fitted to ImageNet, so there is no token
-sequence of a CLIP text tower to put context vectors into.
+with "a picture of a"). It runs on any backbone whose text tower can be prompted
+(``fedclip.backbones.PromptTower``): open_clip's CLIP text tower, and the offline stand-in's
+MiniLM (whose numbers are the stand-in's, not CLIP's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -25,6 +26,8 @@ from fedclip.algorithms.base import Algorithm, ClientSide
 from fedclip.algorithms.registry import register
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params
+
+PLACEHOLDER = "X"  # the placeholder word of a prompt whose context starts at random
 
 
 class PromptContext(nn.Module):
@@ -54,60 +57,72 @@ class PromptFL(Algorithm):
     Client = PromptFLClient
 
     @property
-    def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
+    def backbone(self):  # noqa: ANN201 - fedclip.backbones.PromptableBackbone
         """The frozen backbone whose text tower the prompt runs through (loaded once)."""
         if getattr(self, "_backbone", None) is None:
-            from fedclip.backbones import load_finetunable, resolve_device
+            from fedclip.backbones import load_promptable, resolve_device
 
-            backbone = load_finetunable(self.cfg.backbone, resolve_device(self.cfg.device),
-                                        f"{self.name} learns tokens of a CLIP text tower")
-            if not hasattr(backbone.model, "token_embedding"):
-                raise ConfigError(f"{self.cfg.backbone} has a custom text tower; {self.name} "
-                                  f"needs a CLIP-style one (token_embedding + transformer)")
-            self._backbone = backbone
+            self._backbone = load_promptable(self.cfg.backbone, resolve_device(self.cfg.device),
+                                             f"{self.name} learns tokens of a text tower")
         return self._backbone
 
-    def _tokens(self) -> tuple[torch.Tensor, int]:
-        """The class prompts' tokens, and how many template tokens the context replaces."""
-        template = self.cfg.prompt_template
-        prefix = template.split("{}")[0].strip()
+    def template_prefix(self) -> str:
+        """The template words before the class name, which the context replaces."""
+        prefix = self.cfg.prompt_template.split("{}")[0].strip()
         if not prefix:
             raise ConfigError(f"{self.name} replaces the template words before the class name; "
                               "prompt_template has none")
-        tok = self.backbone.tokenizer
-        n_ctx = int((tok([prefix])[0] != 0).sum()) - 2  # without start and end tokens
+        return prefix
+
+    def prompt_tower(self, prompts: Sequence[str], prefix: str):  # noqa: ANN201 - PromptTower
+        """The backbone's text tower for ``prompts`` (each beginning with ``prefix``), built
+        once per pair."""
+        towers = self.__dict__.setdefault("_towers", {})
+        key = (tuple(prompts), prefix)
+        if key not in towers:
+            towers[key] = self.backbone.prompt_tower(list(prompts), prefix)
+        return towers[key]
+
+    def placeholder_tower(self, n_ctx: int):  # noqa: ANN201 - fedclip.backbones.PromptTower
+        """The text tower for the class prompts with ``n_ctx`` placeholder words "X" in place
+        of the template's words before the class name (FedPGP's and FedTPG's prompt)."""
+        prefix, words = self.template_prefix(), " ".join([PLACEHOLDER] * n_ctx)
         if not self.prompts:
             raise ConfigError(f"{self.name} needs the class prompts: build it with "
                               f"get_algorithm(cfg, Runtime(prompts=...))")
-        return tok(list(self.prompts)).to(self.backbone.model.token_embedding.weight.device), \
-            n_ctx
+        tower = self.prompt_tower(tuple(words + p[len(prefix):] for p in self.prompts), words)
+        if tower.n_ctx != n_ctx:
+            raise ConfigError(f"the backbone's tokenizer splits the placeholder word "
+                              f"{PLACEHOLDER!r} into several tokens; {self.name} needs one")
+        return tower
+
+    def class_names(self) -> tuple[str, ...]:
+        """The class names, read back from the class prompts (the template's words around
+        them removed)."""
+        prefix = self.template_prefix()
+        suffix = self.cfg.prompt_template.split("{}", 1)[1].strip()
+        return tuple(p[len(prefix):].strip().removesuffix(suffix).strip() if suffix else
+                     p[len(prefix):].strip() for p in self.prompts)
+
+    @property
+    def tower(self):  # noqa: ANN201 - fedclip.backbones.PromptTower
+        """The text tower for the class prompts, the template words as the context."""
+        if not self.prompts:
+            raise ConfigError(f"{self.name} needs the class prompts: build it with "
+                              f"get_algorithm(cfg, Runtime(prompts=...))")
+        return self.prompt_tower(self.prompts, self.template_prefix())
 
     def init_global(self, dim: int) -> Params | None:
-        tokens, n_ctx = self._tokens()
-        model = self.backbone.model
-        module = PromptContext(n_ctx, model.token_embedding.weight.shape[1])
+        tower = self.tower
+        module = PromptContext(tower.n_ctx, tower.width)
         with torch.no_grad():
-            module.ctx.copy_(model.token_embedding(tokens[0, 1:1 + n_ctx]).cpu())
+            module.ctx.copy_(tower.template_context())
         return get_params(module)
 
     def build_module(self, dim: int) -> nn.Module:
-        tokens, n_ctx = self._tokens()
-        return PromptContext(n_ctx, self.backbone.model.token_embedding.weight.shape[1])
+        return PromptContext(self.tower.n_ctx, self.tower.width)
 
     def encode_context(self, ctx: torch.Tensor) -> torch.Tensor:
         """Normalised class embeddings with the context vectors ``ctx`` [M, width] in place of
         the template words, through the frozen text tower."""
-        from open_clip.transformer import text_global_pool
-
-        model = self.backbone.model
-        tokens, n_ctx = self._tokens()
-        x = model.token_embedding(tokens)
-        ctx = ctx.unsqueeze(0).expand(len(tokens), -1, -1).to(x.dtype)
-        x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
-        x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
-        x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
-                             eos_token_id=getattr(model, "text_eos_id", None))
-        proj = model.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return F.normalize(x.float(), dim=-1)
+        return self.tower.encode(ctx)

@@ -14,7 +14,7 @@ paper recommends for its setting) weighs the local prompt; ``theta = 0`` is Prom
 Choices where the paper leaves one open: both contexts start at the template words' own token
 embeddings (round 0 is the zero-shot classifier), and the held-out domain, which has no local
 prompt, is scored with the global context and the untrained local one (their mix at round 0's
-local context). Needs an open_clip backbone with a CLIP text tower, as PromptFL.
+local context). Runs on any backbone whose text tower can be prompted, as PromptFL.
 """
 
 from __future__ import annotations
@@ -80,5 +80,4 @@ class PromptFolio(PromptFL):
         return get_params(module)
 
     def build_module(self, dim: int) -> nn.Module:
-        _, n_ctx = self._tokens()
-        return PromptPair(n_ctx, self.backbone.model.token_embedding.weight.shape[1])
+        return PromptPair(self.tower.n_ctx, self.tower.width)

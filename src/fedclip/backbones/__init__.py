@@ -23,7 +23,9 @@ dependencies only when a backbone of that kind is built. A provider module has
 * ``FORMS``: ``(form, description)`` pairs, what ``fedclip backbones`` lists;
 * optionally ``IS_CLIP`` (a contrastive image-text model; default True), ``NOTE`` (a warning
   shown with every result, e.g. the stand-in's), ``FINETUNABLE`` (its backbones are
-  :class:`FinetunableBackbone`: the ``-full`` baselines and PromptFL can train it) and
+  :class:`FinetunableBackbone`: the ``-full`` baselines can train it), ``PROMPTABLE`` (its
+  backbones are :class:`PromptableBackbone`: the prompt learners, PromptFL and the others,
+  put learned context vectors into its text tower) and
   ``weights_to_download(rest) -> str | None`` (where weights would come from when they are not
   on this machine; :func:`check_available` fails fast with it offline).
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -74,6 +76,38 @@ class FinetunableBackbone(Backbone, Protocol):
     tokenizer: Callable[[list[str]], torch.Tensor]
 
 
+class PromptTower(Protocol):
+    """A frozen text tower with the words of a prompt template replaced by learned context
+    vectors (CoOp), for a fixed list of class prompts: what the prompt learners (PromptFL,
+    PromptFolio, FedPGP, FedTPG) train through, whatever the backbone.
+
+    Built by :meth:`PromptableBackbone.prompt_tower` for ``prompts`` (the class prompts, each
+    beginning with ``prefix``, the template words before the class name): the ``n_ctx``
+    tokens of ``prefix`` are the positions the context takes, each ``width`` wide (the token
+    embedding's size)."""
+
+    n_ctx: int
+    width: int
+
+    def template_context(self) -> torch.Tensor:
+        """The prefix words' own token embeddings, [n_ctx, width]: with them as the context,
+        :meth:`encode` gives the backbone's text features of the prompts themselves."""
+        ...
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """The prompts' normalised text features [C, embed_dim] with ``ctx`` ([n_ctx, width],
+        the same for every prompt, or [C, n_ctx, width], one per prompt) in place of the
+        prefix's tokens; differentiable in ``ctx`` (the tower itself stays frozen)."""
+        ...
+
+
+class PromptableBackbone(Backbone, Protocol):
+    """A backbone whose text tower takes learned context vectors (a provider's
+    ``PROMPTABLE``)."""
+
+    def prompt_tower(self, prompts: Sequence[str], prefix: str) -> PromptTower: ...
+
+
 @dataclass(frozen=True)
 class Traits:
     """What a spec's provider declares, known without building the model."""
@@ -82,6 +116,7 @@ class Traits:
     is_clip: bool
     finetunable: bool
     note: str | None
+    promptable: bool = False
 
 
 # prefix -> provider module, imported only when the prefix is used (see the module docstring)
@@ -144,6 +179,15 @@ def load_finetunable(spec: str, device: str, purpose: str) -> FinetunableBackbon
     return cast(FinetunableBackbone, load_backbone(spec, device))
 
 
+def load_promptable(spec: str, device: str, purpose: str) -> PromptableBackbone:
+    """A backbone whose text tower its caller prompts; ``purpose`` (what the caller does with
+    it) names the refusal when the spec's provider is not ``PROMPTABLE``."""
+    if not backbone_traits(spec).promptable:
+        raise BackboneError(f"{purpose}; backbone {spec!r} has no text tower to prompt (use "
+                            f"open_clip:ARCH@TAG or standin)")
+    return cast(PromptableBackbone, load_backbone(spec, device))
+
+
 def providers() -> dict[str, str]:
     """Every registered provider (prefix -> module), plugins included."""
     _plugins()
@@ -161,7 +205,8 @@ def backbone_traits(spec: str) -> Traits:
     prefix, _ = parse_spec(spec)
     module = _provider(prefix)
     return Traits(prefix, bool(getattr(module, "IS_CLIP", True)),
-                  bool(getattr(module, "FINETUNABLE", False)), getattr(module, "NOTE", None))
+                  bool(getattr(module, "FINETUNABLE", False)), getattr(module, "NOTE", None),
+                  bool(getattr(module, "PROMPTABLE", False)))
 
 
 OFFLINE_HINT = ("offline, use --backbone standin (no download), a local checkpoint "

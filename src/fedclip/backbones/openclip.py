@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fedclip.config import EXTRACT_BATCH_SIZE
 from fedclip.errors import BackboneError
@@ -27,7 +30,8 @@ FORMS = [
                                   "weights; no tag)"),
     ("open_clip:local-dir:/path", "an open_clip repository saved locally (no tag)"),
 ]
-FINETUNABLE = True  # the -full baselines and PromptFL train open_clip models
+FINETUNABLE = True  # the -full baselines train open_clip models
+PROMPTABLE = True  # the prompt learners put context vectors into its text tower
 
 
 
@@ -81,6 +85,48 @@ class OpenClipBackbone:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def prompt_tower(self, prompts: Sequence[str], prefix: str) -> OpenClipPromptTower:
+        """The text tower with ``prefix``'s tokens of each prompt as learned context."""
+        if not hasattr(self.model, "token_embedding"):
+            raise BackboneError(f"{self.spec} has a custom text tower; prompt learning needs a "
+                                f"CLIP-style one (token_embedding + transformer)")
+        return OpenClipPromptTower(self, prompts, prefix)
+
+
+class OpenClipPromptTower:
+    """CoOp's prompt on CLIP's text tower: ``[SOT] ctx_1..ctx_M name... [EOT]`` through the
+    frozen transformer, pooled at the end token and projected (``PromptTower``)."""
+
+    def __init__(self, backbone: OpenClipBackbone, prompts: Sequence[str], prefix: str
+                 ) -> None:
+        model = backbone.model
+        self.model = model
+        tok = backbone.tokenizer
+        self.n_ctx = int((tok([prefix])[0] != 0).sum()) - 2  # without start and end tokens
+        self.width = int(model.token_embedding.weight.shape[1])
+        self.tokens = tok(list(prompts)).to(model.token_embedding.weight.device)
+
+    def template_context(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.token_embedding(self.tokens[0, 1:1 + self.n_ctx]).float().cpu()
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        model, tokens = self.model, self.tokens
+        x = model.token_embedding(tokens)
+        ctx = ctx.to(x.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(len(tokens), -1, -1)
+        x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
+        x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
+        x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
+                             eos_token_id=getattr(model, "text_eos_id", None))
+        proj = model.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
 
 
 def fingerprint(rest: str) -> str:

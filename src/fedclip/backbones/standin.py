@@ -19,6 +19,11 @@ classifier's softmax:
   norm of CLIP's raw image features (what the reference adapter sees); with unit-norm inputs
   the reference's weight decay keeps the adapter from learning.
 
+Its text tower can be prompted (``PROMPTABLE``; :class:`MiniLMPromptTower`): CoOp's learned
+context vectors take the template words' places among MiniLM's token embeddings, and the
+prompt goes on through MiniLM's encoder and mean pooling as a sentence does. The numbers a
+prompt learner reaches on it are the stand-in's, **not CLIP's**.
+
 Known weakness: ImageNet has no giraffe or person class and its classifier reads sketches as
 hooks or envelopes, so on PACS the stand-in's zero-shot accuracy is near chance on sketch and
 weak on cartoon. Use a real CLIP (``open_clip:ViT-B-32@openai``) for the paper's numbers.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 FORMS = [("standin", "the offline stand-in: EfficientNet-Lite0 + MiniLM from PyPI packages, "
                      "aligned through the ImageNet classifier. NOT CLIP")]
 IS_CLIP = False
+PROMPTABLE = True  # learned context vectors among MiniLM's token embeddings (text side)
 NOTE = ("Backbone: the offline stand-in (EfficientNet-Lite0 + MiniLM aligned through ImageNet), "
         "NOT CLIP; numbers are not comparable with the paper's.")
 
@@ -154,6 +161,10 @@ class StandinBackbone:
         return sum(p.numel() for p in self.image_model.parameters()) + sum(
             p.numel() for p in self.text_model.parameters())
 
+    def prompt_tower(self, prompts: Sequence[str], prefix: str) -> MiniLMPromptTower:
+        """MiniLM with ``prefix``'s tokens of each prompt as learned context (text side)."""
+        return MiniLMPromptTower(self.text_model, prompts, prefix)
+
 
 def fingerprint(rest: str) -> str:
     _check_no_options(rest)
@@ -169,3 +180,47 @@ def load(rest: str, device: str) -> StandinBackbone:
 def _check_no_options(rest: str) -> None:
     if rest:
         raise BackboneError(f"the stand-in takes no options (got standin:{rest}); use 'standin'")
+
+
+# --- the text side, prompted (CoOp on MiniLM) ---------------------------------------------
+class MiniLMPromptTower:
+    """CoOp's prompt on the stand-in's text tower (``fedclip.backbones.PromptTower``):
+    ``[CLS] ctx_1..ctx_M name... [SEP]`` as MiniLM's word embeddings (its position and
+    token-type embeddings added by BERT as for any sentence), through the frozen encoder,
+    mean-pooled over the tokens and normalised: what ``encode_texts`` computes for the
+    prompt itself when the context is the template words' own embeddings. The stand-in's
+    ridge map works on the image side (it maps EfficientNet's features into this text space),
+    so the text features need nothing after the pooling."""
+
+    def __init__(self, text_model: Any, prompts: Sequence[str], prefix: str) -> None:
+        self.bert = _minilm_encoder(text_model)
+        tokenizer = text_model.tokenizer
+        self.n_ctx = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        self.width = int(self.bert.get_input_embeddings().weight.shape[1])
+        device = self.bert.get_input_embeddings().weight.device
+        batch = tokenizer(list(prompts), padding=True, truncation=True,
+                          max_length=text_model.max_seq_length, return_tensors="pt")
+        self.ids = batch["input_ids"].to(device)
+        self.mask = batch["attention_mask"].to(device)
+
+    def template_context(self) -> torch.Tensor:
+        with torch.no_grad():
+            words = self.bert.get_input_embeddings()(self.ids[0, 1:1 + self.n_ctx])
+        return words.float().cpu()
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        x = self.bert.get_input_embeddings()(self.ids)
+        ctx = ctx.to(device=x.device, dtype=x.dtype)
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(len(self.ids), -1, -1)
+        x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
+        tokens = self.bert(inputs_embeds=x, attention_mask=self.mask).last_hidden_state
+        mask = self.mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled.float(), dim=-1)
+
+
+def _minilm_encoder(text_model: Any) -> Any:
+    """The BERT model inside the sentence transformer, frozen and in eval mode (no dropout)."""
+    bert = text_model[0].auto_model
+    return bert.eval().requires_grad_(False)
