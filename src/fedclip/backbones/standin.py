@@ -169,3 +169,11 @@ def load(rest: str, device: str) -> StandinBackbone:
 def _check_no_options(rest: str) -> None:
     if rest:
         raise BackboneError(f"the stand-in takes no options (got standin:{rest}); use 'standin'")
+
+
+# --- image side: patch tokens (the token store) -------------------------------------------
+# The stand-in's image embedding is not a projection of its feature map: it is a ConSE
+# mixture of text embeddings weighted by the top-20 classifier probabilities plus a ridge
+# map, normalised, so a cell of the map has no embedding of the same kind. Refused.
+NO_TOKENS = ("the stand-in's image embedding is a nonlinear ConSE mixture of its pooled "
+             "features, not a projection of its feature-map cells (use open_clip:ViT-...)")
