@@ -14,7 +14,7 @@ sequence of a CLIP text tower to put context vectors into.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,17 +97,24 @@ class PromptFL(Algorithm):
     def encode_context(self, ctx: torch.Tensor) -> torch.Tensor:
         """Normalised class embeddings with the context vectors ``ctx`` [M, width] in place of
         the template words, through the frozen text tower."""
-        from open_clip.transformer import text_global_pool
-
-        model = self.backbone.model
         tokens, n_ctx = self._tokens()
-        x = model.token_embedding(tokens)
-        ctx = ctx.unsqueeze(0).expand(len(tokens), -1, -1).to(x.dtype)
-        x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
-        x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
-        x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
-                             eos_token_id=getattr(model, "text_eos_id", None))
-        proj = model.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return F.normalize(x.float(), dim=-1)
+        return through_text_tower(self.backbone.model, ctx.unsqueeze(0).expand(
+            len(tokens), -1, -1), tokens, n_ctx)
+
+
+def through_text_tower(model: Any, ctx: torch.Tensor, tokens: torch.Tensor,
+                       n_ctx: int) -> torch.Tensor:
+    """Normalised features of the prompts ``tokens`` [P, L] with the context vectors ``ctx``
+    [P, M, width] in place of the M token embeddings after the start token, through the
+    frozen open_clip text tower of ``model``."""
+    from open_clip.transformer import text_global_pool
+
+    x = model.token_embedding(tokens)
+    x = torch.cat([x[:, :1], ctx.to(x.dtype), x[:, 1 + n_ctx:]], dim=1)
+    x = model.transformer(x + model.positional_embedding, attn_mask=model.attn_mask)
+    x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
+                         eos_token_id=getattr(model, "text_eos_id", None))
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x.float(), dim=-1)
