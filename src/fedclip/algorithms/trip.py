@@ -155,7 +155,7 @@ def expert_weights(centroids: torch.Tensor, sizes: torch.Tensor, keys: torch.Ten
 
     k = sim.shape[1]
     uniform = torch.full(sim.shape[:2], 1.0 / k, dtype=torch.float64, device=sim.device)
-    plan = balanced((1.0 - sim).double(), uniform, uniform.clone(), eps, 1000, 1e-9)
+    plan = balanced((1.0 - sim).double(), uniform, uniform.clone(), eps, 10_000, 1e-10)
     return (k * plan.to(share.dtype) * share.unsqueeze(-1)).sum(dim=1)
 
 
