@@ -164,3 +164,18 @@ def test_resume_is_bit_identical_and_predict_uses_what_a_run_wrote(tiny_arch, to
     predicted = {r["file"]: r["class"] for r in rows}
     correct = sum(predicted[str(f.resolve())] == f.parent.name for f in files)
     assert correct / len(files) == pytest.approx(full.to_json()["generalization"])
+
+
+@pytest.mark.parametrize("extra", [
+    {"dp": "server", "dp_clipping_norm": 0.1, "dp_noise_multiplier": 0.5,
+     "aggregation": "uniform"},
+    {"aggregation": "median"},
+])
+def test_dp_and_robust_rules_run_on_the_averaged_prompt(tiny_arch, toy_root, tmp_path, extra):
+    """The shared prompt is a mean of the replies: DP and the robust rules apply as to
+    FedCLIP's adapter (the personal prompt never reaches them)."""
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta",
+                          rounds=1, lr=1e-3, algorithm="fedotp", personalize_epochs=0, **extra)
+    result = run(cfg, tmp_path / "r")[0]
+    assert 0 <= result["generalization"] <= 1
+    assert result["bytes_per_round"] == 2 * 2 * 4 * 32 * 4  # the global context only
