@@ -112,8 +112,8 @@ def test_fedtpg_writes_prompts_for_class_names_it_never_saw(tiny_arch):
 
 
 def test_options_are_checked_and_declared_for_the_flower_app(tiny_arch):
-    for name in METHODS:
-        pixels.test_a_pixel_methods_options_are_keys_of_the_flower_app(name)
+    for name in METHODS:  # declared: tests/test_flower_pixels.py covers every method
+        pixels.test_a_methods_options_are_keys_of_the_flower_app(name)
     with pytest.raises(Exception, match="heads=5 must divide the token width 32"):
         algo("fedtpg", tiny_arch, heads=5).init_global(32)
     with pytest.raises(Exception, match="fedpgp.rank"):

@@ -43,7 +43,8 @@ class _Prox(Algorithm):
 
 
 CASES = [
-    (_make(inputs="tokens"), "inputs must be"),
+    (_make(inputs="patches"), "inputs must be"),
+    (_make(inputs="tokens", has_zero_shot=False), "inputs = 'tokens' needs has_zero_shot"),
     (_make(uses_text="text"), "uses_text must be"),
     (_make(init_needs_text=True, uses_text="none"), "init_needs_text"),
     (_make(trains=False), "fine_tunes = True needs trains"),

@@ -33,7 +33,7 @@ from fedclip.config import (
     env_path,
 )
 from fedclip.data.folder import Domain
-from fedclip.errors import RunFolderError
+from fedclip.errors import BackboneError, RunFolderError
 from fedclip.io import atomic_save_tensors
 from fedclip.tensors import checksum
 
@@ -52,7 +52,8 @@ def default_cache_dir() -> Path:
 class ImageFeatures:
     """Features of one domain, one row per file in ``Domain.files`` order."""
 
-    features: torch.Tensor  # [N, d] float32; rows of unreadable images are zero
+    features: torch.Tensor  # [N, d] float32; rows of unreadable images are zero (token
+    # methods: [N, 1 + T, d], the pooled embedding then the T patch tokens, see image_tokens)
     valid: torch.Tensor  # [N] bool
     skipped: tuple[str, ...]  # unreadable files, relative to the domain folder
     from_cache: bool = False
@@ -196,24 +197,28 @@ def image_features(
     workers: int = 1,
     progress: Progress | None = None,
     decode: str = "cpu",
+    tokens: bool = False,
 ) -> ImageFeatures:
     """Features of every image of ``domain``, from the cache or extracted (and cached).
 
     ``decode="device"``: loader processes read bytes and the batch is decoded and
     preprocessed on the backbone's device (see :mod:`fedclip.decode`); its features are
-    cached under their own key."""
+    cached under their own key. ``tokens``: the token store instead (:func:`image_tokens`)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = image_cache_key(backbone.fingerprint + ("|device-decode" if decode == "device"
-                                                  else ""), domain)
-    path = _entry_path(cache_dir, "images", f"{domain.name}", key)
+                                                  else "") + ("|tokens" if tokens else ""),
+                          domain)
+    path = _entry_path(cache_dir, "tokens" if tokens else "images", f"{domain.name}", key)
     hit = _load_entry(path, key)
     if hit is not None:
         tensors, meta = hit
         if progress:
             progress(len(domain), len(domain), True)
-        return ImageFeatures(tensors["features"], tensors["valid"].bool(),
+        return ImageFeatures(_joined(tensors), tensors["valid"].bool(),
                              tuple(json.loads(meta.get("skipped", "[]"))), from_cache=True)
 
+    if tokens:
+        check_tokens(backbone.spec)
     model = backbone.get()
     pre = None
     if decode == "device":
@@ -225,8 +230,11 @@ def image_features(
                         "the CPU", backbone.spec)
     feats = torch.zeros(len(domain), model.embed_dim)
     valid = torch.zeros(len(domain), dtype=torch.bool)
+    grid: torch.Tensor | None = None  # [N, T, d] patch tokens (tokens=True), sized at once
+    if tokens:
+        grid = torch.zeros(len(domain), backbone.token_count(), model.embed_dim)
     partial = path.with_suffix(".partial")  # chunks of an extraction in progress
-    bad_files, done_ids = _load_chunks(partial, key, feats, valid)  # an interrupted extraction
+    bad_files, done_ids = _load_chunks(partial, key, feats, valid, grid)  # interrupted before
     todo = [i for i in range(len(domain)) if i not in done_ids]
     if done_ids:
         log.info("%s: %d of %d images already extracted (continuing)", domain.name,
@@ -237,14 +245,18 @@ def image_features(
     for idx, pixels, bad in _loader(domain, model, batch_size, workers, pre, backbone.device,
                                     todo):
         if pixels is not None:
-            feats[idx] = backbone.encode_images(pixels).float().cpu()
+            if grid is not None:
+                pooled, patches = backbone.encode_image_tokens(pixels)
+                feats[idx], grid[idx] = pooled.float().cpu(), patches.float().cpu()
+            else:
+                feats[idx] = backbone.encode_images(pixels).float().cpu()
             valid[idx] = True
         named = [(str(domain.files[i].relative_to(domain.root)), why) for i, why in bad]
         chunk += [*idx, *(i for i, _ in bad)]
         chunk_bad += named
         done += len(idx) + len(bad)
         if len(chunk) >= EXTRACT_CHUNK_IMAGES and done < len(domain):
-            _save_chunk(partial, key, chunk, feats, valid, chunk_bad)  # kept if interrupted
+            _save_chunk(partial, key, chunk, feats, valid, chunk_bad, grid)  # kept if cut
             bad_files += chunk_bad
             chunk, chunk_bad = [], []
         if progress:
@@ -253,23 +265,69 @@ def image_features(
     rate = len(todo) / max(time.perf_counter() - start, 1e-9)
     warn_skipped(domain.name, bad_files)
     skipped = [name for name, _ in bad_files]
-    _save_entry(path, key, {"features": feats, "valid": valid.to(torch.uint8)},
-                skipped=json.dumps(skipped), backbone=backbone.spec, domain=domain.name)
+    entry = {"features": feats, "valid": valid.to(torch.uint8)}
+    if grid is not None:
+        entry["tokens"] = stored_tokens(grid)
+    _save_entry(path, key, entry, skipped=json.dumps(skipped), backbone=backbone.spec,
+                domain=domain.name)
     shutil.rmtree(partial, ignore_errors=True)
-    return ImageFeatures(feats, valid, tuple(skipped), from_cache=False, images_per_second=rate)
+    return ImageFeatures(_joined(entry), valid, tuple(skipped), from_cache=False,
+                         images_per_second=rate)
+
+
+def stored_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """Patch tokens as the token store keeps them: float16 where every value survives the
+    round trip exactly (a backbone run in fp16 or bf16 within fp16's range: half the disk,
+    the same numbers), else float32 (float16 would change the numbers a run computes)."""
+    half = grid.half()
+    return half if torch.equal(half.float(), grid) else grid
+
+
+def _joined(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An entry's inputs: its features, or (a token entry) [N, 1 + T, d], the pooled
+    embedding first and the patch tokens after it, float32."""
+    if "tokens" not in tensors:
+        return tensors["features"]
+    return torch.cat([tensors["features"].unsqueeze(1), tensors["tokens"].float()], dim=1)
+
+
+def check_tokens(spec: str) -> None:
+    """Refuse, in one line, a backbone that cannot give patch tokens (before it is built)."""
+    from fedclip.backbones import token_refusal
+
+    why = token_refusal(spec)
+    if why is not None:
+        raise BackboneError(why)
+
+
+def image_tokens(backbone: LazyBackbone, domain: Domain, cache_dir: str | Path | None = None,
+                 batch_size: int | None = None, workers: int = 1,
+                 progress: Progress | None = None) -> ImageFeatures:
+    """The token store: every image's pooled embedding and its patch tokens projected into
+    the joint space, ``features`` [N, 1 + T, d] (row 0 the pooled embedding, the same as
+    :func:`image_features` gives; rows 1.. the T patch tokens). Opt-in: only an algorithm
+    with ``inputs = "tokens"`` asks for it; cached under ``tokens/`` beside ``images/``,
+    resumable like it, the tokens float16 on disk where that changes no value
+    (:func:`stored_tokens`). Size: T x d values per image (ViT-B/32: 49 x 512, 100 KB in
+    float32, 50 KB in float16)."""
+    return image_features(backbone, domain, cache_dir, batch_size, workers, progress,
+                          tokens=True)
 
 
 def _save_chunk(folder: Path, key: str, ids: list[int], feats: torch.Tensor,
-                valid: torch.Tensor, bad: list[tuple[str, str]]) -> None:
+                valid: torch.Tensor, bad: list[tuple[str, str]],
+                grid: torch.Tensor | None = None) -> None:
     """One chunk of an extraction in progress (rows ``ids``), written atomically."""
     index = torch.tensor(sorted(ids), dtype=torch.long)
-    _save_entry(folder / f"chunk-{int(index[0]):09d}.safetensors", key,
-                {"ids": index, "features": feats[index], "valid": valid[index].to(torch.uint8)},
+    tensors = {"ids": index, "features": feats[index], "valid": valid[index].to(torch.uint8)}
+    if grid is not None:
+        tensors["tokens"] = stored_tokens(grid[index])
+    _save_entry(folder / f"chunk-{int(index[0]):09d}.safetensors", key, tensors,
                 skipped=json.dumps(bad))
 
 
-def _load_chunks(folder: Path, key: str, feats: torch.Tensor, valid: torch.Tensor
-                 ) -> tuple[list[tuple[str, str]], set[int]]:
+def _load_chunks(folder: Path, key: str, feats: torch.Tensor, valid: torch.Tensor,
+                 grid: torch.Tensor | None = None) -> tuple[list[tuple[str, str]], set[int]]:
     """Fill ``feats``/``valid`` from the chunks an interrupted extraction of the same inputs
     left (each checked like a cache entry; a damaged one is extracted again)."""
     bad: list[tuple[str, str]] = []
@@ -285,6 +343,11 @@ def _load_chunks(folder: Path, key: str, feats: torch.Tensor, valid: torch.Tenso
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(feats) \
                 or tensors["features"].shape != (len(ids), feats.shape[1]):
             continue
+        if grid is not None:
+            if tensors.get("tokens") is None or tensors["tokens"].shape != (len(ids),
+                                                                            *grid.shape[1:]):
+                continue
+            grid[ids] = tensors["tokens"].float()
         feats[ids], valid[ids] = tensors["features"], tensors["valid"].bool()
         bad += [(str(n), str(w)) for n, w in json.loads(meta.get("skipped", "[]"))]
         done.update(int(i) for i in ids)

@@ -111,7 +111,8 @@ def class_text_features(lazy: LazyBackbone, classes: tuple[str, ...], template: 
 # --- features -----------------------------------------------------------------------------
 def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_dir: Path,
                   progress: Progress | None = None) -> ImageFeatures:
-    """Cached features of a domain (or its pixels, for algorithms that train the backbone)."""
+    """Cached features of a domain (or its pixels, for algorithms that train the backbone;
+    or its pooled embeddings and patch tokens, for algorithms with ``inputs = "tokens"``)."""
     def report(done: int, total: int, cached: bool = False) -> None:
         if progress is not None:
             progress(domain.name, done, total, cached)
@@ -124,7 +125,8 @@ def domain_inputs(cfg: RunConfig, backbone: LazyBackbone, domain: Domain, cache_
     if decode == "auto":
         decode = "device" if str(backbone.device).startswith("cuda") else "cpu"
     return image_features(backbone, domain, cache_dir, cfg.extract_batch_size,
-                          cfg.extract_workers, report, decode=decode)
+                          cfg.extract_workers, report, decode=decode,
+                          tokens=algorithm.inputs == "tokens")
 
 
 def cache_dir(cfg: RunConfig) -> Path:

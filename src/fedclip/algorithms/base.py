@@ -107,8 +107,11 @@ def _defined_in(cls: type, hook: str) -> type | None:
 
 # (the rule, as the refusal names it; when a class breaks it)
 RULES: tuple[tuple[str, Callable[[Any, Capabilities], bool]], ...] = (
-    ("inputs must be 'features' or 'pixels'",
-     lambda cls, c: c.inputs not in ("features", "pixels")),
+    ("inputs must be 'features', 'tokens' or 'pixels'",
+     lambda cls, c: c.inputs not in ("features", "tokens", "pixels")),
+    ("inputs = 'tokens' needs has_zero_shot = True (row 0 of a token input is the pooled "
+     "embedding the zero-shot classifier scores)",
+     lambda cls, c: c.inputs == "tokens" and not c.has_zero_shot),
     ("uses_text must be 'features', 'tower' or 'none'",
      lambda cls, c: c.uses_text not in ("features", "tower", "none")),
     ("init_needs_text = True needs uses_text other than 'none'",
@@ -149,7 +152,11 @@ class Algorithm:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for help texts and tables
     trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot)
-    inputs: ClassVar[str] = "features"  # "pixels": trains through the backbone (no cache)
+    # "features": the cached pooled embeddings [n, d]; "pixels": trains through the backbone
+    # (no cache); "tokens": the token store, [n, 1 + T, d] (the pooled embedding, then the T
+    # patch tokens in the joint space; fedclip.features.image_tokens). Only an algorithm that
+    # declares "tokens" makes a run extract or read tokens.
+    inputs: ClassVar[str] = "features"
     eval_batch: ClassVar[int] = 4096  # inputs per forward when evaluating
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients
     init_needs_text: ClassVar[bool] = False  # init_global uses the class prompts' features
@@ -284,7 +291,7 @@ class Algorithm:
     def personalizes(self) -> bool:
         """Whether clients fine-tune the selected global model afterwards
         (``personalize_epochs``): it communicates, on cached features, by gradient steps."""
-        return self.communicates and self.inputs == "features" and self.fine_tunes
+        return self.communicates and self.inputs in ("features", "tokens") and self.fine_tunes
 
     def init_global(self, dim: int) -> Params | None:
         """The global trainable state before round 1 (None: nothing to train)."""

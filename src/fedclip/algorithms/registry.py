@@ -32,6 +32,8 @@ BUILTIN: dict[str, str] = {
     "fedavg-full": "both open_clip encoders fine-tuned (the paper's FedAvg baseline)",
     "fedavgm": "FedCLIP clients; server momentum on the averaged delta",
     "fedclip": "the attention adapter; the server averages",
+    "fedotp": "global prompt (averaged) + personal local prompt, patch tokens matched to them "
+              "by unbalanced OT",
     "fedpft": "one round: per-class Gaussian mixtures of the features; server trains the head",
     "fedpgp": "a global prompt (averaged) plus a personal low-rank term (never sent)",
     "fedprox": "the adapter, with mu/2 ||w - w_global||^2 in the local loss",
@@ -47,6 +49,9 @@ BUILTIN: dict[str, str] = {
     "promptfolio": "a global prompt (averaged) mixed with a personal local prompt (never sent)",
     "prototypes": "training-free: class prototypes (feature means) as a cache beside zero-shot",
     "scaffold": "the adapter with SCAFFOLD control variates (server and client state)",
+    "trip": "prompt experts mixed per image by parameter-free token routing (clustering + "
+            "matching), zero-shot KL",
+    "trip-lite": "TRIP with ~1K values sent a round: 2 experts of 1 context token",
     "zeroshot": "nothing: the backbone's class-prompt classifier",
 }
 

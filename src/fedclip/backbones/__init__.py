@@ -21,6 +21,9 @@ dependencies only when a backbone of that kind is built. A provider module has
   tag names), made by :func:`backbone_fingerprint` and when the backbone is built, never for
   a run whose features are all cached (the cache entry was written by a backbone that was);
 * ``FORMS``: ``(form, description)`` pairs, what ``fedclip backbones`` lists;
+* optionally ``NO_TOKENS``: why its backbones give no patch tokens (the token store,
+  ``inputs = "tokens"`` algorithms, refuses them with it); a backbone that gives them has
+  ``encode_image_tokens`` and ``token_count`` (:class:`TokenBackbone`);
 * optionally ``IS_CLIP`` (a contrastive image-text model; default True), ``NOTE`` (a warning
   shown with every result, e.g. the stand-in's), ``FINETUNABLE`` (its backbones are
   :class:`FinetunableBackbone`: the ``-full`` baselines can train it), ``PROMPTABLE`` (its
@@ -66,6 +69,35 @@ class Backbone(Protocol):
     def num_parameters(self) -> int:
         """Parameters of both encoders (what backbone fine-tuning would train)."""
         ...
+
+
+class TokenBackbone(Backbone, Protocol):
+    """A backbone that gives its image encoder's patch tokens in the joint space (the token
+    store: :func:`fedclip.features.image_tokens`)."""
+
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, d] as ``encode_images`` gives it, patch tokens [B, T, d] through the
+        same final norm and projection), float32 on the CPU."""
+        ...
+
+    def token_count(self) -> int:
+        """T, the patch tokens per image."""
+        ...
+
+
+def token_refusal(spec: str) -> str | None:
+    """Why ``spec`` cannot give patch tokens, known without building it (its provider's
+    ``NO_TOKENS``), or None."""
+    prefix, _ = parse_spec(spec)
+    why = getattr(_provider(prefix), "NO_TOKENS", None)
+    return None if why is None else f"backbone {spec!r} gives no patch tokens: {why}"
+
+
+def _token_backbone(model: Backbone) -> TokenBackbone:
+    if not hasattr(model, "encode_image_tokens"):
+        raise BackboneError(f"backbone {model.spec!r} gives no patch tokens (an algorithm "
+                            f"with inputs='tokens' needs an open_clip ViT or an hf CLIP)")
+    return cast(TokenBackbone, model)
 
 
 class FinetunableBackbone(Backbone, Protocol):
@@ -288,6 +320,21 @@ class LazyBackbone:
         kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
         with torch.autocast(device_type=kind, dtype=PRECISIONS[self.precision]):
             return model.encode_images(pixels).float()
+
+
+    def token_count(self) -> int:
+        """Patch tokens per image (a one-line BackboneError for a backbone without them)."""
+        return _token_backbone(self.get()).token_count()
+
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled, patch tokens) of a batch, under autocast as ``encode_images``."""
+        model = _token_backbone(self.get())
+        if self.precision == "fp32":
+            return model.encode_image_tokens(pixels)
+        kind = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        with torch.autocast(device_type=kind, dtype=PRECISIONS[self.precision]):
+            pooled, tokens = model.encode_image_tokens(pixels)
+        return pooled.float(), tokens.float()
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -97,6 +97,27 @@ class HfBackbone:
         out = self.model.get_image_features(pixel_values=pixels.to(self.device))
         return _features(out).float().cpu()
 
+    def _tower(self):  # noqa: ANN202 - the model's vision transformer
+        vision = getattr(self.model, "vision_model", None)
+        if vision is None or not hasattr(vision, "post_layernorm") or \
+                not hasattr(self.model, "visual_projection"):
+            raise BackboneError(f"{self.spec} gives no patch tokens: a "
+                                f"{type(self.model).__name__} has no vision_model with "
+                                f"post_layernorm and visual_projection (use a CLIPModel)")
+        return vision
+
+    def token_count(self) -> int:
+        config = self._tower().config
+        return int((config.image_size // config.patch_size) ** 2)
+
+    @torch.no_grad()
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``last_hidden_state`` through ``post_layernorm`` and ``visual_projection``: the
+        class token's is the pooled embedding, the others the patch tokens."""
+        states = self._tower()(pixel_values=pixels.to(self.device)).last_hidden_state
+        out = self.model.visual_projection(self._tower().post_layernorm(states))
+        return out[:, 0].float().cpu(), out[:, 1:].float().cpu()
+
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)

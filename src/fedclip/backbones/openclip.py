@@ -78,6 +78,33 @@ class OpenClipBackbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self.device)).float().cpu()
 
+    def _vit(self):  # noqa: ANN202 - open_clip's VisionTransformer
+        from open_clip.transformer import VisionTransformer
+
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None \
+                or visual.pool_type != "tok":
+            raise BackboneError(f"{self.spec} gives no patch tokens: its image tower is not a "
+                                f"ViT pooled by its class token (use a ViT architecture)")
+        return visual
+
+    def token_count(self) -> int:
+        grid = self._vit().grid_size
+        return int(grid[0] * grid[1])
+
+    @torch.no_grad()
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's output tokens after ``ln_post`` and ``@ proj``: the class token's
+        is the pooled embedding (what ``encode_images`` gives), the others the patch tokens."""
+        visual = self._vit()
+        x = visual.transformer(visual._embeds(pixels.to(self.device)))
+        pooled, tokens = visual._pool(x)
+        if visual.final_ln_after_pool:
+            tokens = visual.ln_post(tokens)
+        if visual.proj is not None:
+            pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+        return pooled.float().cpu(), tokens.float().cpu()
+
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)

@@ -224,3 +224,11 @@ def _minilm_encoder(text_model: Any) -> Any:
     """The BERT model inside the sentence transformer, frozen and in eval mode (no dropout)."""
     bert = text_model[0].auto_model
     return bert.eval().requires_grad_(False)
+
+
+# --- image side: patch tokens (the token store) -------------------------------------------
+# The stand-in's image embedding is not a projection of its feature map: it is a ConSE
+# mixture of text embeddings weighted by the top-20 classifier probabilities plus a ridge
+# map, normalised, so a cell of the map has no embedding of the same kind. Refused.
+NO_TOKENS = ("the stand-in's image embedding is a nonlinear ConSE mixture of its pooled "
+             "features, not a projection of its feature-map cells (use open_clip:ViT-...)")

@@ -90,7 +90,8 @@ def build_site(cfg: RunConfig, root: Path, domain: str, index: int) -> Site:
     method's site (its images decoded by its own preprocessing) stays in this process's
     memory: never written to a file (nor into any reply)."""
     check_index(cfg, domain, index)
-    if algorithm_class(cfg.algorithm).inputs == "pixels":
+    if algorithm_class(cfg.algorithm).inputs != "features":  # pixels, or patch tokens (in
+        # the token store already: a site file would hold them a second time)
         return site_of(cfg, domain_of(cfg, root, domain), index)
     path = site_file(cfg, root, domain, index)
     refuse_special(path)
