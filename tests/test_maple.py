@@ -202,3 +202,44 @@ def test_dp_and_a_robust_rule_run_on_the_prompts(arch, images, tmp_path, extra):
     assert all(torch.isfinite(v).all() for v in final.values())
     assert any(not torch.equal(final[k], init[k]) for k in init)
     assert len(result["history"]) == 2 and not result["history"][1].get("rejected")
+
+
+@pytest.mark.parametrize("name", ["fedmaple", "fedavg-full"])
+def test_the_runs_precision_applies_to_a_pixel_method_in_training_and_evaluation(
+        arch, name, monkeypatch):
+    """``precision`` reaches training and evaluation through the encoder (autocast, in one
+    place: core/client.py) for every pixel method; fp32 runs without it, bit for bit."""
+    from fedclip.core import client as core
+
+    seen: list[torch.dtype | None] = []
+
+    def trained(precision: str) -> tuple[dict, float]:
+        cfg = RunConfig.build(backbone=arch, algorithm=name, lr=1e-3, precision=precision)
+        method = get_algorithm(cfg, Runtime(PROMPTS, None, 100.0, 2))
+        embed = method.client.embed
+
+        def spy(module, x):  # noqa: ANN001, ANN202
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                        else None)
+            return embed(module, x)
+
+        monkeypatch.setattr(method.client, "embed", spy)
+        init = method.init_global(32)
+        generator = torch.Generator().manual_seed(0)
+        train = Split(torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 0]))
+        job = client_job(method.client, "alpha/0", train, init, {}, method.round_config(1), {},
+                         torch.zeros(3, 32), 100.0)
+        params = method.client.train_client(job).params
+        accuracy = core.evaluate(method.client, params, train, torch.zeros(3, 32), 100.0).accuracy
+        return params, accuracy
+
+    fp32, _ = trained("fp32")
+    assert seen and set(seen) == {None}
+    seen.clear()
+    again, _ = trained("fp32")
+    assert all(torch.equal(fp32[k], again[k]) for k in fp32)
+    seen.clear()
+    bf16, _ = trained("bf16")
+    assert set(seen) == {torch.bfloat16} and len(seen) == 2  # a step, then the evaluation
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)
+    assert max((fp32[k] - bf16[k]).abs().max().item() for k in fp32) < 0.05
