@@ -243,3 +243,16 @@ def test_the_runs_precision_applies_to_a_pixel_method_in_training_and_evaluation
     assert set(seen) == {torch.bfloat16} and len(seen) == 2  # a step, then the evaluation
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)
     assert max((fp32[k] - bf16[k]).abs().max().item() for k in fp32) < 0.05
+
+
+def test_base_to_novel_scores_the_novel_classes_with_the_learned_prompts(arch, tmp_path):
+    """MaPLe's prompts are class-agnostic (the paper's base-to-novel setting): built with the
+    novel classes' prompts, the same parameters score them."""
+    per_class = {"cat": 2, "dog": 2, "horse": 2, "red_car": 2}
+    root = make_image_folder(tmp_path / "four", {d: per_class for d in ("alpha", "beta",
+                                                                        "gamma")}, size=32)
+    result = run(cfg_of(arch, root, rounds=1, heldout="beta", protocol="base2novel"),
+                 tmp_path / "r")[0]
+    b2n = result["base2novel"]
+    assert b2n["novel_note"] is None and len(b2n["novel_classes"]) == 2
+    assert 0 <= b2n["best"]["heldout"]["novel"] <= 1  # (the clients' test splits: too small)
