@@ -193,7 +193,7 @@ def test_device_decoding_is_close_to_the_pil_path_and_cached_apart(tiny_arch, tm
         assert cos.min() > 0.98
 
 
-TEXT_FROM_BACKBONE = {"promptfl", "promptfolio"}  # encode the prompts on cfg.device themselves
+TEXT_FROM_BACKBONE = {"promptfl", "promptfolio", "fedmaple"}  # encode the prompts on cfg.device
 
 
 @pytest.mark.parametrize("algorithm", sorted(set(algorithm_names()) - TEXT_FROM_BACKBONE))
