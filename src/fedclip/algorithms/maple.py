@@ -9,10 +9,10 @@ What trains (everything else of both encoders is frozen):
   class prompt ``"{init} {class name}."`` (``"a photo of a {}."``: ``P_0`` starts at the token
   embeddings of "a photo"; the rest of the words stay as they are); ``P_i`` (``i >= 1``) take
   the place of the same ``n_ctx`` positions at the input of text layer ``i + 1`` (the paper's
-  deep language prompting, its Eq. 1-3: ``[_, W_i] = L_i([P_{i-1}, W_{i-1}])`` for ``i <= J``,
-  after which the tokens at those positions carry on as computed);
+  deep language prompting, as its equations write it: ``[_, W_i] = L_i([P_{i-1}, W_{i-1}])``
+  for ``i <= J``, after which the tokens at those positions carry on as computed);
 * the **coupling functions** ``F_k``, one ``Linear(text width -> vision width)`` per depth
-  ``k = 0 .. J-1``: the vision prompts are ``P~_k = F_k(P_k)`` (the paper's Eq. 4-5), ``n_ctx``
+  ``k = 0 .. J-1``: the vision prompts are ``P~_k = F_k(P_k)`` (the V-L coupling), ``n_ctx``
   tokens appended after the patch tokens at the image encoder's input (after the positional
   embedding, before its input LayerNorm) and replaced at the input of vision layer ``k + 1``
   (``[c_i, E_i, _] = V_i([c_{i-1}, E_{i-1}, P~_{i-1}])`` for ``i <= J``). The vision prompts are
