@@ -131,11 +131,14 @@ def test_a_pixel_method_on_flower_gives_the_in_process_result(name, tiny_arch, i
     per_round = 2 * 2 * nbytes(init)
     assert flower["bytes_per_round"] == local["bytes_per_round"] == per_round
     assert all(r["bytes"] == per_round for r in flower["history"][1:])
-    # what came back: a train reply holds the shared parameters only, any other none
+    # what came back: a train reply holds the shared parameters only; a discovery reply the
+    # initial parameters where the nodes compute them (init_needs_text); any other none
     for reply in grid.received:
         arrays = reply.content.array_records
         if reply.metadata.message_type == "train":
             assert set(arrays) == {"arrays"} and set(arrays["arrays"]) == set(init)
+        elif "init" in arrays and algorithm_class(name).init_needs_text:
+            assert set(arrays) == {"init"} and set(arrays["init"]) == set(init)
         else:
             assert not arrays
     # decoded pixels stay in memory: no site file is written for a pixel method

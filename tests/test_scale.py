@@ -194,7 +194,7 @@ def test_device_decoding_is_close_to_the_pil_path_and_cached_apart(tiny_arch, tm
 
 
 # these encode the prompts on cfg.device themselves
-TEXT_FROM_BACKBONE = {"promptfl", "promptfolio", "fedpgp", "fedtpg", "fedotp"}
+TEXT_FROM_BACKBONE = {"promptfl", "promptfolio", "fedpgp", "fedtpg", "fedotp", "fedmaple"}
 
 
 @pytest.mark.parametrize("algorithm", sorted(set(algorithm_names()) - TEXT_FROM_BACKBONE))

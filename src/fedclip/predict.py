@@ -22,7 +22,7 @@ from fedclip.core.adapter_file import load_adapter
 from fedclip.data.folder import IMG_EXTENSIONS, Domain
 from fedclip.data.specs import class_to_text
 from fedclip.errors import BackboneError, FedclipError
-from fedclip.features import default_cache_dir, image_features
+from fedclip.features import default_cache_dir, image_features, image_pixels
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -62,7 +62,8 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     # loads this one, which the download guard above covered, never the default
     try:
         run = RunConfig(algorithm=adapter.algorithm, backbone=adapter.backbone,
-                        options={adapter.algorithm: adapter.options})
+                        options={adapter.algorithm: adapter.options},
+                        prompt_template=adapter.prompt_template)
     except ValueError as exc:
         raise FedclipError(f"{adapter_path} has settings fedclip cannot use ({exc})") from None
     lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
@@ -83,18 +84,25 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
                             f"features but the adapter expects {adapter.dim}")
     class_text = F.normalize(text.features, dim=-1)
     algorithm = get_algorithm(run, Runtime(tuple(prompts), class_text, text.logit_scale))
+    client = algorithm.client
+    # a pixel method (fedavg-full, fedmaple) runs its images through the backbone it
+    # trains, on that backbone's device; the others score the cached features on the CPU
+    pixels = algorithm.inputs == "pixels"
+    device = torch.device(resolve_device(run.device) if pixels else "cpu")
+    feats = image_pixels(lazy, domain, preprocess=client.preprocess()) if pixels else \
+        image_features(lazy, domain, cache_dir)
     module = algorithm.build_module(adapter.dim)
     try:
         module.load_state_dict(adapter.params)
     except RuntimeError as exc:
         raise FedclipError(f"{adapter_path} does not hold a {adapter.algorithm} module of "
                            f"dimension {adapter.dim} ({str(exc).splitlines()[0]})") from None
-    module.eval()
-    with torch.no_grad():
-        client = algorithm.client
-        emb = client.embed(module, feats.features)
-        logits = client.logits(module, emb, client.class_text(module, class_text),
-                               text.logit_scale)
+    module = module.to(device).eval()
+    with torch.no_grad():  # eval_batch inputs per forward, as a run's evaluation
+        emb = torch.cat([client.embed(module, chunk.to(device))
+                         for chunk in feats.features.split(algorithm.eval_batch)])
+        logits = client.logits(module, emb, client.class_text(module, class_text.to(device)),
+                               text.logit_scale).cpu()
     probs = logits.softmax(dim=-1)
     rows: list[dict[str, Any]] = []
     for i, f in enumerate(files):

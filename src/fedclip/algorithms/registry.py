@@ -31,6 +31,7 @@ BUILTIN: dict[str, str] = {
     "fedavg-cnn": "a torchvision classifier on pixels (the paper's AlexNet FedAvg baseline)",
     "fedavg-full": "both open_clip encoders fine-tuned (the paper's FedAvg baseline)",
     "fedavgm": "FedCLIP clients; server momentum on the averaged delta",
+    "fedmaple": "MaPLe: deep text prompts coupled to vision prompts, frozen encoders, averaged",
     "fedclip": "the attention adapter; the server averages",
     "fedotp": "global prompt (averaged) + personal local prompt, patch tokens matched to them "
               "by unbalanced OT",

@@ -442,6 +442,36 @@ def _seeded_draws(device: str | torch.device, seed: int, draws: bool) -> Iterato
         yield
 
 
+# --- the run's precision for what goes through an encoder ---------------------------------
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _through_encoder(algorithm: Model) -> bool:
+    """Whether ``algorithm`` trains and scores through an encoder on pixels (``inputs =
+    "pixels"``), where ``precision`` applies as in feature extraction."""
+    return getattr(algorithm, "inputs", "features") == "pixels"
+
+
+def autocast(algorithm: Model, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """The run's ``precision`` (fp16 / bf16: torch.autocast on ``device``) for a pixel
+    method's forward through its encoder, in training and evaluation alike; fp32 and methods
+    on cached features: nothing (the same bits as without it)."""
+    precision = algorithm.cfg.precision
+    if precision == "fp32" or not _through_encoder(algorithm):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=_HALF[precision])
+
+
+def grad_scaler(algorithm: Model, device: str | torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler for a pixel method trained in fp16 on CUDA (fp16's range would
+    flush small gradients to zero), fresh each round with torch's defaults; None otherwise
+    (bf16 has fp32's range; CPU autocast needs none)."""
+    if (algorithm.cfg.precision != "fp16" or torch.device(device).type != "cuda"
+            or not _through_encoder(algorithm)):
+        return None
+    return torch.amp.GradScaler("cuda")
+
+
 def working_module(algorithm: Model, dim: int, device: str | torch.device, params: Params
                    ) -> nn.Module:
     """The algorithm's module for features of size ``dim`` on ``device``, holding ``params``:
@@ -484,18 +514,25 @@ def train_local(
     if optimizer_state:
         optimizer.load_state_dict(unflatten_optimizer(optimizer_state, optimizer.state_dict()))
     losses: list[float] = []
+    scaler = grad_scaler(algorithm, device)
     with _seeded_draws(device, seed, not shared):
         for batch in batch_schedule(cfg, len(train), config.local_epochs, seed):
             batch = batch.to(device)
-            emb = algorithm.embed(module, train.x[batch])
-            text = algorithm.class_text(module, class_text)
-            loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
-            total = objective(loss, module) if objective is not None else loss
+            with autocast(algorithm, device):
+                emb = algorithm.embed(module, train.x[batch])
+                text = algorithm.class_text(module, class_text)
+                loss = algorithm.task_loss(emb, train.y[batch], text, logit_scale)
+                total = objective(loss, module) if objective is not None else loss
             if not math.isfinite(value := float(total.detach())):
                 raise diverged(config, value)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            if scaler is None:
+                total.backward()
+                optimizer.step()
+            else:  # fp16 on CUDA: a step whose scaled gradients overflowed is skipped
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
             losses.append(float(loss.detach()))
     params = get_params(module)
     module.zero_grad(set_to_none=True)
@@ -541,8 +578,10 @@ def evaluate_module(
     """As :func:`evaluate`, with the module already built (one build for many splits)."""
     if len(split) == 0:
         return EvalResult(float("nan"), float("nan"), 0)
-    text = algorithm.class_text(module, class_text)
-    logits = mask_classes(_forward(algorithm, module, split.x, text, logit_scale), class_mask)
+    with autocast(algorithm, split.x.device):
+        text = algorithm.class_text(module, class_text)
+        logits = mask_classes(_forward(algorithm, module, split.x, text, logit_scale),
+                              class_mask)
     accuracy = float((logits.argmax(dim=1) == split.y).float().mean())
     return EvalResult(accuracy, _loss(logits, split.y), len(split))
 
@@ -551,7 +590,8 @@ def _forward(algorithm: Model, module: nn.Module | None, x: torch.Tensor, text: 
              logit_scale: float) -> torch.Tensor:
     """Class scores of one split's inputs, ``eval_batch`` inputs per forward."""
     emb = torch.cat([algorithm.embed(module, chunk) for chunk in x.split(algorithm.eval_batch)])
-    return algorithm.logits(module, emb, text, logit_scale)
+    logits = algorithm.logits(module, emb, text, logit_scale)
+    return logits.float() if logits.dtype in _HALF.values() else logits  # autocast's
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -592,9 +632,11 @@ def evaluate_many(algorithm: Model, items: Sequence[Scoring], class_text: torch.
             dim = items[members[0]].split.x.shape[1]
             device = next(iter(params.values())).device
             module = working_module(algorithm, dim, device, params).eval()
-        text = algorithm.class_text(module, class_text)
-        logits = [mask_classes(_forward(algorithm, module, items[i].split.x, text, logit_scale),
-                               items[i].class_mask) for i in members]
+        with autocast(algorithm, items[members[0]].split.x.device):
+            text = algorithm.class_text(module, class_text)
+            logits = [mask_classes(_forward(algorithm, module, items[i].split.x, text,
+                                            logit_scale), items[i].class_mask)
+                      for i in members]
         labels = [items[i].split.y for i in members]
         correct = (torch.cat(logits).argmax(dim=1) == torch.cat(labels)).float()
         sizes = [len(y) for y in labels]
