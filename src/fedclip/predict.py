@@ -22,7 +22,7 @@ from fedclip.core.adapter_file import load_adapter
 from fedclip.data.folder import IMG_EXTENSIONS, Domain
 from fedclip.data.specs import class_to_text
 from fedclip.errors import BackboneError, FedclipError
-from fedclip.features import default_cache_dir, image_features
+from fedclip.features import default_cache_dir, image_features, image_pixels
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -62,7 +62,7 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     # loads this one, which the download guard above covered, never the default
     try:
         run = RunConfig(algorithm=adapter.algorithm, backbone=adapter.backbone,
-                        options={adapter.algorithm: adapter.options})
+                        options={adapter.algorithm: adapter.options}, seed=adapter.seed)
     except ValueError as exc:
         raise FedclipError(f"{adapter_path} has settings fedclip cannot use ({exc})") from None
     lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
@@ -70,7 +70,6 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
     domain = Domain("predict", root, tuple(files),
                     torch.zeros(len(files), dtype=torch.long).numpy(), ())
-    feats = image_features(lazy, domain, cache_dir)
     prompts = [adapter.prompt_template.format(class_to_text(c)) for c in adapter.classes]
     from fedclip.task import class_text_features
 
@@ -82,13 +81,17 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
                             f"features but the adapter expects {adapter.dim}")
     class_text = F.normalize(text.features, dim=-1)
     algorithm = get_algorithm(run, Runtime(tuple(prompts), class_text, text.logit_scale))
+    if algorithm.inputs == "pixels":  # it runs the images through its own network
+        feats = image_pixels(lazy, domain, preprocess=algorithm.client.preprocess())
+    else:
+        feats = image_features(lazy, domain, cache_dir)
     module = algorithm.build_module(adapter.dim)
     try:
         module.load_state_dict(adapter.params)
     except RuntimeError as exc:
         raise FedclipError(f"{adapter_path} does not hold a {adapter.algorithm} module of "
                            f"dimension {adapter.dim} ({str(exc).splitlines()[0]})") from None
-    module.eval()
+    module = algorithm.client.merged(module).eval()
     with torch.no_grad():
         client = algorithm.client
         emb = client.embed(module, feats.features)
