@@ -186,8 +186,9 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """A LoRA layer's weight update ``alpha / r * B A`` (r: the adapters' rank)."""
-    return (alpha / a.shape[0]) * (b @ a)
+    """A LoRA layer's weight update ``alpha / r * B A`` (r: the adapters' rank), in float64
+    (what the round metrics compare: no rounding of their own)."""
+    return (alpha / a.shape[0]) * (b.double() @ a.double())
 
 
 # --- the client side ---------------------------------------------------------------------
@@ -423,7 +424,8 @@ class FloraServer(LoraServer):
             key = prefix + W_KEY
             own = sum(u.weight * delta(u.params[prefix + A_KEY], u.params[prefix + B_KEY],
                                        self.options.alpha) for u in updates)
-            error += float(torch.linalg.matrix_norm(new[key] - current[key] - own / total))
+            moved = new[key].double() - current[key].double()
+            error += float(torch.linalg.matrix_norm(moved - own / total))
         sent = sum(sum(v.numel() for v in u.params.values()) for u in updates) / len(updates)
         return {"aggregation_error": error, "sent_params": sent}
 
