@@ -45,7 +45,7 @@ def test_the_aggregate_is_exact_for_ffa_lora_and_flora_and_off_by_hand_for_fedit
     """One layer ``p``, two clients of weights 1 and 3, alpha 16. FedIT's aggregate
     ``s mean(B) mean(A)`` misses ``s mean(B A)`` by what is computed by hand below;
     FFA-LoRA's and FLoRA's equal it to 1e-6 (FLoRA with ranks 1 and 2)."""
-    p, s = "p", 16.0  # scaling alpha / r with r = 1
+    p = "p"  # one layer; rank 1, alpha 16: the scaling s is 16
     a1, b1 = torch.tensor([[1.0]]), torch.tensor([[1.0]])
     a2, b2 = torch.tensor([[3.0]]), torch.tensor([[2.0]])
     updates = [ClientUpdate({p + A_KEY: a1, p + B_KEY: b1}, {}, 1, 0.0, weight=1.0),
