@@ -297,6 +297,11 @@ class Algorithm:
         """The trainable module (FedCLIP: the attention adapter)."""
         return AttentionAdapter(dim)
 
+    def trainable_parameters(self, params: Params | None) -> int:
+        """How many parameters a client trains, given the global ``params`` (by default all of
+        them; FLoRA: its adapters, not the merged weights it is sent)."""
+        return sum(v.numel() for v in (params or {}).values())
+
     def is_personal(self, key: str) -> bool:
         """Whether parameter ``key`` stays on its client."""
         return any(fnmatch.fnmatchcase(key, p) for p in self.personal)

@@ -443,6 +443,10 @@ class FLoRA(LoraAlgorithm):
     trained = ()
     kept = ("base",)
 
+    def trainable_parameters(self, params: Params | None) -> int:
+        """A client's adapters at ``flora.rank`` (a client of rank r trains r / rank x it)."""
+        return sum(s.numel() for s in self.server.reply_shapes(params or {}).values())
+
     def rank_of(self, client: str | None) -> int:
         """The rank ``client`` declared (``flora.ranks``; default ``rank``)."""
         return int(client_ranks(self.options.ranks).get(client or "", self.options.rank))
