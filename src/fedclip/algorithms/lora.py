@@ -218,16 +218,19 @@ class LoraServer(ServerSide):
     def round_metrics(self, current: Params, new: Params, updates: Sequence[ClientUpdate]
                       ) -> dict[str, float]:
         """The aggregation error (the Frobenius distance, summed over the LoRA layers, of the
-        aggregate's weight update from the weighted mean of the clients' own ``s B_k A_k``)
-        and the parameters each client sent (their mean)."""
+        aggregate's weight update from the weighted mean of the clients' own ``s B_k A_k``),
+        the size of that mean (its norm, summed likewise: what the error compares to) and
+        the parameters each client sent (their mean)."""
         total = sum(u.weight for u in updates)
         error = 0.0
+        size = 0.0
         algorithm = cast(LoraAlgorithm, self.algorithm)
         for prefix, aggregated in algorithm.applied(current, new).items():
             own = sum(u.weight * algorithm.own_delta(prefix, u.params) for u in updates)
             error += float(torch.linalg.matrix_norm(aggregated - own / total))
+            size += float(torch.linalg.matrix_norm(own / total))
         sent = sum(sum(v.numel() for v in u.params.values()) for u in updates) / len(updates)
-        return {"aggregation_error": error, "sent_params": sent}
+        return {"aggregation_error": error, "mean_update_norm": size, "sent_params": sent}
 
 
 class LoraAlgorithm(Algorithm):
@@ -419,15 +422,16 @@ class FloraServer(LoraServer):
     def round_metrics(self, current: Params, new: Params, updates: Sequence[ClientUpdate]
                       ) -> dict[str, float]:
         total = sum(u.weight for u in updates)
-        error = 0.0
+        error = size = 0.0
         for prefix in layer_prefixes(current):
             key = prefix + W_KEY
             own = sum(u.weight * delta(u.params[prefix + A_KEY], u.params[prefix + B_KEY],
                                        self.options.alpha) for u in updates)
             moved = new[key].double() - current[key].double()
             error += float(torch.linalg.matrix_norm(moved - own / total))
+            size += float(torch.linalg.matrix_norm(own / total))
         sent = sum(sum(v.numel() for v in u.params.values()) for u in updates) / len(updates)
-        return {"aggregation_error": error, "sent_params": sent}
+        return {"aggregation_error": error, "mean_update_norm": size, "sent_params": sent}
 
 
 @register
