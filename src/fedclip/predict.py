@@ -63,7 +63,7 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     try:
         run = RunConfig(algorithm=adapter.algorithm, backbone=adapter.backbone,
                         options={adapter.algorithm: adapter.options},
-                        prompt_template=adapter.prompt_template)
+                        prompt_template=adapter.prompt_template, seed=adapter.seed)
     except ValueError as exc:
         raise FedclipError(f"{adapter_path} has settings fedclip cannot use ({exc})") from None
     lazy = LazyBackbone(adapter.backbone, resolve_device("auto"))
@@ -97,7 +97,7 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     except RuntimeError as exc:
         raise FedclipError(f"{adapter_path} does not hold a {adapter.algorithm} module of "
                            f"dimension {adapter.dim} ({str(exc).splitlines()[0]})") from None
-    module = module.to(device).eval()
+    module = client.merged(module).to(device).eval()
     with torch.no_grad():  # eval_batch inputs per forward, as a run's evaluation
         emb = torch.cat([client.embed(module, chunk.to(device))
                          for chunk in feats.features.split(algorithm.eval_batch)])

@@ -173,6 +173,9 @@ class Algorithm:
     # False: a reply carries no parameters, only its declared extras (statistics such as
     # per-class feature sums), from which ``aggregate`` builds the global parameters
     sends_params: ClassVar[bool] = True
+    # why its aggregate is not a mean of the clients' parameters, where it is not (FLoRA
+    # stacks adapters): robust rules, DP and SecAgg+ are refused with this reason ("": none)
+    not_a_mean: ClassVar[str] = ""
     # False: the selected global model is not fine-tuned per client afterwards (nothing in
     # it is trained by gradient steps: the training-free prototypes)
     fine_tunes: ClassVar[bool] = True
@@ -301,6 +304,11 @@ class Algorithm:
         """The trainable module (FedCLIP: the attention adapter)."""
         return AttentionAdapter(dim)
 
+    def trainable_parameters(self, params: Params | None) -> int:
+        """How many parameters a client trains, given the global ``params`` (by default all of
+        them; FLoRA: its adapters, not the merged weights it is sent)."""
+        return sum(v.numel() for v in (params or {}).values())
+
     def is_personal(self, key: str) -> bool:
         """Whether parameter ``key`` stays on its client."""
         return any(fnmatch.fnmatchcase(key, p) for p in self.personal)
@@ -414,6 +422,11 @@ class ClientSide(Side):
                if k.startswith(PERSONAL) and k.removeprefix(PERSONAL) in params}
         return {**params, **own} if own else params
 
+    def merged(self, module: nn.Module) -> nn.Module:
+        """The module as ``fedclip predict`` runs it (LoRA: its adapters merged into the
+        weights); by default the module itself."""
+        return module
+
     def preprocess(self) -> Callable | None:
         """The image preprocessing of ``inputs = "pixels"`` algorithms (None: the
         backbone's)."""
@@ -436,8 +449,10 @@ class ServerSide(Side):
         """Names and shapes of the extras a client must send back (checked by the server)."""
         return {}
 
-    def reply_shapes(self, global_params: Params) -> dict[str, torch.Size]:
-        """Names and shapes of the parameters a reply carries (the shared ones, or none)."""
+    def reply_shapes(self, global_params: Params, client: str | None = None
+                     ) -> dict[str, torch.Size]:
+        """Names and shapes of the parameters a reply (of ``client``, where that matters:
+        FLoRA's ranks) carries (the shared ones, or none)."""
         if not self.sends_params:
             return {}
         return {k: v.shape for k, v in self.shared(global_params).items()}
@@ -458,6 +473,17 @@ class ServerSide(Side):
         size = sum(v.numel() for v in shared.values())
         return steps_per_round(self.cfg, num_examples, config.local_epochs) * config.lr \
             * math.sqrt(size)
+
+    def check_update(self, client: str, update: ClientUpdate, current: Params) -> str | None:
+        """Why ``client``'s reply is not what that client must send (FLoRA: adapters of the
+        rank it declared), or None; the server rejects it with this line (every runtime)."""
+        return None
+
+    def as_global(self, current: Params, params: Params) -> Params:
+        """A reply's parameters as the global parameters they would make alone, for the
+        server's distance rule and warnings (FLoRA: its adapters merged into the weights);
+        by default the reply's parameters themselves."""
+        return params
 
     def check_extras(self, current: Params, update: ClientUpdate, server_state: State,
                      config: RoundConfig, quantum: float) -> str | None:

@@ -34,6 +34,7 @@ class Adapter:
     options: dict
     round: int
     prompt_templates: tuple[str, ...] = ()
+    seed: int = 0  # the run's seed (FFA-LoRA's frozen A is drawn from it)
 
 
 def save_adapter(path: Path, params: Params, cfg: RunConfig, classes: tuple[str, ...],
@@ -48,7 +49,8 @@ def save_adapter(path: Path, params: Params, cfg: RunConfig, classes: tuple[str,
             "dim": str(dim), "logit_scale": repr(float(logit_scale)), "round": str(rnd),
             "algorithm": cfg.algorithm,
             "options": json.dumps(cfg.options.get(cfg.algorithm, {})),
-            "prompt_templates": json.dumps(list(cfg.prompt_templates or []))}
+            "prompt_templates": json.dumps(list(cfg.prompt_templates or [])),
+            "seed": str(cfg.seed)}
     meta["checksum"] = checksum(params, meta)
     atomic_save_tensors(path, params, meta)
 
@@ -78,7 +80,8 @@ def load_adapter(path: str | Path) -> Adapter:
                           meta["prompt_template"], int(meta["dim"]),
                           float(meta["logit_scale"]), meta.get("algorithm", "fedclip"),
                           json.loads(meta.get("options", "{}")), int(meta.get("round", 0)),
-                          tuple(json.loads(meta.get("prompt_templates", "[]"))))
+                          tuple(json.loads(meta.get("prompt_templates", "[]"))),
+                          int(meta.get("seed", 0)))
     except (KeyError, ValueError, TypeError) as exc:
         raise FedclipError(f"{path} has damaged adapter metadata ({type(exc).__name__}: "
                            f"{exc}); re-export it from its run folder") from None

@@ -68,6 +68,12 @@ class Aggregator(Protocol):
                   ) -> tuple[Params, State]:
         """The next global parameters (and server state) from the round's updates."""
 
+    def check_update(self, client: str, update: ClientUpdate, current: Params) -> str | None:
+        """Why ``client``'s reply is not what that client must send, or None."""
+
+    def as_global(self, current: Params, params: Params) -> Params:
+        """A reply's parameters as the global parameters they would make alone."""
+
     def round_metrics(self, current: Params, new: Params, updates: Sequence[ClientUpdate]
                       ) -> dict[str, float]:
         """What it measured of the round's aggregate (recorded by name)."""
@@ -110,6 +116,15 @@ def server_rules(cfg: RunConfig, algorithm: Any, population: int) -> ServerRules
             f"algorithm {algorithm.name!r} sends statistics, not parameter updates, so "
             f"{what} does not apply to it; run it with aggregation=weighted (or "
             f"uniform) and dp=off (its own options say what privacy it offers)")
+    why = getattr(algorithm, "not_a_mean", "")
+    if algorithm.communicates and why and (cfg.aggregation in ROBUST or cfg.dp != "off"):
+        if cfg.aggregation in ROBUST:
+            raise ConfigError(
+                f"aggregation={cfg.aggregation!r} does not apply to algorithm "
+                f"{algorithm.name!r}: it {why}; use aggregation=weighted (or uniform)")
+        raise ConfigError(
+            f"dp={cfg.dp!r} does not apply to algorithm {algorithm.name!r}: it {why}, which "
+            f"DP's clipped noisy mean cannot bound; run it with dp=off")
     if algorithm.communicates and cfg.aggregation in SELECTING:
         if algorithm.server.sends_extras():
             raise ConfigError(
@@ -219,6 +234,9 @@ def secure_sum_refusal(algorithm: Any) -> str | None:
     cfg, name = algorithm.cfg, algorithm.name
     if not algorithm.runs_on_flower:
         return f"algorithm {name!r} does not run on Flower; run it in-process"
+    if getattr(algorithm, "not_a_mean", ""):
+        return (f"algorithm {name!r} {algorithm.not_a_mean}, which a secure sum cannot "
+                f"compute; run it without SecAgg+")
     if not algorithm.aggregates_mean:
         return (f"algorithm {name!r} sends per-client extras with its update, which a secure "
                 f"sum cannot carry; run it without SecAgg+")
@@ -379,6 +397,10 @@ class Server:
             if client not in plan.weights:
                 rejected[client] = "not a training client sampled for this round"
                 continue
+            why = self.side.check_update(client, update, self.state.params)
+            if why is not None:
+                rejected[client] = why
+                continue
             if update.extras:
                 why = self.side.check_extras(self.state.params, update,
                                              self.state.server_state, plan.config,
@@ -390,8 +412,10 @@ class Server:
         dist: dict[str, float] | None = None
         if algo.communicates:  # the distance rule (nothing is sent otherwise)
             # each update's distance from the global parameters, once for both rules below
-            dist = {c: privacy.update_norm(u.params, self.state.params)
-                    for c, u in kept.items()} if algo.sends_params else None
+            moved = {c: self.side.as_global(self.state.params, u.params)
+                     for c, u in kept.items()} if algo.sends_params else {}
+            dist = {c: privacy.update_norm(p, self.state.params)
+                    for c, p in moved.items()} if algo.sends_params else None
             for client, why in outliers(self.side, self.state.params, kept, plan.config,
                                         self.cfg.norm_factor, dist).items():
                 rejected[client] = why
@@ -399,7 +423,7 @@ class Server:
         for client, why in sorted(rejected.items()):
             self.warn(f"round {rnd}: rejected the update of {client}: {why}")
         noticed = [f"round {rnd}: {w}" for w in suspicious(
-            self.state.params, {c: u.params for c, u in kept.items()},
+            self.state.params, {c: moved[c] for c in kept},
             distances={c: dist[c] for c in kept})] if dist else []
         absent = sorted(set(plan.clients) - set(kept) - set(rejected) | set(missing or ()))
         if absent:

@@ -92,7 +92,7 @@ def train_update(msg: Message, nodes: Mapping[int, NodeInfo], plan: RoundPlan, a
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return info.client, None, "malformed reply (no arrays or no metrics)", 0
     received = sum(payload_bytes(r) for r in content.array_records.values())
-    shapes = algorithm.reply_shapes(current)
+    shapes = algorithm.reply_shapes(current, info.client)
     params, why = check_arrays(content.array_records["arrays"], shapes, transfer)
     if params is None:
         return info.client, None, why, received

@@ -308,7 +308,7 @@ def _run(grid: Grid, context: Context, flower: FlowerSettings, classes: tuple[st
         heldout_images=held.get("num-test", 0), runtime="flower-secagg+",
         dataset=dataset_name(cfg), classes=classes, logit_scale=logit_scale, dim=dim,
         seconds=time.perf_counter() - start,
-        trainable_params=sum(v.numel() for v in state.params.values()), transfer="fp32")
+        trainable_params=algorithm.trainable_parameters(state.params), transfer="fp32")
 
 
 server_app = build_server_app()

@@ -129,7 +129,7 @@ def _main_run(grid: Grid, cfg: RunConfig, flower: FlowerSettings, algorithm: Alg
         heldout_images=heldout_node.num_test, runtime="flower", dataset=dataset_name(cfg),
         classes=classes, logit_scale=heldout_node.logit_scale, dim=heldout_node.dim,
         seconds=time.perf_counter() - start,
-        trainable_params=sum(v.numel() for v in state.params.values()),
+        trainable_params=algorithm.trainable_parameters(state.params),
         skipped={n.domain: list(n.skipped) for n in nodes.values() if n.skipped},
         transfer=flower.transfer,
         missing_clients=sorted({c for r in state.history for c in r.missing or []}),

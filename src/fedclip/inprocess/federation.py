@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fedclip.adapters import count_parameters
 from fedclip.algorithms.base import Algorithm
 from fedclip.core.client import (
     ClientData,
@@ -117,7 +116,8 @@ class Federation:
     def trainable_parameters(self) -> int:
         """Parameters the algorithm trains (what a round sends, per client)."""
         if self._trainable is None:
-            self._trainable = count_parameters(self.algorithm.init_global(self.dim))
+            self._trainable = self.algorithm.trainable_parameters(
+                self.algorithm.init_global(self.dim))
         return self._trainable
 
     def init(self) -> Params | None:
