@@ -48,6 +48,10 @@ SMOKE_CONFIG = {
 }
 
 
+
+class NotMeasured(Exception):
+    """A method whose one local step this benchmark cannot build generically (why)."""
+
 def smoke_backbone() -> str:
     """A tiny random open_clip architecture (two layers each), registered in this process."""
     import open_clip
@@ -107,6 +111,10 @@ def local_step(algorithm: Any, init: dict, pixels: torch.Tensor, labels: torch.T
                      logit_scale)
     module = working_module(client, pixels.shape[1], device, init)
     module.train()
+    if not any(p.requires_grad for p in module.parameters()):
+        raise NotMeasured("its client draws its trainable adapters each round (FLoRA: fresh "
+                          "adapters of its rank on the merged weights); its step is FedIT's "
+                          "at that rank")
     optimizer = adam(algorithm.cfg, [{"params": list(module.parameters()), "lr": config.lr}])
     scaler = grad_scaler(client, device)
 
@@ -182,7 +190,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         algorithm = get_algorithm(cfg, Runtime(prompts, class_text, plain.logit_scale, 2))
         init = algorithm.init_global(plain.embed_dim)
         trainable = sum(v.numel() for v in algorithm.shared(init).values())
-        step = local_step(algorithm, init, pixels, labels, class_text, plain.logit_scale)
+        try:
+            step = local_step(algorithm, init, pixels, labels, class_text, plain.logit_scale)
+        except NotMeasured as exc:
+            skipped[name] = str(exc)
+            continue
 
         forward = plain_forward(plain.model, pixels, algorithm)
         for _ in range(warmup):

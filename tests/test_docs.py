@@ -432,3 +432,23 @@ def test_the_papers_table_commands_run_as_written(reader):
     rows = json.loads((reader.cwd / "runs" / "paper-trial" / "paper.json").read_text())["rows"]
     assert [r[0] for r in rows] == ["art_painting", "cartoon", "photo", "sketch", "average"]
     assert all(r[6] == "-" and r[10] != "-" for r in rows)  # CLIP FedAvg not run; FedCLIP did
+
+
+def test_the_readme_methods_table_lists_every_registered_method():
+    """The README's family table names each registered algorithm once, and b2n only where
+    the algorithm is open-vocabulary."""
+    from fedclip.algorithms.registry import algorithm_class, names
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    listed: dict[str, str] = {}
+    for row in rows:
+        cells = row.split(" | ")
+        for name in re.findall(r"`([a-z0-9-]+)`", cells[1]):
+            assert name not in listed, name
+            listed[name] = cells[-1]
+    assert set(listed) == set(names())
+    for name, protocols in listed.items():
+        if "b2n" in protocols:
+            assert algorithm_class(name).open_vocabulary, name
