@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedclip.algorithms import algorithm_class, get_algorithm
+from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Runtime
 from fedclip.backbones import LazyBackbone, resolve_device, weights_source
 from fedclip.config import RunConfig
@@ -72,8 +72,6 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     domain = Domain("predict", root, tuple(files),
                     torch.zeros(len(files), dtype=torch.long).numpy(), ())
     prompts = [adapter.prompt_template.format(class_to_text(c)) for c in adapter.classes]
-    feats = image_features(lazy, domain, cache_dir,
-                           tokens=algorithm_class(adapter.algorithm).inputs == "tokens")
     from fedclip.task import class_text_features
 
     text = class_text_features(lazy, adapter.classes, adapter.prompt_template,
@@ -90,7 +88,7 @@ def predict(adapter_path: str | Path, inputs: Sequence[str | Path], backbone: st
     pixels = algorithm.inputs == "pixels"
     device = torch.device(resolve_device(run.device) if pixels else "cpu")
     feats = image_pixels(lazy, domain, preprocess=client.preprocess()) if pixels else \
-        image_features(lazy, domain, cache_dir)
+        image_features(lazy, domain, cache_dir, tokens=algorithm.inputs == "tokens")
     module = algorithm.build_module(adapter.dim)
     try:
         module.load_state_dict(adapter.params)

@@ -73,6 +73,7 @@ class PGPPrompt(nn.Module):
         self.V = nn.Parameter(torch.zeros(rank, width))
 
     def personalised(self) -> torch.Tensor:
+        """The personalised context: the global prompt plus the personal low-rank term."""
         return self.ctx + self.U @ self.V
 
 

@@ -285,6 +285,8 @@ class LoraAlgorithm(Algorithm):
                           self.cfg.seed, trained, kept)
 
     def build_module(self, dim: int) -> nn.Module:
+        """The backbone with LoRA adapters of the configured rank (what trains and what is
+        kept as this method says)."""
         return self.lora_module(self.options.rank, self.trained, self.kept)
 
     def init_global(self, dim: int) -> Params | None:
@@ -336,6 +338,7 @@ class RankView:
         self.eval_batch = client.eval_batch
 
     def build_module(self, dim: int) -> nn.Module:
+        """The merged backbone with fresh adapters of this client's rank."""
         algorithm = cast(LoraAlgorithm, self.client.algorithm)
         return algorithm.lora_module(self.rank, ("lora_A", "lora_B"), ("base",))
 
