@@ -2,7 +2,6 @@
 both runtimes (parity, resume, predict, what a reply carries)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,17 +84,9 @@ def test_token_routing_respects_capacity_and_matching_gives_token_shares():
 
 @pytest.mark.parametrize("name", TOKEN_METHODS)
 def test_a_token_methods_options_are_keys_of_the_flower_app(name):
-    import tomllib
+    from tests import test_flower_pixels as pixels
 
-    from fedclip.flower.settings import run_config_to_cfg
-
-    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    declared = app["tool"]["flwr"]["app"]["config"].get(name, {})
-    options = algorithm_class(name).Options()
-    assert {k.replace("-", "_") for k in declared} == set(type(options).model_fields)
-    cfg, _ = run_config_to_cfg({"algorithm": name, **{f"{name}.{k}": v
-                                                      for k, v in declared.items()}})
-    assert cfg.options.get(name, {}) == options.model_dump()
+    pixels.test_a_methods_options_are_keys_of_the_flower_app(name)  # declared, at defaults
     cls = algorithm_class(name)
     assert cls.inputs == "tokens" and cls(RunConfig.build(algorithm=name)).runs_on_flower
 

@@ -44,12 +44,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedclip.adapters import get_params
-from fedclip.algorithms.promptfl import PromptFL, PromptFLClient
-from fedclip.algorithms.promptfolio import PromptPair
+from fedclip.algorithms.promptfl import PromptFLClient
+from fedclip.algorithms.promptfolio import GlobalLocalPrompt, PromptPair
 from fedclip.algorithms.registry import register
 from fedclip.algorithms.transport import plan
-from fedclip.tensors import Params
 
 
 class OTPOptions(BaseModel):
@@ -112,26 +110,13 @@ class FedOTPClient(PromptFLClient):
 
 
 @register
-class FedOTP(PromptFL):
+class FedOTP(GlobalLocalPrompt):
     name = "fedotp"
     summary = ("global prompt (averaged) + personal local prompt, patch tokens matched to "
                "them by unbalanced OT")
     inputs = "tokens"
-    personal = ("local.*",)
     eval_batch = 256
     Options = OTPOptions
     options: OTPOptions
     Client = FedOTPClient
-
-    def init_global(self, dim: int) -> Params | None:
-        start = super().init_global(dim)
-        assert start is not None
-        module = cast(PromptPair, self.build_module(dim))
-        with torch.no_grad():
-            module.ctx.copy_(start["ctx"])
-            module.local.ctx.copy_(start["ctx"])
-        return get_params(module)
-
-    def build_module(self, dim: int) -> nn.Module:
-        return PromptPair(self.tower.n_ctx, self.tower.width)
 

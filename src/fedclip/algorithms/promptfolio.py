@@ -61,14 +61,11 @@ class PromptFolioClient(PromptFLClient):
         return F.normalize((1 - theta) * glob + theta * local, dim=-1)
 
 
-@register
-class PromptFolio(PromptFL):
-    name = "promptfolio"
-    summary = "a global prompt (averaged) mixed with a personal local prompt (never sent)"
+class GlobalLocalPrompt(PromptFL):
+    """A global context (sent, averaged) and a local one (``local.*``, personal), both
+    starting at the template words: PromptFolio's and FedOTP's pair of prompts."""
+
     personal = ("local.*",)
-    Options = FolioOptions
-    options: FolioOptions
-    Client = PromptFolioClient
 
     def init_global(self, dim: int) -> Params | None:
         start = super().init_global(dim)
@@ -81,3 +78,12 @@ class PromptFolio(PromptFL):
 
     def build_module(self, dim: int) -> nn.Module:
         return PromptPair(self.tower.n_ctx, self.tower.width)
+
+
+@register
+class PromptFolio(GlobalLocalPrompt):
+    name = "promptfolio"
+    summary = "a global prompt (averaged) mixed with a personal local prompt (never sent)"
+    Options = FolioOptions
+    options: FolioOptions
+    Client = PromptFolioClient
