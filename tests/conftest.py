@@ -49,6 +49,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FEDCLIP_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that runs the CLI's ``--threads`` changes torch's thread count for the whole
+    session; restore it, so no later test compares results made with another count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_arch(tmp_path_factory) -> str:
     """Register a tiny random open_clip architecture; the real code path, in seconds."""

@@ -43,7 +43,13 @@ class LocalDeployment:
         self.port = free_port()
         # the SuperLink and SuperNodes start flower-superexec and flwr-* by name
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        self.env = {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(self.home), "PATH": path}
+        # the nodes' ClientApps use this process's thread count: a parity test compares their
+        # result with an in-process run, and a sum split over other threads rounds otherwise
+        # (Adam turns that rounding into a step of lr on a parameter whose gradient is ~0)
+        import torch
+
+        self.env = {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(self.home), "PATH": path,
+                    "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.procs: dict[str, subprocess.Popen] = {}
         self.log: list[str] = []
 
