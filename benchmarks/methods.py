@@ -1,16 +1,30 @@
 """The methods after FedCLIP beside it, on the same splits, in two task shapes.
 
-    python benchmarks/methods.py [--data-root ../shared/data/PACS] [--quick]
+    python benchmarks/methods.py [--data-root ../shared/data/PACS] [--quick] [--only NAME,...]
 
-Runs two ``fedclip compare`` commands (each resumable: an interrupted table continues where
-it stopped) and writes their tables into ``docs/pacs_compare_algorithms.md`` between the
+Runs ``fedclip compare`` commands (each resumable: an interrupted table continues where it
+stopped) and writes their tables into ``docs/pacs_compare_algorithms.md`` between the
 ``<!-- methods:... -->`` markers (the rest of that document is left as it is):
 
 1. **leave-one-domain-out** on full PACS, 3 seeds, 15 rounds at lr 5e-4 (the setting of the
    table above it in that document): generalization to the unseen domain and personalization;
 2. **many clients of one domain mix**: sketch held out, the three other domains split into 13
    Dirichlet(0.1) clients each (39 clients with skewed labels), 10 sampled per round, 3 seeds,
-   15 rounds: where personalised methods should separate from global ones.
+   15 rounds: where personalised methods should separate from global ones;
+3. **prompts**: the prompt learners (global prompt, personal prompt, generator, mixture of
+   experts) beside FedCLIP under the **base-to-novel** protocol (clients train on 4 of PACS's 7
+   classes, are tested on the other 3 too), sketch held out, 3 seeds, 10 rounds at lr 2e-3
+   (CoOp's learning rate; 10 rounds because these methods run the text tower at every step).
+
+4. **dp**: one method per family under client-level central DP (``dp=server``, epsilon 8 at
+   delta 1e-5 over the run), beside the same methods without DP: sketch held out, the three
+   other domains split into 13 clients each (39, all training every round: with 3 clients the
+   noise on the mean, z C / 3, drowns every method), 10 rounds at lr 2e-3, 3 seeds. Each
+   method has its own clipping norm C (``DP``: about the median norm of one client's update
+   in the method's first round without DP, measured once on this setting; a deployment
+   would choose it without looking at the clients' updates, e.g. from public data).
+
+``--only prompts`` runs (and rewrites) only the comparisons named.
 
 The commands are printed into the document beside their tables; no number is typed by hand.
 ``--quick``: the embedded sample, 2 rounds, one seed, into ``benchmarks/results/methods-quick.md``
@@ -29,6 +43,15 @@ HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "pacs_compare_algorithms.md"
 QUICK = HERE / "results" / "methods-quick.md"
 NEW = "prototypes,fedpft,personal-transform"
+# one per family: global prompt, global + local prompt, personal low-rank, generator,
+# transport-aligned global + local prompt, mixture of experts (TRIP and its 1K-value variant)
+PROMPTS = "promptfl,promptfolio,fedpgp,fedtpg,fedotp,trip,trip-lite"
+# dp: method -> (family, clipping norm C)
+# (the medians measured: fedclip 2.59, promptfl 0.192, fedpgp 0.318, fedtpg 7.33)
+DP = {"fedclip": ("adapter", 2.5), "promptfl": ("global prompt", 0.2),
+      "fedpgp": ("personal low-rank", 0.3), "fedtpg": ("generator", 7.0),
+      "trip": ("mixture of experts", 0.05)}
+DP_EPSILON = "8"
 COMMON = ["--backbone", "standin", "--set", "lr=5e-4", "--set", "personalize_epochs=2"]
 
 
@@ -47,7 +70,24 @@ def commands(data_root: str, quick: bool) -> dict[str, list[str]]:
                  "--set", f"clients_per_domain={per_domain}", "--set", "clients_per_round=10",
                  "--seeds", seeds, "--rounds", rounds, "--out",
                  str(runs / ("methods-quick-dirichlet" if quick else "compare-pacs-dirichlet"))]
-    return {"lodo": lodo, "dirichlet": dirichlet}
+    prompts = ["compare", *data, "--backbone", "standin", "--set", "lr=2e-3",
+               "--set", "personalize_epochs=2", "--heldout", "sketch",
+               "--set", "protocol=base2novel", "--algorithms", f"zeroshot,fedclip,{PROMPTS}",
+               "--seeds", seeds, "--rounds", "2" if quick else "10", "--out",
+               str(runs / ("methods-quick-prompts" if quick else "compare-pacs-prompts"))]
+    dp_setting = [*data, "--backbone", "standin", "--set", "lr=2e-3",
+                  "--set", "personalize_epochs=0", "--heldout", "sketch",
+                  "--set", f"clients_per_domain={per_domain}", "--seeds", seeds,
+                  "--rounds", "2" if quick else "10"]
+    dp_out = runs / ("methods-quick-dp" if quick else "compare-pacs-dp")
+    dp = {"dp:off": ["compare", *dp_setting, "--algorithms", ",".join(["zeroshot", *DP]),
+                     "--out", str(dp_out / "off")]}
+    for name, (_, clip) in DP.items():
+        dp[f"dp:{name}"] = ["compare", *dp_setting, "--algorithms", name,
+                            "--set", "dp=server", "--set", "aggregation=uniform",
+                            "--set", f"dp_epsilon={DP_EPSILON}", "--set",
+                            f"dp_clipping_norm={clip}", "--out", str(dp_out / name)]
+    return {"lodo": lodo, "dirichlet": dirichlet, "prompts": prompts, **dp}
 
 
 def section(name: str, argv: list[str], plots: Path | None = None) -> str:
@@ -67,6 +107,44 @@ def section(name: str, argv: list[str], plots: Path | None = None) -> str:
             f"<!-- methods:{name} end -->")
 
 
+def _cell(out: Path, table: str, column: str) -> str:
+    """The 'average' row's cell of ``column`` in a comparison's ``table``."""
+    import json
+
+    data = json.loads((out / "compare.json").read_text())["tables"][table]
+    row = next(r for r in data["rows"] if r[0] == "average")
+    return row[data["header"].index(column)]
+
+
+def dp_section(argvs: dict[str, list[str]]) -> str:
+    """One row per family: the method without DP and with it (its C, noise multiplier and
+    the epsilon the run spent, read from its results)."""
+    import json
+
+    out = {k: Path(v[v.index("--out") + 1]) for k, v in argvs.items()}
+    rows = ["| method | family | C | z | epsilon spent | held-out, no DP | held-out, DP "
+            "| clients, no DP | clients, DP |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, (family, clip) in DP.items():
+        run = json.loads((out[f"dp:{name}"] / f"{name}-seed0" / "results.json").read_text())
+        last = run["runs"][0]
+        z = last.get("privacy", {}).get("noise_multiplier", float("nan"))
+        eps = max(r.get("epsilon") or 0.0 for r in last["history"])
+        rows.append(f"| {name} | {family} | {clip:g} | {z:.3g} | {eps:.2f} "
+                    f"| {_cell(out['dp:off'], 'generalization', name)} "
+                    f"| {_cell(out[f'dp:{name}'], 'generalization', name)} "
+                    f"| {_cell(out['dp:off'], 'personalization', name)} "
+                    f"| {_cell(out[f'dp:{name}'], 'personalization', name)} |")
+    zeroshot = (f"Zero-shot: held-out {_cell(out['dp:off'], 'generalization', 'zeroshot')}, "
+                f"clients {_cell(out['dp:off'], 'personalization', 'zeroshot')}.")
+    commands = "\n".join("fedclip " + " ".join(shlex.quote(a) for a in v)
+                         for v in argvs.values())
+    return ("<!-- methods:dp begin (generated by benchmarks/methods.py) -->\n"
+            f"```bash\n{commands}\n```\n\nAccuracy % (mean ± std over seeds; held-out: "
+            "sketch; clients: the global model on the 39 clients' own test splits, no "
+            f"personalization step). {zeroshot}\n\n" + "\n".join(rows) +
+            "\n<!-- methods:dp end -->")
+
+
 def splice(doc: str, name: str, text: str) -> str:
     """``doc`` with the generated section ``name`` replaced (or appended)."""
     pattern = re.compile(rf"<!-- methods:{name} begin.*?<!-- methods:{name} end -->", re.S)
@@ -82,8 +160,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data/PACS")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated comparisons to run")
     args = parser.parse_args()
     argvs = commands(args.data_root, args.quick)
+    if args.only:
+        only = set(args.only.split(","))
+        names = {k.split(":")[0] for k in argvs}
+        if only - names:
+            raise SystemExit(f"--only: unknown {sorted(only - names)}; one of {sorted(names)}")
+        argvs = {k: v for k, v in argvs.items() if k.split(":")[0] in only}
     for argv in argvs.values():
         out = Path(argv[argv.index("--out") + 1])
         resume = ["--resume"] if (out / "compare.json").exists() or any(out.glob("*-seed*")) \
@@ -94,7 +179,11 @@ def main() -> None:
     target = QUICK if args.quick else DOC
     doc = target.read_text() if target.exists() else "# methods (quick)\n"
     for name, argv in argvs.items():
-        doc = splice(doc, name, section(name, argv, None if args.quick else DOC.parent))
+        if not name.startswith("dp:"):
+            doc = splice(doc, name, section(name, argv, None if args.quick else DOC.parent))
+    dp = {k: v for k, v in argvs.items() if k.startswith("dp:")}
+    if dp:
+        doc = splice(doc, "dp", dp_section(dp))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(doc)
     print(f"wrote {target}")

@@ -53,3 +53,54 @@ def test_the_encoder_benchmark_skips_a_method_that_refuses_the_backbone(tmp_path
     assert "open_clip" in out["skipped"]["fedmaple"] and "\n" not in out["skipped"]["fedmaple"]
     assert "cannot be trained" in out["skipped"]["fedavg-full"]
     assert "skipped fedmaple:" in capsys.readouterr().out
+
+
+def test_the_methods_benchmark_runs_every_prompt_family_and_one_dp_run_per_family():
+    """benchmarks/methods.py: the prompt comparison lists a registered method of each family
+    under base2novel; each DP method has its own command (dp=server, its C) and is also in
+    the no-DP command of the same setting."""
+    methods = _benchmark("methods")
+    argvs = methods.commands("data", quick=False)
+    prompts = argvs["prompts"]
+    listed = prompts[prompts.index("--algorithms") + 1].split(",")
+    assert set(listed) <= set(names()) and "protocol=base2novel" in prompts
+    assert {"promptfl", "fedpgp", "fedtpg", "fedotp", "trip"} <= set(listed)
+    off = argvs["dp:off"]
+    assert set(methods.DP) <= set(off[off.index("--algorithms") + 1].split(","))
+    for name, (_, clip) in methods.DP.items():
+        argv = argvs[f"dp:{name}"]
+        assert argv[argv.index("--algorithms") + 1] == name
+        assert {"dp=server", f"dp_clipping_norm={clip}"} <= set(argv)
+        setting = [a for a in argv if not a.startswith(("dp", "aggregation"))]
+        assert [a for a in off if a not in setting] == [off[off.index("--algorithms") + 1],
+                                                       off[-1]]  # only the list and folder
+
+
+def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path):
+    methods = _benchmark("methods")
+    argvs = {k: v for k, v in methods.commands("data", quick=False).items()
+             if k.startswith("dp:")}
+    argvs = {k: [*v[:-1], str(tmp_path / k.replace(":", "-"))] for k, v in argvs.items()}
+
+    def write(folder: Path, algorithms: list[str], value: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tables = {t: {"header": ["x", *algorithms], "rows": [["average", *[value] * len(
+            algorithms)]]} for t in ("generalization", "personalization")}
+        (folder / "compare.json").write_text(json.dumps({"tables": tables}))
+
+    write(tmp_path / "dp-off", ["zeroshot", *methods.DP], "50.0 ± 1.0")
+    for i, name in enumerate(methods.DP):
+        write(tmp_path / f"dp-{name}", [name], "40.0 ± 2.0")
+        history = [{"round": 0}, {"round": 1, "epsilon": 3.5 + i}, {"round": 2, "epsilon": 7.9}]
+        run = tmp_path / f"dp-{name}" / f"{name}-seed0"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({"runs": [
+            {"privacy": {"noise_multiplier": 1.25}, "history": history}]}))
+    text = methods.dp_section(argvs)
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "family" not in r]
+    assert len(rows) == len(methods.DP)
+    for row, name in zip(rows, methods.DP, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == name and cells[3:5] == ["1.25", "7.90"]
+        assert cells[5:] == ["50.0 ± 1.0", "40.0 ± 2.0", "50.0 ± 1.0", "40.0 ± 2.0"]
+    assert text.count("fedclip compare") == len(argvs)
