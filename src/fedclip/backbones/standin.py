@@ -19,6 +19,18 @@ classifier's softmax:
   norm of CLIP's raw image features (what the reference adapter sees); with unit-norm inputs
   the reference's weight decay keeps the adapter from learning.
 
+Patch tokens (the token store, ``inputs = "tokens"``: FedOTP, TRIP): EfficientNet-Lite0's
+last feature map is 1280 x 7 x 7 at 224 px, and ``f(x)`` is its average. Each cell's 1280-d
+vector ``f_rc`` goes through the SAME map as ``f(x)``: the classifier and its softmax per cell
+(a class-activation-map reading), ConSE over that cell's top 20, the ridge map, the same mix
+and scale, ``token_rc = 10 * normalise(conse(f_rc) + 0.5 lin(f_rc))``: T = 49 tokens of 384,
+row-major (token ``7 r + c``), all cells in one batch. The pooled embedding is computed as
+before, untouched (bit for bit what ``encode_images`` gives), so it is not the tokens' mean:
+the map is nonlinear; their mean points near it (cosine 0.84 to 0.99 on PACS images). These
+are **the stand-in's tokens, not CLIP's** (no attention, no class token: a convolutional
+network's cells read through the ImageNet classifier). They share the backbone's fingerprint
+(``VERSION``): changing their recipe needs a new ``VERSION``.
+
 Its text tower can be prompted (``PROMPTABLE``; :class:`MiniLMPromptTower`): CoOp's learned
 context vectors take the template words' places among MiniLM's token embeddings, and the
 prompt goes on through MiniLM's encoder and mean pooling as a sentence does. The numbers a
