@@ -94,13 +94,48 @@ def test_an_interrupted_token_extraction_continues_where_it_stopped(tiny_arch, t
     assert not list((tmp_path / "cut" / "tokens").glob("*.partial"))
 
 
-def test_a_backbone_without_tokens_is_refused_in_one_line(toy_root, tmp_path):
-    """The stand-in's embedding is no projection of its feature map: refused before it is
-    built (its packages need not be installed)."""
+class _NoTokens:
+    """A backbone with pooled features only (no ``encode_image_tokens``)."""
+
+    spec, embed_dim, logit_scale, default_batch_size = "notokens", 8, 100.0, 4
+
+    def __init__(self) -> None:
+        from torchvision import transforms
+
+        self.preprocess = transforms.Compose([transforms.Resize(8), transforms.CenterCrop(8),
+                                              transforms.ToTensor()])
+
+    def encode_images(self, pixels):  # noqa: ANN001, ANN201
+        return pixels.flatten(1)[:, :8]
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_backbone_without_tokens_is_refused_in_one_line(toy_root, tmp_path, monkeypatch,
+                                                          declared):
+    """A provider that declares NO_TOKENS is refused before its backbone is built; one that
+    does not, but whose backbone has no encode_image_tokens, when it is built. One line."""
+    import sys
+    import types
+
+    from fedclip import backbones
+
+    provider = types.ModuleType("no_tokens_provider")
+    provider.fingerprint = lambda rest: "v1"
+    provider.FORMS = [("notokens", "pooled features only")]
+    if declared:
+        provider.NO_TOKENS = "it pools before it projects"
+        provider.load = lambda rest, device: pytest.fail("built before the refusal")
+    else:
+        provider.load = lambda rest, device: _NoTokens()
+    monkeypatch.setitem(sys.modules, "no_tokens_provider", provider)
+    monkeypatch.setattr(backbones, "_PROVIDERS", dict(backbones._PROVIDERS))
+    backbones.register_backbone("notokens", "no_tokens_provider")
     domain = scan_dataset(toy_root).domains["alpha"]
     with pytest.raises(BackboneError) as err:
-        image_tokens(LazyBackbone("standin"), domain, tmp_path, workers=0)
+        image_tokens(LazyBackbone("notokens"), domain, tmp_path, workers=0)
     assert "\n" not in str(err.value) and "no patch tokens" in str(err.value)
+    assert ("pools before it projects" in str(err.value)) == declared
+    assert not list((tmp_path / "tokens").glob("*.safetensors"))
 
 
 def test_a_method_without_token_inputs_never_reads_or_writes_tokens(tiny_arch, toy_root,

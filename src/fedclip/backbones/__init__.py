@@ -96,7 +96,8 @@ def token_refusal(spec: str) -> str | None:
 def _token_backbone(model: Backbone) -> TokenBackbone:
     if not hasattr(model, "encode_image_tokens"):
         raise BackboneError(f"backbone {model.spec!r} gives no patch tokens (an algorithm "
-                            f"with inputs='tokens' needs an open_clip ViT or an hf CLIP)")
+                            f"with inputs='tokens' needs an open_clip ViT, an hf CLIP or "
+                            f"the stand-in)")
     return cast(TokenBackbone, model)
 
 

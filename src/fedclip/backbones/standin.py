@@ -19,6 +19,18 @@ classifier's softmax:
   norm of CLIP's raw image features (what the reference adapter sees); with unit-norm inputs
   the reference's weight decay keeps the adapter from learning.
 
+Patch tokens (the token store, ``inputs = "tokens"``: FedOTP, TRIP): EfficientNet-Lite0's
+last feature map is 1280 x 7 x 7 at 224 px, and ``f(x)`` is its average. Each cell's 1280-d
+vector ``f_rc`` goes through the SAME map as ``f(x)``: the classifier and its softmax per cell
+(a class-activation-map reading), ConSE over that cell's top 20, the ridge map, the same mix
+and scale, ``token_rc = 10 * normalise(conse(f_rc) + 0.5 lin(f_rc))``: T = 49 tokens of 384,
+row-major (token ``7 r + c``), all cells in one batch. The pooled embedding is computed as
+before, untouched (bit for bit what ``encode_images`` gives), so it is not the tokens' mean:
+the map is nonlinear; their mean points near it (cosine 0.84 to 0.99 on PACS images). These
+are **the stand-in's tokens, not CLIP's** (no attention, no class token: a convolutional
+network's cells read through the ImageNet classifier). They share the backbone's fingerprint
+(``VERSION``): changing their recipe needs a new ``VERSION``.
+
 Its text tower can be prompted (``PROMPTABLE``; :class:`MiniLMPromptTower`): CoOp's learned
 context vectors take the template words' places among MiniLM's token embeddings, and the
 prompt goes on through MiniLM's encoder and mean pooling as a sentence does. The numbers a
@@ -57,6 +69,8 @@ LIN_WEIGHT = 0.5
 INPUT_SCALE = 10.0
 IMAGENET_PROMPT = "a picture of a {}"
 VERSION = "standin-v1"
+IMAGE_SIZE = 224
+FEATURE_STRIDE = 32  # EfficientNet-Lite0: a 7 x 7 feature map at 224 px
 
 
 class StandinBackbone:
@@ -70,8 +84,8 @@ class StandinBackbone:
 
         self.device = device
         self.preprocess = transforms.Compose([
-            transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(224),
+            transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(IMAGE_SIZE),
             transforms.ToTensor(),
             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
@@ -139,17 +153,43 @@ class StandinBackbone:
         return self._text_table, self._ridge
 
     # --- the Backbone interface ------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """EfficientNet's last feature map [B, 1280, h, w] (7 x 7 at 224 px), on the device."""
+        x = pixels.to(self.device, memory_format=torch.channels_last)
+        return self.image_model.extract_features(x)
+
+    def _embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """The stand-in's map from EfficientNet features [n, 1280] into the joint space
+        [n, 384]: ``10 * normalise(conse + 0.5 lin)``, row by row (see the module docstring).
+        The pooled features give the image embedding; a feature-map cell's, its token."""
         model = self.image_model
         table, ridge = self._alignment()
-        x = pixels.to(self.device, memory_format=torch.channels_last)
-        pooled = model._avg_pooling(model.extract_features(x)).flatten(1).float().cpu()
-        probs = model._fc(pooled.to(self.device)).float().cpu().softmax(dim=-1)
+        feats = feats.float().cpu()
+        probs = model._fc(feats.to(self.device)).float().cpu().softmax(dim=-1)
         top = probs.topk(TOP_K, dim=-1)
         conse = F.normalize(torch.einsum("bk,bkd->bd", top.values, table[top.indices]), dim=-1)
-        lin = F.normalize(pooled @ ridge.T, dim=-1)
+        lin = F.normalize(feats @ ridge.T, dim=-1)
         return INPUT_SCALE * F.normalize(conse + LIN_WEIGHT * lin, dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self._feature_map(pixels)
+        return self._embed(self.image_model._avg_pooling(fmap).flatten(1))
+
+    def token_count(self) -> int:
+        """T = 49: EfficientNet's 7 x 7 feature map at 224 px (stride 32)."""
+        return (IMAGE_SIZE // FEATURE_STRIDE) ** 2
+
+    @torch.no_grad()
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, 384], exactly ``encode_images``'s; tokens [B, 49, 384]): each cell of
+        the 7 x 7 feature map, row-major (token ``7 r + c`` is row ``r``, column ``c``),
+        through the same map as the pooled features (:meth:`_embed`), all cells at once."""
+        fmap = self._feature_map(pixels)
+        pooled = self._embed(self.image_model._avg_pooling(fmap).flatten(1))
+        b, c, h, w = fmap.shape
+        cells = fmap.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        return pooled, self._embed(cells).reshape(b, h * w, -1)
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -225,10 +265,3 @@ def _minilm_encoder(text_model: Any) -> Any:
     bert = text_model[0].auto_model
     return bert.eval().requires_grad_(False)
 
-
-# --- image side: patch tokens (the token store) -------------------------------------------
-# The stand-in's image embedding is not a projection of its feature map: it is a ConSE
-# mixture of text embeddings weighted by the top-20 classifier probabilities plus a ridge
-# map, normalised, so a cell of the map has no embedding of the same kind. Refused.
-NO_TOKENS = ("the stand-in's image embedding is a nonlinear ConSE mixture of its pooled "
-             "features, not a projection of its feature-map cells (use open_clip:ViT-...)")
