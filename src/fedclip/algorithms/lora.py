@@ -575,6 +575,12 @@ class FLoRA(LoraAlgorithm):
     trained = ()
     kept = ("base",)
 
+    @property
+    def personalizes(self) -> bool:
+        """False: its global parameters are the merged weights, with no adapters in them to
+        fine-tune per client (a client's adapters are fresh each round)."""
+        return False
+
     def trainable_parameters(self, params: Params | None) -> int:
         """A client's adapters at ``flora.rank`` (a client of rank r trains r / rank x it)."""
         return sum(s.numel() for s in self.server.reply_shapes(params or {}).values())
