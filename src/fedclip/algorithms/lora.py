@@ -20,9 +20,10 @@ clients' own updates ``s B_k A_k`` (weighted by train size):
   refused.
 
 Backbones (:func:`host`: what LoRA adapts on each). Open_clip (and any ``FINETUNABLE``
-backbone with open_clip's module names): both towers, through the images (``inputs =
-"pixels"``). The offline stand-in: its text tower only (MiniLM, a BERT; its image encoder is
-EfficientNet, convolutional: ``target=vision`` or ``both`` is refused in one line). With
+backbone with open_clip's module names) and transformers CLIP models (``hf:``): both towers,
+through the images (``inputs = "pixels"``). The offline stand-in: its text tower only
+(MiniLM, a BERT; its image encoder is EfficientNet, convolutional: ``target=vision`` or
+``both`` is refused in one line). With
 ``target=text`` (any backbone) the image encoder is frozen and unchanged, so the run reads the
 cached image features (``inputs = "features"``, like the prompt learners) and only the class
 prompts go through the adapted text tower at every step: at B = 0 it gives the backbone's
@@ -36,7 +37,9 @@ reads its weight): LoRA there would be ignored, so ``attn``, ``attn.out_proj`` a
 ``attn.in_proj`` are refused. The stand-in's MiniLM: ``attention.self.query`` and
 ``attention.self.value`` (the LoRA paper's W_q and W_v, and peft's default for BERT); its
 ``attention.self.key``, ``attention.output.dense``, ``intermediate.dense`` and
-``output.dense`` may be named too. A backbone with nothing to target is refused in one line.
+``output.dense`` may be named too. A transformers CLIP (``hf:``): ``self_attn.q_proj`` and
+``self_attn.v_proj`` (likewise); ``self_attn.k_proj``, ``self_attn.out_proj``, ``mlp.fc1``
+and ``mlp.fc2`` may be named too. A backbone with nothing to target is refused in one line.
 
 The global parameters are the LoRA tensors that travel (FFA-LoRA: B; FLoRA: the merged
 targeted weights); the backbone's other weights are buffers of the module, never sent, never
@@ -73,6 +76,10 @@ W_KEY = ".base_layer.weight"
 TOWERS = {"vision": ("visual.",), "text": ("transformer.", "text.")}
 DEFAULT_MODULES = "mlp.c_fc,mlp.c_proj"
 BERT_MODULES = "attention.self.query,attention.self.value"  # the stand-in's MiniLM
+# a transformers CLIP (fedclip.backbones.hf.HfClip holds it as ``clip``)
+HF_TOWERS: dict[str, tuple[str, ...]] = {"vision": ("clip.vision_model.",),
+                                        "text": ("clip.text_model.",)}
+HF_MODULES = "self_attn.q_proj,self_attn.v_proj"
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.FeatureAlphaDropout)
 ATTENTION = ("attn", "attn.out_proj", "attn.in_proj", "attn.in_proj_weight")
@@ -241,15 +248,16 @@ def _device(module: nn.Module) -> torch.device:
     return next(iter(module.buffers())).device
 
 
-class OpenClipHost(Host):
-    """An open_clip CLIP (or a ``FINETUNABLE`` backbone with its module names): both towers."""
+class ClipHost(Host):
+    """A ``FINETUNABLE`` backbone (``model.encode_image``, ``model.encode_text`` and its
+    ``tokenizer``): both towers. Open_clip's module names by default; a transformers CLIP's
+    (``hf:``) with ``HF_TOWERS`` and ``HF_MODULES``."""
 
-    towers = TOWERS
-    modules = DEFAULT_MODULES
-
-    def __init__(self, backbone: Any) -> None:
+    def __init__(self, backbone: Any, towers: dict[str, tuple[str, ...]] = TOWERS,
+                 modules: str = DEFAULT_MODULES) -> None:
         self.model, self.tokenizer = backbone.model, backbone.tokenizer
-        self._tokens: dict[tuple[tuple[str, ...], str], torch.Tensor] = {}
+        self.towers, self.modules = towers, modules
+        self._tokens: dict[tuple[tuple[str, ...], str], Any] = {}
 
     def encode_image(self, module: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return cast(Any, module).encode_image(pixels)
@@ -257,7 +265,7 @@ class OpenClipHost(Host):
     def encode_text(self, module: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
         device = _device(module)
         key = (tuple(prompts), str(device))
-        if key not in self._tokens:
+        if key not in self._tokens:  # a tensor (open_clip) or a BatchEncoding (hf)
             self._tokens[key] = self.tokenizer(list(prompts)).to(device)
         return cast(Any, module).encode_text(self._tokens[key])
 
@@ -300,10 +308,12 @@ def host(spec: str, device: str, purpose: str) -> Host:
     traits = backbone_traits(spec)
     if traits.prefix == "standin":
         return StandinTextHost(load_backbone(spec, device))
+    if traits.prefix == "hf":
+        return ClipHost(load_finetunable(spec, device, purpose), HF_TOWERS, HF_MODULES)
     if traits.finetunable:
-        return OpenClipHost(load_finetunable(spec, device, purpose))
+        return ClipHost(load_finetunable(spec, device, purpose))
     raise ConfigError(f"{purpose}: backbone {spec!r} has no transformer blocks it can adapt "
-                      f"(use open_clip:ARCH@TAG, or standin with target=text)")
+                      f"(use open_clip:ARCH@TAG, hf:MODEL, or standin with target=text)")
 
 
 # --- the client side ---------------------------------------------------------------------
