@@ -230,6 +230,7 @@ class Host:
     of ``model`` (adapted) encodes images and the class prompts, as the backbone's
     ``encode_images`` / ``encode_texts`` do (differentiable, on the copy's device)."""
 
+    backbone: Any  # the loaded backbone (fedclip.backbones.Backbone)
     model: nn.Module
     towers: dict[str, tuple[str, ...]]
     modules: str
@@ -255,7 +256,7 @@ class ClipHost(Host):
 
     def __init__(self, backbone: Any, towers: dict[str, tuple[str, ...]] = TOWERS,
                  modules: str = DEFAULT_MODULES) -> None:
-        self.model, self.tokenizer = backbone.model, backbone.tokenizer
+        self.backbone, self.model, self.tokenizer = backbone, backbone.model, backbone.tokenizer
         self.towers, self.modules = towers, modules
         self._tokens: dict[tuple[tuple[str, ...], str], Any] = {}
 
@@ -281,6 +282,7 @@ class StandinTextHost(Host):
                "blocks); LoRA adapts the stand-in's MiniLM text tower only")
 
     def __init__(self, backbone: Any) -> None:
+        self.backbone = backbone
         self.model = backbone.text_model  # sentence_transformers.SentenceTransformer
         self._features: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
 
@@ -388,6 +390,13 @@ class LoraAlgorithm(Algorithm):
                               f"{self.name} puts LoRA on the Linear layers of the backbone's "
                               f"transformer blocks")
         return self._host
+
+    @property
+    def backbone(self):  # noqa: ANN201 - fedclip.backbones.Backbone
+        """The frozen backbone the adapters go on (a one-line ConfigError where its towers
+        cannot take the configured target)."""
+        _ = self.targets
+        return self.host.backbone
 
     @property
     def targets(self) -> list[str]:
