@@ -130,3 +130,47 @@ def one_line_error(capsys, argv) -> str:  # noqa: ANN001
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def make_tiny_hf_clip(folder: Path) -> str:
+    """A tiny random transformers CLIPModel (width 16, one layer per tower, 32-pixel images,
+    a 10-word vocabulary) and its processor, saved with save_pretrained into ``folder``;
+    returns its spec ``hf:FOLDER``."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizerFast,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate(
+        ["<|startoftext|>", "<|endoftext|>", "a</w>", "picture</w>", "of</w>", "cat</w>",
+         "dog</w>", "red</w>", "car</w>", "!"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"),
+                                  merges_file=str(folder / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32},
+                                crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},  # the text is pooled at its end-of-text token
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+        projection_dim=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(config).save_pretrained(folder / "model")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder / "model")
+    return f"hf:{folder / 'model'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> str:
+    """A tiny random transformers CLIP saved locally (``make_tiny_hf_clip``): its spec."""
+    return make_tiny_hf_clip(tmp_path_factory.mktemp("tiny-hf-clip"))

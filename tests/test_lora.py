@@ -133,7 +133,7 @@ def test_only_adapters_move_in_a_round(tiny_arch, name):
     client = algo.client
     start = algo.init_global(32)
     assert start is not None
-    backbone = {k: v.clone() for k, v in algo.backbone.model.state_dict().items()}
+    backbone = {k: v.clone() for k, v in algo.host.model.state_dict().items()}
     torch.manual_seed(0)
     train = Split(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 0, 1, 0, 1]))
     from fedclip.core.client import client_job
@@ -153,7 +153,7 @@ def test_only_adapters_move_in_a_round(tiny_arch, name):
         prefix, _, leaf = key.rpartition(".")
         assert torch.equal(buffers[f"{prefix}.base_layer.{leaf}" if prefix in targets
                                    else key], value), key
-    assert all(torch.equal(algo.backbone.model.state_dict()[k], v) for k, v in backbone.items())
+    assert all(torch.equal(algo.host.model.state_dict()[k], v) for k, v in backbone.items())
 
 
 @pytest.mark.parametrize("name", ["ffa-lora", "flora"])
@@ -231,7 +231,8 @@ def test_flora_refuses_secagg_in_one_line(tiny_arch):
 
 
 @pytest.mark.parametrize(("backbone", "options", "match"), [
-    ("standin", {}, "standin.*not a trainable CLIP"),
+    ("standin", {}, "target=both on standin: no vision tower.*EfficientNet.*target=text"),
+    ("standin", {"target": "vision"}, "no vision tower.*set fedit.target=text"),
     (None, {"target_modules": "mlp.nothing"}, "target_modules=mlp.nothing matches no Linear"),
     (None, {"target_modules": "attn.out_proj"}, "MultiheadAttention.*not a Linear"),
     (None, {"target_modules": "attn"}, "MultiheadAttention"),

@@ -68,7 +68,7 @@ def not_runnable(algorithm: str, backbone: str) -> str | None:
     from fedclip.backbones import backbone_traits
 
     if algorithm.endswith("-full") and not backbone_traits(backbone).finetunable:
-        return f"needs a CLIP whose encoders can train (open_clip); {backbone} cannot"
+        return f"needs a CLIP whose encoders can train (open_clip or hf:); {backbone} cannot"
     return None
 
 

@@ -155,7 +155,9 @@ class Algorithm:
     # "features": the cached pooled embeddings [n, d]; "pixels": trains through the backbone
     # (no cache); "tokens": the token store, [n, 1 + T, d] (the pooled embedding, then the T
     # patch tokens in the joint space; fedclip.features.image_tokens). Only an algorithm that
-    # declares "tokens" makes a run extract or read tokens.
+    # declares "tokens" makes a run extract or read tokens. The class declares it (help,
+    # capabilities); an algorithm may narrow it for a run from its options, in __init__ (LoRA
+    # with target=text reads features): runtimes read the built algorithm's ``inputs``.
     inputs: ClassVar[str] = "features"
     eval_batch: ClassVar[int] = 4096  # inputs per forward when evaluating
     personal: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns: parameters kept by clients

@@ -6,8 +6,8 @@ every step (decoded once, kept in memory as pixels), so on a CPU they are practi
 a small backbone or a small subset. The trainable-parameter and byte counts are those of the
 whole model: 151,277,313 for ViT-B/32, 288x FedCLIP's adapter.
 
-Only open_clip backbones (``open_clip:ARCH@TAG``): the stand-in's encoders are not a
-jointly trained pair.
+Open_clip backbones (``open_clip:ARCH@TAG``) and transformers CLIP models (``hf:``, as
+``fedclip.backbones.hf.HfClip``): the stand-in's encoders are not a jointly trained pair.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ class FullFineTuningClient(ClientSide):
     """FullFineTuning's client side."""
 
     def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        model: Any = module if module is not None else self.backbone.model  # open_clip CLIP
+        model: Any = module if module is not None else self.backbone.model  # a CLIP
         return F.normalize(model.encode_image(x).float(), dim=-1)
 
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         if module is None:  # the frozen backbone: its cached prompt features
             return class_text
         tokens = self.backbone.tokenizer(list(self.prompts)).to(x_device(module))
-        clip: Any = module  # a copy of the open_clip model
+        clip: Any = module  # a copy of the backbone's model
         return F.normalize(clip.encode_text(tokens).float(), dim=-1)
 
 
@@ -68,7 +68,7 @@ class FullFineTuning(Algorithm):
 @register
 class FedAvgFull(FullFineTuning):
     name = "fedavg-full"
-    summary = "both open_clip encoders fine-tuned (the paper's FedAvg baseline)"
+    summary = "both CLIP encoders fine-tuned (the paper's FedAvg baseline)"
 
 
 class FedProxFullClient(FullFineTuningClient):

@@ -1,8 +1,8 @@
 """Federated LoRA on CLIP's encoders (Hugging Face ``peft``): FedIT, FFA-LoRA and FLoRA.
 
 Each client trains low-rank adapters ``W + s B A`` (``s = alpha / rank``, peft's scaling) on
-Linear layers of the open_clip transformer blocks of one or both towers, through the frozen
-backbone (``inputs = "pixels"``, like ``fedavg-full``). The three methods differ in what the
+Linear layers of the transformer blocks of one or both towers (see Backbones below), through
+the frozen backbone. The three methods differ in what the
 server does with the adapters, which decides whether the aggregate is the mean of the
 clients' own updates ``s B_k A_k`` (weighted by train size):
 
@@ -19,18 +19,33 @@ clients' own updates ``s B_k A_k`` (weighted by train size):
   B = 0). Its aggregate is a sum of products, not a mean: robust rules, DP and SecAgg+ are
   refused.
 
+Backbones (:func:`host`: what LoRA adapts on each). Open_clip (and any ``FINETUNABLE``
+backbone with open_clip's module names) and transformers CLIP models (``hf:``): both towers,
+through the images (``inputs = "pixels"``). The offline stand-in: its text tower only
+(MiniLM, a BERT; its image encoder is EfficientNet, convolutional: ``target=vision`` or
+``both`` is refused in one line). With
+``target=text`` (any backbone) the image encoder is frozen and unchanged, so the run reads the
+cached image features (``inputs = "features"``, like the prompt learners) and only the class
+prompts go through the adapted text tower at every step: at B = 0 it gives the backbone's
+zero-shot text features.
+
 Targets (``target_modules``, comma-separated suffixes of module names; ``auto``: the backbone's
 defaults). Open_clip's blocks: ``mlp.c_fc`` and ``mlp.c_proj`` (the default). Its attention is
 ``nn.MultiheadAttention``, whose packed q/k/v projection is a parameter (``in_proj_weight``),
 not a Linear layer, and whose ``out_proj`` Linear is never called (the functional attention
 reads its weight): LoRA there would be ignored, so ``attn``, ``attn.out_proj`` and
-``attn.in_proj`` are refused. A backbone with nothing to target (the stand-in) is refused in
-one line.
+``attn.in_proj`` are refused. The stand-in's MiniLM: ``attention.self.query`` and
+``attention.self.value`` (the LoRA paper's W_q and W_v, and peft's default for BERT); its
+``attention.self.key``, ``attention.output.dense``, ``intermediate.dense`` and
+``output.dense`` may be named too. A transformers CLIP (``hf:``): ``self_attn.q_proj`` and
+``self_attn.v_proj`` (likewise); ``self_attn.k_proj``, ``self_attn.out_proj``, ``mlp.fc1``
+and ``mlp.fc2`` may be named too. A backbone with nothing to target is refused in one line.
 
 The global parameters are the LoRA tensors that travel (FFA-LoRA: B; FLoRA: the merged
 targeted weights); the backbone's other weights are buffers of the module, never sent, never
-changed. ``fedclip predict`` merges the adapters into the weights (peft's ``merge``, then the
-LoRA layers are unloaded).
+changed. The frozen backbone runs as it computed the zero-shot features: its own dropout is
+off in training too (only the adapters' ``dropout`` draws). ``fedclip predict`` merges the
+adapters into the weights (peft's ``merge``, then the LoRA layers are unloaded).
 """
 
 from __future__ import annotations
@@ -46,8 +61,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from fedclip.algorithms.base import Algorithm, ClientSide, ServerSide
+from fedclip.algorithms.base import Algorithm, ClientSide, Runtime, ServerSide
 from fedclip.algorithms.registry import register
+from fedclip.config import RunConfig
 from fedclip.core.client import ClientJob, ClientUpdate, train_local
 from fedclip.errors import ConfigError
 from fedclip.tensors import Params, State
@@ -59,6 +75,13 @@ W_KEY = ".base_layer.weight"
 # module-name prefixes of each tower: open_clip (CLIP, CustomTextCLIP)
 TOWERS = {"vision": ("visual.",), "text": ("transformer.", "text.")}
 DEFAULT_MODULES = "mlp.c_fc,mlp.c_proj"
+BERT_MODULES = "attention.self.query,attention.self.value"  # the stand-in's MiniLM
+# a transformers CLIP (fedclip.backbones.hf.HfClip holds it as ``clip``)
+HF_TOWERS: dict[str, tuple[str, ...]] = {"vision": ("clip.vision_model.",),
+                                        "text": ("clip.text_model.",)}
+HF_MODULES = "self_attn.q_proj,self_attn.v_proj"
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.FeatureAlphaDropout)
 ATTENTION = ("attn", "attn.out_proj", "attn.in_proj", "attn.in_proj_weight")
 
 
@@ -74,8 +97,9 @@ class LoraOptions(BaseModel):
     target: Literal["vision", "text", "both"] = Field(
         "both", description="Which encoder's transformer blocks get adapters.")
     target_modules: str = Field(
-        "auto", description="Comma-separated module-name suffixes (auto: mlp.c_fc,mlp.c_proj "
-                            "for open_clip).")
+        "auto", description="Comma-separated module-name suffixes (auto: the backbone's: "
+                            "mlp.c_fc,mlp.c_proj for open_clip, attention.self.query,"
+                            "attention.self.value for the stand-in's MiniLM).")
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
     alpha: int = Field(16, ge=1, description="LoRA alpha: the update is alpha/r * B A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
@@ -131,11 +155,14 @@ def layer_prefixes(params: Params) -> list[str]:
     return sorted(out)
 
 
-def targeted(model: nn.Module, target: str, modules: Sequence[str]) -> list[str]:
-    """Names of the Linear layers of ``model`` that LoRA goes on: in the ``target`` tower(s),
-    whose names end with one of ``modules``."""
-    towers = ("vision", "text") if target == "both" else (target,)
-    prefixes = tuple(p for t in towers for p in TOWERS[t])
+def targeted(model: nn.Module, target: str, modules: Sequence[str],
+             towers: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Names of the Linear layers of ``model`` that LoRA goes on: in the ``target`` tower(s)
+    (``towers``: each tower's module-name prefixes; default open_clip's), whose names end
+    with one of ``modules``."""
+    towers = towers or TOWERS
+    prefixes = tuple(p for t in (("vision", "text") if target == "both" else (target,))
+                     for p in towers.get(t, ()))
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and name.startswith(prefixes)
             and any(name == s or name.endswith("." + s) for s in modules)]
@@ -148,10 +175,14 @@ def build_lora(clip: nn.Module, names: Sequence[str], rank: int, alpha: int, dro
     from ``seed``, B = 0). Its parameters are the adapters' ``trained`` ones; every other
     tensor becomes a buffer, persistent (in the state dict, loaded and saved) only for the
     adapters' ``kept`` ones and the targeted base weights when ``"base"`` is in ``kept``.
-    So the state dict is exactly what the algorithm's parameters hold."""
+    So the state dict is exactly what the algorithm's parameters hold. The copy's own dropout
+    layers are set to p = 0 (the frozen backbone runs in training as it does in eval mode)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model = copy.deepcopy(clip)
+    for module in model.modules():  # the frozen backbone's own dropout (BERT's): off
+        if isinstance(module, _DROPOUTS):
+            module.p = 0.0
     pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=pattern)
@@ -191,21 +222,117 @@ def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (alpha / a.shape[0]) * (b.double() @ a.double())
 
 
+# --- what LoRA adapts on each backbone ---------------------------------------------------
+class Host:
+    """What LoRA adapts on one backbone: the frozen module it copies (``model``), the
+    module-name prefixes of each tower in it that LoRA can target (``towers``), the default
+    ``target_modules`` (``modules``), why a tower it lacks cannot be adapted, and how a copy
+    of ``model`` (adapted) encodes images and the class prompts, as the backbone's
+    ``encode_images`` / ``encode_texts`` do (differentiable, on the copy's device)."""
+
+    backbone: Any  # the loaded backbone (fedclip.backbones.Backbone)
+    model: nn.Module
+    towers: dict[str, tuple[str, ...]]
+    modules: str
+    missing: str = "it has no such transformer"
+
+    def encode_image(self, module: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw image features of ``pixels`` through the adapted copy ``module``."""
+        raise NotImplementedError
+
+    def encode_text(self, module: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+        """Raw text features of ``prompts`` through the adapted copy ``module``."""
+        raise NotImplementedError
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(iter(module.buffers())).device
+
+
+class ClipHost(Host):
+    """A ``FINETUNABLE`` backbone (``model.encode_image``, ``model.encode_text`` and its
+    ``tokenizer``): both towers. Open_clip's module names by default; a transformers CLIP's
+    (``hf:``) with ``HF_TOWERS`` and ``HF_MODULES``."""
+
+    def __init__(self, backbone: Any, towers: dict[str, tuple[str, ...]] = TOWERS,
+                 modules: str = DEFAULT_MODULES) -> None:
+        self.backbone, self.model, self.tokenizer = backbone, backbone.model, backbone.tokenizer
+        self.towers, self.modules = towers, modules
+        self._tokens: dict[tuple[tuple[str, ...], str], Any] = {}
+
+    def encode_image(self, module: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return cast(Any, module).encode_image(pixels)
+
+    def encode_text(self, module: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+        device = _device(module)
+        key = (tuple(prompts), str(device))
+        if key not in self._tokens:  # a tensor (open_clip) or a BatchEncoding (hf)
+            self._tokens[key] = self.tokenizer(list(prompts)).to(device)
+        return cast(Any, module).encode_text(self._tokens[key])
+
+
+class StandinTextHost(Host):
+    """The stand-in's text tower: its sentence transformer (MiniLM, then mean pooling and
+    normalisation), whose BERT's Linear layers LoRA targets. Its image encoder is
+    EfficientNet: convolutional, no transformer block to adapt."""
+
+    towers = {"text": ("",)}
+    modules = BERT_MODULES
+    missing = ("its image encoder is EfficientNet-Lite0 (convolutional, no transformer "
+               "blocks); LoRA adapts the stand-in's MiniLM text tower only")
+
+    def __init__(self, backbone: Any) -> None:
+        self.backbone = backbone
+        self.model = backbone.text_model  # sentence_transformers.SentenceTransformer
+        self._features: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
+
+    def encode_text(self, module: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+        """``encode_texts``: the prompts tokenised as one batch (padded to the longest), the
+        sentence transformer's modules (BERT, mean pooling, its normalisation), then
+        ``normalize_embeddings``' normalisation; at B = 0 the same bits as ``encode_texts``
+        for up to its batch of 128 prompts (more: it sorts them by length into batches, whose
+        padding may round differently)."""
+        device = _device(module)
+        key = (tuple(prompts), str(device))
+        if key not in self._features:
+            st: Any = module
+            tokenize = getattr(st, "preprocess", None) or st.tokenize
+            self._features[key] = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                   for k, v in tokenize(list(prompts)).items()}
+        out = module(dict(self._features[key]))["sentence_embedding"]  # its modules add keys
+        return F.normalize(out, p=2, dim=1)
+
+
+def host(spec: str, device: str, purpose: str) -> Host:
+    """What LoRA adapts on backbone ``spec`` (a one-line ConfigError where nothing)."""
+    from fedclip.backbones import backbone_traits, load_backbone, load_finetunable
+
+    traits = backbone_traits(spec)
+    if traits.prefix == "standin":
+        return StandinTextHost(load_backbone(spec, device))
+    if traits.prefix == "hf":
+        return ClipHost(load_finetunable(spec, device, purpose), HF_TOWERS, HF_MODULES)
+    if traits.finetunable:
+        return ClipHost(load_finetunable(spec, device, purpose))
+    raise ConfigError(f"{purpose}: backbone {spec!r} has no transformer blocks it can adapt "
+                      f"(use open_clip:ARCH@TAG, hf:MODEL, or standin with target=text)")
+
+
 # --- the client side ---------------------------------------------------------------------
 class LoraClient(ClientSide):
-    """LoRA's client side: CLIP's encoders through the adapted model."""
+    """LoRA's client side: CLIP's encoders through the adapted model (the cached image
+    features where only the text tower is adapted)."""
 
     def embed(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        model: Any = module if module is not None else self.backbone.model
-        return F.normalize(model.encode_image(x).float(), dim=-1)
+        if self.inputs == "features":  # target=text: the image encoder is the backbone's
+            return F.normalize(x, dim=-1)
+        model: Any = module if module is not None else self.host.model
+        return F.normalize(self.host.encode_image(model, x).float(), dim=-1)
 
     def class_text(self, module: nn.Module | None, class_text: torch.Tensor) -> torch.Tensor:
         if module is None or self.options.target == "vision":  # an unchanged text tower
             return class_text
-        device = next(iter(module.buffers())).device
-        tokens = self.backbone.tokenizer(list(self.prompts)).to(device)
-        clip: Any = module
-        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+        return F.normalize(self.host.encode_text(module, self.prompts).float(), dim=-1)
 
     def merged(self, module: nn.Module) -> nn.Module:
         """The module with its adapters merged into the weights (what predict runs)."""
@@ -234,7 +361,9 @@ class LoraServer(ServerSide):
 
 
 class LoraAlgorithm(Algorithm):
-    """What the three methods share: the adapted backbone, its options, the round metrics."""
+    """What the three methods share: the adapted backbone, its options, the round metrics.
+    Its inputs are pixels (the images through the adapted encoders), but the cached features
+    with ``target=text`` (the image encoder is the backbone's, unchanged)."""
 
     inputs = "pixels"
     uses_text = "tower"  # the text tower runs where it is adapted
@@ -246,42 +375,57 @@ class LoraAlgorithm(Algorithm):
     trained: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # what clients train
     kept: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")  # the global parameters
 
-    @property
-    def backbone(self):  # noqa: ANN201 - fedclip.backbones.FinetunableBackbone
-        """The frozen backbone the adapters go on (loaded once)."""
-        if getattr(self, "_backbone", None) is None:
-            from fedclip.backbones import backbone_traits, load_finetunable, resolve_device
+    def __init__(self, cfg: RunConfig, runtime: Runtime | None = None) -> None:
+        super().__init__(cfg, runtime)
+        if self.options.target == "text":  # the run's inputs, narrowed by its options
+            self.__dict__["inputs"] = "features"
 
-            if not backbone_traits(self.cfg.backbone).finetunable:
-                raise ConfigError(
-                    f"algorithm {self.name!r} puts LoRA on the Linear layers of CLIP's "
-                    f"transformer blocks, which backbone {self.cfg.backbone!r} does not have "
-                    f"(it is not a trainable CLIP); use open_clip:ARCH@TAG")
-            self._backbone = load_finetunable(self.cfg.backbone,
-                                              resolve_device(self.cfg.device),
-                                              f"{self.name} adapts the backbone")
-        return self._backbone
+    @property
+    def host(self) -> Host:
+        """What the adapters go on: the frozen backbone's module (loaded once)."""
+        if getattr(self, "_host", None) is None:
+            from fedclip.backbones import resolve_device
+
+            self._host = host(self.cfg.backbone, resolve_device(self.cfg.device),
+                              f"{self.name} puts LoRA on the Linear layers of the backbone's "
+                              f"transformer blocks")
+        return self._host
+
+    @property
+    def backbone(self):  # noqa: ANN201 - fedclip.backbones.Backbone
+        """The frozen backbone the adapters go on (a one-line ConfigError where its towers
+        cannot take the configured target)."""
+        _ = self.targets
+        return self.host.backbone
 
     @property
     def targets(self) -> list[str]:
-        """The targeted Linear layers' names (a one-line ConfigError where none match)."""
+        """The targeted Linear layers' names (a one-line ConfigError where none match, or
+        where the backbone has no such tower)."""
         if getattr(self, "_targets", None) is None:
-            opts = self.options
-            modules = _modules(DEFAULT_MODULES if opts.target_modules == "auto"
+            opts, where = self.options, self.host
+            towers = ("vision", "text") if opts.target == "both" else (opts.target,)
+            lacking = [t for t in towers if t not in where.towers]
+            if lacking:
+                raise ConfigError(
+                    f"{self.name}.target={opts.target} on {self.cfg.backbone}: no {lacking[0]} "
+                    f"tower to adapt ({where.missing}); set {self.name}.target="
+                    f"{next(iter(where.towers))}")
+            modules = _modules(where.modules if opts.target_modules == "auto"
                                else opts.target_modules)
-            names = targeted(self.backbone.model, opts.target, modules)
+            names = targeted(where.model, opts.target, modules, where.towers)
             if not names:
                 raise ConfigError(
                     f"{self.name}.target_modules={','.join(modules)} matches no Linear layer "
-                    f"of the {opts.target} transformer blocks of {self.cfg.backbone} (open_clip "
-                    f"blocks have {DEFAULT_MODULES})")
+                    f"of the {opts.target} transformer blocks of {self.cfg.backbone} (its "
+                    f"default: {where.modules})")
             self._targets = names
         return self._targets
 
     def lora_module(self, rank: int, trained: Sequence[str], kept: Sequence[str]) -> nn.Module:
         """The backbone with adapters of ``rank`` (A drawn from the run's seed)."""
         opts = self.options
-        return build_lora(self.backbone.model, self.targets, rank, opts.alpha, opts.dropout,
+        return build_lora(self.host.model, self.targets, rank, opts.alpha, opts.dropout,
                           self.cfg.seed, trained, kept)
 
     def build_module(self, dim: int) -> nn.Module:
@@ -449,6 +593,12 @@ class FLoRA(LoraAlgorithm):
     not_a_mean = "stacks the clients' adapters (a sum of products, not a mean of parameters)"
     trained = ()
     kept = ("base",)
+
+    @property
+    def personalizes(self) -> bool:
+        """False: its global parameters are the merged weights, with no adapters in them to
+        fine-tune per client (a client's adapters are fresh each round)."""
+        return False
 
     def trainable_parameters(self, params: Params | None) -> int:
         """A client's adapters at ``flora.rank`` (a client of rank r trains r / rank x it)."""

@@ -29,7 +29,7 @@ BUILTIN: dict[str, str] = {
     "ditto": "a personal adapter per client, regularized toward the averaged global one",
     "fedadam": "FedCLIP clients; the server steps Adam on the averaged delta",
     "fedavg-cnn": "a torchvision classifier on pixels (the paper's AlexNet FedAvg baseline)",
-    "fedavg-full": "both open_clip encoders fine-tuned (the paper's FedAvg baseline)",
+    "fedavg-full": "both CLIP encoders fine-tuned (the paper's FedAvg baseline)",
     "ffa-lora": "LoRA with A frozen at a seeded init, only B trained and sent (exact)",
     "fedavgm": "FedCLIP clients; server momentum on the averaged delta",
     "fedmaple": "MaPLe: deep text prompts coupled to vision prompts, frozen encoders, averaged",

@@ -102,11 +102,14 @@ def _token_backbone(model: Backbone) -> TokenBackbone:
 
 
 class FinetunableBackbone(Backbone, Protocol):
-    """What the backbone-training baselines (``fedavg-full``, ``fedprox-full``) and PromptFL
-    use: the whole model as a module with CLIP's two encoders, and its tokenizer."""
+    """What the backbone-training baselines (``fedavg-full``, ``fedprox-full``), MaPLe and
+    LoRA use: the whole model as a module with CLIP's two encoders, and its tokenizer (open_clip;
+    transformers CLIP models, ``hf:``, as :class:`fedclip.backbones.hf.HfClip`)."""
 
     model: Any  # nn.Module with encode_image(pixels) and encode_text(tokens)
-    tokenizer: Callable[[list[str]], torch.Tensor]
+    # texts -> the tokens model.encode_text takes, with .to(device): a tensor (open_clip), a
+    # BatchEncoding of ids and attention mask (hf)
+    tokenizer: Callable[[list[str]], Any]
 
 
 class PromptTower(Protocol):
@@ -208,7 +211,7 @@ def load_finetunable(spec: str, device: str, purpose: str) -> FinetunableBackbon
     refusal when the spec's provider is not ``FINETUNABLE``."""
     if not backbone_traits(spec).finetunable:
         raise BackboneError(f"{purpose}; backbone {spec!r} cannot be trained (use "
-                            f"open_clip:ARCH@TAG)")
+                            f"open_clip:ARCH@TAG or hf:MODEL)")
     return cast(FinetunableBackbone, load_backbone(spec, device))
 
 

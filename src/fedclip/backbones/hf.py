@@ -7,6 +7,10 @@ model's own processor (``AutoProcessor``), texts through its tokenizer. The fing
 the model id (a local folder also by its files' sizes and times) and the transformers
 version, so a cache never mixes two models. Flower's own CLIP baseline loads its weights this
 way; most users already hold CLIP here.
+
+It can be trained (``FINETUNABLE``): ``model`` is :class:`HfClip`, the transformers model
+with CLIP's ``encode_image`` / ``encode_text`` (what ``fedavg-full`` and LoRA run), and
+``tokenizer`` gives the tokens ``encode_text`` takes, as ``encode_texts`` tokenises.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 
 from fedclip.config import EXTRACT_BATCH_SIZE
 from fedclip.errors import BackboneError
@@ -27,6 +34,7 @@ FORMS = [
                      "hf:openai/clip-vit-base-patch32 (CLIPModel, SiglipModel, ...)"),
     ("hf:/path/to/folder", "the same, saved with save_pretrained (offline)"),
 ]
+FINETUNABLE = True  # HfClip: the -full baselines and LoRA train it
 
 
 def weights_to_download(rest: str) -> str | None:
@@ -53,6 +61,34 @@ class ProcessorPreprocess:
 
 def _features(output) -> torch.Tensor:  # noqa: ANN001 - a tensor, or a model output
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class HfClip(nn.Module):
+    """A transformers CLIP-style model (``clip``) with open_clip's two encoder calls: raw
+    features, differentiable (the backbone's ``encode_images`` / ``encode_texts`` run these
+    under no_grad)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip: Any = clip  # CLIPModel, SiglipModel, ...
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features(self.clip.get_image_features(pixel_values=pixels))
+
+    def encode_text(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``tokens``: what :class:`TextTokens` gives (input ids, attention mask)."""
+        return _features(self.clip.get_text_features(**tokens))
+
+
+class TextTokens:
+    """The model's tokenizer as ``texts -> tokens`` (a BatchEncoding: ``.to(device)``), padded
+    to the longest text: what :meth:`HfClip.encode_text` takes."""
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - a transformers tokenizer
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> Any:
+        return self.tokenizer(texts, padding=True, return_tensors="pt")
 
 
 class HfBackbone:
@@ -85,8 +121,8 @@ class HfBackbone:
             raise BackboneError(f"{self.spec} is a {type(model).__name__}, which has no "
                                 f"get_image_features / get_text_features (use a CLIP-style "
                                 f"model)")
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer = processor.tokenizer
+        self.model = HfClip(model).to(device).eval().requires_grad_(False)
+        self.tokenizer = TextTokens(processor.tokenizer)
         self.preprocess = ProcessorPreprocess(processor.image_processor)
         self.embed_dim = int(self.encode_texts(["a"]).shape[1])
         scale = getattr(model, "logit_scale", None)
@@ -94,15 +130,14 @@ class HfBackbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=pixels.to(self.device))
-        return _features(out).float().cpu()
+        return self.model.encode_image(pixels.to(self.device)).float().cpu()
 
     def _tower(self):  # noqa: ANN202 - the model's vision transformer
-        vision = getattr(self.model, "vision_model", None)
+        vision = getattr(self.model.clip, "vision_model", None)
         if vision is None or not hasattr(vision, "post_layernorm") or \
-                not hasattr(self.model, "visual_projection"):
+                not hasattr(self.model.clip, "visual_projection"):
             raise BackboneError(f"{self.spec} gives no patch tokens: a "
-                                f"{type(self.model).__name__} has no vision_model with "
+                                f"{type(self.model.clip).__name__} has no vision_model with "
                                 f"post_layernorm and visual_projection (use a CLIPModel)")
         return vision
 
@@ -115,13 +150,12 @@ class HfBackbone:
         """``last_hidden_state`` through ``post_layernorm`` and ``visual_projection``: the
         class token's is the pooled embedding, the others the patch tokens."""
         states = self._tower()(pixel_values=pixels.to(self.device)).last_hidden_state
-        out = self.model.visual_projection(self._tower().post_layernorm(states))
+        out = self.model.clip.visual_projection(self._tower().post_layernorm(states))
         return out[:, 0].float().cpu(), out[:, 1:].float().cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
-        return _features(self.model.get_text_features(**tokens)).float().cpu()
+        return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

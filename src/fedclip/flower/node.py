@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedclip.algorithms import algorithm_class, get_algorithm
+from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm, Runtime
 from fedclip.backbones import resolve_device
 from fedclip.config import RunConfig
@@ -90,7 +90,7 @@ def build_site(cfg: RunConfig, root: Path, domain: str, index: int) -> Site:
     method's site (its images decoded by its own preprocessing) stays in this process's
     memory: never written to a file (nor into any reply)."""
     check_index(cfg, domain, index)
-    if algorithm_class(cfg.algorithm).inputs != "features":  # pixels, or patch tokens (in
+    if get_algorithm(cfg).inputs != "features":  # pixels, or patch tokens (in
         # the token store already: a site file would hold them a second time)
         return site_of(cfg, domain_of(cfg, root, domain), index)
     path = site_file(cfg, root, domain, index)

@@ -179,10 +179,10 @@ def _task_key(cfg: RunConfig) -> str:
     """What decides a site's content: the run's task (data, classes, prompts, backbone,
     splits, partition, seed, extraction), not how it trains (TRAINING_ONLY); of the
     algorithm, only whether it reads features or pixels."""
-    from fedclip.algorithms import algorithm_class
+    from fedclip.algorithms import get_algorithm
 
     fields = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in TRAINING_ONLY}
-    fields["inputs"] = algorithm_class(cfg.algorithm).inputs
+    fields["inputs"] = get_algorithm(cfg).inputs  # the run's (its options may narrow it)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
