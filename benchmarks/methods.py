@@ -47,10 +47,10 @@ NEW = "prototypes,fedpft,personal-transform"
 # transport-aligned global + local prompt, mixture of experts (TRIP and its 1K-value variant)
 PROMPTS = "promptfl,promptfolio,fedpgp,fedtpg,fedotp,trip,trip-lite"
 # dp: method -> (family, clipping norm C)
-# (the medians measured: fedclip 2.59, promptfl 0.192, fedpgp 0.318, fedtpg 7.33)
+# (the medians measured: fedclip 2.59, promptfl 0.192, fedpgp 0.318, fedtpg 7.33, trip 0.265)
 DP = {"fedclip": ("adapter", 2.5), "promptfl": ("global prompt", 0.2),
       "fedpgp": ("personal low-rank", 0.3), "fedtpg": ("generator", 7.0),
-      "trip": ("mixture of experts", 0.05)}
+      "trip": ("mixture of experts", 0.25)}
 DP_EPSILON = "8"
 COMMON = ["--backbone", "standin", "--set", "lr=5e-4", "--set", "personalize_epochs=2"]
 
