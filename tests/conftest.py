@@ -170,6 +170,44 @@ def make_tiny_hf_clip(folder: Path) -> str:
     return f"hf:{folder / 'model'}"
 
 
+def assert_backbone_unchanged(algo, trainer, frozen, skip_targeted_weights=False) -> None:  # noqa: ANN001
+    """The module ``trainer`` trained holds ``frozen`` (the backbone's weights before the
+    round) bit for bit: peft moved a targeted layer's weight to ``base_layer``; with
+    ``skip_targeted_weights`` (FLoRA) the targeted weights, its global parameters, may move.
+    The host model itself is unchanged too."""
+    import torch
+
+    from fedclip.core.client import _modules_of
+
+    (module,) = [m for m in _modules_of(trainer).values() if m is not None]  # the one trained
+    buffers = dict(module.named_buffers())
+    targets = set(algo.targets)
+    for key, value in frozen.items():
+        prefix, _, leaf = key.rpartition(".")
+        if skip_targeted_weights and prefix in targets and leaf == "weight":
+            continue
+        assert torch.equal(buffers[f"{prefix}.base_layer.{leaf}" if prefix in targets
+                                   else key], value), key
+    assert all(torch.equal(algo.host.model.state_dict()[k], v) for k, v in frozen.items())
+
+
+def assert_resumes_bit_identically(cfg, heldout: str, folder: Path) -> None:  # noqa: ANN001
+    """A run cut after round 2 and resumed writes the uninterrupted run's last adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedclip.inprocess.experiment import run_heldout
+    from fedclip.task import prepare
+
+    prep = prepare(cfg)
+    run_heldout(cfg, prep, heldout, folder / "full")
+    interrupted_at_round_2(cfg, prep, heldout, folder / "cut")
+    run_heldout(cfg, prep, heldout, folder / "cut", resume=True)
+    full = load_file(folder / "full" / heldout / "adapter-last.safetensors")
+    cut = load_file(folder / "cut" / heldout / "adapter-last.safetensors")
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> str:
     """A tiny random transformers CLIP saved locally (``make_tiny_hf_clip``): its spec."""

@@ -16,7 +16,11 @@ from fedclip.core.client import ClientUpdate, RoundConfig, Split
 from fedclip.errors import ConfigError
 from fedclip.inprocess.experiment import run_heldout
 from fedclip.task import prepare
-from tests.conftest import interrupted_at_round_2, make_image_folder
+from tests.conftest import (
+    assert_backbone_unchanged,
+    assert_resumes_bit_identically,
+    make_image_folder,
+)
 
 CLASSES = {"cat": 4, "dog": 4, "red_car": 4}
 LORA = ["fedit", "ffa-lora", "flora"]
@@ -143,29 +147,14 @@ def test_only_adapters_move_in_a_round(tiny_arch, name):
     update = client.train_client(job)
     assert update.params and max(float((v - start.get(k, torch.zeros_like(v))).abs().max())
                                  for k, v in update.params.items()) > 0
-    from fedclip.core.client import _modules_of
-
     trainer = client.__dict__["_views"][2] if name == "flora" else client
-    (module,) = [m for m in _modules_of(trainer).values() if m is not None]  # the one trained
-    buffers = dict(module.named_buffers())
-    targets = set(algo.targets)
-    for key, value in backbone.items():  # peft moved a targeted layer's weight to base_layer
-        prefix, _, leaf = key.rpartition(".")
-        assert torch.equal(buffers[f"{prefix}.base_layer.{leaf}" if prefix in targets
-                                   else key], value), key
-    assert all(torch.equal(algo.host.model.state_dict()[k], v) for k, v in backbone.items())
+    assert_backbone_unchanged(algo, trainer, backbone)
 
 
 @pytest.mark.parametrize("name", ["ffa-lora", "flora"])
 def test_lora_state_resumes_bit_identically(tiny_arch, images, tmp_path, name):
     cfg = config(images, tiny_arch, name, rounds=3, checkpoint_every=1, options={"rank": 2})
-    prep = prepare(cfg)
-    run_heldout(cfg, prep, "delta", tmp_path / "full")
-    interrupted_at_round_2(cfg, prep, "delta", tmp_path / "cut")
-    run_heldout(cfg, prep, "delta", tmp_path / "cut", resume=True)
-    full = load_file(tmp_path / "full" / "delta" / "adapter-last.safetensors")
-    cut = load_file(tmp_path / "cut" / "delta" / "adapter-last.safetensors")
-    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    assert_resumes_bit_identically(cfg, "delta", tmp_path)
 
 
 # --- predict, privacy, robust rules, refusals ---------------------------------------------

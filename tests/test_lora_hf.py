@@ -17,7 +17,7 @@ from fedclip.config import RunConfig
 from fedclip.core.client import RoundConfig, Split, client_job
 from fedclip.inprocess.experiment import run_heldout
 from fedclip.task import prepare
-from tests.conftest import make_image_folder
+from tests.conftest import assert_backbone_unchanged, make_image_folder
 
 CLASSES = ("cat", "dog", "red_car")
 PROMPTS = tuple(f"a picture of a {c.replace('_', ' ')}" for c in CLASSES)
@@ -95,17 +95,7 @@ def test_lora_on_hf_clip_starts_at_the_zero_shot_model_and_moves_only_adapters(t
     update = algo.client.train_client(job)
     assert max(float(v.abs().max()) for k, v in update.params.items()
                if k.endswith(B_KEY)) > 0
-    from fedclip.core.client import _modules_of
-
-    (trained,) = [m for m in _modules_of(trainer).values() if m is not None]
-    buffers = dict(trained.named_buffers())
-    targets = set(algo.targets)
-    for key, value in frozen.items():
-        prefix, _, leaf = key.rpartition(".")
-        if name == "flora" and prefix in targets and leaf == "weight":
-            continue  # FLoRA's targeted weights are its global parameters
-        assert torch.equal(buffers[f"{prefix}.base_layer.{leaf}" if prefix in targets
-                                   else key], value), key
+    assert_backbone_unchanged(algo, trainer, frozen, skip_targeted_weights=name == "flora")
 
 
 @pytest.mark.parametrize(("name", "target"), [("fedit", "both"), ("ffa-lora", "both"),

@@ -18,7 +18,12 @@ from fedclip.config import RunConfig
 from fedclip.core.client import ClientUpdate, RoundConfig, Split, client_job
 from fedclip.inprocess.experiment import run_heldout
 from fedclip.task import prepare
-from tests.conftest import has_standin, interrupted_at_round_2, make_image_folder
+from tests.conftest import (
+    assert_backbone_unchanged,
+    assert_resumes_bit_identically,
+    has_standin,
+    make_image_folder,
+)
 
 CLASSES = ("cat", "dog", "red_car")
 PROMPTS = tuple(f"a picture of a {c.replace('_', ' ')}" for c in CLASSES)
@@ -133,19 +138,8 @@ def test_the_aggregate_of_two_trained_minilm_clients_is_their_mean_update(name):
         worst = max(worst, float((moved - own).abs().max()))
     assert worst < 1e-6
     # the trained module's backbone weights are MiniLM's, bit for bit
-    from fedclip.core.client import _modules_of
-
     trainer = algo.client.__dict__["_views"][2] if name == "flora" else algo.client
-    (module,) = [m for m in _modules_of(trainer).values() if m is not None]
-    buffers = dict(module.named_buffers())
-    targets = set(algo.targets)
-    for key, value in frozen.items():
-        prefix, _, leaf = key.rpartition(".")
-        if name == "flora" and prefix in targets and leaf == "weight":
-            continue  # FLoRA's targeted weights are its global parameters
-        assert torch.equal(buffers[f"{prefix}.base_layer.{leaf}" if prefix in targets
-                                   else key], value), key
-    assert all(torch.equal(algo.host.model.state_dict()[k], v) for k, v in frozen.items())
+    assert_backbone_unchanged(algo, trainer, frozen, skip_targeted_weights=name == "flora")
 
 
 # --- a run: metrics, resume, predict ------------------------------------------------------
@@ -178,14 +172,8 @@ def test_text_lora_runs_and_predicts_on_the_standin(images, tmp_path):
 @standin
 @pytest.mark.parametrize("name", ["ffa-lora", pytest.param("flora", marks=pytest.mark.slow)])
 def test_text_lora_resumes_bit_identically_on_the_standin(images, tmp_path, name):
-    cfg = run_config(images, name, rounds=3, checkpoint_every=1)
-    prep = prepare(cfg)
-    run_heldout(cfg, prep, "gamma", tmp_path / "full")
-    interrupted_at_round_2(cfg, prep, "gamma", tmp_path / "cut")
-    run_heldout(cfg, prep, "gamma", tmp_path / "cut", resume=True)
-    full = load_file(tmp_path / "full" / "gamma" / "adapter-last.safetensors")
-    cut = load_file(tmp_path / "cut" / "gamma" / "adapter-last.safetensors")
-    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    assert_resumes_bit_identically(run_config(images, name, rounds=3, checkpoint_every=1),
+                                   "gamma", tmp_path)
 
 
 @standin

@@ -155,36 +155,12 @@ def test_a_method_without_token_inputs_never_reads_or_writes_tokens(tiny_arch, t
 
 
 def test_a_transformers_clip_gives_its_patches_through_post_layernorm_and_projection(
-        tmp_path, toy_root):
-    import json
+        tmp_path, toy_root, tiny_hf):
+    from transformers import CLIPImageProcessor, CLIPModel
 
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizerFast,
-    )
-
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "!"])}
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizerFast(vocab_file=str(tmp_path / "vocab.json"),
-                                  merges_file=str(tmp_path / "merges.txt"))
-    images = CLIPImageProcessor(size={"shortest_edge": 32},
-                                crop_size={"height": 32, "width": 32})
-    config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
-                     "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "max_position_embeddings": 77},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-        projection_dim=8)
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-clip"
-    model = CLIPModel(config).eval()
-    model.save_pretrained(folder)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    folder = tiny_hf.removeprefix("hf:")
+    model = CLIPModel.from_pretrained(folder).eval()
+    images = CLIPImageProcessor.from_pretrained(folder)
     domain = scan_dataset(toy_root).domains["alpha"]
     got = image_tokens(LazyBackbone(f"hf:{folder}"), domain, tmp_path / "cache", workers=0)
     assert got.features.shape == (len(domain), 1 + 4, 8)
