@@ -360,6 +360,11 @@ def test_a_pixel_method_in_a_ray_simulation_gives_the_in_process_result(name, im
     from fedclip.flower.server_app import build_server_app
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Ray gives an actor with num_cpus=1 one OpenMP thread unless OMP_NUM_THREADS is set; the
+    # in-process run must use the same count, or Adam turns the rounding difference on
+    # near-zero gradients into lr-sized steps (CI: 1.08e-3 with 2 threads here, 1 there).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)  # restored by conftest's autouse fixture
     backbone = tiny_model_folder(tmp_path / "model")
     defaults = {**flower_config(name, backbone, images, tmp_path / "sim", rounds=2),
                 "cache-dir": str(tmp_path / "cache")}
