@@ -95,12 +95,16 @@ def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path
         run = tmp_path / f"dp-{name}" / f"{name}-seed0"
         run.mkdir()
         (run / "results.json").write_text(json.dumps({"runs": [
-            {"privacy": {"noise_multiplier": 1.25}, "history": history}]}))
+            {"privacy": {"noise_multiplier": 1.25}, "history": history, "best_round": 2}]}))
+        off_run = tmp_path / "dp-off" / f"{name}-seed{i % 2}"
+        off_run.mkdir()
+        (off_run / "results.json").write_text(json.dumps({"runs": [{"best_round": i}]}))
     text = methods.dp_section(argvs)
     rows = [r for r in text.splitlines() if r.startswith("| ") and "family" not in r]
     assert len(rows) == len(methods.DP)
-    for row, name in zip(rows, methods.DP, strict=True):
+    for i, (row, name) in enumerate(zip(rows, methods.DP, strict=True)):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == name and cells[3:5] == ["1.25", "7.90"]
-        assert cells[5:] == ["50.0 ± 1.0", "40.0 ± 2.0", "50.0 ± 1.0", "40.0 ± 2.0"]
+        assert cells[5:] == ["50.0 ± 1.0", "40.0 ± 2.0", "50.0 ± 1.0", "40.0 ± 2.0",
+                             f"{i} / 2"]
     assert text.count("fedclip compare") == len(argvs)
