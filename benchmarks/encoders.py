@@ -155,6 +155,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from fedclip.backbones import load_backbone, resolve_device
     from fedclip.config import RunConfig
     from fedclip.errors import FedclipError
+    from PIL import Image
 
     device = resolve_device(args.device)
     spec = args.backbone or (smoke_backbone() if args.smoke else DEFAULT_BACKBONE)
@@ -182,8 +183,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             with torch.no_grad():
                 class_text = torch.nn.functional.normalize(
                     plain.encode_texts(list(prompts)), dim=-1).to(device)
-            size = plain.model.visual.image_size
-            size = size if isinstance(size, tuple | list) else (size, size)
+            # the backbone's own preprocessing decides the input size (open_clip, hf: and
+            # plug-ins alike), read off one blank image
+            size = tuple(plain.preprocess(Image.new("RGB", (256, 256))).shape[-2:])
             generator = torch.Generator().manual_seed(0)
             pixels = torch.randn(batch, 3, *size, generator=generator).to(device)
             labels = (torch.arange(batch) % len(CLASSES)).to(device)

@@ -55,6 +55,20 @@ def test_the_encoder_benchmark_skips_a_method_that_refuses_the_backbone(tmp_path
     assert "skipped fedmaple:" in capsys.readouterr().out
 
 
+def test_the_encoder_benchmark_measures_a_transformers_clip(tmp_path, tiny_hf):
+    """An hf: backbone (no open_clip ``visual.image_size``): the batch takes the size its own
+    preprocessing gives, and full FedAvg and the LoRA methods are measured on it."""
+    encoders = _benchmark("encoders")
+    assert encoders.main(["--smoke", "--backbone", tiny_hf, "--out",
+                          str(tmp_path / "e.json")]) == 0
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert {"fedavg-full", "fedit", "ffa-lora"} <= set(out["methods"])
+    assert "open_clip" in out["skipped"]["fedmaple"] and "FLoRA" in out["skipped"]["flora"]
+    lora = out["methods"]["ffa-lora"]
+    assert 0 < lora["trainable_params"] < out["methods"]["fedavg-full"]["trainable_params"]
+    assert lora["step_over_forward"] > 0
+
+
 def test_the_methods_benchmark_runs_every_prompt_family_and_one_dp_run_per_family():
     """benchmarks/methods.py: the prompt comparison lists a registered method of each family
     under base2novel; each DP method has its own command (dp=server, its C) and is also in

