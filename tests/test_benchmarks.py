@@ -81,13 +81,27 @@ def test_the_methods_benchmark_runs_every_prompt_family_and_one_dp_run_per_famil
     assert {"promptfl", "fedpgp", "fedtpg", "fedotp", "trip"} <= set(listed)
     off = argvs["dp:off"]
     assert set(methods.DP) <= set(off[off.index("--algorithms") + 1].split(","))
-    for name, (_, clip) in methods.DP.items():
+    off_lora = argvs["dp:off-lora"]
+    assert set(methods.DP_LORA) == set(off_lora[off_lora.index("--algorithms") + 1].split(","))
+    for name, (_, clip) in {**methods.DP, **methods.DP_LORA}.items():
+        off = off_lora if name in methods.DP_LORA else argvs["dp:off"]
         argv = argvs[f"dp:{name}"]
         assert argv[argv.index("--algorithms") + 1] == name
         assert {"dp=server", f"dp_clipping_norm={clip}"} <= set(argv)
         setting = [a for a in argv if not a.startswith(("dp", "aggregation"))]
         assert [a for a in off if a not in setting] == [off[off.index("--algorithms") + 1],
                                                        off[-1]]  # only the list and folder
+
+
+def test_the_encoder_comparison_runs_every_lora_method_on_the_text_tower():
+    """benchmarks/methods.py encoders: each LoRA method is listed with target=text (the stand-in
+    has no open_clip image tower to target), beside FedCLIP and PromptFL."""
+    methods = _benchmark("methods")
+    argv = methods.commands("data", quick=False)["encoders"]
+    listed = argv[argv.index("--algorithms") + 1].split(",")
+    assert set(listed) <= set(names()) and {"fedclip", "promptfl"} <= set(listed)
+    for name in ("fedit", "ffa-lora", "flora"):
+        assert name in listed and f"{name}.target=text" in argv
 
 
 def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path):
@@ -103,20 +117,22 @@ def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path
         (folder / "compare.json").write_text(json.dumps({"tables": tables}))
 
     write(tmp_path / "dp-off", ["zeroshot", *methods.DP], "50.0 ± 1.0")
-    for i, name in enumerate(methods.DP):
+    write(tmp_path / "dp-off-lora", [*methods.DP_LORA], "50.0 ± 1.0")
+    every = [*methods.DP, *methods.DP_LORA]
+    for i, name in enumerate(every):
         write(tmp_path / f"dp-{name}", [name], "40.0 ± 2.0")
-        history = [{"round": 0}, {"round": 1, "epsilon": 3.5 + i}, {"round": 2, "epsilon": 7.9}]
+        history = [{"round": 0}, {"round": 1, "epsilon": 3.5 + i / 10}, {"round": 2, "epsilon": 7.9}]
         run = tmp_path / f"dp-{name}" / f"{name}-seed0"
         run.mkdir()
         (run / "results.json").write_text(json.dumps({"runs": [
             {"privacy": {"noise_multiplier": 1.25}, "history": history, "best_round": 2}]}))
-        off_run = tmp_path / "dp-off" / f"{name}-seed{i % 2}"
+        off = "dp-off-lora" if name in methods.DP_LORA else "dp-off"
+        off_run = tmp_path / off / f"{name}-seed{i % 2}"
         off_run.mkdir()
         (off_run / "results.json").write_text(json.dumps({"runs": [{"best_round": i}]}))
     text = methods.dp_section(argvs)
     rows = [r for r in text.splitlines() if r.startswith("| ") and "family" not in r]
-    assert len(rows) == len(methods.DP)
-    for i, (row, name) in enumerate(zip(rows, methods.DP, strict=True)):
+    for i, (row, name) in enumerate(zip(rows, every, strict=True)):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == name and cells[3:5] == ["1.25", "7.90"]
         assert cells[5:] == ["50.0 ± 1.0", "40.0 ± 2.0", "50.0 ± 1.0", "40.0 ± 2.0",
