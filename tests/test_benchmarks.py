@@ -104,6 +104,21 @@ def test_the_encoder_comparison_runs_every_lora_method_on_the_text_tower():
         assert name in listed and f"{name}.target=text" in argv
 
 
+def test_the_encoder_section_reports_each_lora_methods_aggregation_error(tmp_path):
+    """The error table reads every round's record of every seed (round 0 has none) and a method
+    without runs is left out."""
+    methods = _benchmark("methods")
+    for seed, errors in enumerate([(0.2, 0.6), (0.4, 1.0)]):
+        run = tmp_path / f"fedit-seed{seed}"
+        run.mkdir()
+        history = [{"round": 0}, *[{"round": i + 1, "metrics": {
+            "aggregation_error": e, "mean_update_norm": 2.0}} for i, e in enumerate(errors)]]
+        (run / "results.json").write_text(json.dumps({"runs": [{"history": history}]}))
+    rows = methods.lora_errors(tmp_path).splitlines()[2:]
+    assert rows == ["| fedit | 0.5 (0.2 to 1) | 0.25 (0.1 to 0.5) |"]
+    assert methods.lora_errors(tmp_path / "nothing") == ""
+
+
 def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path):
     methods = _benchmark("methods")
     argvs = {k: v for k, v in methods.commands("data", quick=False).items()
