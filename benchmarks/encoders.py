@@ -150,12 +150,13 @@ def plain_forward(model: Any, pixels: torch.Tensor, algorithm: Any) -> Callable[
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from PIL import Image
+
     from fedclip.algorithms import get_algorithm
     from fedclip.algorithms.base import Runtime
     from fedclip.backbones import load_backbone, resolve_device
     from fedclip.config import RunConfig
     from fedclip.errors import FedclipError
-    from PIL import Image
 
     device = resolve_device(args.device)
     spec = args.backbone or (smoke_backbone() if args.smoke else DEFAULT_BACKBONE)

@@ -136,7 +136,8 @@ def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path
     every = [*methods.DP, *methods.DP_LORA]
     for i, name in enumerate(every):
         write(tmp_path / f"dp-{name}", [name], "40.0 ± 2.0")
-        history = [{"round": 0}, {"round": 1, "epsilon": 3.5 + i / 10}, {"round": 2, "epsilon": 7.9}]
+        history = [{"round": 0}, {"round": 1, "epsilon": 3.5 + i / 10},
+                   {"round": 2, "epsilon": 7.9}]
         run = tmp_path / f"dp-{name}" / f"{name}-seed0"
         run.mkdir()
         (run / "results.json").write_text(json.dumps({"runs": [
