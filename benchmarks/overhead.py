@@ -43,6 +43,11 @@ HELDOUT = "photo"
 WORKER = r"""
 import json, statistics, sys, tempfile, time
 from pathlib import Path
+try:  # what every fedclip command does first (a checkout before fedclip.allocator: nothing)
+    from fedclip.allocator import keep_freed_memory
+    keep_freed_memory()
+except ImportError:
+    pass
 import torch
 from fedclip.algorithms import get_algorithm
 from fedclip.callbacks import Callback
@@ -75,7 +80,7 @@ for clients, together in args["shapes"]:
 # the arithmetic a client needs at these sizes, right after, in the same process: the least
 # CPU a step, an update's norm, its term of the mean and a small forward cost (warm tensors)
 cfg = RunConfig.build(backbone=args["backbone"], heldout="photo")
-algorithm = get_algorithm(cfg)
+algorithm = get_algorithm(cfg).client  # the client side: module, embed, task loss
 dim, classes = args["dim"], 7
 gen = torch.Generator().manual_seed(0)
 text = torch.nn.functional.normalize(torch.randn(classes, dim, generator=gen), dim=-1)
