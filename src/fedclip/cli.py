@@ -742,6 +742,9 @@ def _interrupted_hint() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedclip.allocator import keep_freed_memory
+
+    keep_freed_memory()  # freed tensors' memory stays for the next one (fedclip.allocator)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

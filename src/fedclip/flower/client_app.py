@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedclip.algorithms.base import Algorithm
+from fedclip.allocator import keep_freed_memory
 from fedclip.config import FlowerSettings
 from fedclip.core.client import RoundConfig, client_job, personalize, run_job, score
 from fedclip.core.client import evaluate as evaluate_split
@@ -183,6 +184,7 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
 
     def resolve(context: Context) -> tuple[Site, Algorithm, FlowerSettings, dict[str, float]]:
         one_line_refusals()  # a node whose data does not fit: one line in its log
+        keep_freed_memory()  # a process fedclip owns (fedclip.allocator)
         began = time.perf_counter()
         cfg, flower = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
         site, algorithm = node_for(cfg, dict(context.node_config))

@@ -27,6 +27,7 @@ from flwr.common import (
 )
 
 from fedclip.algorithms.base import Algorithm
+from fedclip.allocator import keep_freed_memory
 from fedclip.core.client import RoundConfig, client_job, evaluate, personalize, run_job, score
 from fedclip.flower.codec import finite_number
 from fedclip.flower.node import node_for
@@ -141,6 +142,7 @@ class ExactWeights(Client):
 def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     """The SecAgg+ ClientApp (``secaggplus_mod`` around an :class:`AdapterClient`)."""
     def client_fn(context: Context):  # noqa: ANN202
+        keep_freed_memory()  # a process fedclip owns (fedclip.allocator)
         cfg, _ = run_config_to_cfg({**(defaults or {}), **dict(context.run_config)})
         return ExactWeights(AdapterClient(*node_for(cfg, dict(context.node_config))))
 

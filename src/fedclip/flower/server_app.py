@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedclip.algorithms import get_algorithm
 from fedclip.algorithms.base import Algorithm, Runtime
+from fedclip.allocator import keep_freed_memory
 from fedclip.callbacks import Callback, close, loggers_from_specs
 from fedclip.config import FlowerSettings, RunConfig
 from fedclip.core.client import steps_per_round
@@ -47,6 +48,7 @@ def build_server_app(defaults: dict[str, Any] | None = None) -> ServerApp:
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         one_line_refusals()
+        keep_freed_memory()  # a process fedclip owns (fedclip.allocator)
         main(grid, {**(defaults or {}), **dict(context.run_config)}, poll=True)
 
     return app
