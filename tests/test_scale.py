@@ -140,20 +140,27 @@ def test_training_clients_together_equals_the_sequential_loop(algorithm, loss):
         return out
 
     sequential = [algo.client.train_client(job) for job in jobs()]
-    together = train_together(algo.client, jobs())
+    for together in (train_together(algo.client, jobs()),  # a CPU's: one client at a time
+                     train_together(algo.client, jobs(), vectorised=True)):  # CUDA's: vmap
+        _close_to(sequential, together)
+    assert sequential[0].steps == (0 if loss == "clip" else 2)  # one sample: skipped or used
+
+
+def _close_to(sequential, together):  # noqa: ANN001, ANN202
     for a, b in zip(sequential, together, strict=True):
         assert a.steps == b.steps and a.num_examples == b.num_examples
         assert max((a.params[k] - b.params[k]).abs().max().item() for k in a.params) < 1e-5
         assert (a.loss != a.loss and b.loss != b.loss) or abs(a.loss - b.loss) < 1e-5
-    assert sequential[0].steps == (0 if loss == "clip" else 2)  # one sample: skipped or used
 
 
-def test_a_federation_trained_together_equals_the_sequential_one(tiny_arch, toy_root,
-                                                                 tmp_path):
+@pytest.mark.parametrize("algorithm", ["fedclip", "fedprox"])
+def test_a_federation_trained_together_equals_the_sequential_one(algorithm, tiny_arch,
+                                                                 toy_root, tmp_path):
     from safetensors.torch import load_file
 
     base = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="gamma",
-                           rounds=2, lr=1e-3, clients_per_domain=2, personalize_epochs=0)
+                           rounds=2, lr=1e-3, clients_per_domain=2, personalize_epochs=0,
+                           algorithm=algorithm)
     one = run(base, tmp_path / "seq")[0]
     two = run(base.replace(train_clients_together=True), tmp_path / "together")[0]
     a = load_file(tmp_path / "seq" / "gamma" / "adapter-last.safetensors")

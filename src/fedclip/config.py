@@ -54,9 +54,9 @@ class RunConfig(BaseModel):
     clients_per_round: int = Field(0, ge=0, description="Partial participation: clients "
                                    "sampled each round (seeded; 0: all).")
     train_clients_together: bool = Field(
-        False, description="In-process: train the round's clients at once (stacked adapters, "
-        "batched matmuls; fedclip, fedprox, fedadam/yogi/avgm) instead of one after another. "
-        "Same numbers to float rounding; far cheaper per client on a GPU.")
+        False, description="In-process: train the round's clients at once (one fused Adam "
+        "step for all; on CUDA, batched matmuls; fedclip, fedprox, fedadam/yogi/avgm) instead "
+        "of one after another. Same numbers to float rounding; cheaper per client.")
     dirichlet_alpha: float = Field(0.5, gt=0, le=1e6)
     protocol: Literal["all-classes", "base2novel"] = Field(
         "all-classes", description="Which classes train, beside the held-out domain and the "

@@ -385,42 +385,28 @@ def _plain_adam(optimizer: torch.optim.Adam) -> bool:
                    for flag in ("amsgrad", "capturable", "fused", "differentiable"))
 
 
-def together_leaves(cfg: RunConfig, module: nn.Module, starts: Sequence[Params],
-                    lrs: Sequence[float]) -> tuple[list[Params], torch.optim.Adam]:
-    """For clients trained at once through ``module``: each client's parameters as leaf
-    tensors holding ``starts[i]``, and one Adam (a parameter group per client, learning rate
-    ``lrs[i]``) at its start. For a shared module the leaves and Adam's moments are buffers
-    kept with it between rounds (filled and zeroed in place: no fresh memory, whose page
-    faults cost more than the arithmetic here); the values are those of fresh ones."""
-    names = [n for n, _ in module.named_parameters()]
-    kept = _KEPT.get(module)
-    reuse = kept is not None and all(
-        start[n].dtype == p.dtype and start[n].shape == p.shape
-        for start in starts for n, p in module.named_parameters())
-    if not reuse or kept is None:
-        leaves = [{n: start[n].detach().to(next(module.parameters()).device).clone()
-                   .requires_grad_(True) for n in names} for start in starts]
-        return leaves, adam(cfg, [{"params": list(leaf.values()), "lr": lr}
-                                  for leaf, lr in zip(leaves, lrs, strict=True)])
+def together_slots(module: nn.Module, starts: Sequence[Params]
+                   ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """For clients trained at once through ``module``: per client and parameter name, a leaf
+    tensor holding ``starts[i]`` and Adam's two moments, zeroed (Adam's start). For a shared
+    module they are buffers kept with it between rounds, filled in place: fresh memory
+    costs page faults, more than the arithmetic here."""
     params = dict(module.named_parameters())
-    while len(kept.slots) < len(starts):
-        kept.slots.append({n: (torch.empty_like(p).requires_grad_(True), torch.zeros_like(p),
-                               torch.zeros_like(p)) for n, p in params.items()})
-    leaves = []
+    kept = _KEPT.get(module)
+    reuse = kept is not None and all(start[n].dtype == p.dtype and start[n].shape == p.shape
+                                     for start in starts for n, p in params.items())
+    slots = kept.slots if reuse and kept is not None else []
+    while len(slots) < len(starts):
+        slots.append({n: (torch.empty_like(p).requires_grad_(True), torch.empty_like(p),
+                          torch.empty_like(p)) for n, p in params.items()})
     with torch.no_grad():
-        for start, slot in zip(starts, kept.slots, strict=False):
-            leaf = {}
-            for n in names:
-                tensor = slot[n][0]
-                tensor.grad = None
-                leaf[n] = tensor.copy_(start[n])
-            leaves.append(leaf)
-    optimizer = adam(cfg, [{"params": list(leaf.values()), "lr": lr}
-                           for leaf, lr in zip(leaves, lrs, strict=True)])
-    if _plain_adam(optimizer):
-        for leaf, slot in zip(leaves, kept.slots, strict=False):
-            _adam_start(optimizer, list(leaf.values()), [slot[n][1:] for n in leaf])
-    return leaves, optimizer
+        for start, slot in zip(starts, slots, strict=False):
+            for n, (leaf, exp_avg, exp_avg_sq) in slot.items():
+                leaf.grad = None
+                leaf.copy_(start[n])
+                exp_avg.zero_()
+                exp_avg_sq.zero_()
+    return slots[:len(starts)]
 
 
 @contextlib.contextmanager
