@@ -28,6 +28,7 @@ forwards and backwards are the same bits (vectorised: float rounding too).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -124,7 +125,7 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob],
             total = loss + proximal_term(leaves[i], job.global_params, mus[i]) if mus[i] \
                 else loss
             value = float(total.detach())
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):  # as train_local decides
                 raise diverged(job.config, value)
             total.backward()
             losses[i].append(float(loss.detach()))
