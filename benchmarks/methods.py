@@ -56,11 +56,12 @@ NEW = "prototypes,fedpft,personal-transform"
 PROMPTS = "promptfl,promptfolio,fedpgp,fedtpg,fedotp,trip,trip-lite"
 # dp: method -> (family, clipping norm C)
 # (the medians measured: fedclip 2.59, promptfl 0.192, fedpgp 0.318, fedtpg 7.33, trip 0.265)
-# TRIP (mixture of experts, measured median first-round norm 0.265) is not in this table: on
-# this 39-client setting one TRIP seed takes about 35 minutes on 2 cores (patch tokens through
-# its router and every expert), six seeds more than a session has.
 DP = {"fedclip": ("adapter", 2.5), "promptfl": ("global prompt", 0.2),
       "fedpgp": ("personal low-rank", 0.3), "fedtpg": ("generator", 7.0)}
+# TRIP (mixture of experts) in its own no-DP group (``off-trip``): its instance prompts put
+# every image's C class prompts through the text tower, about 12 minutes a seed on this setting
+# with 2 cores, so its runs are added to the table without re-running the others
+DP_TRIP = {"trip": ("mixture of experts", 0.27)}
 # LoRA under the same DP, in its own no-DP group (method -> (family, C)): FFA-LoRA's frozen A
 # is what its paper says makes DP cheap; FedIT noises A and B alike
 # (target=text; the medians measured: ffa-lora 0.869, fedit 1.334)
@@ -105,13 +106,14 @@ def commands(data_root: str, quick: bool) -> dict[str, list[str]]:
                             "--set", "dp=server", "--set", "aggregation=uniform",
                             "--set", f"dp_epsilon={DP_EPSILON}", "--set",
                             f"dp_clipping_norm={clip}", "--out", str(dp_out / name)]
-    dp["dp:off-lora"] = ["compare", *dp_setting, *LORA_TEXT, "--algorithms", ",".join(DP_LORA),
-                         "--out", str(dp_out / "off-lora")]
-    for name, (_, clip) in DP_LORA.items():
-        dp[f"dp:{name}"] = ["compare", *dp_setting, *LORA_TEXT, "--algorithms", name,
-                            "--set", "dp=server", "--set", "aggregation=uniform",
-                            "--set", f"dp_epsilon={DP_EPSILON}", "--set",
-                            f"dp_clipping_norm={clip}", "--out", str(dp_out / name)]
+    for group, methods, extra in (("off-lora", DP_LORA, LORA_TEXT), ("off-trip", DP_TRIP, [])):
+        dp[f"dp:{group}"] = ["compare", *dp_setting, *extra, "--algorithms", ",".join(methods),
+                             "--out", str(dp_out / group)]
+        for name, (_, clip) in methods.items():
+            dp[f"dp:{name}"] = ["compare", *dp_setting, *extra, "--algorithms", name,
+                                "--set", "dp=server", "--set", "aggregation=uniform",
+                                "--set", f"dp_epsilon={DP_EPSILON}", "--set",
+                                f"dp_clipping_norm={clip}", "--out", str(dp_out / name)]
     encoders = ["compare", *data, "--backbone", "standin", "--set", "lr=2e-3",
                 "--set", "personalize_epochs=2", "--heldout", "sketch", *LORA_TEXT,
                 "--algorithms", f"zeroshot,fedclip,promptfl,{','.join(LORA)}",
@@ -181,38 +183,77 @@ def _selected_rounds(out: Path, name: str) -> str:
     return ",".join(str(json.loads(r.read_text())["runs"][0]["best_round"]) for r in runs)
 
 
-def dp_section(argvs: dict[str, list[str]]) -> str:
+def _done(out: Path, name: str) -> bool:
+    """Whether a comparison folder holds ``name``'s finished runs."""
+    import json
+
+    if not (out / "compare.json").exists():
+        return False
+    header = json.loads((out / "compare.json").read_text())["tables"]["generalization"]["header"]
+    return name in header
+
+
+def dp_section(argvs: dict[str, list[str]], previous: str = "") -> str:
     """One row per family: the method without DP and with it (its C, noise multiplier and
-    the epsilon the run spent, read from its results), and the round each seed selected."""
+    the epsilon the run spent, read from its results), and the round each seed selected.
+
+    A row whose two run folders are not on this machine is kept as ``previous`` (the
+    document's last write of this section) has it, and the section names it: the DP runs
+    take hours in all, so a family is added without re-running the others. A row found in
+    neither is refused, naming the commands to run."""
     import json
 
     out = {k: Path(v[v.index("--out") + 1]) for k, v in argvs.items()}
+    kept_rows = {m.group(1): m.group(0) for m in
+                 re.finditer(r"^\| ([\w-]+) \|.*\|$", previous, flags=re.MULTILINE)}
     rows = ["| method | family | C | z | epsilon spent | held-out, no DP | held-out, DP "
             "| clients, no DP | clients, DP | selected rounds, no DP / DP |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, (family, clip) in {**DP, **DP_LORA}.items():
-        off = out["dp:off-lora" if name in DP_LORA else "dp:off"]
-        run = json.loads((out[f"dp:{name}"] / f"{name}-seed0" / "results.json").read_text())
-        last = run["runs"][0]
-        z = last.get("privacy", {}).get("noise_multiplier", float("nan"))
-        eps = max(r.get("epsilon") or 0.0 for r in last["history"])
-        rows.append(f"| {name} | {family} | {clip:g} | {z:.3g} | {eps:.2f} "
-                    f"| {_cell(off, 'generalization', name)} "
-                    f"| {_cell(out[f'dp:{name}'], 'generalization', name)} "
-                    f"| {_cell(off, 'personalization', name)} "
-                    f"| {_cell(out[f'dp:{name}'], 'personalization', name)} "
-                    f"| {_selected_rounds(off, name)} / "
-                    f"{_selected_rounds(out[f'dp:{name}'], name)} |")
-    zeroshot = (f"Zero-shot: held-out {_cell(out['dp:off'], 'generalization', 'zeroshot')}, "
-                f"clients {_cell(out['dp:off'], 'personalization', 'zeroshot')}.")
+    kept, missing = [], []
+    groups = [("dp:off", DP), ("dp:off-lora", DP_LORA), ("dp:off-trip", DP_TRIP)]
+    for group, methods in groups:
+        for name, (family, clip) in methods.items():
+            off, on = out[group], out[f"dp:{name}"]
+            if not (_done(off, name) and _done(on, name)):
+                if name in kept_rows:
+                    rows.append(kept_rows[name])
+                    kept.append(name)
+                    continue
+                missing.append(f"{group}, dp:{name}")
+                continue
+            run = json.loads((on / f"{name}-seed0" / "results.json").read_text())
+            last = run["runs"][0]
+            z = last.get("privacy", {}).get("noise_multiplier", float("nan"))
+            eps = max(r.get("epsilon") or 0.0 for r in last["history"])
+            rows.append(f"| {name} | {family} | {clip:g} | {z:.3g} | {eps:.2f} "
+                        f"| {_cell(off, 'generalization', name)} "
+                        f"| {_cell(on, 'generalization', name)} "
+                        f"| {_cell(off, 'personalization', name)} "
+                        f"| {_cell(on, 'personalization', name)} "
+                        f"| {_selected_rounds(off, name)} / {_selected_rounds(on, name)} |")
+    if missing:
+        raise SystemExit("the DP table needs these runs, which are neither finished here nor "
+                         "in the document: " + "; ".join(missing)
+                         + " (run them: python benchmarks/methods.py --only dp)")
+    if _done(out["dp:off"], "zeroshot"):
+        zeroshot = (f"Zero-shot: held-out {_cell(out['dp:off'], 'generalization', 'zeroshot')}"
+                    f", clients {_cell(out['dp:off'], 'personalization', 'zeroshot')}.")
+    elif found := re.search(r"(Zero-shot: held-out .*?, clients .*?\.) Each run", previous):
+        zeroshot = found.group(1)
+    else:
+        raise SystemExit("the DP table needs the zero-shot row of dp:off (run it: python "
+                         "benchmarks/methods.py --only dp:off)")
     commands = "\n".join("fedclip " + " ".join(shlex.quote(a) for a in v)
                          for v in argvs.values())
+    carried = (f" The rows of {', '.join(kept)} are kept from this table's previous write "
+               "(their runs, the commands above, were not on the machine that added the "
+               "others).") if kept else ""
     return ("<!-- methods:dp begin (generated by benchmarks/methods.py) -->\n"
             f"```bash\n{commands}\n```\n\nAccuracy % (mean ± std over seeds; held-out: "
             "sketch; clients: the global model on the 39 clients' own test splits, no "
             f"personalization step). {zeroshot} Each run reports the round with the best mean "
-            "validation accuracy; a method whose selected round is 0 reports its untrained "
-            "start.\n\n" + "\n".join(rows) +
+            f"validation accuracy; a method whose selected round is 0 reports its untrained "
+            f"start.{carried}\n\n" + "\n".join(rows) +
             "\n<!-- methods:dp end -->")
 
 
@@ -257,7 +298,8 @@ def main() -> None:
     if any(k.startswith("dp:") for k in argvs):  # the table needs every DP run
         dp = {k: v for k, v in commands(args.data_root, args.quick).items()
               if k.startswith("dp:")}
-        doc = splice(doc, "dp", dp_section(dp))
+        previous = re.search(r"<!-- methods:dp begin.*?<!-- methods:dp end -->", doc, re.S)
+        doc = splice(doc, "dp", dp_section(dp, previous.group(0) if previous else ""))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(doc)
     print(f"wrote {target}")

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from fedclip.algorithms import algorithm_class, names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,16 +83,20 @@ def test_the_methods_benchmark_runs_every_prompt_family_and_one_dp_run_per_famil
     assert {"promptfl", "fedpgp", "fedtpg", "fedotp", "trip"} <= set(listed)
     off = argvs["dp:off"]
     assert set(methods.DP) <= set(off[off.index("--algorithms") + 1].split(","))
-    off_lora = argvs["dp:off-lora"]
-    assert set(methods.DP_LORA) == set(off_lora[off_lora.index("--algorithms") + 1].split(","))
-    for name, (_, clip) in {**methods.DP, **methods.DP_LORA}.items():
-        off = off_lora if name in methods.DP_LORA else argvs["dp:off"]
+    groups = {"dp:off-lora": methods.DP_LORA, "dp:off-trip": methods.DP_TRIP}
+    for group, members in groups.items():
+        listed = argvs[group][argvs[group].index("--algorithms") + 1].split(",")
+        assert set(members) == set(listed) and set(listed) <= set(names())
+    assert "trip" in methods.DP_TRIP  # the mixture-of-experts family has its DP row
+    for name, (_, clip) in {**methods.DP, **methods.DP_LORA, **methods.DP_TRIP}.items():
+        off = next((argvs[g] for g, m in groups.items() if name in m), argvs["dp:off"])
         argv = argvs[f"dp:{name}"]
         assert argv[argv.index("--algorithms") + 1] == name
         assert {"dp=server", f"dp_clipping_norm={clip}"} <= set(argv)
         setting = [a for a in argv if not a.startswith(("dp", "aggregation"))]
-        assert [a for a in off if a not in setting] == [off[off.index("--algorithms") + 1],
-                                                       off[-1]]  # only the list and folder
+        listed = off[off.index("--algorithms") + 1]
+        only = [listed, off[-1]] if listed != name else [off[-1]]  # the list and folder
+        assert [a for a in off if a not in setting] == only
 
 
 def test_the_encoder_comparison_runs_every_lora_method_on_the_text_tower():
@@ -119,8 +125,9 @@ def test_the_encoder_section_reports_each_lora_methods_aggregation_error(tmp_pat
     assert methods.lora_errors(tmp_path / "nothing") == ""
 
 
-def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path):
-    methods = _benchmark("methods")
+def _dp_folders(methods, tmp_path: Path) -> tuple[dict, list[str]]:
+    """The DP commands with their folders in ``tmp_path``, each run's results written there
+    (no DP: 50.0 ± 1.0, DP: 40.0 ± 2.0; method i's seed-0 epsilon history 3.5 + i/10, 7.9)."""
     argvs = {k: v for k, v in methods.commands("data", quick=False).items()
              if k.startswith("dp:")}
     argvs = {k: [*v[:-1], str(tmp_path / k.replace(":", "-"))] for k, v in argvs.items()}
@@ -133,7 +140,8 @@ def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path
 
     write(tmp_path / "dp-off", ["zeroshot", *methods.DP], "50.0 ± 1.0")
     write(tmp_path / "dp-off-lora", [*methods.DP_LORA], "50.0 ± 1.0")
-    every = [*methods.DP, *methods.DP_LORA]
+    write(tmp_path / "dp-off-trip", [*methods.DP_TRIP], "50.0 ± 1.0")
+    every = [*methods.DP, *methods.DP_LORA, *methods.DP_TRIP]
     for i, name in enumerate(every):
         write(tmp_path / f"dp-{name}", [name], "40.0 ± 2.0")
         history = [{"round": 0}, {"round": 1, "epsilon": 3.5 + i / 10},
@@ -142,10 +150,17 @@ def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path
         run.mkdir()
         (run / "results.json").write_text(json.dumps({"runs": [
             {"privacy": {"noise_multiplier": 1.25}, "history": history, "best_round": 2}]}))
-        off = "dp-off-lora" if name in methods.DP_LORA else "dp-off"
+        off = ("dp-off-lora" if name in methods.DP_LORA else
+               "dp-off-trip" if name in methods.DP_TRIP else "dp-off")
         off_run = tmp_path / off / f"{name}-seed{i % 2}"
         off_run.mkdir()
         (off_run / "results.json").write_text(json.dumps({"runs": [{"best_round": i}]}))
+    return argvs, every
+
+
+def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path):
+    methods = _benchmark("methods")
+    argvs, every = _dp_folders(methods, tmp_path)
     text = methods.dp_section(argvs)
     rows = [r for r in text.splitlines() if r.startswith("| ") and "family" not in r]
     for i, (row, name) in enumerate(zip(rows, every, strict=True)):
@@ -154,3 +169,36 @@ def test_the_dp_table_reads_each_runs_spent_epsilon_and_both_accuracies(tmp_path
         assert cells[5:] == ["50.0 ± 1.0", "40.0 ± 2.0", "50.0 ± 1.0", "40.0 ± 2.0",
                              f"{i} / 2"]
     assert text.count("fedclip compare") == len(argvs)
+    assert "kept from this table's previous write" not in text
+
+
+def test_the_dp_table_keeps_the_rows_of_runs_not_on_this_machine_and_refuses_rows_it_has_nowhere(
+        tmp_path):
+    """A family is added without re-running the others: a row whose runs are absent is kept
+    as the previous write has it (and named), the zero-shot line too; one found nowhere is
+    refused, naming its commands."""
+    import shutil
+
+    methods = _benchmark("methods")
+    argvs, every = _dp_folders(methods, tmp_path)
+    previous = methods.dp_section(argvs)
+    shutil.rmtree(tmp_path / "dp-off")
+    shutil.rmtree(tmp_path / "dp-fedpgp")
+    (tmp_path / "dp-trip" / "compare.json").write_text(json.dumps({"tables": {t: {
+        "header": ["x", "trip"], "rows": [["average", "41.0 ± 2.0"]]}
+        for t in ("generalization", "personalization")}}))
+    text = methods.dp_section(argvs, previous)
+    rows = {r.split("|")[1].strip(): r for r in text.splitlines()
+            if r.startswith("| ") and "family" not in r}
+    assert list(rows) == every
+    old_rows = {r.split("|")[1].strip(): r for r in previous.splitlines() if r.startswith("| ")}
+    for name in methods.DP:  # dp:off is gone: every row of its group is the previous one
+        assert rows[name] == old_rows[name]
+    assert "41.0 ± 2.0" in rows["trip"] and "41.0 ± 2.0" not in previous
+    assert "Zero-shot: held-out 50.0 ± 1.0, clients 50.0 ± 1.0." in text
+    assert f"The rows of {', '.join(methods.DP)} are kept" in text
+    shutil.rmtree(tmp_path / "dp-off-trip")
+    with pytest.raises(SystemExit, match="dp:off-trip, dp:trip"):
+        methods.dp_section(argvs, previous.replace("| trip |", "| gone |"))
+    with pytest.raises(SystemExit, match="zero-shot row of dp:off"):
+        methods.dp_section(argvs, previous.replace("Zero-shot:", "Zero shot:"))

@@ -170,3 +170,26 @@ def test_dp_and_robust_rules_run_on_the_averaged_prompt(tiny_arch, toy_root, tmp
     result = run(cfg, tmp_path / "r")[0]
     assert 0 <= result["generalization"] <= 1
     assert result["bytes_per_round"] == 2 * 2 * 4 * 32 * 4  # the global context only
+
+
+def test_trip_runs_with_the_released_scripts_32_tokens_and_refuses_more_experts_than_tokens(
+        tiny_arch, toy_root, tmp_path):
+    """The released PACS script's 32 context tokens per expert are an option, not a refusal:
+    a round trains and sends experts x 32 x width values where the defaults send experts x 2
+    x width (TRIP-Lite: 2 x 1). More experts than the backbone has patch tokens (its 8 on
+    this tiny one's 4) is refused in one line naming the option."""
+    from fedclip.errors import ConfigError
+
+    sent = {}
+    for name, options in [("trip", {"n_ctx": 32}), ("trip", {}), ("trip-lite", {})]:
+        cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta",
+                              rounds=1, lr=1e-3, algorithm=name, personalize_epochs=0,
+                              options={name: options} if options else {})
+        result = run(cfg, tmp_path / f"{name}{len(options)}")[0]
+        assert 0 <= result["generalization"] <= 1
+        sent[(name, len(options))] = result["bytes_per_round"]
+    assert sent[("trip", 1)] == 16 * sent[("trip", 0)] == 64 * sent[("trip-lite", 0)]
+    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta",
+                          rounds=1, algorithm="trip", options={"trip": {"experts": 8}})
+    with pytest.raises(ConfigError, match=r"trip.experts=8: .* 4 patch tokens .* at most 4"):
+        run(cfg, tmp_path / "eight")

@@ -23,10 +23,17 @@ unbiased term pulls the scores toward the zero-shot model's:
 
     L = CE(logits, y) + alpha * KL(softmax(zero-shot logits) || softmax(logits))
 
-TRIP-Lite: the released code has no separate Lite model; this is our reading of the paper's
-~1K parameters per round: 2 experts of 1 context token (2 x 512 = 1,024 values with a
-512-wide text tower), the rest as TRIP. TRIP's defaults are the code's: 4 experts of 2
-tokens (4,096 values), alpha 1.
+Sizes (checked against the released code, GongShuai8210/TRIP at d4c8496). TRIP's defaults
+are the code's argument defaults: 4 experts of 2 tokens (4,096 values with a 512-wide text
+tower), alpha 1, capacity 1 / 2. The released PACS script (``train.sh``) runs a larger
+model, 8 experts of 32 tokens (131,072 values; ``--set trip.experts=8 --set trip.n_ctx=32``,
+with its AdamW at lr 5e-4 and batch 16 as run options), and the README's Office-Home table
+gives TRIP 0.065M values a round, which neither configuration sends (4 x 32 x 512 would);
+the paper's own implementation details were not available to check. TRIP-Lite: no file of
+the released code defines it (no flag, model or option); its only description is that
+table's row, 0.001M values a round (the abstract's "1K parameters"). Experts x tokens must
+then be 2, and 2 experts of 1 token is the only such choice that is still a mixture: that is
+this reading, the rest as TRIP.
 
 Differences from the released code: tokens are the projected patch tokens of the token
 store (the code clusters the 768-wide tokens before the projection) and the keys live in the
@@ -50,13 +57,15 @@ from torch import nn
 from fedclip.adapters import get_params
 from fedclip.algorithms.promptfl import PLACEHOLDER, PromptFL, PromptFLClient
 from fedclip.algorithms.registry import register
+from fedclip.errors import ConfigError
 from fedclip.tensors import Params
 
 
 class TripOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     experts: int = Field(4, ge=1, le=64, description="Prompt experts (K).")
-    n_ctx: int = Field(2, ge=1, le=16, description="Context tokens per expert.")
+    n_ctx: int = Field(2, ge=1, le=32, description="Context tokens per expert (the "
+                                                     "released PACS script: 32).")
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False,
                          description="Weight of the unbiased (zero-shot KL) term.")
     capacity_train: float = Field(1.0, gt=0, allow_inf_nan=False,
@@ -72,7 +81,7 @@ class TripOptions(BaseModel):
 
 class LiteOptions(TripOptions):
     experts: int = Field(2, ge=1, le=64, description="Prompt experts (K).")
-    n_ctx: int = Field(1, ge=1, le=16, description="Context tokens per expert.")
+    n_ctx: int = Field(1, ge=1, le=32, description="Context tokens per expert.")
 
 
 class Experts(nn.Module):
@@ -174,6 +183,11 @@ class TripClient(PromptFLClient):
     def route(self, tokens: torch.Tensor, training: bool) -> torch.Tensor:
         """Each image's expert weights [B, K] (no gradient, no parameter)."""
         o = self.options
+        if tokens.shape[1] < o.experts:
+            raise ConfigError(
+                f"{self.cfg.algorithm}.experts={o.experts}: the backbone gives "
+                f"{tokens.shape[1]} patch tokens per image, and each expert's cluster needs "
+                f"one: set {self.cfg.algorithm}.experts to at most {tokens.shape[1]}")
         generator = torch.Generator().manual_seed(self.cfg.seed)
         capacity = o.capacity_train if training else o.capacity_infer
         centroids, sizes = capacity_kmeans(tokens.detach().float(), o.experts, capacity,
