@@ -18,7 +18,8 @@ weights) extracted once into the benchmark's own cache before anything is timed.
   and its share of the weighted mean. **Fixed** = slope - arithmetic: what a client costs
   beyond its arithmetic.
 * **Start-up.** ``python -m fedclip.cli run --rounds 1`` on those cached features against
-  ``python -c "import torch"``, fresh processes, alternated, median.
+  ``python -c "import torch"``, fresh processes, alternated, median; each checkout's sources
+  compiled to bytecode first, as pip compiles an installed package's (and torch's).
 
 Every checkout is measured by the same workers (``--before DIR``: DIR/src first on
 PYTHONPATH), alternated within one invocation, so that the machine's load hits both alike.
@@ -208,6 +209,15 @@ def main() -> None:
         for name, src in checkouts:
             runs[name].append(worker(WORKER, src, payload))
 
+    # start-up as an installed fedclip has it: pip compiles a package's bytecode when it
+    # installs it (torch's is); a checkout on PYTHONPATH or installed editable writes its
+    # __pycache__ on first import, unless PYTHONDONTWRITEBYTECODE is set (as on the machines
+    # this was measured on), where every start would compile fedclip's sources again
+    import compileall
+
+    for _, src in checkouts:
+        if src is not None and not compileall.compile_dir(str(src), quiet=1):
+            raise SystemExit(f"could not compile {src} to bytecode")
     torch_cmd = [sys.executable, "-c", "import torch"]
     startup: dict[str, list[tuple[float, float]]] = {"import torch": []}
     startup.update({name: [] for name, _ in checkouts})

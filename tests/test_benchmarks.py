@@ -195,6 +195,9 @@ def test_the_dp_table_keeps_the_rows_of_runs_not_on_this_machine_and_refuses_row
     for name in methods.DP:  # dp:off is gone: every row of its group is the previous one
         assert rows[name] == old_rows[name]
     assert "41.0 ± 2.0" in rows["trip"] and "41.0 ± 2.0" not in previous
+    # TRIP runs one seed (35 minutes a run), and its row says so; the others run three
+    assert "| mixture of experts (seed 0 only) |" in rows["trip"]
+    assert all("only" not in rows[name] for name in every if name != "trip")
     assert "Zero-shot: held-out 50.0 ± 1.0, clients 50.0 ± 1.0." in text
     assert f"The rows of {', '.join(methods.DP)} are kept" in text
     shutil.rmtree(tmp_path / "dp-off-trip")
