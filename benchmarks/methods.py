@@ -111,7 +111,8 @@ def commands(data_root: str, quick: bool) -> dict[str, list[str]]:
                             "--set", "dp=server", "--set", "aggregation=uniform",
                             "--set", f"dp_epsilon={DP_EPSILON}", "--set",
                             f"dp_clipping_norm={clip}", "--out", str(dp_out / name)]
-    one_seed = [TRIP_SEEDS if a == seeds else a for a in dp_setting]
+    one_seed = list(dp_setting)
+    one_seed[one_seed.index("--seeds") + 1] = TRIP_SEEDS
     for group, setting, methods, extra in (("off-lora", dp_setting, DP_LORA, LORA_TEXT),
                                            ("off-trip", one_seed, DP_TRIP, [])):
         dp[f"dp:{group}"] = ["compare", *setting, *extra, "--algorithms", ",".join(methods),
@@ -221,12 +222,20 @@ def dp_section(argvs: dict[str, list[str]], previous: str = "") -> str:
     for group, methods in groups:
         for name, (family, clip) in methods.items():
             off, on = out[group], out[f"dp:{name}"]
-            if not (_done(off, name) and _done(on, name)):
-                if name in kept_rows:
-                    rows.append(kept_rows[name])
-                    kept.append(name)
-                    continue
-                missing.append(f"{group}, dp:{name}")
+            here = {group: _done(off, name), f"dp:{name}": _done(on, name)}
+            if all(here.values()):
+                pass
+            elif not any(here.values()) and name in kept_rows:
+                cells = [c.strip() for c in kept_rows[name].strip("|").split("|")]
+                if cells[2] != f"{clip:g}":
+                    raise SystemExit(f"the DP table's {name} row has C {cells[2]}, its command "
+                                     f"now {clip:g}: run it again (python benchmarks/methods.py"
+                                     f" --only {group},dp:{name})")
+                rows.append(kept_rows[name])
+                kept.append(name)
+                continue
+            else:  # half of a row on this machine, or none and nothing to keep
+                missing.extend(k for k, done in here.items() if not done)
                 continue
             run = json.loads((on / f"{name}-seed0" / "results.json").read_text())
             last = run["runs"][0]
@@ -242,9 +251,10 @@ def dp_section(argvs: dict[str, list[str]], previous: str = "") -> str:
                         f"| {_cell(on, 'personalization', name)} "
                         f"| {_selected_rounds(off, name)} / {_selected_rounds(on, name)} |")
     if missing:
-        raise SystemExit("the DP table needs these runs, which are neither finished here nor "
-                         "in the document: " + "; ".join(missing)
-                         + " (run them: python benchmarks/methods.py --only dp)")
+        need = ",".join(dict.fromkeys(missing))
+        raise SystemExit(f"the DP table needs these runs, which are not finished here and "
+                         f"whose rows it cannot keep: {need} (run them: python "
+                         f"benchmarks/methods.py --only {need})")
     if _done(out["dp:off"], "zeroshot"):
         zeroshot = (f"Zero-shot: held-out {_cell(out['dp:off'], 'generalization', 'zeroshot')}"
                     f", clients {_cell(out['dp:off'], 'personalization', 'zeroshot')}.")

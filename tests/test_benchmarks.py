@@ -182,8 +182,8 @@ def test_the_dp_table_keeps_the_rows_of_runs_not_on_this_machine_and_refuses_row
     methods = _benchmark("methods")
     argvs, every = _dp_folders(methods, tmp_path)
     previous = methods.dp_section(argvs)
-    shutil.rmtree(tmp_path / "dp-off")
-    shutil.rmtree(tmp_path / "dp-fedpgp")
+    for folder in ["dp-off", *(f"dp-{name}" for name in methods.DP)]:  # not on this machine
+        shutil.rmtree(tmp_path / folder)
     (tmp_path / "dp-trip" / "compare.json").write_text(json.dumps({"tables": {t: {
         "header": ["x", "trip"], "rows": [["average", "41.0 ± 2.0"]]}
         for t in ("generalization", "personalization")}}))
@@ -192,7 +192,7 @@ def test_the_dp_table_keeps_the_rows_of_runs_not_on_this_machine_and_refuses_row
             if r.startswith("| ") and "family" not in r}
     assert list(rows) == every
     old_rows = {r.split("|")[1].strip(): r for r in previous.splitlines() if r.startswith("| ")}
-    for name in methods.DP:  # dp:off is gone: every row of its group is the previous one
+    for name in methods.DP:  # the group's runs are gone: its rows are the previous ones
         assert rows[name] == old_rows[name]
     assert "41.0 ± 2.0" in rows["trip"] and "41.0 ± 2.0" not in previous
     # TRIP runs one seed (35 minutes a run), and its row says so; the others run three
@@ -200,8 +200,20 @@ def test_the_dp_table_keeps_the_rows_of_runs_not_on_this_machine_and_refuses_row
     assert all("only" not in rows[name] for name in every if name != "trip")
     assert "Zero-shot: held-out 50.0 ± 1.0, clients 50.0 ± 1.0." in text
     assert f"The rows of {', '.join(methods.DP)} are kept" in text
+    # half a row here (the DP run of TRIP without its no-DP run): refused, not kept, with the
+    # one run to do named
     shutil.rmtree(tmp_path / "dp-off-trip")
-    with pytest.raises(SystemExit, match="dp:off-trip, dp:trip"):
+    with pytest.raises(SystemExit, match=r"--only dp:off-trip\)"):
+        methods.dp_section(argvs, previous)
+    shutil.rmtree(tmp_path / "dp-trip")
+    assert "| trip |" in methods.dp_section(argvs, previous)  # neither: kept
+    with pytest.raises(SystemExit, match=r"--only dp:off-trip,dp:trip\)"):
         methods.dp_section(argvs, previous.replace("| trip |", "| gone |"))
+    # a kept row whose C is not its command's any more is refused
+    changed = previous.replace("| mixture of experts (seed 0 only) | 0.27 |",
+                               "| mixture of experts (seed 0 only) | 0.5 |")
+    assert changed != previous
+    with pytest.raises(SystemExit, match="trip row has C 0.5, its command now 0.27"):
+        methods.dp_section(argvs, changed)
     with pytest.raises(SystemExit, match="zero-shot row of dp:off"):
         methods.dp_section(argvs, previous.replace("Zero-shot:", "Zero shot:"))

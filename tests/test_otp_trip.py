@@ -172,16 +172,15 @@ def test_dp_and_robust_rules_run_on_the_averaged_prompt(tiny_arch, toy_root, tmp
     assert result["bytes_per_round"] == 2 * 2 * 4 * 32 * 4  # the global context only
 
 
-def test_trip_runs_with_the_released_scripts_32_tokens_and_refuses_more_experts_than_tokens(
+def test_trip_runs_with_the_released_scripts_32_tokens_and_more_experts_than_tokens(
         tiny_arch, toy_root, tmp_path):
     """The released PACS script's 32 context tokens per expert are an option, not a refusal:
     a round trains and sends experts x 32 x width values where the defaults send experts x 2
-    x width (TRIP-Lite: 2 x 1). More experts than the backbone has patch tokens (its 8 on
-    this tiny one's 4) is refused in one line naming the option."""
-    from fedclip.errors import ConfigError
-
+    x width (TRIP-Lite: 2 x 1). More experts than the backbone has patch tokens (8 on this
+    tiny one's 4) trains too, every expert sent."""
     sent = {}
-    for name, options in [("trip", {"n_ctx": 32}), ("trip", {}), ("trip-lite", {})]:
+    for name, options in [("trip", {"n_ctx": 32}), ("trip", {}), ("trip-lite", {}),
+                          ("trip", {"experts": 8, "matching": "sinkhorn"})]:
         cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta",
                               rounds=1, lr=1e-3, algorithm=name, personalize_epochs=0,
                               options={name: options} if options else {})
@@ -189,7 +188,20 @@ def test_trip_runs_with_the_released_scripts_32_tokens_and_refuses_more_experts_
         assert 0 <= result["generalization"] <= 1
         sent[(name, len(options))] = result["bytes_per_round"]
     assert sent[("trip", 1)] == 16 * sent[("trip", 0)] == 64 * sent[("trip-lite", 0)]
-    cfg = RunConfig.build(data_root=str(toy_root), backbone=tiny_arch, heldout="beta",
-                          rounds=1, algorithm="trip", options={"trip": {"experts": 8}})
-    with pytest.raises(ConfigError, match=r"trip.experts=8: .* 4 patch tokens .* at most 4"):
-        run(cfg, tmp_path / "eight")
+    assert sent[("trip", 2)] == 2 * sent[("trip", 0)]
+
+
+@pytest.mark.parametrize("matching", ["hungarian", "sinkhorn"])
+def test_fewer_tokens_than_experts_route_each_token_to_its_own_expert(matching):
+    """T = 3 tokens, K = 5 experts: 3 clusters of one token each, matched to 3 of the 5
+    experts (Hungarian: the other 2 weigh 0) or spread by the plan; weights sum to 1."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 3, 16, generator=g)
+    centroids, sizes = capacity_kmeans(tokens, 5, 1.0, torch.Generator().manual_seed(1))
+    assert centroids.shape == (4, 3, 16) and torch.equal(sizes, torch.ones(4, 3))
+    keys = torch.linalg.qr(torch.randn(16, 5, generator=g))[0].T
+    weights = expert_weights(centroids, sizes, keys, matching, 0.05)
+    assert weights.shape == (4, 5)
+    torch.testing.assert_close(weights.sum(1), torch.ones(4), atol=1e-6, rtol=0)
+    if matching == "hungarian":
+        assert ((weights > 0).sum(1) == 3).all()
