@@ -29,7 +29,7 @@ stopped) and writes their tables into ``docs/pacs_compare_algorithms.md`` betwee
    projections; the image features stay cached, which is what makes this runnable on 2 cores)
    beside FedCLIP and PromptFL, sketch held out, 3 seeds, 10 rounds at lr 2e-3. The ``dp``
    comparison also runs FFA-LoRA and FedIT under DP (their own no-DP group, ``off-lora``), and
-   TRIP (``off-trip``, one seed: about 35 minutes a run with 2 cores, the slowest family).
+   TRIP (``off-trip``, one seed: about 18 minutes a run with 2 cores, the slowest family).
 
 ``--only prompts`` runs (and rewrites) only the comparisons named; ``--only dp:fedit`` one run
 of a comparison (its table is rewritten from every run's folder; a row whose runs are not on
@@ -62,8 +62,8 @@ DP = {"fedclip": ("adapter", 2.5), "promptfl": ("global prompt", 0.2),
       "fedpgp": ("personal low-rank", 0.3), "fedtpg": ("generator", 7.0)}
 # TRIP (mixture of experts) in its own no-DP group (``off-trip``), one seed: its instance
 # prompts put every image's C class prompts through the text tower, in training and in every
-# round's scoring of the clients' splits and the held-out domain (about 3 minutes a round on
-# this setting with 2 cores, 35 minutes a run); its runs are added to the table without
+# round's scoring of the clients' splits and the held-out domain (about 100 s a round on
+# this setting with 2 cores, 18 minutes a run); its runs are added to the table without
 # re-running the others
 DP_TRIP = {"trip": ("mixture of experts", 0.27)}
 TRIP_SEEDS = "0"
