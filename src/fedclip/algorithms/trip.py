@@ -114,7 +114,7 @@ def capacity_kmeans(x: torch.Tensor, k: int, capacity: float, generator: torch.G
     """The released code's capacity-limited k-means of each image's tokens ``x`` [B, T, d],
     batched: (centroids [B, K', d], cluster sizes [B, K']), K' = min(K, T): a backbone with
     fewer patch tokens than experts gives each token its own cluster (the paper and the
-    code leave this case open; the unmatched experts then weigh nothing)."""
+    code leave this case open; see :func:`expert_weights` for the experts' shares)."""
     b, t, _ = x.shape
     k = min(k, t)
     caps = torch.full((k,), (t // k) * capacity, dtype=x.dtype, device=x.device)
