@@ -305,3 +305,43 @@ def test_the_result_states_one_clients_influence(tiny_arch, data, tmp_path):
     influence = result["influence"]
     assert influence["bound"] is None or influence["bound"] >= 1.0
     assert "tolerat" in influence["tolerance"]
+
+
+def test_the_distance_rules_norm_is_the_float64_norm_within_rounding():
+    """The distance rule's norm (float32, one pass) against DP's float64 norm: within 1e-5 on
+    float32, float16 and integer tensors; 0 for an echo and equal for identical updates (the
+    replay check compares only updates with equal distances)."""
+    from fedclip.privacy import update_norm
+    from fedclip.tensors import distance
+
+    gen = torch.Generator().manual_seed(3)
+    current = {"w": torch.randn(300, 200, generator=gen), "b": torch.randn(200, generator=gen),
+               "n": torch.tensor([4, 7]), "h": torch.randn(64, generator=gen).half()}
+    update = {"w": current["w"] + 1e-3 * torch.randn(300, 200, generator=gen),
+              "b": current["b"] - 0.5, "n": torch.tensor([5, 9]),
+              "h": current["h"] + torch.randn(64, generator=gen).half() * 0.01}
+    exact = update_norm(update, current)
+    assert distance(update, current) == pytest.approx(exact, rel=1e-5)
+    assert exact > 7.0  # the integer tensor's (1, 2) and the bias's shift are counted
+    assert distance(current, current) == 0.0
+    copy = {k: v.clone() for k, v in update.items()}
+    assert distance(copy, current) == distance(update, current)
+    assert distance({"w": update["w"]}, current) == pytest.approx(
+        update_norm({"w": update["w"]}, current), rel=1e-5)  # over the update's keys
+
+
+def test_finiteness_is_checked_by_sums_with_a_value_by_value_fallback():
+    """``all_finite`` answers what ``isfinite`` on every value answers: large finite values
+    whose sum overflows are finite; one NaN or inf anywhere (a complex one too) is not."""
+    from fedclip.tensors import all_finite
+
+    big = torch.full((4,), 3e38)  # its float32 sum overflows to inf; every value is finite
+    assert all_finite({"a": big, "b": -big, "n": torch.tensor([1, 2])})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.zeros(5, 5)
+        w[3, 2] = bad
+        assert not all_finite({"a": torch.ones(3), "w": w})
+    z = torch.zeros(3, dtype=torch.complex64)
+    z[1] = complex(0.0, float("inf"))
+    assert not all_finite({"z": z})
+    assert all_finite({}) and all_finite({"n": torch.tensor([7])})

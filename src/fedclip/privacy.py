@@ -70,10 +70,11 @@ def tensor_norm(tensors: Params) -> float:
     """The L2 norm of all of ``tensors`` as one vector.
 
     Float64, which this computation needs: an update's norm decides DP's clipping factor
-    (so the clipped update's bits) and the distance rule, over hundreds of thousands of
-    values. One float64 copy per tensor (in room kept between calls), squared in place
-    (``x * x``, what ``x ** 2`` computes) and summed: the same value, bit for bit, as
-    squaring a second copy."""
+    (so the clipped update's bits), over hundreds of thousands of values (the server's
+    distance rule, which compares a distance with a bound, takes the float32
+    :func:`fedclip.tensors.distance`). One float64 copy per tensor (in room kept between
+    calls), squared in place (``x * x``, what ``x ** 2`` computes) and summed: the same
+    value, bit for bit, as squaring a second copy."""
     return math.sqrt(sum(_squares(_wide(v)) for v in tensors.values()))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import torch
 
@@ -27,21 +28,37 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], bytes_per_value: int = BYTES_
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     """Whether every value of every tensor is finite (integer tensors always are).
 
-    One sum per tensor and one check: a sum is finite only if every value is (an inf or a
-    NaN makes it inf or NaN), so a finite sum answers at once; only a non-finite sum, which
-    large finite values can also reach by overflowing, is checked value by value. The same
-    answer as ``torch.isfinite(v).all()`` on each tensor, in one pass over the values
-    instead of three."""
+    One sum per tensor, added up as Python floats, and one check: a sum is finite only if
+    every value is (an inf or a NaN makes it inf or NaN), so a finite sum answers at once;
+    only a non-finite sum, which large finite values can also reach by overflowing, is
+    checked value by value. The same answer as ``torch.isfinite(v).all()`` on each tensor, in
+    one pass over the values instead of three."""
     values = [v for v in tensors.values() if v.is_floating_point() or v.is_complex()]
     if not values:
         return True
-    devices = {v.device for v in values}
-    if len(devices) == 1:
-        sums = torch.stack([(v.sum().abs() if v.is_complex() else v.sum()).double()
-                            for v in values])
-        if bool(torch.isfinite(sums).all()):
-            return True
+    if math.isfinite(sum(float(v.sum().abs() if v.is_complex() else v.sum()) for v in values)):
+        return True
     return all(bool(torch.isfinite(v).all()) for v in values)
+
+
+def distance(params: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> float:
+    """``||params - current||`` over the keys of ``params``, as one vector: how far an update
+    moved, for the server's rules that compare it with a bound (the distance rule, echoes and
+    replays). Each tensor's difference and norm in its own precision (at least float32), the
+    squares summed in Python floats: within about 1e-6 of the float64 norm, at half its cost
+    (one pass and no widened copy per tensor). Identical updates get identical distances
+    (exact in floats), an update equal to ``current`` gets 0. DP's clipping, whose factor sets
+    the bits of what is released, keeps the float64 :func:`fedclip.privacy.update_norm`."""
+    total = 0.0
+    for k, v in params.items():
+        if v.is_floating_point() or v.is_complex():
+            diff = v - current[k]
+        else:  # integer or boolean state: its difference as floats
+            diff = v.double() - current[k].double()
+        half = diff.dtype in (torch.float16, torch.bfloat16)
+        total += float(torch.linalg.vector_norm(diff, dtype=torch.float32 if half else None)
+                       ) ** 2
+    return math.sqrt(total)
 
 
 def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:

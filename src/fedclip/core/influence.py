@@ -29,9 +29,8 @@ from fedclip.aggregation import ROBUST, SELECTING, min_updates
 from fedclip.config import RunConfig
 from fedclip.core.client import steps_per_round
 from fedclip.core.state import selection_rule
-from fedclip.privacy import update_norm
 from fedclip.sampling import sampled_per_round
-from fedclip.tensors import Params
+from fedclip.tensors import Params, distance
 
 
 def _per_round(cfg: RunConfig, population: int) -> int:
@@ -161,16 +160,17 @@ def suspicious(current: Params, updates: Mapping[str, Params], tolerance: float 
     global parameters (it did not train, or echoes the model: colluders doing so freeze it
     under Krum or the median), and updates that are bit-for-bit identical (no two honest
     clients with their own data and batches send the same one). Empty: nothing to say.
-    ``distances``: each update's ``update_norm`` from ``current`` when the caller has them
-    (the server's distance rule does); identical updates have equal distances, so only
-    updates that share one are compared tensor by tensor (an honest round compares none)."""
+    ``distances``: each update's :func:`fedclip.tensors.distance` from ``current`` when the
+    caller has them (the server's distance rule does); identical updates have equal
+    distances, so only updates that share one are compared tensor by tensor (an honest round
+    compares none)."""
     from fedclip.privacy import tensor_norm
 
     out: list[str] = []
     if not updates:
         return out
     dist = dict(distances) if distances is not None else {
-        c: update_norm(p, current) for c, p in updates.items()}
+        c: distance(p, current) for c, p in updates.items()}
     scale = max(tensor_norm({k: current[k] for k in next(iter(updates.values()))}), 1.0)
     still = sorted(c for c in updates if dist[c] <= tolerance * scale)
     if still:

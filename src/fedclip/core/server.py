@@ -24,7 +24,7 @@ from fedclip.core.state import FederationState, selection_rule
 from fedclip.errors import ConfigError, TrainingError
 from fedclip.privacy import PrivacyPlan
 from fedclip.sampling import sample_clients, sampled_per_round
-from fedclip.tensors import Params, State, all_finite
+from fedclip.tensors import Params, State, all_finite, distance
 
 logger = logging.getLogger(__name__)
 Evaluation = tuple[dict[str, float], dict[str, float], float | None]  # val, test, held-out
@@ -201,7 +201,7 @@ def outliers(algorithm: Aggregator, current: Params, updates: Mapping[str, Clien
         return {}
 
     dist = dict(distances) if distances is not None else {
-        c: privacy.update_norm(u.params, current) for c, u in updates.items()}
+        c: distance(u.params, current) for c, u in updates.items()}
     bound = {c: algorithm.update_bound(current, u.num_examples, config)
              for c, u in updates.items()}
     scale = max(privacy.tensor_norm(algorithm.shared(current)), 1.0)
@@ -414,7 +414,7 @@ class Server:
             # each update's distance from the global parameters, once for both rules below
             moved = {c: self.side.as_global(self.state.params, u.params)
                      for c, u in kept.items()} if algo.sends_params else {}
-            dist = {c: privacy.update_norm(p, self.state.params)
+            dist = {c: distance(p, self.state.params)
                     for c, p in moved.items()} if algo.sends_params else None
             for client, why in outliers(self.side, self.state.params, kept, plan.config,
                                         self.cfg.norm_factor, dist).items():
