@@ -189,6 +189,49 @@ def test_clients_share_one_module_and_train_as_with_a_fresh_one(monkeypatch):
     assert builds == [16, 16]
 
 
+def test_a_clients_update_is_its_own_after_the_next_client_trains(monkeypatch):
+    """The shared module hands its trained tensors out instead of copying them: an update
+    keeps its values while later clients train and score in the module, a tied parameter
+    comes out under both names with the same values (not aliased), and frozen tensors stay in
+    the module."""
+    from fedclip.core.client import evaluate, train_local
+
+    text, splits = _clients()
+    cfg = RunConfig.build(loss="ce", batch_size=4, lr=1e-2)
+
+    class Tied(torch.nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+            self.b.weight = self.a.weight  # one parameter under two names
+            self.frozen = torch.nn.Parameter(torch.ones(dim), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x))) * self.frozen
+
+    shared = get_algorithm(cfg)
+    monkeypatch.setattr(type(shared), "build_module", lambda self, dim: Tied(dim))
+    start = get_params(Tied(16))
+
+    def train(split):
+        return train_local(shared.client, start, split, text, 20.0,
+                           config=shared.round_config(1), seed=7)
+
+    first = train(splits[4])
+    kept = {k: v.clone() for k, v in first.params.items()}
+    assert torch.equal(first.params["a.weight"], first.params["b.weight"])
+    assert first.params["a.weight"].data_ptr() != first.params["b.weight"].data_ptr()
+    assert not torch.equal(first.params["a.weight"], start["a.weight"])  # it trained
+    assert torch.equal(first.params["frozen"], start["frozen"])
+    again = train(splits[4])
+    assert all(torch.equal(again.params[k], kept[k]) for k in kept)  # the same bits again
+    other = train(splits[3])
+    evaluate(shared.client, start, splits[2], text, 20.0)
+    assert not torch.equal(other.params["a.weight"], kept["a.weight"])
+    assert all(torch.equal(first.params[k], kept[k]) and torch.equal(again.params[k], kept[k])
+               for k in kept)  # untouched by the client and the scoring after them
+
+
 def test_evaluate_many_gives_what_each_split_gives_alone():
     """Splits of 1 to 40 inputs (a matrix product's rounding can depend on its row count),
     the global parameters shared by several, a client's own parameters, no parameters

@@ -347,6 +347,28 @@ def _module(algorithm: Model, dim: int, device: str | torch.device, params: Para
     return module, own.get(key) is module
 
 
+def _hand_out(module: nn.Module) -> Params:
+    """The shared module's state dict after training (what ``get_params`` gives): its trained
+    parameters' own tensors handed out, not copied, the module getting fresh room in their
+    place (the next client's load fills it); frozen tensors and buffers copied as before. A
+    module whose loading is not plain copying: copies."""
+    kept = _KEPT.get(module)
+    if kept is None or kept.tensors is None:
+        return get_params(module)
+    out: Params = {}
+    given: dict[int, torch.Tensor] = {}  # a parameter under two names (tied): once, copied
+    with torch.no_grad():
+        for k, t in kept.tensors.items():
+            if id(t) in given:
+                out[k] = given[id(t)].clone()
+            elif isinstance(t, nn.Parameter) and t.requires_grad:
+                out[k] = given[id(t)] = t.detach()
+                t.data = torch.empty_like(t)
+            else:
+                out[k] = t.detach().clone()
+    return out
+
+
 def _lent_adam(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim.Adam | None:
     """The shared module's Adam at its start (step 0, zero moments: what a fresh Adam creates
     at its first step), for a client whose optimizer state nothing keeps. One Adam per
@@ -520,12 +542,12 @@ def train_local(
                 scaler.step(optimizer)
                 scaler.update()
             losses.append(float(loss.detach()))
-    params = get_params(module)
+    params = _hand_out(module) if shared else get_params(module)
     module.zero_grad(set_to_none=True)
     if not all_finite(params):
         raise diverged(config)
-    return TrainResult(params, len(train), float(np.mean(losses)) if losses else
-                       float("nan"), time.perf_counter() - start,
+    return TrainResult(params, len(train), float(np.mean(losses)) if len(losses) > 1 else
+                       losses[0] if losses else float("nan"), time.perf_counter() - start,
                        {} if lent is not None else flatten_optimizer(optimizer.state_dict()),
                        len(losses))
 

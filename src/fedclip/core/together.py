@@ -145,7 +145,12 @@ def train_together(algorithm: Batchable, jobs: Sequence[ClientJob],
     seconds = time.perf_counter() - start
     updates = []
     for i, job in enumerate(jobs):
-        params = {n: v.detach().clone() for n, v in leaves[i].items()}
+        # the client's trained tensors handed out, not copied; its slot gets fresh room in
+        # their place, which together_slots fills next time
+        params = {}
+        for n, v in leaves[i].items():
+            params[n] = v.detach()
+            v.data = torch.empty_like(v)
         if not all_finite(params):
             raise diverged(job.config)
         mean = sum(losses[i]) / len(losses[i]) if losses[i] else float("nan")
