@@ -17,10 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedclip.config import RunConfig
 from fedclip.io import atomic_write
 
 if TYPE_CHECKING:
+    from fedclip.config import RunConfig
     from fedclip.core.records import BaseNovelScores, RunResult
 
 log = logging.getLogger(__name__)
