@@ -14,8 +14,9 @@ weights) extracted once into the benchmark's own cache before anything is timed.
   round time against client count is what one more client costs. Part of it is arithmetic
   every client needs at these sizes, measured apart in the same process on tensors of the
   same shapes: the training steps it adds (forward, backward and Adam step of the algorithm's
-  module on a batch of its size), the float64 norm of its update (the server's distance rule)
-  and its share of the weighted mean. **Fixed** = slope - arithmetic: what a client costs
+  module on a batch of its size), the norm of its update as the checkout's distance rule
+  computes it (float64 before ``fedclip.tensors.distance``, float32 since) and its share of
+  the weighted mean. **Fixed** = slope - arithmetic: what a client costs
   beyond its arithmetic.
 * **Start-up.** ``python -m fedclip.cli run --rounds 1`` on those cached features against
   ``python -c "import torch"``, fresh processes, alternated, median; each checkout's sources
@@ -113,8 +114,15 @@ sizes = sorted({max(2, min(n, batch)) for row in out["rounds"].values() for n in
 arith = {"step": {str(n): step(n) for n in sizes}}
 a = {k: v.detach().clone() for k, v in module.state_dict().items()}
 b = {k: v + 1e-3 for k, v in a.items()}
-def norm():  # the distance rule's float64 norm of an update, one float64 copy per tensor
-    sum(float(b[k].to(torch.float64, copy=True).sub_(a[k]).pow_(2).sum()) for k in a)
+try:  # the norm of an update as this checkout's distance rule computes it
+    from fedclip.tensors import distance
+except ImportError:  # a checkout before fedclip.tensors.distance: float64, as it computed it
+    distance = None
+def norm():
+    if distance is not None:
+        distance(b, a)
+    else:
+        sum(float(b[k].to(torch.float64, copy=True).sub_(a[k]).pow_(2).sum()) for k in a)
 arith["norm"] = timed(norm)
 acc = {k: torch.zeros_like(v) for k, v in a.items()}
 def mean_share():  # one update's term of a weighted mean
@@ -286,8 +294,9 @@ def main() -> None:
         arith = runs[checkouts[-1][0]][-1]["arithmetic"]
         step_text = ", ".join(f"{1e3 * v:.2f} ms (batch {k})" for k, v in arith["step"].items())
         print(f"\narithmetic of the last run (CPU, least of 5): a training step {step_text}; "
-              f"an update's float64 norm {1e3 * arith['norm']:.2f} ms; its term of the mean "
-              f"{1e3 * arith['mean']:.2f} ms; a 3-input forward {1e3 * arith['eval']:.2f} ms\n")
+              f"an update's norm (distance rule) {1e3 * arith['norm']:.2f} ms; its term of the "
+              f"mean {1e3 * arith['mean']:.2f} ms; a 3-input forward "
+              f"{1e3 * arith['eval']:.2f} ms\n")
     if args.startups:
         base_wall, base_cpu = (statistics.median(v[i] for v in startup["import torch"])
                                for i in (0, 1))
