@@ -328,6 +328,8 @@ def test_the_distance_rules_norm_is_the_float64_norm_within_rounding():
     assert distance(copy, current) == distance(update, current)
     assert distance({"w": update["w"]}, current) == pytest.approx(
         update_norm({"w": update["w"]}, current), rel=1e-5)  # over the update's keys
+    with pytest.raises(ValueError, match="shape"):  # a mismatch is never broadcast
+        distance({"b": torch.zeros(1)}, current)
 
 
 def test_finiteness_is_checked_by_sums_with_a_value_by_value_fallback():

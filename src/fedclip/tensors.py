@@ -51,13 +51,14 @@ def distance(params: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) 
     the bits of what is released, keeps the float64 :func:`fedclip.privacy.update_norm`."""
     total = 0.0
     for k, v in params.items():
-        if v.is_floating_point() or v.is_complex():
-            diff = v - current[k]
-        else:  # integer or boolean state: its difference as floats
-            diff = v.double() - current[k].double()
-        half = diff.dtype in (torch.float16, torch.bfloat16)
-        total += float(torch.linalg.vector_norm(diff, dtype=torch.float32 if half else None)
-                       ) ** 2
+        c = current[k]
+        if v.shape != c.shape:  # the drivers check a reply's shapes; never broadcast here
+            raise ValueError(f"{k}: an update of shape {tuple(v.shape)} against "
+                             f"{tuple(c.shape)}")
+        if v.dtype in (torch.float16, torch.bfloat16) or not (
+                v.is_floating_point() or v.is_complex()):  # 16-bit, integer, boolean: wider
+            v, c = v.float(), c.float()
+        total += float(torch.linalg.vector_norm(v - c)) ** 2
     return math.sqrt(total)
 
 
